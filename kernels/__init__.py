@@ -7,19 +7,9 @@ forces one (Triton on CPU needs ``TRITON_INTERPRET=1``).
 
 from opensora_fast.kernels import reference
 from opensora_fast.kernels._utils import backend, use_triton
-from opensora_fast.kernels.layernorm_modulate import (
-    add_layernorm_modulate,
-    gated_residual,
-    layernorm_modulate,
-)
-from opensora_fast.kernels.qk_norm_rope import qk_norm_rope
 
 __all__ = [
-    "add_layernorm_modulate",
     "backend",
-    "gated_residual",
-    "layernorm_modulate",
-    "qk_norm_rope",
     "reference",
     "use_triton",
 ]

@@ -1,16 +1,497 @@
-"""Open-Sora's CausalConv3d: all temporal padding at the front ((k_t - 1) + (1 - stride_t) frames),
-symmetric spatial padding k // 2, then a plain Conv3d with stride (stride_t, 1, 1).
+"""Open-Sora's CausalConv3d as implicit-GEMM Triton kernels (forward and backward).
 
-x is (B, C_in, T, H, W) in either contiguous or channels_last_3d memory format; the output has the
-same memory format as x.
+Semantics (opensora-v1.2.md §3.3): all temporal padding at the front, (k_t - 1) + (1 - stride_t)
+frames; symmetric spatial padding k // 2; then a plain Conv3d with stride (stride_t, 1, 1).
+
+GEMM view of the forward: M = B * T_out * H * W output positions, N = C_out, K = k_t*k_h*k_w * C_in
+(tap-major, channel-minor, so channels-last inputs load contiguous K). The padding is fused into the
+loads: a tap that falls into the front time pad or the spatial border is a masked load returning 0,
+so no padded copy of x is ever made. Every tensor is read through its strides (contiguous NCDHW and
+channels_last_3d NDHWC both work; channels-last is the fast one).
+
+Backward:
+- dX is the transposed convolution, again an implicit GEMM (M = input positions, N = C_in,
+  K = taps * C_out): input frame t receives from output frame t_o = (t + pad_t - i) / stride_t when
+  that is an integer in [0, T_out) (for stride 1 the causal pad moves to the back), and from the
+  spatially flipped kernel.
+- dW is per tap an implicit GEMM reducing over M: dW[:, :, tap] = dY^T @ x-patch(tap), split over M
+  into fp32 partials when the (tap, C_in, C_out) tiles alone do not fill the GPU; db = dY summed over
+  M, fused into the same kernel.
+fp32 accumulation throughout.
 """
 
 from __future__ import annotations
 
 import torch
-
+import triton
+import triton.language as tl
 from opensora_fast.kernels import reference
-from opensora_fast.kernels._utils import check_tensor, use_triton
+from opensora_fast.kernels._sm90 import KernelSpec, signature
+from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, use_triton
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the first is the interpreter's.
+_GEMM_CONFIGS = (
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+)
+_TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _configs():
+    return autotune_configs(
+        [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in _GEMM_CONFIGS
+        ]
+    )
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc += a @ b; fp32 operands use exact fp32 (not tf32) like the reference."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.autotune(configs=_configs(), key=["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T"])
+@triton.jit
+def _causal_conv3d_fwd_kernel(
+    X,  # (B, C_in, T, H, W), any strides
+    Wt,  # (C_out, C_in, KT, KH, KW), any strides
+    Bias,  # (C_out,) (unused without HAS_BIAS)
+    Y,  # (B, C_out, T_out, H, W), any strides
+    c_in,
+    c_out,
+    t_in,
+    t_out,
+    height,
+    width,
+    m_total,  # B * T_out * H * W
+    sxb,
+    sxc,
+    sxt,
+    sxh,
+    sxw,  # strides of X in elements
+    swo,
+    swi,
+    swt,
+    swh,
+    sww,  # strides of Wt (co, ci, t, h, w)
+    syb,
+    syc,
+    syt,
+    syh,
+    syw,  # strides of Y in elements
+    KT: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    PAD_T: tl.constexpr = KT - STRIDE_T
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < m_total
+    n_ok = offs_n < c_out
+    # output position of each GEMM row
+    wo = offs_m % width
+    ho = (offs_m // width) % height
+    to = (offs_m // (width * height)) % t_out
+    bb = offs_m // (width * height * t_out)
+    x_row0 = bb.to(tl.int64) * sxb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(KT * KH * KW):
+        i = tap // (KH * KW)
+        j = (tap // KW) % KH
+        k = tap % KW
+        ti = to * STRIDE_T + i - PAD_T
+        hi = ho + j - KH // 2
+        wi = wo + k - KW // 2
+        row_ok = m_ok & (ti >= 0) & (ti < t_in) & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
+        x_row = x_row0 + ti.to(tl.int64) * sxt + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+        w_tap = Wt + i * swt + j * swh + k * sww
+        for c0 in range(0, c_in, BLOCK_K):
+            ck = c0 + offs_k
+            ck_ok = ck < c_in
+            a = tl.load(
+                X + x_row[:, None] + ck[None, :] * sxc, mask=row_ok[:, None] & ck_ok[None, :], other=0.0
+            )
+            b = tl.load(
+                w_tap + ck[:, None] * swi + offs_n[None, :] * swo,
+                mask=ck_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc = _dot(a, b.to(a.dtype), acc)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(Y.dtype.element_ty).to(tl.float32)[None, :]
+    y_row = bb.to(tl.int64) * syb + to.to(tl.int64) * syt + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
+    tl.store(
+        Y + y_row[:, None] + offs_n[None, :] * syc,
+        acc.to(Y.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.autotune(configs=_configs(), key=["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T"])
+@triton.jit
+def _causal_conv3d_bwd_dx_kernel(
+    DY,  # (B, C_out, T_out, H, W), any strides
+    Wt,  # (C_out, C_in, KT, KH, KW), any strides
+    DX,  # (B, C_in, T, H, W), any strides
+    c_in,
+    c_out,
+    t_in,
+    t_out,
+    height,
+    width,
+    m_total,  # B * T * H * W (input positions)
+    sdb,
+    sdc,
+    sdt,
+    sdh,
+    sdw,  # strides of DY in elements
+    swo,
+    swi,
+    swt,
+    swh,
+    sww,  # strides of Wt (co, ci, t, h, w)
+    sxb,
+    sxc,
+    sxt,
+    sxh,
+    sxw,  # strides of X in elements
+    KT: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # dX[m, ci] = sum_{tap, co} dY[src(m, tap), co] * W[co, ci, tap]; N = C_in, K = taps x C_out.
+    PAD_T: tl.constexpr = KT - STRIDE_T
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < m_total
+    n_ok = offs_n < c_in
+    w_ = offs_m % width
+    h_ = (offs_m // width) % height
+    t_ = (offs_m // (width * height)) % t_in
+    bb = offs_m // (width * height * t_in)
+    dy_row0 = bb.to(tl.int64) * sdb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(KT * KH * KW):
+        i = tap // (KH * KW)
+        j = (tap // KW) % KH
+        k = tap % KW
+        num = t_ + PAD_T - i  # = t_out * STRIDE_T when this tap reaches an output frame
+        to = num // STRIDE_T
+        ho = h_ - j + KH // 2
+        wo = w_ - k + KW // 2
+        row_ok = m_ok & (num >= 0) & (num % STRIDE_T == 0) & (to < t_out)
+        row_ok = row_ok & (ho >= 0) & (ho < height) & (wo >= 0) & (wo < width)
+        dy_row = dy_row0 + to.to(tl.int64) * sdt + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
+        w_tap = Wt + i * swt + j * swh + k * sww
+        for c0 in range(0, c_out, BLOCK_K):
+            ck = c0 + offs_k
+            ck_ok = ck < c_out
+            a = tl.load(
+                DY + dy_row[:, None] + ck[None, :] * sdc, mask=row_ok[:, None] & ck_ok[None, :], other=0.0
+            )
+            b = tl.load(
+                w_tap + ck[:, None] * swo + offs_n[None, :] * swi,
+                mask=ck_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
+            acc = _dot(a, b.to(a.dtype), acc)
+    x_row = bb.to(tl.int64) * sxb + t_.to(tl.int64) * sxt + h_.to(tl.int64) * sxh + w_.to(tl.int64) * sxw
+    tl.store(
+        DX + x_row[:, None] + offs_n[None, :] * sxc,
+        acc.to(DX.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.autotune(configs=_configs(), key=["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T"])
+@triton.jit
+def _causal_conv3d_bwd_dw_kernel(
+    X,  # (B, C_in, T, H, W), any strides
+    DY,  # (B, C_out, T_out, H, W), any strides
+    DW,  # (SPLIT, C_out, C_in, KT*KH*KW) fp32, contiguous: partial dW of each M-chunk
+    DB,  # (SPLIT, C_out) fp32: partial dbias (written with HAS_BIAS)
+    c_in,
+    c_out,
+    t_in,
+    t_out,
+    height,
+    width,
+    m_total,  # B * T_out * H * W
+    m_chunk,  # rows of M per split (a multiple of every BLOCK_K)
+    sxb,
+    sxc,
+    sxt,
+    sxh,
+    sxw,  # strides of X in elements
+    sdb,
+    sdc,
+    sdt,
+    sdh,
+    sdw,  # strides of DY in elements
+    KT: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_T: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # C_out tile
+    BLOCK_N: tl.constexpr,  # C_in tile
+    BLOCK_K: tl.constexpr,  # output positions per step
+):
+    # Per tap: dW[co, ci] = sum_m dY[m, co] * X[src(m, tap), ci]; the GEMM is (C_out x M) @ (M x C_in).
+    PAD_T: tl.constexpr = KT - STRIDE_T
+    TAPS: tl.constexpr = KT * KH * KW
+    pid_mn = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    n_tiles_ci = tl.cdiv(c_in, BLOCK_N)
+    pid_co = pid_mn // n_tiles_ci
+    pid_ci = pid_mn % n_tiles_ci
+    i = tap // (KH * KW)
+    j = (tap // KW) % KH
+    k = tap % KW
+    offs_co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = pid_ci * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = offs_co < c_out
+    ci_ok = offs_ci < c_in
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_start = split * m_chunk
+    m_end = tl.minimum(m_start + m_chunk, m_total)
+    for m0 in range(m_start, m_end, BLOCK_K):
+        offs_m = m0 + tl.arange(0, BLOCK_K)
+        m_ok = offs_m < m_end
+        wo = offs_m % width
+        ho = (offs_m // width) % height
+        to = (offs_m // (width * height)) % t_out
+        bb = offs_m // (width * height * t_out)
+        dy_row = bb.to(tl.int64) * sdb + to.to(tl.int64) * sdt + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
+        dyt = tl.load(
+            DY + dy_row[None, :] + offs_co[:, None] * sdc, mask=co_ok[:, None] & m_ok[None, :], other=0.0
+        )
+        ti = to * STRIDE_T + i - PAD_T
+        hi = ho + j - KH // 2
+        wi = wo + k - KW // 2
+        row_ok = m_ok & (ti >= 0) & (ti < t_in) & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
+        x_row = bb.to(tl.int64) * sxb + ti.to(tl.int64) * sxt + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+        xp = tl.load(
+            X + x_row[:, None] + offs_ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0
+        )
+        acc = _dot(dyt, xp.to(dyt.dtype), acc)
+        if HAS_BIAS:
+            db += tl.sum(dyt.to(tl.float32), axis=1)
+    dw_ptr = (
+        DW
+        + split.to(tl.int64) * c_out * c_in * TAPS
+        + offs_co[:, None] * (c_in * TAPS)
+        + offs_ci[None, :] * TAPS
+    )
+    tl.store(dw_ptr + tap, acc, mask=co_ok[:, None] & ci_ok[None, :])
+    if HAS_BIAS:
+        if (tap == 0) & (pid_ci == 0):
+            tl.store(DB + split * c_out + offs_co, db, mask=co_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# host launchers (torch.library custom ops)
+
+
+def _out_like(x: torch.Tensor, shape) -> torch.Tensor:
+    """A (B, C, T, H, W) output in x's memory format (channels_last_3d when x is, else contiguous)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        B, C, T, H, W = shape
+        return empty((B, T, H, W, C), x.dtype, x.device).permute(0, 4, 1, 2, 3)
+    return empty(tuple(shape), x.dtype, x.device)
+
+
+def _t_out(t: int, kt: int, stride_t: int) -> int:
+    return (t + (kt - stride_t) - kt) // stride_t + 1
+
+
+@torch.library.custom_op("opensora_fast::causal_conv3d_fwd", mutates_args=())
+def causal_conv3d_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride_t: int
+) -> torch.Tensor:
+    B, C_in, T, H, W = x.shape
+    C_out, _, KT, KH, KW = weight.shape
+    T_out = _t_out(T, KT, stride_t)
+    y = _out_like(x, (B, C_out, T_out, H, W))
+    M = B * T_out * H * W
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
+    _causal_conv3d_fwd_kernel[grid](
+        x,
+        weight,
+        weight if bias is None else bias,
+        y,
+        C_in,
+        C_out,
+        T,
+        T_out,
+        H,
+        W,
+        M,
+        *x.stride(),
+        *weight.stride(),
+        *y.stride(),
+        KT=KT,
+        KH=KH,
+        KW=KW,
+        STRIDE_T=stride_t,
+        HAS_BIAS=bias is not None,
+    )
+    return y
+
+
+@causal_conv3d_fwd.register_fake
+def _(x, weight, bias, stride_t):
+    B, _, T, H, W = x.shape
+    return _out_like(x, (B, weight.shape[0], _t_out(T, weight.shape[2], stride_t), H, W))
+
+
+@torch.library.custom_op("opensora_fast::causal_conv3d_bwd_dx", mutates_args=())
+def causal_conv3d_bwd_dx(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride_t: int
+) -> torch.Tensor:
+    B, C_in, T, H, W = x.shape
+    C_out, _, KT, KH, KW = weight.shape
+    T_out = dy.shape[2]
+    dx = _out_like(x, x.shape)
+    M = B * T * H * W
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_in, meta["BLOCK_N"]))
+    _causal_conv3d_bwd_dx_kernel[grid](
+        dy,
+        weight,
+        dx,
+        C_in,
+        C_out,
+        T,
+        T_out,
+        H,
+        W,
+        M,
+        *dy.stride(),
+        *weight.stride(),
+        *dx.stride(),
+        KT=KT,
+        KH=KH,
+        KW=KW,
+        STRIDE_T=stride_t,
+    )
+    return dx
+
+
+@causal_conv3d_bwd_dx.register_fake
+def _(dy, x, weight, stride_t):
+    return _out_like(x, x.shape)
+
+
+_M_ALIGN = 256  # m_chunk is a multiple of this (>= every BLOCK_K)
+_TARGET_PROGRAMS = 264  # two waves of 132 SMs
+
+
+def _dw_split(M: int, C_in: int, C_out: int, taps: int) -> int:
+    """M-chunks for dW: enough programs to fill the GPU, at most one per 4096 rows of M."""
+    tiles = taps * triton.cdiv(C_in, 128) * triton.cdiv(C_out, 128)
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(M, 4096), 64))
+
+
+@torch.library.custom_op("opensora_fast::causal_conv3d_bwd_dw", mutates_args=())
+def causal_conv3d_bwd_dw(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride_t: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C_in, T, H, W = x.shape
+    C_out, _, KT, KH, KW = weight.shape
+    T_out = dy.shape[2]
+    M = B * T_out * H * W
+    taps = KT * KH * KW
+    split = _dw_split(M, C_in, C_out, taps)
+    m_chunk = triton.cdiv(triton.cdiv(M, split), _M_ALIGN) * _M_ALIGN
+    split = triton.cdiv(M, m_chunk)
+    dw = empty((split, C_out, C_in, taps), torch.float32, x.device)
+    db = empty((split, C_out), torch.float32, x.device)
+    grid = lambda meta: (
+        triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),
+        taps,
+        split,
+    )
+    _causal_conv3d_bwd_dw_kernel[grid](
+        x,
+        dy,
+        dw,
+        db,
+        C_in,
+        C_out,
+        T,
+        T_out,
+        H,
+        W,
+        M,
+        m_chunk,
+        *x.stride(),
+        *dy.stride(),
+        KT=KT,
+        KH=KH,
+        KW=KW,
+        STRIDE_T=stride_t,
+        HAS_BIAS=has_bias,
+    )
+    dw = dw.sum(0).reshape(C_out, C_in, KT, KH, KW).to(weight.dtype)
+    db = db.sum(0).to(weight.dtype) if has_bias else dw.new_zeros(0)
+    return dw, db
+
+
+@causal_conv3d_bwd_dw.register_fake
+def _(dy, x, weight, has_bias, stride_t):
+    db = weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), db
+
+
+class _CausalConv3dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride_t):
+        ctx.save_for_backward(x, weight)
+        ctx.stride_t = stride_t
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return causal_conv3d_fwd(x, weight, bias, stride_t)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = causal_conv3d_bwd_dx(dy, x, weight, ctx.stride_t)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            dw, db = causal_conv3d_bwd_dw(dy, x, weight, ctx.has_bias, ctx.stride_t)
+            dw = dw if ctx.needs_input_grad[1] else None
+            db = db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+# --------------------------------------------------------------------------------------------
+# public function
 
 
 def _check(x, weight, bias, stride, padding_mode):
@@ -18,7 +499,9 @@ def _check(x, weight, bias, stride, padding_mode):
     check_tensor(weight, "weight", shape=(None, x.shape[1], None, None, None), like=x)
     if bias is not None:
         check_tensor(bias, "bias", shape=(weight.shape[0],), like=x)
-    if not (isinstance(stride, (tuple, list)) and len(stride) == 3 and all(isinstance(s, int) for s in stride)):
+    if not (
+        isinstance(stride, (tuple, list)) and len(stride) == 3 and all(isinstance(s, int) for s in stride)
+    ):
         raise ValueError(f"stride must be a tuple of 3 ints (stride_t, 1, 1), got {stride!r}")
     if stride[0] < 1 or tuple(stride[1:]) != (1, 1):
         raise ValueError(f"stride must be (stride_t >= 1, 1, 1) (no spatial stride), got {tuple(stride)}")
@@ -27,15 +510,61 @@ def _check(x, weight, bias, stride, padding_mode):
     kt, kh, kw = weight.shape[2:]
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"weight's spatial kernel must be odd (symmetric padding k//2), got {(kh, kw)}")
+    if kt < stride[0]:
+        raise ValueError(f"weight's temporal kernel k_t={kt} must be >= stride_t={stride[0]}")
     if x.shape[2] < stride[0]:
         raise ValueError(f"x must have at least stride_t={stride[0]} frames, got shape {tuple(x.shape)}")
 
 
 def causal_conv3d(x, weight, bias=None, *, stride=(1, 1, 1), padding_mode="zeros"):
     """Causal 3D convolution: x (B, C_in, T, H, W), weight (C_out, C_in, k_t, k_h, k_w), bias (C_out,)
-    -> (B, C_out, T_out, H, W) with T_out = T // stride_t (for k_t >= stride_t)."""
+    -> (B, C_out, T // stride_t, H, W) in x's memory format, in x's dtype (weight and bias are cast
+    to it, as the reference does)."""
     _check(x, weight, bias, stride, padding_mode)
     stride = tuple(stride)
     if not use_triton(x, weight, bias):
         return reference.causal_conv3d_ref(x, weight, bias, stride, padding_mode)
-    raise NotImplementedError("causal_conv3d: Triton kernels not written yet (CPU reference only)")
+    if x.dtype not in _TL_DTYPE:
+        raise ValueError(f"x must be fp32, fp16 or bf16 for the Triton kernels, got {x.dtype}")
+    return _CausalConv3dFunction.apply(x, weight, bias, stride[0])
+
+
+# --------------------------------------------------------------------------------------------
+# sm_90 compile gate
+
+# (k_t, k_h, k_w, stride_t) of the temporal VAE's convolutions
+_VARIANTS = ((3, 3, 3, 1), (3, 3, 3, 2), (1, 1, 1, 1))
+
+
+def sm90_specs() -> list[KernelSpec]:
+    specs = []
+    for dt in ("fp16", "bf16"):
+        for kt, kh, kw, st in _VARIANTS:
+            for bm, bn, bk, nw, ns in _GEMM_CONFIGS:
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                tag = f"{dt},k={kt}{kh}{kw},st={st},{bm}x{bn}x{bk},w{nw}s{ns}"
+                base = dict(KT=kt, KH=kh, KW=kw, STRIDE_T=st)
+                dw_ptrs = {"*": dt, "DW": "fp32", "DB": "fp32"}
+                kernels = [("bwd_dx", _causal_conv3d_bwd_dx_kernel, {"*": dt}, base)]
+                for hb in (True, False):
+                    cx = dict(base, HAS_BIAS=hb)
+                    kernels.append((f"fwd,bias={int(hb)}", _causal_conv3d_fwd_kernel, {"*": dt}, cx))
+                    kernels.append((f"bwd_dw,bias={int(hb)}", _causal_conv3d_bwd_dw_kernel, dw_ptrs, cx))
+                for name, fn, ptrs, cx in kernels:
+                    jit = fn.fn  # the @triton.jit function under the autotuner
+                    cx = dict(cx, **cfg)
+                    specs.append(
+                        KernelSpec(
+                            name=f"causal_conv3d_{name.split(',')[0]}[{tag}{name[len(name.split(',')[0]) :]}]",
+                            fn=jit,
+                            signature=signature(jit, ptrs, cx),
+                            constexprs=cx,
+                            num_warps=nw,
+                            num_stages=ns,
+                            uses_dot=True,
+                        )
+                    )
+    return specs
+
+
+__all__ = ["causal_conv3d"]

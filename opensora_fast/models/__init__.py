@@ -1,0 +1,1 @@
+from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig  # noqa: F401

@@ -7,13 +7,17 @@ forces one (Triton on CPU needs ``TRITON_INTERPRET=1``).
 
 from opensora_fast.kernels import reference
 from opensora_fast.kernels._utils import backend, use_triton
+from opensora_fast.kernels.attention import cross_attention, flash_attn_func, self_attention
 from opensora_fast.kernels.causal_conv3d import causal_conv3d
 from opensora_fast.kernels.group_norm_silu import group_norm_silu
 
 __all__ = [
     "backend",
     "causal_conv3d",
+    "cross_attention",
+    "flash_attn_func",
     "group_norm_silu",
     "reference",
+    "self_attention",
     "use_triton",
 ]

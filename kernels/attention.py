@@ -1,0 +1,602 @@
+"""Fused attention for STDiT3: ``flash_attn_func``, ``self_attention`` (q/k RMSNorm + RoPE fused,
+read straight from the qkv Linear output) and ``cross_attention`` (varlen packed text), forward and
+backward. Kernels in ``_attention_kernels.py``; PyTorch references in ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from opensora_fast.kernels import reference as ref
+from opensora_fast.kernels._attention_kernels import (
+    _attention_bwd_dkdv_kernel,
+    _attention_bwd_dq_kernel,
+    _attention_bwd_preprocess_kernel,
+    _attention_fwd_kernel,
+)
+from opensora_fast.kernels._sm90 import KernelSpec, signature
+from opensora_fast.kernels._utils import (
+    autotune_configs,
+    check_tensor,
+    empty,
+    interpreting,
+    next_pow2,
+    use_triton,
+)
+
+LOG2E = 1.4426950408889634
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+# --------------------------------------------------------------------------------------------
+# autotuned kernels
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Under the interpreter: small blocks, so that tiny test shapes still run several blocks.
+_INTERP_CFG = [_cfg(16, 16, 4, 1)]
+_FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
+_DKDV_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)]
+_DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)]
+_PRE_BLOCK_M = 64
+_KEY = ["Lq", "Lk", "D", "causal", "varlen", "NORM", "ROPE"]
+
+
+def _configs(cfgs):
+    return autotune_configs(_INTERP_CFG if interpreting() else cfgs)
+
+
+_fwd = triton.autotune(_configs(_FWD_CONFIGS), key=_KEY)(_attention_fwd_kernel)
+_dkdv = triton.autotune(_configs(_DKDV_CONFIGS), key=_KEY, reset_to_zero=["DKW"])(_attention_bwd_dkdv_kernel)
+_dq = triton.autotune(_configs(_DQ_CONFIGS), key=_KEY, reset_to_zero=["DQW"])(_attention_bwd_dq_kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# geometry: how a (Z, L, H, D) operand sits in memory
+
+
+@dataclass(frozen=True)
+class Seq:
+    """Element (z, l, h, d) of an attention operand sits at
+    ``(z // Z2) * s1 + (z % Z2) * s2 + l * sm + h * sh + d`` (Z2 belongs to the problem)."""
+
+    s1: int
+    s2: int
+    sm: int
+    sh: int
+
+    def args(self) -> tuple[int, int, int, int]:
+        return (self.s1, self.s2, self.sm, self.sh)
+
+
+@dataclass(frozen=True)
+class Problem:
+    Z: int  # number of sequences
+    Z2: int  # sequence z = (z // Z2, z % Z2) for the two outer strides
+    H: int
+    Lq: int
+    Lk: int  # keys per sequence (unused with varlen)
+    D: int
+    causal: bool = False
+    varlen: bool = False
+
+
+@dataclass(frozen=True)
+class DSplit:
+    """head_dim as a power-of-two piece BD0 plus an optional masked piece BD1 (see _attention_kernels)."""
+
+    BD0: int
+    BD1: int
+    HAS_D1: bool
+
+    @staticmethod
+    def of(D: int) -> DSplit:
+        if D <= 16:
+            return DSplit(16, 16, False)
+        bd0 = 1 << (D.bit_length() - 1)
+        rem = D - bd0
+        return DSplit(bd0, max(16, next_pow2(rem)) if rem else 16, rem > 0)
+
+    def kwargs(self) -> dict:
+        return {"BD0": self.BD0, "BD1": self.BD1, "HAS_D1": self.HAS_D1}
+
+
+def _flash_seq(t: torch.Tensor) -> Seq:  # (B, L, H, D)
+    return Seq(t.stride(0), 0, t.stride(1), t.stride(2))
+
+
+def _token_seq(t: torch.Tensor, layout: str, S: int, D: int) -> Seq:
+    """A (B, T*S, *) token tensor (qkv, its column views, the output) seen as sequences."""
+    if layout == "spatial":  # sequence (b, t): rows are the S tokens of frame t
+        return Seq(t.stride(0), S * t.stride(1), t.stride(1), D)
+    return Seq(t.stride(0), t.stride(1), S * t.stride(1), D)  # sequence (b, s): rows are the T frames
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_fwd(q, k, v, o, qs, ks, vs, os_, p: Problem, scale, eps, qw=None, kw=None, cos=None, sin=None,
+                cu=None):  # fmt: skip
+    lse = empty((p.Z * p.H, p.Lq), torch.float32, q.device)
+    dummy = lse
+    norm, rope = qw is not None, cos is not None
+    grid = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
+    _fwd[grid](
+        q, k, v, o, lse,
+        qw if norm else dummy, kw if norm else dummy,
+        cos if rope else dummy, sin if rope else dummy,
+        cu if p.varlen else dummy,
+        p.Z2, *qs.args(), *ks.args(), *vs.args(), *os_.args(),
+        p.H, p.Lq, p.Lk, p.D, int(p.causal), int(p.varlen), cos.stride(0) if rope else 0,
+        scale * LOG2E, eps,
+        NORM=norm, ROPE=rope, DOT_PREC=_dot_prec(q.dtype), **DSplit.of(p.D).kwargs(),
+    )  # fmt: skip
+    return lse
+
+
+def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks, dvs, p: Problem, scale, eps,
+                qw=None, kw=None, cos=None, sin=None, cu=None, max_lk=None):  # fmt: skip
+    """Writes dq, dk, dv; returns (dqw, dkw) fp32 (None without norm)."""
+    dev = q.device
+    delta = empty((p.Z * p.H, p.Lq), torch.float32, dev)
+    pre_grid = (triton.cdiv(p.Lq, _PRE_BLOCK_M), p.Z * p.H)
+    _attention_bwd_preprocess_kernel[pre_grid](
+        o, do, delta, p.Z2, *os_.args(), *dos.args(), p.H, p.Lq, p.D,
+        BLOCK_M=_PRE_BLOCK_M, BD=max(16, next_pow2(p.D)),
+    )  # fmt: skip
+    norm, rope = qw is not None, cos is not None
+    dqw = torch.zeros(p.D, dtype=torch.float32, device=dev) if norm else None
+    dkw = torch.zeros(p.D, dtype=torch.float32, device=dev) if norm else None
+    dummy = delta
+    common = dict(NORM=norm, ROPE=rope, DOT_PREC=_dot_prec(q.dtype), **DSplit.of(p.D).kwargs())
+    opt = (
+        qw if norm else dummy, kw if norm else dummy,
+        cos if rope else dummy, sin if rope else dummy, cu if p.varlen else dummy,
+    )  # fmt: skip
+    tail = (p.H, p.Lq, p.Lk, p.D, int(p.causal), int(p.varlen), cos.stride(0) if rope else 0,
+            scale * LOG2E, scale, eps)  # fmt: skip
+    lk = max_lk if p.varlen else p.Lk
+    grid_k = lambda META: (triton.cdiv(max(lk, 1), META["BLOCK_N"]), p.Z * p.H)
+    _dkdv[grid_k](
+        q, k, v, do, dk, dv, lse, delta, dkw if norm else dummy, *opt,
+        p.Z2, *qs.args(), *ks.args(), *vs.args(), *dos.args(), *dks.args(), *dvs.args(), *tail, **common,
+    )  # fmt: skip
+    grid_q = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
+    _dq[grid_q](
+        q, k, v, do, dq, lse, delta, dqw if norm else dummy, *opt,
+        p.Z2, *qs.args(), *ks.args(), *vs.args(), *dos.args(), *dqs.args(), *tail, **common,
+    )  # fmt: skip
+    return dqw, dkw
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops: flash_attn_func
+
+
+@torch.library.custom_op("opensora_fast::attention_fwd", mutates_args=())
+def _flash_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, Nq, H, D = q.shape
+    o = empty((B, Nq, H, D), q.dtype, q.device)
+    p = Problem(B, 1, H, Nq, k.shape[1], D, causal)
+    lse = _launch_fwd(
+        q, k, v, o, _flash_seq(q), _flash_seq(k), _flash_seq(v), _flash_seq(o), p, softmax_scale, 0.0
+    )
+    return o, lse
+
+
+@_flash_fwd_op.register_fake
+def _(q, k, v, softmax_scale, causal):
+    B, Nq, H, D = q.shape
+    return q.new_empty((B, Nq, H, D)), q.new_empty((B * H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("opensora_fast::attention_bwd", mutates_args=())
+def _flash_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    softmax_scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    B, Nq, H, D = q.shape
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    p = Problem(B, 1, H, Nq, k.shape[1], D, causal)
+    f = _flash_seq
+    _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, f(q), f(k), f(v), f(o), f(do), f(dq), f(dk), f(dv), p,
+                softmax_scale, 0.0)  # fmt: skip
+    return dq, dk, dv
+
+
+@_flash_bwd_op.register_fake
+def _(do, q, k, v, o, lse, softmax_scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale, causal):
+        o, lse = torch.ops.opensora_fast.attention_fwd(q, k, v, softmax_scale, causal)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.softmax_scale, ctx.causal = softmax_scale, causal
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.opensora_fast.attention_bwd(do, q, k, v, o, lse, ctx.softmax_scale, ctx.causal)
+        return dq, dk, dv, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops: self_attention
+
+
+def _self_problem(qkv, num_heads, num_frames, layout) -> tuple[Problem, int, int]:
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // num_heads
+    T = num_frames
+    S = N // T
+    Z2, L = (T, S) if layout == "spatial" else (S, T)
+    return Problem(B * Z2, Z2, num_heads, L, L, D), S, C
+
+
+@torch.library.custom_op("opensora_fast::self_attention_fwd", mutates_args=())
+def _self_fwd_op(
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, num_heads: int, num_frames: int, layout: str, eps: float, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    p, S, C = _self_problem(qkv, num_heads, num_frames, layout)
+    B, N, _ = qkv.shape
+    out = empty((B, N, C), qkv.dtype, qkv.device)
+    q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+    sq = _token_seq(qkv, layout, S, p.D)
+    lse = _launch_fwd(q, k, v, out, sq, sq, sq, _token_seq(out, layout, S, p.D), p, softmax_scale, eps,
+                      q_weight, k_weight, cos, sin)  # fmt: skip
+    return out, lse
+
+
+@_self_fwd_op.register_fake
+def _(qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, layout, eps, softmax_scale):
+    p, S, C = _self_problem(qkv, num_heads, num_frames, layout)
+    B, N, _ = qkv.shape
+    return qkv.new_empty((B, N, C)), qkv.new_empty((p.Z * p.H, p.Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("opensora_fast::self_attention_bwd", mutates_args=())
+def _self_bwd_op(
+    dout: torch.Tensor, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+    num_frames: int, layout: str, eps: float, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    p, S, C = _self_problem(qkv, num_heads, num_frames, layout)
+    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
+    q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+    dq, dk, dv = dqkv[..., :C], dqkv[..., C : 2 * C], dqkv[..., 2 * C :]
+    sq, sd = _token_seq(qkv, layout, S, p.D), _token_seq(dqkv, layout, S, p.D)
+    so, sdo = _token_seq(out, layout, S, p.D), _token_seq(dout, layout, S, p.D)
+    dqw, dkw = _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, sq, sq, sq, so, sdo, sd, sd, sd, p,
+                           softmax_scale, eps, q_weight, k_weight, cos, sin)  # fmt: skip
+    return dqkv, dqw.to(q_weight.dtype), dkw.to(k_weight.dtype)
+
+
+@_self_bwd_op.register_fake
+def _(dout, qkv, q_weight, k_weight, cos, sin, out, lse, num_heads, num_frames, layout, eps, softmax_scale):
+    return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
+
+
+class SelfAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, layout, eps, softmax_scale):
+        out, lse = torch.ops.opensora_fast.self_attention_fwd(
+            qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, layout, eps, softmax_scale
+        )
+        ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, out, lse)
+        ctx.args = (num_heads, num_frames, layout, eps, softmax_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, q_weight, k_weight, cos, sin, out, lse = ctx.saved_tensors
+        dqkv, dqw, dkw = torch.ops.opensora_fast.self_attention_bwd(
+            dout, qkv, q_weight, k_weight, cos, sin, out, lse, *ctx.args
+        )
+        return dqkv, dqw, dkw, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops: cross_attention
+
+
+def _cross_seqs(q, kv, num_heads):
+    B, N, C = q.shape
+    D = C // num_heads
+    sq = Seq(q.stride(0), 0, q.stride(1), D)
+    skv = Seq(0, 0, kv.stride(0), D)
+    return sq, skv, C, D
+
+
+@torch.library.custom_op("opensora_fast::cross_attention_fwd", mutates_args=())
+def _cross_fwd_op(
+    q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, max_kv_len: int, num_heads: int,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    B, N, C = q.shape
+    sq, skv, C, D = _cross_seqs(q, kv, num_heads)
+    out = empty((B, N, C), q.dtype, q.device)
+    p = Problem(B, 1, num_heads, N, max_kv_len, D, varlen=True)
+    so = Seq(out.stride(0), 0, out.stride(1), D)
+    lse = _launch_fwd(q, kv[:, :C], kv[:, C:], out, sq, skv, skv, so, p, softmax_scale, 0.0, cu=cu_seqlens)
+    return out, lse
+
+
+@_cross_fwd_op.register_fake
+def _(q, kv, cu_seqlens, max_kv_len, num_heads, softmax_scale):
+    B, N, C = q.shape
+    return q.new_empty((B, N, C)), q.new_empty((B * num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("opensora_fast::cross_attention_bwd", mutates_args=())
+def _cross_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, max_kv_len: int, num_heads: int, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    B, N, C = q.shape
+    sq, skv, C, D = _cross_seqs(q, kv, num_heads)
+    dq = empty(q.shape, q.dtype, q.device)
+    dkv = empty(kv.shape, kv.dtype, kv.device)
+    p = Problem(B, 1, num_heads, N, max_kv_len, D, varlen=True)
+    so = Seq(out.stride(0), 0, out.stride(1), D)
+    sdo = Seq(dout.stride(0), 0, dout.stride(1), D)
+    sdq = Seq(dq.stride(0), 0, dq.stride(1), D)
+    sdkv = Seq(0, 0, dkv.stride(0), D)
+    _launch_bwd(dout, q, kv[:, :C], kv[:, C:], out, lse, dq, dkv[:, :C], dkv[:, C:], sq, skv, skv, so, sdo, sdq,
+                sdkv, sdkv, p, softmax_scale, 0.0, cu=cu_seqlens, max_lk=max_kv_len)  # fmt: skip
+    return dq, dkv
+
+
+@_cross_bwd_op.register_fake
+def _(dout, q, kv, cu_seqlens, out, lse, max_kv_len, num_heads, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(kv)
+
+
+class CrossAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, cu_seqlens, max_kv_len, num_heads, softmax_scale):
+        out, lse = torch.ops.opensora_fast.cross_attention_fwd(
+            q, kv, cu_seqlens, max_kv_len, num_heads, softmax_scale
+        )
+        ctx.save_for_backward(q, kv, cu_seqlens, out, lse)
+        ctx.args = (max_kv_len, num_heads, softmax_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, kv, cu, out, lse = ctx.saved_tensors
+        dq, dkv = torch.ops.opensora_fast.cross_attention_bwd(dout, q, kv, cu, out, lse, *ctx.args)
+        return dq, dkv, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+
+
+def _check_head_dim(D: int, name: str) -> None:
+    if D < 8 or D > 128 or D % 8:
+        raise ValueError(f"{name}: head_dim must be a multiple of 8 in [8, 128], got {D}")
+
+
+def _check_dtype(t: torch.Tensor, name: str, like: torch.Tensor | None = None) -> None:
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
+    if like is not None and t.dtype != like.dtype:
+        raise ValueError(f"{name} must have the same dtype as the first input ({like.dtype}), got {t.dtype}")
+
+
+def _check_last_contiguous(t: torch.Tensor, name: str) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def _scale(softmax_scale, D: int) -> float:
+    if softmax_scale is None:
+        return D**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise ValueError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    """softmax(q k^T * scale) v like flash-attn's function of this name.
+
+    q (B, Nq, H, D), k/v (B, Nk, H, D), D a multiple of 8 up to 128; ``causal`` is bottom-right
+    aligned (query i sees keys j <= i + Nk - Nq); a query that sees no key outputs zeros.
+    Returns (B, Nq, H, D). dropout is not supported (dropout_p > 0 raises NotImplementedError).
+    """
+    check_tensor(q, "q", ndim=4)
+    B, Nq, H, D = q.shape
+    check_tensor(k, "k", shape=(B, None, H, D), like=q)
+    check_tensor(v, "v", shape=tuple(k.shape), like=q)
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        _check_dtype(t, n, q)
+    _check_head_dim(D, "q")
+    if dropout_p:
+        raise NotImplementedError("flash_attn_func: dropout_p > 0 is not supported (Open-Sora uses 0)")
+    if Nq == 0 or k.shape[1] == 0 or B == 0 or H == 0:
+        raise ValueError(f"q/k must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    scale = _scale(softmax_scale, D)
+    if not use_triton(q, k, v):
+        return ref.flash_attn_func_ref(q, k, v, 0.0, scale, bool(causal))
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        _check_last_contiguous(t, n)
+    return FlashAttnFunction.apply(q, k, v, scale, bool(causal))
+
+
+def self_attention(
+    qkv,
+    q_norm_weight,
+    k_norm_weight,
+    *,
+    num_heads,
+    num_frames,
+    layout,
+    eps=1e-6,
+    rope=None,
+    softmax_scale=None,
+):
+    """Open-Sora's self-attention from the raw qkv Linear output (B, T*S, 3C) to (B, T*S, C).
+
+    Columns of qkv are [q heads | k heads | v heads]; layout "spatial" attends over the S tokens of
+    each frame, "temporal" over the T frames of each spatial position. q and k get per-head RMSNorm
+    (fp32 statistics, cast back, times the (head_dim,) weight), then RoPE when rope=(cos, sin) with
+    cos/sin (L, head_dim) (L = S spatial, T temporal; interleaved pairs as reference.rope_cos_sin).
+    Gradients flow to qkv and both norm weights, not to cos/sin.
+    """
+    check_tensor(qkv, "qkv", ndim=3)
+    _check_dtype(qkv, "qkv")
+    B, N, C3 = qkv.shape
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if not isinstance(num_frames, int) or num_frames <= 0:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    if C3 % (3 * num_heads):
+        raise ValueError(
+            f"qkv must have shape (B, T*S, 3*C) with C divisible by num_heads={num_heads}, got {C3}"
+        )
+    if N == 0 or N % num_frames:
+        raise ValueError(
+            f"qkv must have shape (B, T*S, 3C) with T*S a positive multiple of num_frames, got N={N}"
+        )
+    if layout not in ("spatial", "temporal"):
+        raise ValueError(f"layout must be 'spatial' or 'temporal', got {layout!r}")
+    D = C3 // (3 * num_heads)
+    _check_head_dim(D, "qkv")
+    for w, n in ((q_norm_weight, "q_norm_weight"), (k_norm_weight, "k_norm_weight")):
+        check_tensor(w, n, shape=(D,), like=qkv)
+    L = N // num_frames if layout == "spatial" else num_frames
+    cos = sin = None
+    if rope is not None:
+        if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+            raise ValueError("rope must be None or a (cos, sin) pair of (L, head_dim) tensors")
+        cos, sin = rope
+        check_tensor(cos, "rope cos", shape=(L, D), like=qkv)
+        check_tensor(sin, "rope sin", shape=(L, D), like=qkv)
+        if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+            raise ValueError(f"rope cos/sin must share strides with a contiguous last dim, got {cos.stride()}, "
+                             f"{sin.stride()}")  # fmt: skip
+    scale = _scale(softmax_scale, D)
+    if not use_triton(qkv, q_norm_weight, k_norm_weight):
+        return ref.self_attention_ref(
+            qkv, q_norm_weight, k_norm_weight, num_heads, num_frames, layout, eps, rope, scale
+        )
+    _check_last_contiguous(qkv, "qkv")
+    _check_last_contiguous(q_norm_weight, "q_norm_weight")
+    _check_last_contiguous(k_norm_weight, "k_norm_weight")
+    if cos is not None:
+        cos, sin = cos.detach(), sin.detach()
+    return SelfAttentionFunction.apply(
+        qkv, q_norm_weight, k_norm_weight, cos, sin, num_heads, num_frames, layout, float(eps), scale
+    )
+
+
+def _lens(kv_lens, B: int, M: int) -> list[int]:
+    if isinstance(kv_lens, torch.Tensor):
+        if kv_lens.dim() != 1 or kv_lens.is_floating_point() or kv_lens.is_complex():
+            raise ValueError(f"kv_lens must be a 1-D integer tensor or a list of ints, got {kv_lens.dtype} "
+                             f"{tuple(kv_lens.shape)}")  # fmt: skip
+        lens = [int(n) for n in kv_lens.tolist()]
+    else:
+        try:
+            lens = [int(n) for n in kv_lens]
+        except TypeError as exc:
+            raise ValueError(
+                f"kv_lens must be a list of ints or an int tensor, got {type(kv_lens).__name__}"
+            ) from exc
+    if len(lens) != B:
+        raise ValueError(f"kv_lens must have one length per sample (B={B}), got {len(lens)}")
+    if any(n < 0 for n in lens):
+        raise ValueError(f"kv_lens must be non-negative, got {lens}")
+    if sum(lens) != M:
+        raise ValueError(f"kv must have shape (sum(kv_lens)={sum(lens)}, 2C), got {M} rows")
+    return lens
+
+
+def cross_attention(q, kv, kv_lens, *, num_heads, softmax_scale=None):
+    """Each sample's queries q[b] (N, C) attend to its own kv_lens[b] packed text tokens.
+
+    q (B, N, C); kv (sum(kv_lens), 2C) from the kv Linear (columns [k heads | v heads]); kv_lens a
+    list of ints or an int tensor; a sample with kv_lens[b] == 0 gets zeros. Returns (B, N, C).
+    """
+    check_tensor(q, "q", ndim=3)
+    _check_dtype(q, "q")
+    B, N, C = q.shape
+    if not isinstance(num_heads, int) or num_heads <= 0 or C % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing C={C}, got {num_heads!r}")
+    check_tensor(kv, "kv", shape=(None, 2 * C), like=q)
+    _check_dtype(kv, "kv", q)
+    D = C // num_heads
+    _check_head_dim(D, "q")
+    if N == 0:
+        raise ValueError(f"q must have shape (B, N, C) with N > 0, got {tuple(q.shape)}")
+    lens = _lens(kv_lens, B, kv.shape[0])
+    scale = _scale(softmax_scale, D)
+    if not use_triton(q, kv):
+        return ref.cross_attention_ref(q, kv, lens, num_heads, scale)
+    _check_last_contiguous(q, "q")
+    _check_last_contiguous(kv, "kv")
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(q.device, non_blocking=True)
+    return CrossAttentionFunction.apply(q, kv, cu_seqlens, max(lens), num_heads, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# sm_90 compile gate
+
+
+_VARIANTS = {"plain": (False, False), "norm": (True, False), "norm+rope": (True, True)}
+
+
+def sm90_specs(head_dims=(72, 128)) -> list[KernelSpec]:
+    """Every launchable config: (fwd, dkdv, dq) x autotune config x {fp16, bf16} x variant x head_dim,
+    plus the delta preprocess kernel."""
+    specs = []
+    scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "eps": "fp32"}
+    for D in head_dims:
+        split = DSplit.of(D).kwargs()
+        for dt in ("bf16", "fp16"):
+            ptrs = {"*": dt, "LSE": "fp32", "DELTA": "fp32", "DKW": "fp32", "DQW": "fp32", "CU_K": "i32",
+                    "QW": dt, "KW": dt, "COS": "fp32", "SIN": "fp32"}  # fmt: skip
+            cx = {"BLOCK_M": _PRE_BLOCK_M, "BD": max(16, next_pow2(D))}
+            fn = _attention_bwd_preprocess_kernel
+            specs.append(
+                KernelSpec(f"attention_bwd_preprocess[{dt},D={D}]", fn, signature(fn, ptrs, cx), cx, 4, 1)
+            )
+            for vname, (norm, rope) in _VARIANTS.items():
+                for kname, fn, cfgs in (
+                    ("fwd", _attention_fwd_kernel, _FWD_CONFIGS),
+                    ("bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS),
+                    ("bwd_dq", _attention_bwd_dq_kernel, _DQ_CONFIGS),
+                ):
+                    for cfg in cfgs:
+                        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                        cx = dict(NORM=norm, ROPE=rope, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32", **split)
+                        specs.append(
+                            KernelSpec(
+                                name=f"attention_{kname}[{vname},{dt},D={D},BM={bm},BN={bn},w={cfg.num_warps}]",
+                                fn=fn, signature=signature(fn, ptrs, cx, scalars), constexprs=cx,
+                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True,
+                            )
+                        )  # fmt: skip
+    return specs

@@ -1,10 +1,485 @@
-"""GroupNorm (affine) with SiLU fused, on video tensors (B, C, T, H, W) or images (B, C, H, W), in
-contiguous or channels-last memory format (the output keeps x's format)."""
+"""GroupNorm (affine) with SiLU fused, forward and backward, on video tensors (B, C, T, H, W) or
+images (B, C, H, W), in contiguous or channels-last memory format (outputs keep x's format).
+
+Forward, two passes over x:
+1. statistics: the S = T*H*W positions of every (b, group) are split into chunks, one program per
+   (b, group block, chunk); each program merges per-tile (mean, M2) pairs in fp32 (Chan et al.'s
+   parallel variance, no E[x^2] - E[x]^2 cancellation) and writes its chunk's partial;
+2. normalise: each program merges the chunk partials of its groups, then writes
+   y = silu((x - mean) * rstd * weight + bias) for its chunk.
+Backward likewise: a reduction pass (per-group sums of dxhat and dxhat*xhat, per-channel sums of
+dz*xhat and dz for dweight/dbias), then dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat)).
+
+A program's tile is (positions, groups, channels of a group): for channels-last x it spans several
+groups so that each position's channels are one contiguous load; for contiguous x it is one group
+and the positions are contiguous. All tensors are read through their strides.
+"""
 
 from __future__ import annotations
 
+import math
+
+import torch
+import triton
+import triton.language as tl
 from opensora_fast.kernels import reference
-from opensora_fast.kernels._utils import check_tensor, use_triton
+from opensora_fast.kernels._sm90 import KernelSpec, signature
+from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, next_pow2, use_triton
+
+# (TILE elements per loop step, num_warps): the first is the interpreter's.
+_CONFIGS = ((4096, 8), (2048, 4))
+_MAX_GROUP_CHANNELS = 1024  # C / num_groups handled by one tile row (Triton path)
+_TARGET_PROGRAMS = 264  # two waves of 132 SMs
+
+
+def _configs():
+    return autotune_configs([triton.Config({"TILE": t}, num_warps=w) for t, w in _CONFIGS])
+
+
+_KEY = ["spatial", "num_ch", "num_groups", "GPP", "CG_P"]
+
+
+@triton.jit
+def _spatial_offset(s, height, width, sxt, sxh, sxw):
+    """Element offset of flattened positions s = (t * H + h) * W + w."""
+    w = s % width
+    h = (s // width) % height
+    t = s // (width * height)
+    return t.to(tl.int64) * sxt + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+
+
+@triton.jit
+def _merge(n, mean, m2, cnt, tmean, tm2):
+    """Chan's merge of running (n, mean, M2) with a part (cnt, tmean, tm2)."""
+    n_new = n + cnt
+    delta = tmean - mean
+    mean = mean + delta * (cnt / n_new)
+    m2 = m2 + tm2 + delta * delta * (n * cnt / n_new)
+    return n_new, mean, m2
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _group_norm_silu_stats_kernel(
+    X,  # (B, C, T, H, W), any strides (T = 1, sxt = 0 for 4-D input)
+    Partial,  # (B, G, NSPLIT, 2) fp32: (mean, M2) of each chunk
+    num_ch,
+    num_groups,
+    cg,  # channels per group
+    spatial,  # S = T * H * W
+    height,
+    width,
+    s_chunk,  # positions per chunk
+    nsplit,
+    sxb,
+    sxc,
+    sxt,
+    sxh,
+    sxw,  # fmt: skip
+    GPP: tl.constexpr,  # groups per program (power of 2)
+    CG_P: tl.constexpr,  # next_pow2(cg)
+    TILE: tl.constexpr,
+):
+    BLOCK_S: tl.constexpr = TILE // (GPP * CG_P)
+    b = tl.program_id(0)
+    g = tl.program_id(1) * GPP + tl.arange(0, GPP)
+    sp = tl.program_id(2)
+    cc = tl.arange(0, CG_P)
+    ch_ok = (g < num_groups)[:, None] & (cc < cg)[None, :]
+    ch_off = (g[:, None] * cg + cc[None, :]).to(tl.int64) * sxc
+    base = X + b.to(tl.int64) * sxb
+    s_start = sp * s_chunk
+    s_end = tl.minimum(s_start + s_chunk, spatial)
+    n = 0.0
+    mean = tl.zeros((GPP,), dtype=tl.float32)
+    m2 = tl.zeros((GPP,), dtype=tl.float32)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
+        off = _spatial_offset(s, height, width, sxt, sxh, sxw)[:, None, None] + ch_off[None, :, :]
+        x = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
+        cnt = (tl.minimum(s_end - s0, BLOCK_S) * cg).to(tl.float32)
+        tmean = tl.sum(tl.sum(x, axis=0), axis=1) / cnt
+        d = tl.where(mask, x - tmean[None, :, None], 0.0)
+        tm2 = tl.sum(tl.sum(d * d, axis=0), axis=1)
+        n, mean, m2 = _merge(n, mean, m2, cnt, tmean, tm2)
+    out = Partial + ((b * num_groups + g) * nsplit + sp) * 2
+    g_ok = g < num_groups
+    tl.store(out, mean, mask=g_ok)
+    tl.store(out + 1, m2, mask=g_ok)
+
+
+@triton.jit
+def _group_stats(Partial, b, g, num_groups, cg, spatial, s_chunk, nsplit, eps):
+    """Merge the chunk partials of groups g of sample b -> (mean, rstd), each (GPP,)."""
+    n = 0.0
+    mean = tl.zeros(g.shape, dtype=tl.float32)
+    m2 = tl.zeros(g.shape, dtype=tl.float32)
+    g_ok = g < num_groups
+    for p in range(nsplit):
+        src = Partial + ((b * num_groups + g) * nsplit + p) * 2
+        cnt = (tl.minimum(s_chunk, spatial - p * s_chunk) * cg).to(tl.float32)
+        pm = tl.load(src, mask=g_ok, other=0.0)
+        pm2 = tl.load(src + 1, mask=g_ok, other=0.0)
+        n, mean, m2 = _merge(n, mean, m2, cnt, pm, pm2)
+    return mean, 1.0 / tl.sqrt(m2 / n + eps)
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _group_norm_silu_fwd_kernel(
+    X,  # (B, C, T, H, W), any strides
+    Wt,  # (C,)
+    Bias,  # (C,)
+    Y,  # (B, C, T, H, W), any strides
+    Partial,  # (B, G, NSPLIT, 2) fp32 from the stats kernel
+    Mean,  # (B, G) fp32, written by chunk 0
+    Rstd,  # (B, G) fp32, written by chunk 0
+    num_ch,
+    num_groups,
+    cg,
+    spatial,
+    height,
+    width,
+    s_chunk,
+    nsplit,
+    eps,
+    silu,  # 0 / 1
+    sxb,
+    sxc,
+    sxt,
+    sxh,
+    sxw,  # fmt: skip
+    syb,
+    syc,
+    syt,
+    syh,
+    syw,  # fmt: skip
+    GPP: tl.constexpr,
+    CG_P: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    BLOCK_S: tl.constexpr = TILE // (GPP * CG_P)
+    b = tl.program_id(0)
+    g = tl.program_id(1) * GPP + tl.arange(0, GPP)
+    sp = tl.program_id(2)
+    g_ok = g < num_groups
+    mean, rstd = _group_stats(Partial, b, g, num_groups, cg, spatial, s_chunk, nsplit, eps)
+    if sp == 0:
+        tl.store(Mean + b * num_groups + g, mean, mask=g_ok)
+        tl.store(Rstd + b * num_groups + g, rstd, mask=g_ok)
+    cc = tl.arange(0, CG_P)
+    ch_ok = g_ok[:, None] & (cc < cg)[None, :]
+    ch = g[:, None] * cg + cc[None, :]
+    w = tl.load(Wt + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
+    bias = tl.load(Bias + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
+    scale = w * rstd[:, None]
+    shift = bias - mean[:, None] * scale
+    x_base = X + b.to(tl.int64) * sxb
+    y_base = Y + b.to(tl.int64) * syb
+    x_ch = ch.to(tl.int64) * sxc
+    y_ch = ch.to(tl.int64) * syc
+    s_start = sp * s_chunk
+    s_end = tl.minimum(s_start + s_chunk, spatial)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
+        x_off = _spatial_offset(s, height, width, sxt, sxh, sxw)[:, None, None] + x_ch[None, :, :]
+        y_off = _spatial_offset(s, height, width, syt, syh, syw)[:, None, None] + y_ch[None, :, :]
+        x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
+        z = x * scale[None, :, :] + shift[None, :, :]
+        if silu != 0:
+            z = z * tl.sigmoid(z)
+        tl.store(y_base + y_off, z.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _group_norm_silu_bwd_reduce_kernel(
+    X,  # (B, C, T, H, W), any strides
+    DY,  # (B, C, T, H, W), any strides
+    Wt,  # (C,)
+    Bias,  # (C,)
+    Mean,  # (B, G) fp32
+    Rstd,  # (B, G) fp32
+    PartialG,  # (B, G, NSPLIT, 2) fp32: sums of dxhat and dxhat * xhat per chunk
+    PartialC,  # (B, NSPLIT, C, 2) fp32: sums of dz * xhat and dz per channel and chunk
+    num_ch,
+    num_groups,
+    cg,
+    spatial,
+    height,
+    width,
+    s_chunk,
+    nsplit,
+    silu,
+    sxb,
+    sxc,
+    sxt,
+    sxh,
+    sxw,  # fmt: skip
+    sdb,
+    sdc,
+    sdt,
+    sdh,
+    sdw,  # fmt: skip
+    GPP: tl.constexpr,
+    CG_P: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    BLOCK_S: tl.constexpr = TILE // (GPP * CG_P)
+    b = tl.program_id(0)
+    g = tl.program_id(1) * GPP + tl.arange(0, GPP)
+    sp = tl.program_id(2)
+    g_ok = g < num_groups
+    mean = tl.load(Mean + b * num_groups + g, mask=g_ok, other=0.0)
+    rstd = tl.load(Rstd + b * num_groups + g, mask=g_ok, other=0.0)
+    cc = tl.arange(0, CG_P)
+    ch_ok = g_ok[:, None] & (cc < cg)[None, :]
+    ch = g[:, None] * cg + cc[None, :]
+    w = tl.load(Wt + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
+    bias = tl.load(Bias + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
+    x_base = X + b.to(tl.int64) * sxb
+    d_base = DY + b.to(tl.int64) * sdb
+    x_ch = ch.to(tl.int64) * sxc
+    d_ch = ch.to(tl.int64) * sdc
+    sum_g = tl.zeros((GPP,), dtype=tl.float32)
+    sum_gx = tl.zeros((GPP,), dtype=tl.float32)
+    sum_dzx = tl.zeros((GPP, CG_P), dtype=tl.float32)
+    sum_dz = tl.zeros((GPP, CG_P), dtype=tl.float32)
+    s_start = sp * s_chunk
+    s_end = tl.minimum(s_start + s_chunk, spatial)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
+        x_off = _spatial_offset(s, height, width, sxt, sxh, sxw)[:, None, None] + x_ch[None, :, :]
+        d_off = _spatial_offset(s, height, width, sdt, sdh, sdw)[:, None, None] + d_ch[None, :, :]
+        x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(d_base + d_off, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :, None]) * rstd[None, :, None]
+        z = xhat * w[None, :, :] + bias[None, :, :]
+        dz = dy
+        if silu != 0:
+            sg = tl.sigmoid(z)
+            dz = dy * sg * (1.0 + z * (1.0 - sg))
+        dz = tl.where(mask, dz, 0.0)
+        gh = dz * w[None, :, :]
+        sum_g += tl.sum(tl.sum(gh, axis=0), axis=1)
+        sum_gx += tl.sum(tl.sum(gh * xhat, axis=0), axis=1)
+        sum_dzx += tl.sum(dz * xhat, axis=0)
+        sum_dz += tl.sum(dz, axis=0)
+    pg = PartialG + ((b * num_groups + g) * nsplit + sp) * 2
+    tl.store(pg, sum_g, mask=g_ok)
+    tl.store(pg + 1, sum_gx, mask=g_ok)
+    pc = PartialC + ((b * nsplit + sp) * num_ch + ch) * 2
+    tl.store(pc, sum_dzx, mask=ch_ok)
+    tl.store(pc + 1, sum_dz, mask=ch_ok)
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit
+def _group_norm_silu_bwd_dx_kernel(
+    X,  # (B, C, T, H, W), any strides
+    DY,  # (B, C, T, H, W), any strides
+    Wt,  # (C,)
+    Bias,  # (C,)
+    Mean,  # (B, G) fp32
+    Rstd,  # (B, G) fp32
+    PartialG,  # (B, G, NSPLIT, 2) fp32 from the reduce kernel
+    DX,  # (B, C, T, H, W), any strides
+    num_ch,
+    num_groups,
+    cg,
+    spatial,
+    height,
+    width,
+    s_chunk,
+    nsplit,
+    silu,
+    sxb,
+    sxc,
+    sxt,
+    sxh,
+    sxw,  # fmt: skip
+    sdb,
+    sdc,
+    sdt,
+    sdh,
+    sdw,  # fmt: skip
+    sob,
+    soc,
+    sot,
+    soh,
+    sow,  # fmt: skip
+    GPP: tl.constexpr,
+    CG_P: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    BLOCK_S: tl.constexpr = TILE // (GPP * CG_P)
+    b = tl.program_id(0)
+    g = tl.program_id(1) * GPP + tl.arange(0, GPP)
+    sp = tl.program_id(2)
+    g_ok = g < num_groups
+    mean = tl.load(Mean + b * num_groups + g, mask=g_ok, other=0.0)
+    rstd = tl.load(Rstd + b * num_groups + g, mask=g_ok, other=0.0)
+    sum_g = tl.zeros((GPP,), dtype=tl.float32)
+    sum_gx = tl.zeros((GPP,), dtype=tl.float32)
+    for p in range(nsplit):
+        src = PartialG + ((b * num_groups + g) * nsplit + p) * 2
+        sum_g += tl.load(src, mask=g_ok, other=0.0)
+        sum_gx += tl.load(src + 1, mask=g_ok, other=0.0)
+    inv_n = 1.0 / tl.maximum(spatial * cg, 1).to(tl.float32)
+    c1 = sum_g * inv_n
+    c2 = sum_gx * inv_n
+    cc = tl.arange(0, CG_P)
+    ch_ok = g_ok[:, None] & (cc < cg)[None, :]
+    ch = g[:, None] * cg + cc[None, :]
+    w = tl.load(Wt + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
+    bias = tl.load(Bias + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
+    x_base = X + b.to(tl.int64) * sxb
+    d_base = DY + b.to(tl.int64) * sdb
+    o_base = DX + b.to(tl.int64) * sob
+    x_ch = ch.to(tl.int64) * sxc
+    d_ch = ch.to(tl.int64) * sdc
+    o_ch = ch.to(tl.int64) * soc
+    s_start = sp * s_chunk
+    s_end = tl.minimum(s_start + s_chunk, spatial)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
+        x_off = _spatial_offset(s, height, width, sxt, sxh, sxw)[:, None, None] + x_ch[None, :, :]
+        d_off = _spatial_offset(s, height, width, sdt, sdh, sdw)[:, None, None] + d_ch[None, :, :]
+        o_off = _spatial_offset(s, height, width, sot, soh, sow)[:, None, None] + o_ch[None, :, :]
+        x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(d_base + d_off, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :, None]) * rstd[None, :, None]
+        z = xhat * w[None, :, :] + bias[None, :, :]
+        dz = dy
+        if silu != 0:
+            sg = tl.sigmoid(z)
+            dz = dy * sg * (1.0 + z * (1.0 - sg))
+        gh = dz * w[None, :, :]
+        dx = rstd[None, :, None] * (gh - c1[None, :, None] - xhat * c2[None, :, None])
+        tl.store(o_base + o_off, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# host launchers (torch.library custom ops)
+
+
+def _empty_like_format(x: torch.Tensor) -> torch.Tensor:
+    """An output shaped like x in x's memory format (channels-last when x is, else contiguous)."""
+    cl = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    if not x.is_contiguous() and x.is_contiguous(memory_format=cl):
+        perm = (0, *range(2, x.dim()), 1)
+        inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        return empty(tuple(x.shape[p] for p in perm), x.dtype, x.device).permute(*inv)
+    return empty(tuple(x.shape), x.dtype, x.device)
+
+
+def _geometry(x: torch.Tensor):
+    """(T, H, W, strides (b, c, t, h, w)) of a 4-D or 5-D tensor; 4-D is T = 1."""
+    if x.dim() == 4:
+        B, C, H, W = x.shape
+        sb, sc, sh, sw = x.stride()
+        return 1, H, W, (sb, sc, 0, sh, sw)
+    return x.shape[2], x.shape[3], x.shape[4], x.stride()
+
+
+def _tiling(x: torch.Tensor, num_groups: int):
+    """(GPP, CG_P, NSPLIT, s_chunk): groups per program (several for channels-last x, so a tile row
+    is one contiguous run of channels), padded group width, and the split of the positions."""
+    B, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    cg_p = next_pow2(C // num_groups)
+    gpp = min(next_pow2(num_groups), max(1, 128 // cg_p)) if x.stride(1) == 1 and C > 1 else 1
+    group_blocks = triton.cdiv(num_groups, gpp)
+    nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B * group_blocks), triton.cdiv(S, 1024)))
+    s_chunk = triton.cdiv(S, nsplit)
+    return gpp, cg_p, triton.cdiv(S, s_chunk), s_chunk, group_blocks
+
+
+@torch.library.custom_op("opensora_fast::group_norm_silu_fwd", mutates_args=())
+def group_norm_silu_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, C = x.shape[:2]
+    T, H, W, sx = _geometry(x)
+    gpp, cg_p, nsplit, s_chunk, group_blocks = _tiling(x, num_groups)
+    y = _empty_like_format(x)
+    _, _, _, sy = _geometry(y)
+    partial = empty((B, num_groups, nsplit, 2), torch.float32, x.device)
+    mean = empty((B, num_groups), torch.float32, x.device)
+    rstd = empty((B, num_groups), torch.float32, x.device)
+    grid = (B, group_blocks, nsplit)
+    dims = (C, num_groups, C // num_groups, T * H * W, H, W, s_chunk, nsplit)
+    _group_norm_silu_stats_kernel[grid](x, partial, *dims, *sx, GPP=gpp, CG_P=cg_p)
+    _group_norm_silu_fwd_kernel[grid](
+        x, weight, bias, y, partial, mean, rstd, *dims, eps, int(silu), *sx, *sy, GPP=gpp, CG_P=cg_p
+    )
+    return y, mean, rstd
+
+
+@group_norm_silu_fwd.register_fake
+def _(x, weight, bias, num_groups, eps, silu):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
+    return _empty_like_format(x), stats, stats.clone()
+
+
+@torch.library.custom_op("opensora_fast::group_norm_silu_bwd", mutates_args=())
+def group_norm_silu_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, C = x.shape[:2]
+    T, H, W, sx = _geometry(x)
+    _, _, _, sd = _geometry(dy)
+    gpp, cg_p, nsplit, s_chunk, group_blocks = _tiling(x, num_groups)
+    dx = _empty_like_format(x)
+    _, _, _, so = _geometry(dx)
+    partial_g = empty((B, num_groups, nsplit, 2), torch.float32, x.device)
+    partial_c = empty((B, nsplit, C, 2), torch.float32, x.device)
+    grid = (B, group_blocks, nsplit)
+    dims = (C, num_groups, C // num_groups, T * H * W, H, W, s_chunk, nsplit, int(silu))
+    _group_norm_silu_bwd_reduce_kernel[grid](
+        x, dy, weight, bias, mean, rstd, partial_g, partial_c, *dims, *sx, *sd, GPP=gpp, CG_P=cg_p
+    )
+    _group_norm_silu_bwd_dx_kernel[grid](
+        x, dy, weight, bias, mean, rstd, partial_g, dx, *dims, *sx, *sd, *so, GPP=gpp, CG_P=cg_p
+    )
+    dweight = partial_c[..., 0].sum((0, 1)).to(weight.dtype)
+    dbias = partial_c[..., 1].sum((0, 1)).to(bias.dtype)
+    return dx, dweight, dbias
+
+
+@group_norm_silu_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    return _empty_like_format(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+class _GroupNormSiLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, silu):
+        y, mean, rstd = group_norm_silu_fwd(x, weight, bias, num_groups, eps, silu)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.silu = num_groups, silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
+        return dx, dw, db, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# public function
 
 
 def _check(x, weight, bias, num_groups):
@@ -13,12 +488,78 @@ def _check(x, weight, bias, num_groups):
     check_tensor(weight, "weight", shape=(C,), like=x)
     check_tensor(bias, "bias", shape=(C,), like=x)
     if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
-        raise ValueError(f"num_groups must be a positive int dividing the {C} channels of x, got {num_groups!r}")
+        raise ValueError(
+            f"num_groups must be a positive int dividing the {C} channels of x, got {num_groups!r}"
+        )
 
 
 def group_norm_silu(x, weight, bias, num_groups, *, eps=1e-5, silu=True):
-    """silu(group_norm(x, num_groups, weight, bias, eps)) (no SiLU with silu=False)."""
+    """silu(group_norm(x, num_groups, weight, bias, eps)) (plain GroupNorm with silu=False).
+
+    x (B, C, T, H, W) or (B, C, H, W), contiguous or channels-last; weight, bias (C,) are cast to
+    x's dtype as F.group_norm's caller in the reference does; the output keeps x's format."""
     _check(x, weight, bias, num_groups)
     if not use_triton(x, weight, bias):
         return reference.group_norm_silu_ref(x, weight, bias, num_groups, eps, silu)
-    raise NotImplementedError("group_norm_silu: Triton kernels not written yet (CPU reference only)")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp32, fp16 or bf16 for the Triton kernels, got {x.dtype}")
+    if x.shape[1] // num_groups > _MAX_GROUP_CHANNELS:
+        raise ValueError(
+            f"C / num_groups must be <= {_MAX_GROUP_CHANNELS} for the Triton kernels, got "
+            f"{x.shape[1]} / {num_groups}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"x must have positions to normalise, got shape {tuple(x.shape)}")
+    return _GroupNormSiLUFunction.apply(x, weight, bias, num_groups, float(eps), bool(silu))
+
+
+# --------------------------------------------------------------------------------------------
+# sm_90 compile gate
+
+# Channels per group of the VAEs' GroupNorm(32) at C = 128, 256, 512 (next_pow2 of C / 32).
+_GATE_CG_P = (4, 8, 16)
+
+
+def sm90_specs() -> list[KernelSpec]:
+    """Every launchable config at the VAE's group widths: dtype x C/G x layout (groups per program:
+    1 for contiguous x, 128 // CG_P for channels-last x with 32 groups) x autotune config x kernel."""
+    kernels = (
+        ("stats", _group_norm_silu_stats_kernel, {"*": "{dt}", "Partial": "fp32"}),
+        (
+            "fwd",
+            _group_norm_silu_fwd_kernel,
+            {"*": "{dt}", "Partial": "fp32", "Mean": "fp32", "Rstd": "fp32"},
+        ),
+        (
+            "bwd_reduce",
+            _group_norm_silu_bwd_reduce_kernel,
+            {"*": "{dt}", "Mean": "fp32", "Rstd": "fp32", "PartialG": "fp32", "PartialC": "fp32"},
+        ),
+        (
+            "bwd_dx",
+            _group_norm_silu_bwd_dx_kernel,
+            {"*": "{dt}", "Mean": "fp32", "Rstd": "fp32", "PartialG": "fp32"},
+        ),
+    )
+    specs = []
+    for dt in ("fp16", "bf16"):
+        for cg_p in _GATE_CG_P:
+            for layout, gpp in (("contiguous", 1), ("channels_last", min(32, 128 // cg_p))):
+                for tile, nw in _CONFIGS:
+                    for name, fn, ptrs in kernels:
+                        jit = fn.fn
+                        cx = dict(GPP=gpp, CG_P=cg_p, TILE=tile)
+                        ptrs = {k: v.format(dt=dt) for k, v in ptrs.items()}
+                        specs.append(
+                            KernelSpec(
+                                name=f"group_norm_silu_{name}[{dt},CG={cg_p},{layout},tile={tile},w{nw}]",
+                                fn=jit,
+                                signature=signature(jit, ptrs, cx, {"eps": "fp32"}),
+                                constexprs=cx,
+                                num_warps=nw,
+                            )
+                        )
+    return specs
+
+
+__all__ = ["group_norm_silu"]

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import triton
-
 from opensora_fast.kernels import reference as ref
 from opensora_fast.kernels._attention_kernels import (
     _attention_bwd_dkdv_kernel,
@@ -358,8 +357,9 @@ def _cross_bwd_op(
     sdo = Seq(dout.stride(0), 0, dout.stride(1), D)
     sdq = Seq(dq.stride(0), 0, dq.stride(1), D)
     sdkv = Seq(0, 0, dkv.stride(0), D)
-    _launch_bwd(dout, q, kv[:, :C], kv[:, C:], out, lse, dq, dkv[:, :C], dkv[:, C:], sq, skv, skv, so, sdo, sdq,
-                sdkv, sdkv, p, softmax_scale, 0.0, cu=cu_seqlens, max_lk=max_kv_len)  # fmt: skip
+    k, v, dk, dv = kv[:, :C], kv[:, C:], dkv[:, :C], dkv[:, C:]
+    _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, sq, skv, skv, so, sdo, sdq, sdkv, sdkv, p,
+                softmax_scale, 0.0, cu=cu_seqlens, max_lk=max_kv_len)  # fmt: skip
     return dq, dkv
 
 
@@ -492,8 +492,9 @@ def self_attention(
         check_tensor(cos, "rope cos", shape=(L, D), like=qkv)
         check_tensor(sin, "rope sin", shape=(L, D), like=qkv)
         if cos.stride() != sin.stride() or cos.stride(-1) != 1:
-            raise ValueError(f"rope cos/sin must share strides with a contiguous last dim, got {cos.stride()}, "
-                             f"{sin.stride()}")  # fmt: skip
+            raise ValueError(
+                f"rope cos/sin need equal strides, last dim contiguous, got {cos.stride()} {sin.stride()}"
+            )
     scale = _scale(softmax_scale, D)
     if not use_triton(qkv, q_norm_weight, k_norm_weight):
         return ref.self_attention_ref(

@@ -1,0 +1,318 @@
+"""OpenSoraVAE: release state-dict names/shapes/counts, latent sizes, streamed encode/decode of a real mp4,
+checkpoint round trip and mismatch errors, temporal-VAE semantics, kernel path vs reference path."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _close import assert_close_to_fp64
+
+from opensora_fast.io import read_video, write_video
+from opensora_fast.models import OpenSoraVAE, OpenSoraVAEConfig
+from opensora_fast.models.vae import SpatialVAEConfig, StateDictMismatchError, num_params
+from opensora_fast.models.vae_temporal import (
+    CausalConv3d,
+    DiagonalGaussian,
+    ResBlock,
+    TemporalVAEConfig,
+    VAE_Temporal_SD,
+    depth_to_time,
+)
+
+# Representative keys of hpcai-tech/OpenSora-VAE-v1.2 with their shapes, from reading Open-Sora v1.2.0
+# (opensora/models/vae/{vae.py,vae_temporal.py}) and the SDXL AutoencoderKL config.
+RELEASE_KEYS = {
+    "scale": (1, 4, 1, 1, 1),
+    "shift": (1, 4, 1, 1, 1),
+    "spatial_vae.module.encoder.conv_in.weight": (128, 3, 3, 3),
+    "spatial_vae.module.encoder.down_blocks.3.resnets.1.conv2.weight": (512, 512, 3, 3),
+    "spatial_vae.module.encoder.mid_block.attentions.0.to_q.weight": (512, 512),
+    "spatial_vae.module.encoder.conv_out.weight": (8, 512, 3, 3),
+    "spatial_vae.module.quant_conv.weight": (8, 8, 1, 1),
+    "spatial_vae.module.post_quant_conv.weight": (4, 4, 1, 1),
+    "spatial_vae.module.decoder.up_blocks.3.resnets.2.conv_shortcut.weight": None,  # absent: 128 -> 128
+    "spatial_vae.module.decoder.conv_out.weight": (3, 128, 3, 3),
+    "temporal_vae.encoder.conv_in.conv.weight": (128, 4, 3, 3, 3),
+    "temporal_vae.encoder.conv_in.conv.bias": None,  # bias=False
+    "temporal_vae.encoder.block_res_blocks.0.0.norm1.weight": (128,),
+    "temporal_vae.encoder.block_res_blocks.1.0.conv3.conv.weight": (256, 128, 1, 1, 1),
+    "temporal_vae.encoder.block_res_blocks.3.0.conv1.conv.weight": (512, 256, 3, 3, 3),
+    "temporal_vae.encoder.block_res_blocks.3.3.conv2.conv.weight": (512, 512, 3, 3, 3),
+    "temporal_vae.encoder.conv_blocks.0.conv.weight": None,  # level 0 keeps an nn.Identity
+    "temporal_vae.encoder.conv_blocks.1.conv.weight": (256, 256, 3, 3, 3),
+    "temporal_vae.encoder.conv_blocks.2.conv.bias": (256,),
+    "temporal_vae.encoder.res_blocks.3.norm2.bias": (512,),
+    "temporal_vae.encoder.norm1.weight": (512,),
+    "temporal_vae.encoder.conv2.conv.weight": (8, 512, 1, 1, 1),
+    "temporal_vae.quant_conv.conv.weight": (8, 8, 1, 1, 1),
+    "temporal_vae.post_quant_conv.conv.weight": (4, 4, 1, 1, 1),
+    "temporal_vae.decoder.conv1.conv.weight": (512, 4, 3, 3, 3),
+    "temporal_vae.decoder.conv1.conv.bias": (512,),
+    "temporal_vae.decoder.res_blocks.0.conv1.conv.weight": (512, 512, 3, 3, 3),
+    "temporal_vae.decoder.block_res_blocks.2.0.conv3.conv.weight": (256, 512, 1, 1, 1),
+    "temporal_vae.decoder.block_res_blocks.0.0.conv3.conv.weight": (128, 256, 1, 1, 1),
+    "temporal_vae.decoder.conv_blocks.2.conv.weight": (1024, 512, 3, 3, 3),
+    "temporal_vae.decoder.conv_blocks.1.conv.weight": (512, 256, 3, 3, 3),
+    "temporal_vae.decoder.conv_blocks.0.conv.weight": None,
+    "temporal_vae.decoder.norm1.weight": (128,),
+    "temporal_vae.decoder.conv_out.conv.weight": (4, 128, 3, 3, 3),
+    "temporal_vae.decoder.conv_out.conv.bias": (4,),
+}
+
+
+@pytest.fixture(scope="module")
+def full_meta():
+    with torch.device("meta"):
+        return OpenSoraVAE()
+
+
+def test_release_names_shapes_and_counts(full_meta):
+    sd = full_meta.state_dict()
+    for key, shape in RELEASE_KEYS.items():
+        if shape is None:
+            assert key not in sd, key
+        else:
+            assert key in sd, key
+            assert tuple(sd[key].shape) == shape, (key, tuple(sd[key].shape))
+    tv = full_meta.temporal_vae
+    enc = num_params(tv.encoder) + num_params(tv.quant_conv)
+    dec = num_params(tv.decoder) + num_params(tv.post_quant_conv)
+    assert (enc, dec, num_params(tv)) == (144_421_200, 165_265_944, 309_687_144)
+    assert num_params(full_meta.spatial_vae) == 83_653_863
+    assert sum(k.startswith("temporal_vae.") for k in sd) == 267
+    assert len(sd) == 517
+    tiny = OpenSoraVAE(OpenSoraVAEConfig.tiny())  # same normalisation as the release (meta has no data)
+    assert tiny.scale.flatten().tolist() == pytest.approx([3.85, 2.32, 2.33, 3.06])
+    assert tiny.shift.flatten().tolist() == pytest.approx([-0.10, 0.34, 0.27, 0.98])
+
+
+def test_latent_sizes(full_meta):
+    frames = {1: 1, 4: 1, 5: 2, 17: 5, 18: 6, 34: 10, 51: 15, 102: 30, 204: 60, 408: 120}
+    for f, t in frames.items():
+        assert full_meta.latent_frames(f) == t, f
+    assert full_meta.get_latent_size((408, 720, 1280)) == [120, 90, 160]
+    assert full_meta.get_latent_size((None, 240, 424)) == [None, 30, 53]
+
+
+# ------------------------------------------------------------------ tiny models
+
+
+def tiny_vae(seed=0, **kw) -> OpenSoraVAE:
+    torch.manual_seed(seed)
+    model = OpenSoraVAE(OpenSoraVAEConfig.tiny(**kw)).eval()
+    with torch.no_grad():  # non-trivial norms, so a swapped parameter changes the output
+        for name, p in model.named_parameters():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def smooth_clip(T, H, W, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ph = torch.rand(3, generator=g) * 6.28
+    t = torch.linspace(0, 1, T)[:, None, None]
+    y = torch.linspace(-1, 1, H)[None, :, None]
+    x = torch.linspace(-1, 1, W)[None, None, :]
+    chans = [
+        torch.sin(3 * x + 2 * t + ph[0]),
+        torch.cos(2 * y - 3 * t + ph[1]),
+        torch.sin(3 * x * y + t + ph[2]),
+    ]
+    return 0.8 * torch.stack([c.expand(T, H, W) for c in chans], 1)  # (T, 3, H, W)
+
+
+@pytest.fixture(scope="module")
+def mp4_clip(tmp_path_factory):
+    """A real 20-frame 16x16 mp4 written and read back with PyAV, as (1, 3, T, H, W)."""
+    path = str(tmp_path_factory.mktemp("vid") / "clip.mp4")
+    write_video(path, smooth_clip(20, 16, 16), fps=24)
+    return read_video(path).permute(1, 0, 2, 3)[None]
+
+
+@pytest.mark.parametrize("T", [17, 20, 1])
+def test_encode_decode_real_mp4(mp4_clip, T):
+    vae = tiny_vae()
+    x = mp4_clip[:, :, :T]
+    z = vae.encode(x, sample=False)
+    assert z.shape == (1, 4, {17: 5, 20: 6, 1: 1}[T], 8, 8)
+    assert torch.isfinite(z).all()
+    g = torch.Generator().manual_seed(3)
+    zs = vae.encode(x, generator=g)
+    assert not torch.equal(zs, z)  # sampling adds noise ...
+    torch.testing.assert_close(vae.encode(x, generator=torch.Generator().manual_seed(3)), zs)  # reproducibly
+    video = vae.decode(z, num_frames=T)
+    assert video.shape == x.shape
+    assert video.min() >= -1 and video.max() <= 1 and video.std() > 0
+    with pytest.raises(ValueError, match="latent frames"):
+        vae.decode(z, num_frames=T + 17)
+
+
+def test_streaming_equals_whole_clip(mp4_clip):
+    """encode/decode stream chunk by chunk into preallocated outputs; the result equals running the
+    release's order (whole 2D VAE pass, then per-chunk temporal VAE, then one 2D decode)."""
+    vae = tiny_vae(seed=1)
+    x = mp4_clip  # 20 frames: chunks of 17 + 3
+    z = vae.encode(x, sample=False)
+    with torch.no_grad():
+        x_z = vae._spatial_encode(x, sample=False)
+        zr = torch.cat([vae.temporal_vae.encode(x_z[:, :, i : i + 17]).mode() for i in (0, 17)], 2)
+        zr = (zr - vae.shift) / vae.scale
+        zz = z * vae.scale + vae.shift
+        rec = [vae.temporal_vae.decode(zz[:, :, :5], 17), vae.temporal_vae.decode(zz[:, :, 5:], 3)]
+        xr = vae._spatial_decode(torch.cat(rec, 2)).clamp(-1, 1)
+    torch.testing.assert_close(z, zr, rtol=1e-5, atol=1e-5)
+    out = torch.full((1, 3, 20, 16, 16), float("nan"))
+    got = vae.decode(z, 20, out=out)
+    assert got is out
+    torch.testing.assert_close(out, xr, rtol=1e-5, atol=1e-5)
+    starts = [t0 for t0, _ in vae.decode_chunks(z, 20)]
+    assert starts == [0, 17]
+    # spatial tiling: diffusers' blended tiled decode of each frame (8-pixel tiles on 16x16 frames)
+    tiled = vae.decode(z, 20, spatial_tile=8)
+    m = vae.spatial_vae.module
+    with torch.no_grad():
+        frames = torch.cat(rec, 2)[0].transpose(0, 1) / vae.cfg.scaling_factor
+        want = m.tiled_decode(frames).sample.clamp(-1, 1).transpose(0, 1)[None]
+    assert (m.tile_sample_min_size, m.tile_latent_min_size) == (8, 4)
+    torch.testing.assert_close(tiled, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(tiled, xr, atol=1e-3)  # the tiled path really ran
+
+
+def test_checkpoint_round_trip_and_formats(tmp_path, mp4_clip):
+    vae = tiny_vae(seed=2)
+    path = vae.save_pretrained(str(tmp_path / "ckpt"))
+    assert path.endswith("model.safetensors")
+    cfg = OpenSoraVAEConfig.tiny()
+    for src in (str(tmp_path / "ckpt"), path):
+        loaded = OpenSoraVAE.from_pretrained(src, cfg).eval()
+        for k, v in vae.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+    torch.save({"state_dict": vae.state_dict()}, tmp_path / "ckpt.pt")
+    loaded = OpenSoraVAE.from_pretrained(str(tmp_path / "ckpt.pt"), cfg, dtype=torch.float64)
+    assert loaded.dtype == torch.float64
+    z = vae.encode(mp4_clip[:, :, :5], sample=False)
+    torch.testing.assert_close(loaded.encode(mp4_clip[:, :, :5].double(), sample=False).float(), z)
+
+
+def test_checkpoint_mismatch_lists_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {k: v.clone() for k, v in tiny_vae().state_dict().items()}
+    del sd["temporal_vae.decoder.conv_out.conv.bias"]
+    sd["temporal_vae.extra.weight"] = torch.zeros(2)
+    sd["scale"] = torch.ones(4)
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(StateDictMismatchError) as info:
+        OpenSoraVAE.from_pretrained(str(tmp_path / "bad.safetensors"), OpenSoraVAEConfig.tiny())
+    msg = str(info.value)
+    assert "1 missing key(s): temporal_vae.decoder.conv_out.conv.bias" in msg
+    assert "1 unexpected key(s): temporal_vae.extra.weight" in msg
+    assert "1 mis-shaped key(s): scale: checkpoint (4,) vs model (1, 4, 1, 1, 1)" in msg
+    with pytest.raises(FileNotFoundError):
+        OpenSoraVAE.from_pretrained(str(tmp_path / "nothing"), OpenSoraVAEConfig.tiny())
+
+
+# ------------------------------------------------------------------ temporal VAE semantics
+
+
+def test_depth_to_time_layout():
+    x = torch.arange(6 * 3).reshape(1, 6, 3, 1, 1).float()  # channels (C=3, ts=2), 3 frames
+    y = depth_to_time(x, 2)
+    assert y.shape == (1, 3, 6, 1, 1)
+    for c in range(3):
+        for t in range(3):
+            for k in range(2):
+                assert y[0, c, 2 * t + k, 0, 0] == x[0, 2 * c + k, t, 0, 0]
+
+
+def test_resblock_matches_plain_torch():
+    torch.manual_seed(0)
+    blk = ResBlock(4, 8, num_groups=2).double()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+
+    def conv(m, h):  # front time padding kt-1, symmetric spatial k//2, zero padding
+        kt, kh, kw = m.conv.weight.shape[2:]
+        return F.conv3d(F.pad(h, (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)), m.conv.weight)
+
+    h = F.silu(F.group_norm(x, 2, blk.norm1.weight, blk.norm1.bias, 1e-5))
+    h = F.silu(F.group_norm(conv(blk.conv1, h), 2, blk.norm2.weight, blk.norm2.bias, 1e-5))
+    want = conv(blk.conv2, h) + conv(blk.conv3, x)
+    torch.testing.assert_close(blk(x), want)
+
+
+def test_temporal_vae_shapes_and_causal_conv():
+    """GroupNorm pools over time, so only each conv (not the whole VAE) is causal."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(2, 3, 3).double()
+    x = torch.randn(1, 2, 8, 3, 3, dtype=torch.float64)
+    y = conv(x)
+    x2 = x.clone()
+    x2[:, :, 5:] += 1.0
+    y2 = conv(x2)
+    torch.testing.assert_close(y2[:, :, :5], y[:, :, :5])  # the future does not leak backwards
+    assert not torch.allclose(y2[:, :, 5:], y[:, :, 5:])
+    down = CausalConv3d(2, 2, 3, stride_t=2)
+    assert down(torch.randn(1, 2, 8, 3, 3)).shape == (1, 2, 4, 3, 3)
+    tv = VAE_Temporal_SD(TemporalVAEConfig(filters=8, num_res_blocks=1, num_groups=4)).double().eval()
+    with torch.no_grad():
+        for T, t in ((16, 4), (17, 5), (13, 4), (1, 1)):
+            post = tv.encode(torch.randn(1, 4, T, 4, 4, dtype=torch.float64))
+            assert post.mean.shape == (1, 4, t, 4, 4) and post.logvar.shape == post.mean.shape
+            assert tv.decode(post.mean, T).shape == (1, 4, T, 4, 4)  # front padding dropped again
+    moments = torch.cat([torch.zeros(1, 4, 1, 1, 2), torch.tensor([100.0, -100.0]).expand(1, 4, 1, 1, 2)], 1)
+    post = DiagonalGaussian(moments)
+    assert post.logvar[..., 0].eq(20).all() and post.logvar[..., 1].eq(-30).all()
+    assert post.kl().shape == (1,)
+
+
+# ------------------------------------------------------------------ kernels vs reference
+
+
+def micro_vae(seed=0) -> OpenSoraVAE:
+    torch.manual_seed(seed)
+    cfg = OpenSoraVAEConfig(
+        spatial=SpatialVAEConfig(
+            block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2, sample_size=16
+        ),
+        temporal=TemporalVAEConfig(filters=4, num_res_blocks=1, num_groups=2),
+    )
+    return OpenSoraVAE(cfg).eval()
+
+
+def _kernel_path_vs_reference(monkeypatch, vae, x, dtype):
+    """Kernel path vs the same-precision reference path, both judged against the fp64 reference;
+    the decode runs on the fp64 latents on every path so only its own error is judged."""
+
+    def run(backend, dt, z=None):
+        monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+        m = vae.to(dt)
+        return m.encode(x.to(dt), sample=False) if z is None else m.decode(z.to(dt), x.shape[2])
+
+    z_64 = run("reference", torch.float64)
+    try:
+        z_k = run("triton", dtype)
+    except NotImplementedError as e:
+        pytest.skip(f"Triton path not available yet: {e}")
+    assert_close_to_fp64(z_k, run("reference", dtype), z_64, name="latents")
+    v_64 = run("reference", torch.float64, z_64)
+    assert_close_to_fp64(run("triton", dtype, z_64), run("reference", dtype, z_64), v_64, name="video")
+
+
+def test_kernel_path_matches_reference(monkeypatch):
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+    x = smooth_clip(5, 8, 8).permute(1, 0, 2, 3)[None]  # 5 frames -> 2 latent frames of 4x4
+    _kernel_path_vs_reference(monkeypatch, micro_vae(), x, torch.float32)
+
+
+@pytest.mark.gpu
+def test_kernel_path_matches_reference_bf16_release_config(monkeypatch):
+    """The release architecture (random weights) in bf16 on CUDA: 34 frames at 64x64."""
+    torch.manual_seed(0)
+    vae = OpenSoraVAE().eval().cuda()
+    x = smooth_clip(34, 64, 64).permute(1, 0, 2, 3)[None].cuda()
+    _kernel_path_vs_reference(monkeypatch, vae, x, torch.bfloat16)

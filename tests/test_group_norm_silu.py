@@ -1,0 +1,115 @@
+"""group_norm_silu: Triton (interpreter on CPU) forward and dx/dweight/dbias against fp64 references."""
+
+import pytest
+import torch
+from _close import assert_close_to_fp64, randn
+from opensora_fast.kernels import group_norm_silu, reference
+
+
+def _layout(t, layout):
+    if layout != "channels_last":
+        return t
+    return t.to(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
+
+
+def _run(shape, groups, layout, silu, dtype, device, offset=3.0):
+    """Kernel vs same-precision and fp64 references: output, dx, dweight, dbias. x has a mean offset
+    (offset) larger than its spread, which a one-pass E[x^2] - E[x]^2 variance would get wrong."""
+    C = shape[1]
+    x64 = randn(*shape, dtype=torch.float64, device=device, scale=2.0) + offset
+    w64 = randn(C, dtype=torch.float64, device=device)
+    b64 = randn(C, dtype=torch.float64, device=device)
+    dy = randn(*shape, dtype=torch.float64, device=device)  # contiguous, whatever x's format
+    results = {}
+    for tag, dt in (("kernel", dtype), ("lowp", dtype), ("fp64", torch.float64)):
+        x = _layout(x64.to(dt), layout).requires_grad_()
+        w, b = w64.to(dt).requires_grad_(), b64.to(dt).requires_grad_()
+        if tag == "kernel":
+            y = group_norm_silu(x, w, b, groups, silu=silu)
+        else:
+            y = reference.group_norm_silu_ref(x, w, b, groups, silu=silu)
+        y.backward(dy.to(dt))
+        results[tag] = (y, x.grad, w.grad, b.grad)
+    out = results["kernel"]
+    assert out[0].stride() == _layout(x64, layout).stride(), "output must keep x's memory format"
+    for i, name in enumerate(("out", "dx", "dweight", "dbias")):
+        assert out[i].dtype == dtype, f"{name} dtype {out[i].dtype}"
+        assert_close_to_fp64(out[i], results["lowp"][i], results["fp64"][i], name=name)
+
+
+# (shape, groups, layout, silu): C/G = 2 / 5 (not a power of 2) / 4; T=1, T=17, odd H/W; 4-D input;
+# S = 1800 > 1024 positions (statistics split across programs and merged).
+CASES = [
+    ((2, 8, 3, 5, 7), 4, "contiguous", True),
+    ((2, 20, 1, 3, 3), 4, "channels_last", True),
+    ((1, 12, 17, 2, 3), 3, "channels_last", False),
+    ((1, 6, 5, 5), 2, "channels_last", True),
+    ((2, 6, 3, 5), 3, "contiguous", True),
+    ((1, 8, 3, 20, 30), 2, "contiguous", True),
+    ((1, 8, 2, 25, 27), 4, "channels_last", True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "case", CASES, ids=[f"{'x'.join(map(str, c[0]))}-G{c[1]}-{c[2]}-silu{int(c[3])}" for c in CASES]
+)
+def test_group_norm_silu_matches_fp64(triton_backend, device, case, dtype):
+    _run(*case, dtype=dtype, device=device)
+
+
+def test_group_norm_silu_large_offset_fp32(triton_backend, device):
+    """mean 1000 x std 1: the chunked Chan merge keeps the variance exact enough in fp32."""
+    _run((1, 4, 2, 30, 40), 2, "channels_last", True, torch.float32, device, offset=1000.0)
+
+
+@pytest.mark.parametrize(
+    "groups, shape, match",
+    [
+        (3, (2, 8, 3, 4, 4), "num_groups"),
+        (0, (2, 8, 3, 4, 4), "num_groups"),
+        (4, (2, 8, 4), "x must have 4 or 5"),
+    ],
+)
+def test_group_norm_silu_rejects_bad_input(device, groups, shape, match):
+    x = torch.randn(shape, device=device)
+    w, b = torch.randn(8, device=device), torch.randn(8, device=device)
+    with pytest.raises(ValueError, match=match):
+        group_norm_silu(x, w, b, groups)
+
+
+def test_group_norm_silu_rejects_bad_weight(device):
+    x = torch.randn(2, 8, 3, 4, 4, device=device)
+    with pytest.raises(ValueError, match="weight"):
+        group_norm_silu(x, torch.randn(4, device=device), torch.randn(8, device=device), 4)
+
+
+def test_group_norm_silu_torch_compile_fullgraph(triton_backend, device):
+    x = randn(2, 8, 3, 4, 5, device=device).to(memory_format=torch.channels_last_3d).requires_grad_()
+    w, b = randn(8, device=device).requires_grad_(), randn(8, device=device).requires_grad_()
+    fn = torch.compile(
+        lambda x, w, b: group_norm_silu(x, w, b, 4).square().sum(), fullgraph=True, backend="aot_eager"
+    )
+    fn(x, w, b).backward()
+    grads = [t.grad for t in (x, w, b)]
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    reference.group_norm_silu_ref(x64, w64, b64, 4).square().sum().backward()
+    for g, r, name in zip(grads, (x64.grad, w64.grad, b64.grad), ("dx", "dweight", "dbias")):
+        assert_close_to_fp64(g, g, r, name=name)
+
+
+# Temporal VAE shapes (opensora-v1.2.md §3.3: GroupNorm 32), bf16 on the GPU.
+GPU_CASES = [
+    ((1, 128, 17, 90, 160), "channels_last"),
+    ((1, 256, 17, 90, 160), "contiguous"),
+    ((1, 512, 5, 45, 80), "channels_last"),
+    ((2, 512, 5, 45, 80), "contiguous"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape, layout", GPU_CASES, ids=[f"{'x'.join(map(str, s))}-{l}" for s, l in GPU_CASES]
+)
+def test_group_norm_silu_bf16_real_shapes(triton_backend, shape, layout):
+    _run(shape, 32, layout, True, torch.bfloat16, "cuda", offset=0.5)

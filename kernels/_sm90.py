@@ -54,7 +54,7 @@ def signature(fn, pointers: dict | str, constexprs: dict, scalars: dict | None =
             sig[a] = "constexpr"
         elif a in scalars:
             sig[a] = scalars[a]
-        elif a[0].isupper() or a.endswith("_ptr"):
+        elif a[0].isupper() or a.endswith("_ptr"):  # ints are lower-case by convention
             dt = pointers if isinstance(pointers, str) else pointers.get(a, pointers.get("*"))
             sig[a] = "*" + dt
         else:

@@ -419,7 +419,8 @@ class STDiT3(nn.Module):
 
         # patches + pos-emb
         x = self.x_embedder(x)
-        x = (x.view(B, T, S, -1) + pos_emb[:, None]).view(B, T * S, -1)
+        # the conv output is channel-strided; the kernels want C contiguous
+        x = (x.view(B, T, S, -1) + pos_emb[:, None]).reshape(B, T * S, -1).contiguous()
 
         # blocks: each MLP's gated residual is fused into the next LayerNorm
         pending = None

@@ -15,6 +15,7 @@ from opensora_fast.kernels.layernorm_modulate import (
 from opensora_fast.kernels.attention import cross_attention, flash_attn_func, self_attention
 from opensora_fast.kernels.causal_conv3d import causal_conv3d
 from opensora_fast.kernels.group_norm_silu import group_norm_silu
+from opensora_fast.kernels.qk_norm_rope import qk_norm_rope
 
 __all__ = [
     "add_layernorm_modulate",
@@ -25,6 +26,7 @@ __all__ = [
     "cross_attention",
     "flash_attn_func",
     "group_norm_silu",
+    "qk_norm_rope",
     "reference",
     "self_attention",
     "use_triton",

@@ -15,7 +15,8 @@ issues one ``tl.dot`` per piece. For the model's D = 72 that is 64 + 16 (8 real)
 
 q/k prologue (``NORM``): per-head RMSNorm with fp32 statistics over the whole head (both pieces), cast
 back to the input dtype, times the (D,) weight; with ``ROPE`` then interleaved-pair rotary embedding
-x * cos + rotate_half(x) * sin, rotate_half done in registers by a (.., D/2, 2) reshape + split/join.
+x * cos + rotate_half(x) * sin, where rotate_half reads the pair-swapped columns with a second strided
+load (cols ^ 1, an L1 hit) and a sign vector, so no register shuffle sits in the inner loops.
 The backward runs the same transforms in reverse in the epilogue of the dK and dQ kernels, writes dx
 into dqkv and accumulates the norm-weight gradients with fp32 atomics.
 
@@ -55,15 +56,9 @@ def _store_piece(base, rows, stride_m, row_ok, col0, D, x, BD: tl.constexpr):
 
 
 @triton.jit
-def _rot(x, BM: tl.constexpr, BD: tl.constexpr):
-    """rotate_half over interleaved pairs: (x0, x1) -> (-x1, x0)."""
-    a, b = tl.split(tl.reshape(x, (BM, BD // 2, 2)))
-    return tl.reshape(tl.join(-b, a), (BM, BD))
-
-
-@triton.jit
 def _rot_t(y, BM: tl.constexpr, BD: tl.constexpr):
-    """Transpose of _rot: (y0, y1) -> (y1, -y0)."""
+    """Transpose of rotate_half over interleaved pairs ((x0, x1) -> (-x1, x0)): (y0, y1) -> (y1, -y0),
+    in registers by a (.., BD/2, 2) reshape + split/join."""
     a, b = tl.split(tl.reshape(y, (BM, BD // 2, 2)))
     return tl.reshape(tl.join(b, -a), (BM, BD))
 
@@ -79,18 +74,34 @@ def _cos_sin(COS, SIN, pos, pos_ok, stride_cs, col0, D, BD: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_piece(x, rstd, W, COS, SIN, pos, pos_ok, stride_cs, col0, D, ROPE: tl.constexpr,
-                     BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
-    """RMSNorm (fp32 statistics, cast back, times the weight) then optional RoPE of one piece."""
-    cols = col0 + tl.arange(0, BD)
+def _norm_piece(x, rstd, W, col0, D, BD: tl.constexpr, COLS_XOR: tl.constexpr):
+    """RMSNorm of one piece: fp32 statistics, cast back to x's dtype, times the weight (columns
+    ``cols ^ COLS_XOR``: 1 gives the pair-swapped copy used by RoPE)."""
+    cols = (col0 + tl.arange(0, BD)) ^ COLS_XOR
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(x.dtype).to(tl.float32)
     h = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * w[None, :]
-    h = h.to(x.dtype)
+    return h.to(x.dtype).to(tl.float32)
+
+
+@triton.jit
+def _norm_rope_piece(x, xs, rstd, W, COS, SIN, pos, pos_ok, stride_cs, col0, D, ROPE: tl.constexpr,
+                     BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    """RMSNorm then optional RoPE of one piece; xs is the raw piece loaded at pair-swapped columns,
+    so rotate_half needs no register shuffle: rot(h)[d] = -h[d+1] (d even), h[d-1] (d odd)."""
+    h = _norm_piece(x, rstd, W, col0, D, BD, 0)
     if ROPE:
         c, s = _cos_sin(COS, SIN, pos, pos_ok, stride_cs, col0, D, BD)
-        hf = h.to(tl.float32)
-        h = (hf * c + _rot(hf, BM, BD) * s).to(x.dtype)
-    return h
+        sign = tl.where((tl.arange(0, BD) % 2) == 0, -1.0, 1.0)
+        hs = _norm_piece(xs, rstd, W, col0, D, BD, 1)
+        h = h * c + hs * (s * sign[None, :])
+    return h.to(x.dtype)
+
+
+@triton.jit
+def _load_swapped(base, rows, stride_m, row_ok, col0, D, BD: tl.constexpr):
+    cols = (col0 + tl.arange(0, BD)) ^ 1
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    return tl.load(base + rows.to(tl.int64)[:, None] * stride_m + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -113,9 +124,15 @@ def _load_qk(base, rows, stride_m, row_ok, W, COS, SIN, stride_cs, D, eps,
             xf1 = x1.to(tl.float32)
             ss += tl.sum(xf1 * xf1, 1)
         rstd = tl.rsqrt(ss / D + eps)
-        t0 = _norm_rope_piece(x0, rstd, W, COS, SIN, rows, row_ok, stride_cs, 0, D, ROPE, BM, BD0)
+        xs0 = x0
+        if ROPE:
+            xs0 = _load_swapped(base, rows, stride_m, row_ok, 0, D, BD0)
+        t0 = _norm_rope_piece(x0, xs0, rstd, W, COS, SIN, rows, row_ok, stride_cs, 0, D, ROPE, BM, BD0)
         if HAS_D1:
-            t1 = _norm_rope_piece(x1, rstd, W, COS, SIN, rows, row_ok, stride_cs, BD0, D, ROPE, BM, BD1)
+            xs1 = x1
+            if ROPE:
+                xs1 = _load_swapped(base, rows, stride_m, row_ok, BD0, D, BD1)
+            t1 = _norm_rope_piece(x1, xs1, rstd, W, COS, SIN, rows, row_ok, stride_cs, BD0, D, ROPE, BM, BD1)
     return t0, t1, x0, x1, rstd
 
 
@@ -134,34 +151,6 @@ def _norm_rope_bwd_a(g, x, rstd, W, COS, SIN, pos, pos_ok, stride_cs, col0, D, R
     dw = tl.sum(g * hc, 0)
     dh = g * w[None, :]
     return dh, xhat, dw, tl.sum(dh * xhat, 1)
-
-
-@triton.jit
-def _store_grad_qk(g0, g1, x0, x1, rstd, DX_base, rows, stride_m, row_ok, DW, W, COS, SIN, stride_cs, D,
-                   NORM: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BD0: tl.constexpr,
-                   BD1: tl.constexpr, HAS_D1: tl.constexpr):  # fmt: skip
-    """Backward of the prologue (when NORM) and store of dx; norm-weight grads via fp32 atomics."""
-    if NORM:
-        dh0, xh0, dw0, dot = _norm_rope_bwd_a(g0, x0, rstd, W, COS, SIN, rows, row_ok, stride_cs, 0, D, ROPE,
-                                              BM, BD0)  # fmt: skip
-        cols0 = tl.arange(0, BD0)
-        tl.atomic_add(DW + cols0, dw0, mask=cols0 < D)
-        if HAS_D1:
-            dh1, xh1, dw1, dot1 = _norm_rope_bwd_a(g1, x1, rstd, W, COS, SIN, rows, row_ok, stride_cs, BD0, D,
-                                                   ROPE, BM, BD1)  # fmt: skip
-            dot += dot1
-            cols1 = BD0 + tl.arange(0, BD1)
-            tl.atomic_add(DW + cols1, dw1, mask=cols1 < D)
-        mean = dot / D
-        dx0 = rstd[:, None] * (dh0 - xh0 * mean[:, None])
-        _store_piece(DX_base, rows, stride_m, row_ok, 0, D, dx0, BD0)
-        if HAS_D1:
-            dx1 = rstd[:, None] * (dh1 - xh1 * mean[:, None])
-            _store_piece(DX_base, rows, stride_m, row_ok, BD0, D, dx1, BD1)
-    else:
-        _store_piece(DX_base, rows, stride_m, row_ok, 0, D, g0, BD0)
-        if HAS_D1:
-            _store_piece(DX_base, rows, stride_m, row_ok, BD0, D, g1, BD1)
 
 
 @triton.jit
@@ -253,41 +242,67 @@ def _attention_bwd_preprocess_kernel(
     O,  # (Z, Lq, H, D) through (so1, so2, som, soh)
     DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
     DELTA,  # (Z * H, Lq) fp32: rowsum(dO * O)
-    Z2, so1, so2, som, soh, sd1, sd2, sdm, sdh, H, Lq, D,
-    BLOCK_M: tl.constexpr, BD: tl.constexpr,
+    QX,  # (Z, Lq, H, D) raw q through (sq1, sq2, sqm, sqh) (NORM)
+    KX,  # (Z, Lq, H, D) raw k through (sk1, sk2, skm, skh) (NORM; self-attention: Lk == Lq)
+    QT,  # (Z, Lq, H, D) contiguous: transformed q (NORM)
+    KT,  # (Z, Lq, H, D) contiguous: transformed k (NORM)
+    QW,  # (D,)
+    KW,  # (D,)
+    COS,  # (Lq, D)
+    SIN,  # (Lq, D)
+    Z2, so1, so2, som, soh, sd1, sd2, sdm, sdh, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh,
+    H, Lq, D, stride_cs, eps,
+    NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+    HAS_D1: tl.constexpr,
 ):  # fmt: skip
+    """delta = rowsum(dO * O) and, with NORM, the transformed q and k (RMSNorm + RoPE) the two
+    gradient kernels read in their inner loops."""
     pid_m = tl.program_id(0)
     zh = tl.program_id(1)
     z = zh // H
     h = zh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
-    o = _load_piece(O + _z_offset(z, Z2, so1, so2) + h * soh, rows, som, row_ok, 0, D, BD)
-    do = _load_piece(DO + _z_offset(z, Z2, sd1, sd2) + h * sdh, rows, sdm, row_ok, 0, D, BD)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o_base = O + _z_offset(z, Z2, so1, so2) + h * soh
+    do_base = DO + _z_offset(z, Z2, sd1, sd2) + h * sdh
+    o = _load_piece(o_base, rows, som, row_ok, 0, D, BD0).to(tl.float32)
+    do = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_D1:
+        o1 = _load_piece(o_base, rows, som, row_ok, BD0, D, BD1).to(tl.float32)
+        do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1).to(tl.float32)
+        delta += tl.sum(o1 * do1, 1)
     tl.store(DELTA + zh.to(tl.int64) * Lq + rows, delta, mask=row_ok)
+    if NORM:
+        t_base = z.to(tl.int64) * Lq * H * D + h * D
+        qx_base = QX + _z_offset(z, Z2, sq1, sq2) + h * sqh
+        q0, q1, _a, _b, _c = _load_qk(qx_base, rows, sqm, row_ok, QW, COS, SIN, stride_cs, D, eps, True, ROPE,
+                                      BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+        _store_piece(QT + t_base, rows, H * D, row_ok, 0, D, q0, BD0)
+        kx_base = KX + _z_offset(z, Z2, sk1, sk2) + h * skh
+        k0, k1, _d, _e, _f = _load_qk(kx_base, rows, skm, row_ok, KW, COS, SIN, stride_cs, D, eps, True, ROPE,
+                                      BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+        _store_piece(KT + t_base, rows, H * D, row_ok, 0, D, k0, BD0)
+        if HAS_D1:
+            _store_piece(QT + t_base, rows, H * D, row_ok, BD0, D, q1, BD1)
+            _store_piece(KT + t_base, rows, H * D, row_ok, BD0, D, k1, BD1)
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh)
-    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh) (packed rows when varlen)
+    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh): q as attended (transformed when NORM)
+    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh): k as attended (packed rows when varlen)
     V,  # like K through (sv1, sv2, svm, svh)
     DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
-    DK,  # like K through (sdk1, sdk2, sdkm, sdkh): gradient w.r.t. the raw k
+    DK,  # like K through (sdk1, sdk2, sdkm, sdkh): gradient w.r.t. k as attended
     DV,  # like V through (sdv1, sdv2, sdvm, sdvh)
     LSE,  # (Z * H, Lq) fp32 log2 units
     DELTA,  # (Z * H, Lq) fp32
-    DKW,  # (D,) fp32, k norm-weight gradient (atomics, NORM)
-    QW,  # (D,)
-    KW,  # (D,)
-    COS,  # (L, D) (ROPE)
-    SIN,  # (L, D) (ROPE)
     CU_K,  # (Z + 1,) int32 (varlen)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
     sdk1, sdk2, sdkm, sdkh, sdv1, sdv2, sdvm, sdvh,
-    H, Lq, Lk, D, causal, varlen, stride_cs, qk_scale, sm_scale, eps,
-    NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, Lq, Lk, D, causal, varlen, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -299,12 +314,14 @@ def _attention_bwd_dkdv_kernel(
     start_n = pid_n * BLOCK_N
     keys = start_n + tl.arange(0, BLOCK_N)
     key_ok = keys < n_k
-    k0, k1, kx0, kx1, rstd_k = _load_qk(K + k_off + h * skh, keys, skm, key_ok, KW, COS, SIN, stride_cs, D,
-                                        eps, NORM, ROPE, BLOCK_N, BD0, BD1, HAS_D1)  # fmt: skip
+    k_base = K + k_off + h * skh
     v_base = V + v_off + h * svh
+    k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0)
     v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0)
+    k1 = k0
     v1 = v0
     if HAS_D1:
+        k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1)
         v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1)
     q_base = Q + _z_offset(z, Z2, sq1, sq2) + h * sqh
     do_base = DO + _z_offset(z, Z2, sd1, sd2) + h * sdh
@@ -317,13 +334,13 @@ def _attention_bwd_dkdv_kernel(
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
-        q0, q1, _x0, _x1, _r = _load_qk(q_base, rows, sqm, row_ok, QW, COS, SIN, stride_cs, D, eps,
-                                        NORM, ROPE, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+        q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0)
         do0 = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0)
         lse = tl.load(LSE + zh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + zh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
         s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
         if HAS_D1:
+            q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1)
             s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
         ok = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= rows[None, :] + shift)
         p_t = tl.where(ok, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
@@ -345,31 +362,26 @@ def _attention_bwd_dkdv_kernel(
         dv_base = DV + (v_off // svm) * sdvm + h * sdvh
         dk_base = DK + (k_off // skm) * sdkm + h * sdkh
     _store_piece(dv_base, keys, sdvm, key_ok, 0, D, dv0, BD0)
+    _store_piece(dk_base, keys, sdkm, key_ok, 0, D, dk0 * sm_scale, BD0)
     if HAS_D1:
         _store_piece(dv_base, keys, sdvm, key_ok, BD0, D, dv1, BD1)
-    _store_grad_qk(dk0 * sm_scale, dk1 * sm_scale, kx0, kx1, rstd_k, dk_base, keys, sdkm, key_ok, DKW, KW,
-                   COS, SIN, stride_cs, D, NORM, ROPE, BLOCK_N, BD0, BD1, HAS_D1)  # fmt: skip
+        _store_piece(dk_base, keys, sdkm, key_ok, BD0, D, dk1 * sm_scale, BD1)
 
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh)
-    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh) (packed rows when varlen)
+    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh): q as attended (transformed when NORM)
+    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh): k as attended (packed rows when varlen)
     V,  # like K through (sv1, sv2, svm, svh)
     DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
-    DQ,  # like Q through (sdq1, sdq2, sdqm, sdqh): gradient w.r.t. the raw q
+    DQ,  # like Q through (sdq1, sdq2, sdqm, sdqh): gradient w.r.t. q as attended
     LSE,  # (Z * H, Lq) fp32 log2 units
     DELTA,  # (Z * H, Lq) fp32
-    DQW,  # (D,) fp32, q norm-weight gradient (atomics, NORM)
-    QW,  # (D,)
-    KW,  # (D,)
-    COS,  # (L, D) (ROPE)
-    SIN,  # (L, D) (ROPE)
     CU_K,  # (Z + 1,) int32 (varlen)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
     sdq1, sdq2, sdqm, sdqh,
-    H, Lq, Lk, D, causal, varlen, stride_cs, qk_scale, sm_scale, eps,
-    NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, Lq, Lk, D, causal, varlen, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -380,13 +392,14 @@ def _attention_bwd_dq_kernel(
     shift = n_k - Lq + (1 - causal) * (1 << 30)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
-    q0, q1, qx0, qx1, rstd_q = _load_qk(Q + _z_offset(z, Z2, sq1, sq2) + h * sqh, rows, sqm, row_ok, QW, COS,
-                                        SIN, stride_cs, D, eps, NORM, ROPE, BLOCK_M, BD0, BD1,
-                                        HAS_D1)  # fmt: skip
+    q_base = Q + _z_offset(z, Z2, sq1, sq2) + h * sqh
     do_base = DO + _z_offset(z, Z2, sd1, sd2) + h * sdh
+    q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0)
     do0 = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0)
+    q1 = q0
     do1 = do0
     if HAS_D1:
+        q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1)
         do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1)
     lse = tl.load(LSE + zh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + zh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
@@ -398,12 +411,12 @@ def _attention_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < n_k
-        k0, k1, _y0, _y1, _rk = _load_qk(k_base, keys, skm, key_ok, KW, COS, SIN, stride_cs, D, eps,
-                                         NORM, ROPE, BLOCK_N, BD0, BD1, HAS_D1)  # fmt: skip
+        k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0)
         v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
         if HAS_D1:
+            k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1)
             v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
@@ -415,5 +428,66 @@ def _attention_bwd_dq_kernel(
             dq1 += tl.dot(ds, k1, input_precision=DOT_PREC)
 
     dq_base = DQ + _z_offset(z, Z2, sdq1, sdq2) + h * sdqh
-    _store_grad_qk(dq0 * sm_scale, dq1 * sm_scale, qx0, qx1, rstd_q, dq_base, rows, sdqm, row_ok, DQW, QW,
-                   COS, SIN, stride_cs, D, NORM, ROPE, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+    _store_piece(dq_base, rows, sdqm, row_ok, 0, D, dq0 * sm_scale, BD0)
+    if HAS_D1:
+        _store_piece(dq_base, rows, sdqm, row_ok, BD0, D, dq1 * sm_scale, BD1)
+
+
+@triton.jit
+def _qk_norm_rope_bwd_kernel(
+    X,  # (Z, L, H, D) raw q or k through (sx1, sx2, sxm, sxh)
+    G,  # (Z, L, H, D) contiguous: gradient w.r.t. the transformed q or k
+    DX,  # (Z, L, H, D) through (sdx1, sdx2, sdxm, sdxh): gradient w.r.t. the raw x
+    DWP,  # (num_programs, D) fp32 per-program partial norm-weight gradients (summed on the host)
+    W,  # (D,) RMSNorm weight
+    COS,  # (L, D) (ROPE)
+    SIN,  # (L, D) (ROPE)
+    Z2, sx1, sx2, sxm, sxh, sdx1, sdx2, sdxm, sdxh, H, L, D, n_rows, stride_cs, eps,
+    ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
+):  # fmt: skip
+    """Backward of the q/k prologue (RoPE^T then RMSNorm backward) over head-rows r = (z * L + l) * H + h;
+    program p takes row blocks p, p + P, ... and writes one (D,) partial weight gradient."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    c0 = tl.arange(0, BD0)
+    c1 = BD0 + tl.arange(0, BD1)
+    dw0 = tl.zeros([BD0], dtype=tl.float32)
+    dw1 = tl.zeros([BD1], dtype=tl.float32)
+    for blk in range(pid, tl.cdiv(n_rows, BLOCK_M), n_prog):
+        r = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = r < n_rows
+        h = r % H
+        l = (r // H) % L
+        z = r // (H * L)
+        x_row = _z_offset(z, Z2, sx1, sx2) + l.to(tl.int64) * sxm + h * sxh
+        dx_row = _z_offset(z, Z2, sdx1, sdx2) + l.to(tl.int64) * sdxm + h * sdxh
+        g_row = r.to(tl.int64) * D
+        m0 = ok[:, None] & (c0 < D)[None, :]
+        x0 = tl.load(X + x_row[:, None] + c0[None, :], mask=m0, other=0.0)
+        g0 = tl.load(G + g_row[:, None] + c0[None, :], mask=m0, other=0.0).to(tl.float32)
+        xf = x0.to(tl.float32)
+        ss = tl.sum(xf * xf, 1)
+        if HAS_D1:
+            m1 = ok[:, None] & (c1 < D)[None, :]
+            x1 = tl.load(X + x_row[:, None] + c1[None, :], mask=m1, other=0.0)
+            g1 = tl.load(G + g_row[:, None] + c1[None, :], mask=m1, other=0.0).to(tl.float32)
+            xf1 = x1.to(tl.float32)
+            ss += tl.sum(xf1 * xf1, 1)
+        rstd = tl.rsqrt(ss / D + eps)
+        dh0, xh0, pw0, dot = _norm_rope_bwd_a(g0, x0, rstd, W, COS, SIN, l, ok, stride_cs, 0, D, ROPE,
+                                              BLOCK_M, BD0)  # fmt: skip
+        dw0 += pw0
+        if HAS_D1:
+            dh1, xh1, pw1, dot1 = _norm_rope_bwd_a(g1, x1, rstd, W, COS, SIN, l, ok, stride_cs, BD0, D, ROPE,
+                                                   BLOCK_M, BD1)  # fmt: skip
+            dw1 += pw1
+            dot += dot1
+        mean = dot / D
+        dx0 = rstd[:, None] * (dh0 - xh0 * mean[:, None])
+        tl.store(DX + dx_row[:, None] + c0[None, :], dx0.to(DX.dtype.element_ty), mask=m0)
+        if HAS_D1:
+            dx1 = rstd[:, None] * (dh1 - xh1 * mean[:, None])
+            tl.store(DX + dx_row[:, None] + c1[None, :], dx1.to(DX.dtype.element_ty), mask=m1)
+    tl.store(DWP + pid * D + c0, dw0, mask=c0 < D)
+    if HAS_D1:
+        tl.store(DWP + pid * D + c1, dw1, mask=c1 < D)

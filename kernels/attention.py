@@ -16,6 +16,7 @@ from opensora_fast.kernels._attention_kernels import (
     _attention_bwd_dq_kernel,
     _attention_bwd_preprocess_kernel,
     _attention_fwd_kernel,
+    _qk_norm_rope_bwd_kernel,
 )
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import (
@@ -45,6 +46,8 @@ _DKDV_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)]
 _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)]
 _PRE_BLOCK_M = 64
 _KEY = ["Lq", "Lk", "D", "causal", "varlen", "NORM", "ROPE"]
+_BWD_KEY = ["Lq", "Lk", "D", "causal", "varlen"]
+_QK_BWD_BLOCK_M = 32
 
 
 def _configs(cfgs):
@@ -52,8 +55,8 @@ def _configs(cfgs):
 
 
 _fwd = triton.autotune(_configs(_FWD_CONFIGS), key=_KEY)(_attention_fwd_kernel)
-_dkdv = triton.autotune(_configs(_DKDV_CONFIGS), key=_KEY, reset_to_zero=["DKW"])(_attention_bwd_dkdv_kernel)
-_dq = triton.autotune(_configs(_DQ_CONFIGS), key=_KEY, reset_to_zero=["DQW"])(_attention_bwd_dq_kernel)
+_dkdv = triton.autotune(_configs(_DKDV_CONFIGS), key=_BWD_KEY)(_attention_bwd_dkdv_kernel)
+_dq = triton.autotune(_configs(_DQ_CONFIGS), key=_BWD_KEY)(_attention_bwd_dq_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,39 +143,72 @@ def _launch_fwd(q, k, v, o, qs, ks, vs, os_, p: Problem, scale, eps, qw=None, kw
     return lse
 
 
+def _num_programs(n_blocks: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return max(1, min(n_blocks, 4))
+    return max(1, min(n_blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks, dvs, p: Problem, scale, eps,
                 qw=None, kw=None, cos=None, sin=None, cu=None, max_lk=None):  # fmt: skip
-    """Writes dq, dk, dv; returns (dqw, dkw) fp32 (None without norm)."""
+    """Writes dq, dk, dv; returns (dqw, dkw) fp32 (None without norm).
+
+    With norm (self-attention): the preprocess kernel also writes the transformed q and k to scratch
+    (Z, L, H, D); the two gradient kernels read those and write the gradients w.r.t. the transformed
+    q / k (dq in place over the transformed q, which only its own program reads afterwards); the
+    prologue-backward kernel then maps them through RoPE^T and RMSNorm to dqkv and the weights."""
     dev = q.device
+    norm, rope = qw is not None, cos is not None
+    split = DSplit.of(p.D).kwargs()
     delta = empty((p.Z * p.H, p.Lq), torch.float32, dev)
+    dummy = delta
+    qt = kt = dummy
+    if norm:
+        qt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, dev)
+        kt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, dev)
+        ts = Seq(p.Z2 * p.Lq * p.H * p.D, p.Lq * p.H * p.D, p.H * p.D, p.D)
+    stride_cs = cos.stride(0) if rope else 0
+    cs = (cos if rope else dummy, sin if rope else dummy)
     pre_grid = (triton.cdiv(p.Lq, _PRE_BLOCK_M), p.Z * p.H)
     _attention_bwd_preprocess_kernel[pre_grid](
-        o, do, delta, p.Z2, *os_.args(), *dos.args(), p.H, p.Lq, p.D,
-        BLOCK_M=_PRE_BLOCK_M, BD=max(16, next_pow2(p.D)),
+        o, do, delta, q, k, qt, kt, qw if norm else dummy, kw if norm else dummy, *cs,
+        p.Z2, *os_.args(), *dos.args(), *qs.args(), *ks.args(), p.H, p.Lq, p.D, stride_cs, eps,
+        NORM=norm, ROPE=rope, BLOCK_M=_PRE_BLOCK_M, **split,
     )  # fmt: skip
-    norm, rope = qw is not None, cos is not None
-    dqw = torch.zeros(p.D, dtype=torch.float32, device=dev) if norm else None
-    dkw = torch.zeros(p.D, dtype=torch.float32, device=dev) if norm else None
-    dummy = delta
-    common = dict(NORM=norm, ROPE=rope, DOT_PREC=_dot_prec(q.dtype), **DSplit.of(p.D).kwargs())
-    opt = (
-        qw if norm else dummy, kw if norm else dummy,
-        cos if rope else dummy, sin if rope else dummy, cu if p.varlen else dummy,
-    )  # fmt: skip
-    tail = (p.H, p.Lq, p.Lk, p.D, int(p.causal), int(p.varlen), cos.stride(0) if rope else 0,
-            scale * LOG2E, scale, eps)  # fmt: skip
+    if norm:
+        lq, lqs, lk_, lks = qt, ts, kt, ts
+        dkt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, dev)
+        gq, gqs, gk, gks = qt, ts, dkt, ts  # where the gradient kernels write
+    else:
+        lq, lqs, lk_, lks = q, qs, k, ks
+        gq, gqs, gk, gks = dq, dqs, dk, dks
+    common = dict(DOT_PREC=_dot_prec(q.dtype), **split)
+    tail = (p.H, p.Lq, p.Lk, p.D, int(p.causal), int(p.varlen), scale * LOG2E, scale)
+    cu = cu if p.varlen else dummy
     lk = max_lk if p.varlen else p.Lk
     grid_k = lambda META: (triton.cdiv(max(lk, 1), META["BLOCK_N"]), p.Z * p.H)
     _dkdv[grid_k](
-        q, k, v, do, dk, dv, lse, delta, dkw if norm else dummy, *opt,
-        p.Z2, *qs.args(), *ks.args(), *vs.args(), *dos.args(), *dks.args(), *dvs.args(), *tail, **common,
+        lq, lk_, v, do, gk, dv, lse, delta, cu,
+        p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gks.args(), *dvs.args(), *tail, **common,
     )  # fmt: skip
     grid_q = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
     _dq[grid_q](
-        q, k, v, do, dq, lse, delta, dqw if norm else dummy, *opt,
-        p.Z2, *qs.args(), *ks.args(), *vs.args(), *dos.args(), *dqs.args(), *tail, **common,
+        lq, lk_, v, do, gq, lse, delta, cu,
+        p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gqs.args(), *tail, **common,
     )  # fmt: skip
-    return dqw, dkw
+    if not norm:
+        return None, None
+    n_rows = p.Z * p.Lq * p.H
+    n_prog = _num_programs(triton.cdiv(n_rows, _QK_BWD_BLOCK_M), dev)
+    dws = []
+    for x, xs, g, dx, dxs, w in ((q, qs, qt, dq, dqs, qw), (k, ks, dkt, dk, dks, kw)):
+        part = empty((n_prog, p.D), torch.float32, dev)
+        _qk_norm_rope_bwd_kernel[(n_prog,)](
+            x, g, dx, part, w, *cs, p.Z2, *xs.args(), *dxs.args(), p.H, p.Lq, p.D, n_rows, stride_cs, eps,
+            ROPE=rope, BLOCK_M=_QK_BWD_BLOCK_M, num_warps=4, **split,
+        )  # fmt: skip
+        dws.append(part.sum(0))
+    return dws[0], dws[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,18 +609,18 @@ def sm90_specs(head_dims=(72, 128)) -> list[KernelSpec]:
     """Every launchable config: (fwd, dkdv, dq) x autotune config x {fp16, bf16} x variant x head_dim,
     plus the delta preprocess kernel."""
     specs = []
-    scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "eps": "fp32"}
+    ints = {a: "i32" for a in ("Z2", "H", "Lq", "Lk", "D")}  # upper-case scalars, not pointers
+    scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "eps": "fp32", **ints}
     for D in head_dims:
         split = DSplit.of(D).kwargs()
         for dt in ("bf16", "fp16"):
             ptrs = {"*": dt, "LSE": "fp32", "DELTA": "fp32", "DKW": "fp32", "DQW": "fp32", "CU_K": "i32",
                     "QW": dt, "KW": dt, "COS": "fp32", "SIN": "fp32"}  # fmt: skip
-            cx = {"BLOCK_M": _PRE_BLOCK_M, "BD": max(16, next_pow2(D))}
-            fn = _attention_bwd_preprocess_kernel
-            specs.append(
-                KernelSpec(f"attention_bwd_preprocess[{dt},D={D}]", fn, signature(fn, ptrs, cx), cx, 4, 1)
-            )
             for vname, (norm, rope) in _VARIANTS.items():
+                cx = dict(NORM=norm, ROPE=rope, BLOCK_M=_PRE_BLOCK_M, **split)
+                fn = _attention_bwd_preprocess_kernel
+                sig = signature(fn, ptrs, cx, scalars)
+                specs.append(KernelSpec(f"attention_bwd_preprocess[{vname},{dt},D={D}]", fn, sig, cx, 4, 1))
                 for kname, fn, cfgs in (
                     ("fwd", _attention_fwd_kernel, _FWD_CONFIGS),
                     ("bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS),

@@ -1,0 +1,295 @@
+"""Fused attention (flash_attn_func, self_attention, cross_attention): forward and every gradient of
+the Triton kernels against the fp64 PyTorch reference (interpreter on CPU, tiny awkward shapes), input
+validation, torch.compile tracing, and bf16 real shapes on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opensora_fast.kernels import cross_attention, flash_attn_func, self_attention
+from opensora_fast.kernels import reference as R
+from tests._close import assert_close_to_fp64, randn
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _check(kernel_fn, ref_fn, inputs, dtype, names, device, grad_mask=None):
+    """Forward and gradients of kernel_fn (inputs cast to dtype) vs ref_fn in dtype and in fp64.
+    inputs are fp64 tensors; grad_mask says which get gradients (default all)."""
+    grad_mask = grad_mask or [True] * len(inputs)
+    lowp = [t.to(device=device, dtype=dtype) for t in inputs]
+    hi = [t.to(device=device, dtype=torch.float64) for t in inputs]
+
+    def run(fn, xs):
+        leaves = [x.detach().clone().requires_grad_(m) for x, m in zip(xs, grad_mask)]
+        out = fn(*leaves)
+        return out, leaves
+
+    out, leaves = run(kernel_fn, lowp)
+    g = randn(*out.shape, dtype=torch.float64, seed=7).to(device)
+    grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], g.to(out.dtype))
+    out_l, leaves_l = run(ref_fn, lowp)
+    grads_l = torch.autograd.grad(out_l, [x for x in leaves_l if x.requires_grad], g.to(out_l.dtype))
+    out_h, leaves_h = run(ref_fn, hi)
+    grads_h = torch.autograd.grad(out_h, [x for x in leaves_h if x.requires_grad], g)
+    assert out.dtype == dtype
+    assert_close_to_fp64(out, out_l, out_h, name="out")
+    for n, a, b, c in zip(names, grads, grads_l, grads_h):
+        assert a.dtype == dtype, n
+        assert_close_to_fp64(a, b, c, name=n)
+
+
+# --------------------------------------------------------------------------------------------
+# flash_attn_func
+
+
+@pytest.mark.parametrize(
+    "dtype,D,Nq,Nk,causal",
+    [
+        (torch.float32, 72, 19, 23, False),
+        (torch.float16, 72, 19, 23, True),
+        (torch.float32, 64, 21, 21, True),
+        (torch.float16, 40, 23, 17, True),  # causal with Nq > Nk: the first rows see no key -> zeros
+        (torch.float32, 72, 1, 5, False),  # N = 1
+        (torch.float16, 128, 9, 1, False),
+    ],
+)
+def test_flash_attn_func(triton_backend, dtype, D, Nq, Nk, causal):
+    B, H = 2, 2
+    q, k, v = (randn(B, n, H, D, dtype=torch.float64, seed=s) for s, n in ((1, Nq), (2, Nk), (3, Nk)))
+    _check(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
+        lambda q, k, v: R.attention_ref(q, k, v, causal=causal),
+        [q, k, v],
+        dtype,
+        ["dq", "dk", "dv"],
+        "cpu",
+    )
+
+
+def test_flash_attn_func_strided_views(triton_backend):
+    """q/k/v as strided views of one packed (B, N, 3, H, D) tensor (no copies), explicit scale."""
+    B, N, H, D = 1, 13, 2, 72
+    qkv = randn(B, N, 3, H, D, dtype=torch.float32, seed=4)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    out = flash_attn_func(q, k, v, softmax_scale=0.3)
+    ref = R.attention_ref(*(t.double() for t in (q, k, v)), softmax_scale=0.3)
+    lowp = R.attention_ref(q, k, v, softmax_scale=0.3)
+    assert_close_to_fp64(out, lowp, ref)
+
+
+def test_flash_attn_func_reference_dispatch_on_cpu(reference_backend):
+    q, k, v = (randn(1, 5, 2, 16, seed=s) for s in (1, 2, 3))
+    torch.testing.assert_close(flash_attn_func(q, k, v, causal=True), R.attention_ref(q, k, v, causal=True))
+
+
+# --------------------------------------------------------------------------------------------
+# self_attention
+
+
+@pytest.mark.parametrize(
+    "dtype,D,layout,rope,T,S",
+    [
+        (torch.float32, 72, "spatial", False, 2, 19),
+        (torch.float16, 72, "spatial", False, 2, 19),
+        (torch.float32, 72, "temporal", True, 5, 3),
+        (torch.float16, 72, "temporal", True, 7, 2),
+        (torch.float16, 64, "spatial", True, 2, 7),
+        (torch.float32, 40, "temporal", False, 9, 2),
+        (torch.float32, 72, "temporal", True, 1, 3),  # T = 1: sequences of one token
+    ],
+)
+def test_self_attention(triton_backend, dtype, D, layout, rope, T, S):
+    B, H = 2, 2
+    C = H * D
+    qkv = randn(B, T * S, 3 * C, dtype=torch.float64, seed=5)
+    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=6)
+    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=8)
+    L = S if layout == "spatial" else T
+    cos, sin = R.rope_cos_sin(L, D, dtype=torch.float64)
+
+    def kern(qkv, qw, kw, cos, sin):
+        rp = (cos.float(), sin.float()) if rope else None
+        return self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout=layout, rope=rp)
+
+    def refn(qkv, qw, kw, cos, sin):
+        return R.self_attention_ref(qkv, qw, kw, H, T, layout, 1e-6, (cos, sin) if rope else None)
+
+    _check(kern, refn, [qkv, qw, kw, cos, sin], dtype, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
+           grad_mask=[True, True, True, False, False])  # fmt: skip
+
+
+def test_self_attention_matches_reference_dispatch(reference_backend):
+    qkv = randn(1, 6, 3 * 32, seed=1)
+    w = randn(16, seed=2)
+    out = self_attention(qkv, w, w, num_heads=2, num_frames=3, layout="temporal", rope=R.rope_cos_sin(3, 16))
+    torch.testing.assert_close(
+        out, R.self_attention_ref(qkv, w, w, 2, 3, "temporal", 1e-6, R.rope_cos_sin(3, 16), None)
+    )
+
+
+def test_self_attention_compiles_fullgraph(triton_backend):
+    """torch.compile(fullgraph=True) traces the custom ops (forward and backward) without graph breaks."""
+    T, S, H, D = 2, 3, 2, 16
+    qkv = randn(1, T * S, 3 * H * D, seed=1).requires_grad_()
+    qw, kw = randn(D, seed=2).requires_grad_(), randn(D, seed=3).requires_grad_()
+    cs = R.rope_cos_sin(T, D)
+
+    def f(qkv, qw, kw):
+        return self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout="temporal", rope=cs).sum()
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = cf(qkv, qw, kw)
+    out.backward()
+    ref = R.self_attention_ref(qkv.detach(), qw.detach(), kw.detach(), H, T, "temporal", 1e-6, cs).sum()
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)
+    assert qkv.grad is not None and qw.grad is not None and kw.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# cross_attention
+
+
+@pytest.mark.parametrize(
+    "dtype,D,lens,N",
+    [
+        (torch.float32, 72, [5, 0, 18], 11),  # a zero-length sample gets zeros
+        (torch.float16, 72, [1, 17, 0], 9),
+        (torch.float16, 64, [3, 20], 1),
+    ],
+)
+def test_cross_attention(triton_backend, dtype, D, lens, N):
+    H = 2
+    C = H * D
+    q = randn(len(lens), N, C, dtype=torch.float64, seed=9)
+    kv = randn(sum(lens), 2 * C, dtype=torch.float64, seed=10)
+    kv_lens = torch.tensor(lens) if dtype == torch.float16 else lens
+    _check(
+        lambda q, kv: cross_attention(q, kv, kv_lens, num_heads=H),
+        lambda q, kv: R.cross_attention_ref(q, kv, lens, H),
+        [q, kv],
+        dtype,
+        ["dq", "dkv"],
+        "cpu",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs():
+    q = torch.randn(1, 4, 2, 72)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        flash_attn_func(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="k must have shape"):
+        flash_attn_func(q, torch.randn(1, 4, 3, 72), q)
+    with pytest.raises(ValueError, match="head_dim"):
+        x = torch.randn(1, 4, 2, 12)
+        flash_attn_func(x, x, x)
+    with pytest.raises(ValueError, match="head_dim"):
+        x = torch.randn(1, 4, 2, 136)
+        flash_attn_func(x, x, x)
+    with pytest.raises(ValueError, match="same dtype"):
+        flash_attn_func(q, q.half(), q)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        flash_attn_func(q, q, q, softmax_scale=-1.0)
+    with pytest.raises(ValueError, match="q must have 4"):
+        flash_attn_func(q[0], q, q)
+
+    qkv, w = torch.randn(2, 6, 3 * 144), torch.randn(72)
+    kw = dict(num_heads=2, num_frames=3)
+    with pytest.raises(ValueError, match="layout"):
+        self_attention(qkv, w, w, layout="full", **kw)
+    with pytest.raises(ValueError, match="num_frames"):
+        self_attention(qkv, w, w, num_heads=2, num_frames=4, layout="spatial")
+    with pytest.raises(ValueError, match="q_norm_weight must have shape"):
+        self_attention(qkv, torch.randn(64), w, layout="spatial", **kw)
+    with pytest.raises(ValueError, match="rope cos must have shape"):
+        self_attention(qkv, w, w, layout="temporal", rope=R.rope_cos_sin(2, 72), **kw)
+    with pytest.raises(ValueError, match="rope must be"):
+        self_attention(qkv, w, w, layout="temporal", rope=torch.randn(3, 72), **kw)
+    with pytest.raises(ValueError, match="num_heads"):
+        self_attention(qkv, w, w, num_heads=5, num_frames=3, layout="spatial")
+    with pytest.raises(ValueError, match="qkv must be a floating-point"):
+        self_attention(qkv.long(), w, w, layout="spatial", **kw)
+
+    q, kv = torch.randn(2, 5, 144), torch.randn(7, 288)
+    with pytest.raises(ValueError, match="sum\\(kv_lens\\)"):
+        cross_attention(q, kv, [3, 3], num_heads=2)
+    with pytest.raises(ValueError, match="one length per sample"):
+        cross_attention(q, kv, [7], num_heads=2)
+    with pytest.raises(ValueError, match="non-negative"):
+        cross_attention(q, kv, [8, -1], num_heads=2)
+    with pytest.raises(ValueError, match="integer tensor"):
+        cross_attention(q, kv, torch.tensor([3.0, 4.0]), num_heads=2)
+    with pytest.raises(ValueError, match="kv must have shape"):
+        cross_attention(q, torch.randn(7, 144), [3, 4], num_heads=2)
+
+
+def test_non_contiguous_last_dim_rejected_on_triton_path(triton_backend):
+    q = torch.randn(1, 4, 2, 72).transpose(-1, -2).contiguous().transpose(-1, -2)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        flash_attn_func(q, q, q)
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 real shapes (GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "layout,T,S,B",
+    [("spatial", 2, 1590, 1), ("temporal", 30, 1024, 2)],  # temporal: B*S = 2048 sequences of 30 frames
+)
+def test_self_attention_bf16_real_shapes(layout, T, S, B):
+    H, D = 16, 72
+    C = H * D
+    qkv = randn(B, T * S, 3 * C, dtype=torch.float64, seed=1)
+    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=2)
+    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=3)
+    rope = layout == "temporal"
+    cos, sin = R.rope_cos_sin(T if rope else S, D, dtype=torch.float64)
+
+    def kern(qkv, qw, kw, cos, sin):
+        rp = (cos.float(), sin.float()) if rope else None
+        return self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout=layout, rope=rp)
+
+    def refn(qkv, qw, kw, cos, sin):
+        return R.self_attention_ref(qkv, qw, kw, H, T, layout, 1e-6, (cos, sin) if rope else None)
+
+    _check(kern, refn, [qkv, qw, kw, cos, sin], torch.bfloat16, ["dqkv", "dq_norm_weight", "dk_norm_weight"],
+           "cuda", grad_mask=[True, True, True, False, False])  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_cross_attention_bf16_real_shape():
+    H, D, N = 16, 72, 3600
+    lens = [300, 0, 117]
+    q = randn(len(lens), N, H * D, dtype=torch.float64, seed=1)
+    kv = randn(sum(lens), 2 * H * D, dtype=torch.float64, seed=2)
+    _check(
+        lambda q, kv: cross_attention(q, kv, lens, num_heads=H),
+        lambda q, kv: R.cross_attention_ref(q, kv, lens, H),
+        [q, kv],
+        torch.bfloat16,
+        ["dq", "dkv"],
+        "cuda",
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,causal", [(72, False), (128, True), (64, False)])
+def test_flash_attn_func_bf16(D, causal):
+    q, k, v = (randn(2, n, 16, D, dtype=torch.float64, seed=s) for s, n in ((1, 1000), (2, 1100), (3, 1100)))
+    _check(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
+        lambda q, k, v: R.attention_ref(q, k, v, causal=causal),
+        [q, k, v],
+        torch.bfloat16,
+        ["dq", "dk", "dv"],
+        "cuda",
+    )

@@ -115,8 +115,11 @@ def test_kernel_path_vs_fp64(triton_backend, monkeypatch):
     """Forward and every parameter gradient: Triton kernels (interpreter on CPU) vs the fp64 oracle,
     judged against the fp32 reference path's error."""
     ref, ours = _pair()
-    inp = _inputs()
-    g = torch.randn(B, 8, T, H, W, generator=torch.Generator().manual_seed(5))
+    # one sample (interpreter cost), odd W, a conditioning frame, 5 of 8 text tokens
+    inp = {k: (v[1:] if k in ("x", "timestep", "y", "x_mask") else v) for k, v in _inputs().items()}
+    inp["x"] = inp["x"][..., :6, :5]
+    inp["mask"] = inp["mask"][:1]
+    g = torch.randn(1, 8, T, 6, 5, generator=torch.Generator().manual_seed(5))
 
     def run(model):
         model.zero_grad()

@@ -139,6 +139,8 @@ def block_forward(
     """
     eps = self.norm1.eps
     dt = x.dtype
+    if x.stride(-1) != 1:  # Open-Sora's patch embedding leaves tokens channel-strided
+        x = x.contiguous()
     sa, ca, ga, sm, cm, gm = _mods(self.scale_shift_table, t, 6, dt)
     sa0 = ca0 = ga0 = sm0 = cm0 = gm0 = None
     if x_mask is not None:
@@ -188,6 +190,8 @@ def final_layer_forward(self, x, t, x_mask=None, t0=None, T=None, S=None, *, pen
     h0 = LN(h) (1 + scale0) + shift0 on the frames where x_mask is False. Mirrored exactly.
     """
     dt = x.dtype
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     shift, scale = (m.to(dt) for m in (self.scale_shift_table[None] + t[:, None]).unbind(1))
     eps = self.norm_final.eps
     if pending is None:

@@ -135,3 +135,20 @@ def write_video(path: str, video: torch.Tensor, fps: float, *, crf: int = 18) ->
             os.remove(tmp)
         raise
     return path
+
+
+class VideoClipDataset:
+    """Map-style dataset over video files for ``train_vae``: item i is the first ``num_frames`` frames
+    of ``paths[i]`` (resampled to ``fps`` when given), resized and centre-cropped to ``size``, as a
+    (3, T, H, W) float tensor in [-1, 1]."""
+
+    def __init__(self, paths, num_frames: int, size, fps: float | None = None):
+        self.paths, self.num_frames, self.size, self.fps = list(paths), num_frames, _size_pair(size), fps
+        if not self.paths:
+            raise ValueError("paths is empty")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return read_video(self.paths[i], self.num_frames, self.fps, self.size).transpose(0, 1)

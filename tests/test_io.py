@@ -104,3 +104,15 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError):
         vio.read_video(str(tmp_path / "missing.mp4"))
     assert os.listdir(tmp_path) == []
+
+
+def test_video_clip_dataset(tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"c{i}.mp4"))
+        vio.write_video(paths[-1], smooth_video(T=10, seed=i), fps=24)
+    ds = vio.VideoClipDataset(paths, num_frames=6, size=(16, 16))
+    assert len(ds) == 2
+    item = ds[1]
+    assert item.shape == (3, 6, 16, 16)
+    torch.testing.assert_close(item, vio.read_video(paths[1], 6, size=16).transpose(0, 1), rtol=0, atol=0)

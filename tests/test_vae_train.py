@@ -122,6 +122,17 @@ def test_exact_resume_stage3(tmp_path):
         vt.resolve_resume(str(tmp_path))
 
 
+def test_grad_checkpointing_changes_nothing():
+    clips = smooth_clips(2, 5, 8, 8, seed=2)
+    runs = [
+        vt.train_vae(cv.tiny(3, grad_checkpoint=gc), clips, steps=2, progress=False) for gc in (False, True)
+    ]
+    assert runs[1].losses == pytest.approx(runs[0].losses, rel=1e-6)
+    a, b = runs[0].model.state_dict(), runs[1].model.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 def test_train_bf16_autocast_cuda():
     cfg = cv.tiny(3)

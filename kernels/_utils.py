@@ -89,7 +89,8 @@ def check_tensor(
             raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
     if shape is not None:
         if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            dims = ["*" if s is None else str(s) for s in shape]
+            want = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
             raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
     if floating and not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor (fp32/fp16/bf16), got {t.dtype}")

@@ -64,10 +64,10 @@ def _layernorm_modulate_fwd_kernel(
     Y,  # (B, N, C) branch output y (HAS_Y)
     R,  # (B, N, C) out: r = x + gate * y (HAS_Y, or the only output when not HAS_LN)
     H,  # (B, N, C) out: h = LN(r) * (1 + scale) + shift (HAS_LN)
-    Shift, Scale, Gate,  # (B, n_ch) rows with batch stride stride_shift / stride_scale / stride_gate
-    Shift0, Scale0, Gate0,  # (B, n_ch) t0 rows (HAS_MASK)
+    Shift, Scale, Gate,  # (B, C) rows with batch stride stride_shift / stride_scale / stride_gate
+    Shift0, Scale0, Gate0,  # (B, C) t0 rows (HAS_MASK)
     XMask,  # (B, T) bool (HAS_MASK)
-    Mean, Rstd,  # (B * n_tok,) fp32 out: LayerNorm statistics of r (HAS_LN)
+    Mean, Rstd,  # (B * N,) fp32 out: LayerNorm statistics of r (HAS_LN)
     n_tok, n_ch, frame_len, rows_per_prog,  # tokens per sample, channels, tokens per frame, tokens per program
     stride_xb, stride_xn, stride_yb, stride_yn,  # x / y strides (channel stride is 1)
     stride_shift, stride_scale, stride_gate, stride_shift0, stride_scale0, stride_gate0,
@@ -120,10 +120,10 @@ def _layernorm_modulate_bwd_kernel(
     DR,  # (B, N, C) grad of r (HAS_DR), contiguous
     R,  # (B, N, C) r saved by the forward (x itself when there is no y)
     Y,  # (B, N, C) y (HAS_Y)
-    Scale, Gate,  # (B, n_ch) rows, batch strides stride_scale / stride_gate
-    Scale0, Gate0,  # (B, n_ch) t0 rows (HAS_MASK)
+    Scale, Gate,  # (B, C) rows, batch strides stride_scale / stride_gate
+    Scale0, Gate0,  # (B, C) t0 rows (HAS_MASK)
     XMask,  # (B, T) bool (HAS_MASK)
-    Mean, Rstd,  # (B * n_tok,) fp32 statistics from the forward (HAS_LN)
+    Mean, Rstd,  # (B * N,) fp32 statistics from the forward (HAS_LN)
     DX,  # (B, N, C) out: grad of x
     DY,  # (B, N, C) out: grad of y (HAS_Y)
     DPart,  # (B, n_chunks, 6, n_ch) fp32 out: per-program partial sums of d{shift,scale,gate}{,0}

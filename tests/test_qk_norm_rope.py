@@ -1,0 +1,108 @@
+"""qk_norm_rope: Triton (interpreter on CPU) vs fp64, forward and every gradient."""
+
+import pytest
+import torch
+from _close import assert_close_to_fp64, randn
+
+from opensora_fast.kernels import qk_norm_rope, reference
+
+
+def _run(q, k, wq, wk, rope, cast, grads_out, backend, monkeypatch):
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    leaf = [t.detach().to(cast).requires_grad_() for t in (q, k, wq, wk)]
+    if backend == "triton" and q.stride(-1) == 1 and not q.is_contiguous():
+        # keep the strided layout: rebuild the view from a strided parent
+        parent = randn(*q.shape[:-1], 2 * q.shape[-1], dtype=cast)
+        parent[..., : q.shape[-1]] = q.to(cast)
+        leaf[0] = parent.requires_grad_()
+        qin = parent[..., : q.shape[-1]]
+    else:
+        qin = leaf[0]
+    kw = {}
+    if rope:
+        cos, sin = reference.rope_cos_sin(q.shape[1], q.shape[-1], dtype=cast)
+        kw = dict(cos=cos, sin=sin)
+    outs = qk_norm_rope(qin, leaf[1], leaf[2], leaf[3], **kw)
+    grads = torch.autograd.grad(outs, leaf, [g.to(cast) for g in grads_out])
+    if qin is not leaf[0]:
+        grads = (grads[0][..., : q.shape[-1]],) + grads[1:]
+    return outs, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize(
+    "B,N,H,D,strided", [(2, 5, 3, 72, False), (1, 1, 2, 64, True), (2, 7, 1, 40, False), (1, 3, 2, 128, True)]
+)
+def test_forward_backward(dtype, rope, B, N, H, D, strided, monkeypatch):
+    q = randn(B, N, H, 2 * D, dtype=dtype)[..., :D] if strided else randn(B, N, H, D, dtype=dtype)
+    k = randn(B, N, H, D, dtype=dtype, scale=3.0)
+    wq, wk = randn(D, dtype=dtype), randn(D, dtype=dtype)
+    gout = [randn(B, N, H, D, dtype=dtype) for _ in range(2)]
+    outs, grads = _run(q, k, wq, wk, rope, dtype, gout, "triton", monkeypatch)
+    outs_lp, grads_lp = _run(q, k, wq, wk, rope, dtype, gout, "reference", monkeypatch)
+    outs_64, grads_64 = _run(q, k, wq, wk, rope, torch.float64, gout, "reference", monkeypatch)
+    for name, o, lp, r in zip("qk", outs, outs_lp, outs_64):
+        assert o.dtype == dtype and o.is_contiguous()
+        assert_close_to_fp64(o, lp, r, name=f"{name} out")
+    for name, g, lp, r in zip(("dq", "dk", "dq_weight", "dk_weight"), grads, grads_lp, grads_64):
+        assert_close_to_fp64(g, lp, r, name=name, atol=None if name[-1] != "t" else 1e-4)
+
+
+def test_rope_rotates_interleaved_pairs(triton_backend):
+    """With unit weights and a constant-norm row, RoPE at position p rotates pair i by p * freq_i."""
+    D = 8
+    x = torch.zeros(1, 2, 1, D)
+    x[..., 0::2] = 1.0  # rms = 1/sqrt(2): normalised row has pairs (sqrt2, 0)
+    cos, sin = reference.rope_cos_sin(2, D)
+    q, _ = qk_norm_rope(x, x, torch.ones(D), torch.ones(D), cos=cos, sin=sin, eps=0.0)
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2) / D)
+    expect = torch.stack([torch.cos(inv), torch.sin(inv)], -1).flatten() * 2**0.5
+    torch.testing.assert_close(q[0, 1, 0], expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q[0, 0, 0, 0::2], torch.full((D // 2,), 2**0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda q, w: qk_norm_rope(q[0], q, w, w), "q must have 4 dimensions"),
+        (lambda q, w: qk_norm_rope(q, q[..., :4], w, w), "k must have shape"),
+        (lambda q, w: qk_norm_rope(q, q, w[:3], w), r"q_weight must have shape \(8,\)"),
+        (lambda q, w: qk_norm_rope(q, q, w, w, cos=torch.ones(3, 8)), "cos and sin"),
+        (lambda q, w: qk_norm_rope(q, q, w, w, cos=torch.ones(3, 8), sin=torch.ones(3, 8)), r"cos must have shape \(5, 8\)"),
+        (lambda q, w: qk_norm_rope(q.int(), q, w, w), "floating-point"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(randn(2, 5, 3, 8), randn(8))
+
+
+def test_torch_compile_fullgraph(triton_backend):
+    q, k = randn(2, 4, 2, 16).requires_grad_(), randn(2, 4, 2, 16).requires_grad_()
+    w = randn(16).requires_grad_()
+    cos, sin = reference.rope_cos_sin(4, 16)
+
+    def f(q, k, w):
+        a, b = qk_norm_rope(q, k, w, w, cos=cos, sin=sin)
+        return (a * b).sum()
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, w)
+    torch.testing.assert_close(out, f(q, k, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rope", [False, True])
+def test_gpu_bf16_real_shapes(rope, monkeypatch):
+    B, N, H, D = 2 * 3600, 30, 16, 72  # temporal attention at 720p: (B*S, T, heads, 72)
+    dev, dt = "cuda", torch.bfloat16
+    q, k = randn(B, N, H, D, dtype=dt, device=dev), randn(B, N, H, D, dtype=dt, device=dev)
+    wq, wk = randn(D, dtype=dt, device=dev), randn(D, dtype=dt, device=dev)
+    gout = [randn(B, N, H, D, dtype=dt, device=dev) for _ in range(2)]
+    outs, grads = _run(q, k, wq, wk, rope, dt, gout, "triton", monkeypatch)
+    outs_lp, grads_lp = _run(q, k, wq, wk, rope, dt, gout, "reference", monkeypatch)
+    outs_64, grads_64 = _run(q, k, wq, wk, rope, torch.float64, gout, "reference", monkeypatch)
+    for o, lp, r in zip(outs, outs_lp, outs_64):
+        assert_close_to_fp64(o, lp, r)
+    for g, lp, r in zip(grads, grads_lp, grads_64):
+        assert_close_to_fp64(g, lp, r)

@@ -1,9 +1,13 @@
-"""opensora-fast: Triton kernels and a thin model package for Open-Sora 1.2 (STDiT3 + causal 3D VAE)."""
+"""opensora-fast: Triton kernels and a thin model package for Open-Sora 1.2 (STDiT3 + causal 3D VAE).
 
-from opensora_fast import kernels
+Submodules load on first use, so a program (or ``opensora-fast check``) can set ``TRITON_INTERPRET``
+before the Triton kernels are defined.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["apply", "kernels", "__version__"]
+__all__ = ["apply", "kernels", "models", "__version__"]
 
 
 def apply(model):
@@ -12,3 +16,9 @@ def apply(model):
     from opensora_fast.patch import apply as _apply
 
     return _apply(model)
+
+
+def __getattr__(name):
+    if name in ("kernels", "models"):
+        return importlib.import_module(f"opensora_fast.{name}")
+    raise AttributeError(f"module 'opensora_fast' has no attribute {name!r}")

@@ -154,9 +154,9 @@ def block_forward(
         x, h = K.add_layernorm_modulate(
             x, m, sa, ca, gate=g, eps=eps, shift0=sa0, scale0=ca0, gate0=g0, **sel
         )
-    a = attention_forward(self.attn, h, T, "temporal" if self.temporal else "spatial")
+    a = attention_forward(self.attn, h, T, "temporal" if self.temporal else "spatial").to(dt)
     x = K.gated_residual(x, a, ga, gate0=ga0, **sel)
-    c = cross_attention_forward(self.cross_attn, x, y, mask, kv=kv)
+    c = cross_attention_forward(self.cross_attn, x, y, mask, kv=kv).to(dt)
     x, h = K.add_layernorm_modulate(x, c, sm, cm, eps=self.norm2.eps, shift0=sm0, scale0=cm0, **sel)
     m = self.mlp(h).to(dt)
     if defer:
@@ -483,8 +483,10 @@ class STDiT3(nn.Module):
                     config = STDiT3Config.from_dict({**json.load(f), **kw})
             else:
                 config = STDiT3Config.xl_2(**kw)
-        with torch.device("meta"):
+        # strict: every tensor comes from the file, so build on the meta device and assign;
+        # otherwise keys absent from the file keep their fresh initialisation
+        with torch.device("meta") if strict else contextlib.nullcontext():
             model = cls(config)
-        load_into(model, find_weights(path), strict=strict, assign=True)
+        load_into(model, find_weights(path), strict=strict, assign=strict)
         model.rope.freqs.requires_grad_(False)
         return model

@@ -33,6 +33,17 @@ def _check_block(name: str, blk: nn.Module) -> None:
             raise TypeError(f"{name}.attn.{norm} has no weight: only qk_norm=True models are supported")
     if getattr(blk.attn, "qk_norm_legacy", False):
         raise TypeError(f"{name}.attn uses qk_norm_legacy (RoPE before the norm), which is not supported")
+    if getattr(blk.attn, "rope", False):
+        r = blk.attn.rotary_emb
+        r = getattr(r, "__self__", r)
+        if (
+            not hasattr(r, "freqs")
+            or getattr(r, "use_xpos", False)
+            or getattr(r, "interpolate_factor", 1.0) != 1.0
+        ):
+            raise TypeError(
+                f"{name}.attn.rotary_emb is not a plain RotaryEmbedding (freqs, no xpos/interpolation)"
+            )
     if getattr(blk, "enable_sequence_parallelism", False) and not blk.temporal:
         raise TypeError(f"{name} uses sequence parallelism, which opensora_fast does not implement")
     dp = getattr(blk, "drop_path", None)

@@ -34,7 +34,6 @@ _GEMM_CONFIGS = (
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
-    (128, 128, 32, 8, 4),
 )
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -58,12 +57,45 @@ def _dot(a, b, acc):
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T"])
+@triton.jit
+def _load_rows(P, row, row_ok, ch, ch_ok, s_ch, FAST: tl.constexpr):
+    """Tile P[row[:, None] + ch[None, :] * s_ch] (rows x channels), masked rows read as 0.
+
+    FAST: unit channel stride, every row start a multiple of 16 elements and every channel in range
+    (channels-last, C a multiple of 128), so the loads vectorise and pipeline (cp.async / TMA-free)."""
+    if FAST:
+        ptrs = P + tl.multiple_of(row, 16)[:, None] + ch[None, :]
+        ptrs = tl.multiple_of(tl.max_contiguous(ptrs, [1, 16]), [16, 16])
+        t = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        t = tl.load(P + row[:, None] + ch[None, :] * s_ch, mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
+    return t
+
+
+@triton.jit
+def _store_rows(P, row, row_ok, ch, ch_ok, s_ch, val, FAST: tl.constexpr):
+    if FAST:
+        ptrs = P + tl.multiple_of(row, 16)[:, None] + ch[None, :]
+        ptrs = tl.multiple_of(tl.max_contiguous(ptrs, [1, 16]), [16, 16])
+        tl.store(ptrs, val, mask=row_ok[:, None])
+    else:
+        tl.store(P + row[:, None] + ch[None, :] * s_ch, val, mask=row_ok[:, None] & ch_ok[None, :])
+
+
+@triton.jit
+def _offset(b, t, h, w, sb, st, sh, sw):
+    return b.to(tl.int64) * sb + t.to(tl.int64) * st + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+
+
+_KEY = ["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T", "FAST"]
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
 def _causal_conv3d_fwd_kernel(
     X,  # (B, C_in, T, H, W), any strides
-    Wt,  # (C_out, C_in, KT, KH, KW), any strides
-    Bias,  # (C_out,) (unused without HAS_BIAS)
+    Wp,  # (KT*KH*KW, C_in, C_out) contiguous: the weight packed as the GEMM's B operand
+    Bias,  # (C_out,) (unused when has_bias == 0)
     Y,  # (B, C_out, T_out, H, W), any strides
     c_in,
     c_out,
@@ -72,16 +104,12 @@ def _causal_conv3d_fwd_kernel(
     height,
     width,
     m_total,  # B * T_out * H * W
+    has_bias,
     sxb,
     sxc,
     sxt,
     sxh,
     sxw,  # strides of X in elements
-    swo,
-    swi,
-    swt,
-    swh,
-    sww,  # strides of Wt (co, ci, t, h, w)
     syb,
     syc,
     syt,
@@ -91,7 +119,7 @@ def _causal_conv3d_fwd_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE_T: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    FAST: tl.constexpr,  # X and Y channels-last with C_in, C_out multiples of 128 (see _load_rows)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -109,45 +137,31 @@ def _causal_conv3d_fwd_kernel(
     ho = (offs_m // width) % height
     to = (offs_m // (width * height)) % t_out
     bb = offs_m // (width * height * t_out)
-    x_row0 = bb.to(tl.int64) * sxb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(KT * KH * KW):
-        i = tap // (KH * KW)
-        j = (tap // KW) % KH
-        k = tap % KW
-        ti = to * STRIDE_T + i - PAD_T
-        hi = ho + j - KH // 2
-        wi = wo + k - KW // 2
+    n_cblk = tl.cdiv(c_in, BLOCK_K)
+    for kk in range(KT * KH * KW * n_cblk):  # one flat K loop over (tap, channel block)
+        tap = kk // n_cblk
+        ck = (kk - tap * n_cblk) * BLOCK_K + offs_k
+        ck_ok = ck < c_in
+        # input position of each row for this tap; the causal front pad and the border are masked
+        ti = to * STRIDE_T + tap // (KH * KW) - PAD_T
+        hi = ho + (tap // KW) % KH - KH // 2
+        wi = wo + tap % KW - KW // 2
         row_ok = m_ok & (ti >= 0) & (ti < t_in) & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        x_row = x_row0 + ti.to(tl.int64) * sxt + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
-        w_tap = Wt + i * swt + j * swh + k * sww
-        for c0 in range(0, c_in, BLOCK_K):
-            ck = c0 + offs_k
-            ck_ok = ck < c_in
-            a = tl.load(
-                X + x_row[:, None] + ck[None, :] * sxc, mask=row_ok[:, None] & ck_ok[None, :], other=0.0
-            )
-            b = tl.load(
-                w_tap + ck[:, None] * swi + offs_n[None, :] * swo,
-                mask=ck_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc = _dot(a, b.to(a.dtype), acc)
-    if HAS_BIAS:
+        a = _load_rows(X, _offset(bb, ti, hi, wi, sxb, sxt, sxh, sxw), row_ok, ck, ck_ok, sxc, FAST)
+        b = _load_rows(Wp, (tap * c_in + ck) * c_out, ck_ok, offs_n, n_ok, 1, FAST)
+        acc = _dot(a, b.to(a.dtype), acc)
+    if has_bias != 0:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(Y.dtype.element_ty).to(tl.float32)[None, :]
-    y_row = bb.to(tl.int64) * syb + to.to(tl.int64) * syt + ho.to(tl.int64) * syh + wo.to(tl.int64) * syw
-    tl.store(
-        Y + y_row[:, None] + offs_n[None, :] * syc,
-        acc.to(Y.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+    y_row = _offset(bb, to, ho, wo, syb, syt, syh, syw)
+    _store_rows(Y, y_row, m_ok, offs_n, n_ok, syc, acc.to(Y.dtype.element_ty), FAST)
 
 
-@triton.autotune(configs=_configs(), key=["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T"])
+@triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
 def _causal_conv3d_bwd_dx_kernel(
     DY,  # (B, C_out, T_out, H, W), any strides
-    Wt,  # (C_out, C_in, KT, KH, KW), any strides
+    Wp,  # (KT*KH*KW, C_out, C_in) contiguous: the weight packed as this GEMM's B operand
     DX,  # (B, C_in, T, H, W), any strides
     c_in,
     c_out,
@@ -161,20 +175,16 @@ def _causal_conv3d_bwd_dx_kernel(
     sdt,
     sdh,
     sdw,  # strides of DY in elements
-    swo,
-    swi,
-    swt,
-    swh,
-    sww,  # strides of Wt (co, ci, t, h, w)
     sxb,
     sxc,
     sxt,
     sxh,
-    sxw,  # strides of X in elements
+    sxw,  # strides of DX in elements
     KT: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE_T: tl.constexpr,
+    FAST: tl.constexpr,  # DY and DX channels-last with C_in, C_out multiples of 128
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -192,47 +202,34 @@ def _causal_conv3d_bwd_dx_kernel(
     h_ = (offs_m // width) % height
     t_ = (offs_m // (width * height)) % t_in
     bb = offs_m // (width * height * t_in)
-    dy_row0 = bb.to(tl.int64) * sdb
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(KT * KH * KW):
-        i = tap // (KH * KW)
-        j = (tap // KW) % KH
-        k = tap % KW
-        num = t_ + PAD_T - i  # = t_out * STRIDE_T when this tap reaches an output frame
+    n_cblk = tl.cdiv(c_out, BLOCK_K)
+    for kk in range(KT * KH * KW * n_cblk):
+        tap = kk // n_cblk
+        ck = (kk - tap * n_cblk) * BLOCK_K + offs_k
+        ck_ok = ck < c_out
+        # input frame t gets output frame (t + PAD_T - i) / STRIDE_T when that is an integer in
+        # [0, T_out): for stride 1 the causal pad sits at the back; the spatial kernel is flipped
+        num = t_ + PAD_T - tap // (KH * KW)
         to = num // STRIDE_T
-        ho = h_ - j + KH // 2
-        wo = w_ - k + KW // 2
+        ho = h_ - (tap // KW) % KH + KH // 2
+        wo = w_ - tap % KW + KW // 2
         row_ok = m_ok & (num >= 0) & (num % STRIDE_T == 0) & (to < t_out)
         row_ok = row_ok & (ho >= 0) & (ho < height) & (wo >= 0) & (wo < width)
-        dy_row = dy_row0 + to.to(tl.int64) * sdt + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
-        w_tap = Wt + i * swt + j * swh + k * sww
-        for c0 in range(0, c_out, BLOCK_K):
-            ck = c0 + offs_k
-            ck_ok = ck < c_out
-            a = tl.load(
-                DY + dy_row[:, None] + ck[None, :] * sdc, mask=row_ok[:, None] & ck_ok[None, :], other=0.0
-            )
-            b = tl.load(
-                w_tap + ck[:, None] * swo + offs_n[None, :] * swi,
-                mask=ck_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            acc = _dot(a, b.to(a.dtype), acc)
-    x_row = bb.to(tl.int64) * sxb + t_.to(tl.int64) * sxt + h_.to(tl.int64) * sxh + w_.to(tl.int64) * sxw
-    tl.store(
-        DX + x_row[:, None] + offs_n[None, :] * sxc,
-        acc.to(DX.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+        a = _load_rows(DY, _offset(bb, to, ho, wo, sdb, sdt, sdh, sdw), row_ok, ck, ck_ok, sdc, FAST)
+        b = _load_rows(Wp, (tap * c_out + ck) * c_in, ck_ok, offs_n, n_ok, 1, FAST)
+        acc = _dot(a, b.to(a.dtype), acc)
+    x_row = _offset(bb, t_, h_, w_, sxb, sxt, sxh, sxw)
+    _store_rows(DX, x_row, m_ok, offs_n, n_ok, sxc, acc.to(DX.dtype.element_ty), FAST)
 
 
-@triton.autotune(configs=_configs(), key=["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T"])
+@triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit
 def _causal_conv3d_bwd_dw_kernel(
     X,  # (B, C_in, T, H, W), any strides
     DY,  # (B, C_out, T_out, H, W), any strides
     DW,  # (SPLIT, C_out, C_in, KT*KH*KW) fp32, contiguous: partial dW of each M-chunk
-    DB,  # (SPLIT, C_out) fp32: partial dbias (written with HAS_BIAS)
+    DB,  # (SPLIT, C_out) fp32: partial dbias (written when has_bias != 0)
     c_in,
     c_out,
     t_in,
@@ -240,7 +237,8 @@ def _causal_conv3d_bwd_dw_kernel(
     height,
     width,
     m_total,  # B * T_out * H * W
-    m_chunk,  # rows of M per split (a multiple of every BLOCK_K)
+    m_chunk,  # rows of M per split
+    has_bias,
     sxb,
     sxc,
     sxt,
@@ -255,7 +253,7 @@ def _causal_conv3d_bwd_dw_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     STRIDE_T: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    FAST: tl.constexpr,  # X and DY channels-last with C_in, C_out multiples of 128
     BLOCK_M: tl.constexpr,  # C_out tile
     BLOCK_N: tl.constexpr,  # C_in tile
     BLOCK_K: tl.constexpr,  # output positions per step
@@ -287,21 +285,15 @@ def _causal_conv3d_bwd_dw_kernel(
         ho = (offs_m // width) % height
         to = (offs_m // (width * height)) % t_out
         bb = offs_m // (width * height * t_out)
-        dy_row = bb.to(tl.int64) * sdb + to.to(tl.int64) * sdt + ho.to(tl.int64) * sdh + wo.to(tl.int64) * sdw
-        dyt = tl.load(
-            DY + dy_row[None, :] + offs_co[:, None] * sdc, mask=co_ok[:, None] & m_ok[None, :], other=0.0
-        )
+        dy = _load_rows(DY, _offset(bb, to, ho, wo, sdb, sdt, sdh, sdw), m_ok, offs_co, co_ok, sdc, FAST)
         ti = to * STRIDE_T + i - PAD_T
         hi = ho + j - KH // 2
         wi = wo + k - KW // 2
         row_ok = m_ok & (ti >= 0) & (ti < t_in) & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        x_row = bb.to(tl.int64) * sxb + ti.to(tl.int64) * sxt + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
-        xp = tl.load(
-            X + x_row[:, None] + offs_ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0
-        )
-        acc = _dot(dyt, xp.to(dyt.dtype), acc)
-        if HAS_BIAS:
-            db += tl.sum(dyt.to(tl.float32), axis=1)
+        xp = _load_rows(X, _offset(bb, ti, hi, wi, sxb, sxt, sxh, sxw), row_ok, offs_ci, ci_ok, sxc, FAST)
+        acc = _dot(tl.trans(dy), xp.to(dy.dtype), acc)
+        if has_bias != 0:
+            db += tl.sum(dy.to(tl.float32), axis=0)
     dw_ptr = (
         DW
         + split.to(tl.int64) * c_out * c_in * TAPS
@@ -309,7 +301,7 @@ def _causal_conv3d_bwd_dw_kernel(
         + offs_ci[None, :] * TAPS
     )
     tl.store(dw_ptr + tap, acc, mask=co_ok[:, None] & ci_ok[None, :])
-    if HAS_BIAS:
+    if has_bias != 0:
         if (tap == 0) & (pid_ci == 0):
             tl.store(DB + split * c_out + offs_co, db, mask=co_ok)
 
@@ -330,6 +322,26 @@ def _t_out(t: int, kt: int, stride_t: int) -> int:
     return (t + (kt - stride_t) - kt) // stride_t + 1
 
 
+def _pack_weight(weight: torch.Tensor, dtype, transpose: bool) -> torch.Tensor:
+    """The weight as the GEMM's B operand: (taps, C_in, C_out) contiguous, or (taps, C_out, C_in) for
+    dX. A deliberate copy of the (small, reused by every M tile) weight, never of activations."""
+    perm = (2, 3, 4, 0, 1) if transpose else (2, 3, 4, 1, 0)
+    w = weight.to(dtype).permute(*perm).contiguous()
+    return w.view(-1, w.shape[3], w.shape[4])
+
+
+def _fast(tensors, c_in: int, c_out: int) -> bool:
+    """True when every operand is channels-last with 16-element-aligned rows and both channel counts
+    are multiples of 128 (the largest channel block): the FAST constexpr specialisation."""
+    if c_in % 128 or c_out % 128:
+        return False
+    for t in tensors:
+        strides = (t.stride(0), *t.stride()[2:])
+        if t.stride(1) != 1 or any(s % 16 for s in strides) or t.data_ptr() % 16:
+            return False
+    return True
+
+
 @torch.library.custom_op("opensora_fast::causal_conv3d_fwd", mutates_args=())
 def causal_conv3d_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride_t: int
@@ -340,27 +352,13 @@ def causal_conv3d_fwd(
     y = _out_like(x, (B, C_out, T_out, H, W))
     M = B * T_out * H * W
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
+    wp = _pack_weight(weight, x.dtype, transpose=False)
     _causal_conv3d_fwd_kernel[grid](
-        x,
-        weight,
-        weight if bias is None else bias,
-        y,
-        C_in,
-        C_out,
-        T,
-        T_out,
-        H,
-        W,
-        M,
-        *x.stride(),
-        *weight.stride(),
-        *y.stride(),
-        KT=KT,
-        KH=KH,
-        KW=KW,
-        STRIDE_T=stride_t,
-        HAS_BIAS=bias is not None,
-    )
+        x, wp, wp if bias is None else bias, y,
+        C_in, C_out, T, T_out, H, W, M, int(bias is not None),
+        *x.stride(), *y.stride(),
+        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((x, y), C_in, C_out),
+    )  # fmt: skip
     return y
 
 
@@ -380,25 +378,13 @@ def causal_conv3d_bwd_dx(
     dx = _out_like(x, x.shape)
     M = B * T * H * W
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_in, meta["BLOCK_N"]))
+    wp = _pack_weight(weight, dy.dtype, transpose=True)
     _causal_conv3d_bwd_dx_kernel[grid](
-        dy,
-        weight,
-        dx,
-        C_in,
-        C_out,
-        T,
-        T_out,
-        H,
-        W,
-        M,
-        *dy.stride(),
-        *weight.stride(),
-        *dx.stride(),
-        KT=KT,
-        KH=KH,
-        KW=KW,
-        STRIDE_T=stride_t,
-    )
+        dy, wp, dx,
+        C_in, C_out, T, T_out, H, W, M,
+        *dy.stride(), *dx.stride(),
+        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((dy, dx), C_in, C_out),
+    )  # fmt: skip
     return dx
 
 
@@ -407,7 +393,6 @@ def _(dy, x, weight, stride_t):
     return _out_like(x, x.shape)
 
 
-_M_ALIGN = 256  # m_chunk is a multiple of this (>= every BLOCK_K)
 _TARGET_PROGRAMS = 264  # two waves of 132 SMs
 
 
@@ -427,7 +412,7 @@ def causal_conv3d_bwd_dw(
     M = B * T_out * H * W
     taps = KT * KH * KW
     split = _dw_split(M, C_in, C_out, taps)
-    m_chunk = triton.cdiv(triton.cdiv(M, split), _M_ALIGN) * _M_ALIGN
+    m_chunk = triton.cdiv(triton.cdiv(M, split), 256) * 256
     split = triton.cdiv(M, m_chunk)
     dw = empty((split, C_out, C_in, taps), torch.float32, x.device)
     db = empty((split, C_out), torch.float32, x.device)
@@ -437,26 +422,11 @@ def causal_conv3d_bwd_dw(
         split,
     )
     _causal_conv3d_bwd_dw_kernel[grid](
-        x,
-        dy,
-        dw,
-        db,
-        C_in,
-        C_out,
-        T,
-        T_out,
-        H,
-        W,
-        M,
-        m_chunk,
-        *x.stride(),
-        *dy.stride(),
-        KT=KT,
-        KH=KH,
-        KW=KW,
-        STRIDE_T=stride_t,
-        HAS_BIAS=has_bias,
-    )
+        x, dy, dw, db,
+        C_in, C_out, T, T_out, H, W, M, m_chunk, int(has_bias),
+        *x.stride(), *dy.stride(),
+        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((x, dy), C_in, C_out),
+    )  # fmt: skip
     dw = dw.sum(0).reshape(C_out, C_in, KT, KH, KW).to(weight.dtype)
     db = db.sum(0).to(weight.dtype) if has_bias else dw.new_zeros(0)
     return dw, db
@@ -537,33 +507,36 @@ _VARIANTS = ((3, 3, 3, 1), (3, 3, 3, 2), (1, 1, 1, 1))
 
 
 def sm90_specs() -> list[KernelSpec]:
+    """dtype x (kernel size, stride) x FAST (channels-last, C % 128 == 0) or generic strides x
+    autotune config x kernel (forward, dX, dW)."""
+    kernels = (
+        ("fwd", _causal_conv3d_fwd_kernel, {}),
+        ("bwd_dx", _causal_conv3d_bwd_dx_kernel, {}),
+        ("bwd_dw", _causal_conv3d_bwd_dw_kernel, {"DW": "fp32", "DB": "fp32"}),
+    )
     specs = []
     for dt in ("fp16", "bf16"):
         for kt, kh, kw, st in _VARIANTS:
-            for bm, bn, bk, nw, ns in _GEMM_CONFIGS:
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-                tag = f"{dt},k={kt}{kh}{kw},st={st},{bm}x{bn}x{bk},w{nw}s{ns}"
-                base = dict(KT=kt, KH=kh, KW=kw, STRIDE_T=st)
-                dw_ptrs = {"*": dt, "DW": "fp32", "DB": "fp32"}
-                kernels = [("bwd_dx", _causal_conv3d_bwd_dx_kernel, {"*": dt}, base)]
-                for hb in (True, False):
-                    cx = dict(base, HAS_BIAS=hb)
-                    kernels.append((f"fwd,bias={int(hb)}", _causal_conv3d_fwd_kernel, {"*": dt}, cx))
-                    kernels.append((f"bwd_dw,bias={int(hb)}", _causal_conv3d_bwd_dw_kernel, dw_ptrs, cx))
-                for name, fn, ptrs, cx in kernels:
-                    jit = fn.fn  # the @triton.jit function under the autotuner
-                    cx = dict(cx, **cfg)
-                    specs.append(
-                        KernelSpec(
-                            name=f"causal_conv3d_{name.split(',')[0]}[{tag}{name[len(name.split(',')[0]) :]}]",
-                            fn=jit,
-                            signature=signature(jit, ptrs, cx),
-                            constexprs=cx,
-                            num_warps=nw,
-                            num_stages=ns,
-                            uses_dot=True,
+            for fast in (True, False):
+                for bm, bn, bk, nw, ns in _GEMM_CONFIGS:
+                    for name, fn, ptrs in kernels:
+                        jit = fn.fn  # the @triton.jit function under the autotuner
+                        cx = dict(
+                            KT=kt, KH=kh, KW=kw, STRIDE_T=st, FAST=fast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk
                         )
-                    )
+                        layout = "fast" if fast else "strided"
+                        tag = f"{dt},k={kt}{kh}{kw},st={st},{layout},{bm}x{bn}x{bk},w{nw}s{ns}"
+                        specs.append(
+                            KernelSpec(
+                                name=f"causal_conv3d_{name}[{tag}]",
+                                fn=jit,
+                                signature=signature(jit, dict(ptrs, **{"*": dt}), cx),
+                                constexprs=cx,
+                                num_warps=nw,
+                                num_stages=ns,
+                                uses_dot=True,
+                            )
+                        )
     return specs
 
 

@@ -36,7 +36,7 @@ def _configs():
     return autotune_configs([triton.Config({"TILE": t}, num_warps=w) for t, w in _CONFIGS])
 
 
-_KEY = ["spatial", "num_ch", "num_groups", "GPP", "CG_P"]
+_KEY = ["spatial", "num_ch", "num_groups", "GPP", "CG_P", "LAYOUT"]
 
 
 @triton.jit
@@ -46,6 +46,23 @@ def _spatial_offset(s, height, width, sxt, sxh, sxw):
     h = (s // width) % height
     t = s // (width * height)
     return t.to(tl.int64) * sxt + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
+
+
+@triton.jit
+def _offsets(s, ch, height, width, sc, st, sh, sw, LAYOUT: tl.constexpr):
+    """Element offsets (within a sample) of positions s (BLOCK_S,) x channels ch (GPP, CG_P).
+
+    LAYOUT 1: channels-last packed (channel stride 1, position stride sw); 2: contiguous packed
+    (position stride 1, channel stride sc); both in int32 (the host checks C*S < 2**31). 0: any
+    strides, positions decomposed into (t, h, w), int64."""
+    if LAYOUT == 1:
+        off = (s * sw)[:, None, None] + ch[None, :, :]
+    elif LAYOUT == 2:
+        off = s[:, None, None] + (ch * sc)[None, :, :]
+    else:
+        sp_off = _spatial_offset(s, height, width, st, sh, sw)
+        off = sp_off[:, None, None] + (ch.to(tl.int64) * sc)[None, :, :]
+    return off
 
 
 @triton.jit
@@ -77,6 +94,7 @@ def _group_norm_silu_stats_kernel(
     sxh,
     sxw,  # fmt: skip
     GPP: tl.constexpr,  # groups per program (power of 2)
+    LAYOUT: tl.constexpr,  # 0 any strides, 1 channels-last packed, 2 contiguous packed (see _offsets)
     CG_P: tl.constexpr,  # next_pow2(cg)
     TILE: tl.constexpr,
 ):
@@ -86,7 +104,7 @@ def _group_norm_silu_stats_kernel(
     sp = tl.program_id(2)
     cc = tl.arange(0, CG_P)
     ch_ok = (g < num_groups)[:, None] & (cc < cg)[None, :]
-    ch_off = (g[:, None] * cg + cc[None, :]).to(tl.int64) * sxc
+    ch = g[:, None] * cg + cc[None, :]
     base = X + b.to(tl.int64) * sxb
     s_start = sp * s_chunk
     s_end = tl.minimum(s_start + s_chunk, spatial)
@@ -96,7 +114,7 @@ def _group_norm_silu_stats_kernel(
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
-        off = _spatial_offset(s, height, width, sxt, sxh, sxw)[:, None, None] + ch_off[None, :, :]
+        off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
         x = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
         cnt = (tl.minimum(s_end - s0, BLOCK_S) * cg).to(tl.float32)
         tmean = tl.sum(tl.sum(x, axis=0), axis=1) / cnt
@@ -156,6 +174,7 @@ def _group_norm_silu_fwd_kernel(
     syh,
     syw,  # fmt: skip
     GPP: tl.constexpr,
+    LAYOUT: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -177,15 +196,15 @@ def _group_norm_silu_fwd_kernel(
     shift = bias - mean[:, None] * scale
     x_base = X + b.to(tl.int64) * sxb
     y_base = Y + b.to(tl.int64) * syb
-    x_ch = ch.to(tl.int64) * sxc
-    y_ch = ch.to(tl.int64) * syc
     s_start = sp * s_chunk
     s_end = tl.minimum(s_start + s_chunk, spatial)
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
-        x_off = _spatial_offset(s, height, width, sxt, sxh, sxw)[:, None, None] + x_ch[None, :, :]
-        y_off = _spatial_offset(s, height, width, syt, syh, syw)[:, None, None] + y_ch[None, :, :]
+        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
+        y_off = x_off  # packed layouts: every tensor has x's strides
+        if LAYOUT == 0:
+            y_off = _offsets(s, ch, height, width, syc, syt, syh, syw, LAYOUT)
         x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
         z = x * scale[None, :, :] + shift[None, :, :]
         if silu != 0:
@@ -224,6 +243,7 @@ def _group_norm_silu_bwd_reduce_kernel(
     sdh,
     sdw,  # fmt: skip
     GPP: tl.constexpr,
+    LAYOUT: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -241,8 +261,6 @@ def _group_norm_silu_bwd_reduce_kernel(
     bias = tl.load(Bias + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
     x_base = X + b.to(tl.int64) * sxb
     d_base = DY + b.to(tl.int64) * sdb
-    x_ch = ch.to(tl.int64) * sxc
-    d_ch = ch.to(tl.int64) * sdc
     sum_g = tl.zeros((GPP,), dtype=tl.float32)
     sum_gx = tl.zeros((GPP,), dtype=tl.float32)
     sum_dzx = tl.zeros((GPP, CG_P), dtype=tl.float32)
@@ -252,8 +270,10 @@ def _group_norm_silu_bwd_reduce_kernel(
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
-        x_off = _spatial_offset(s, height, width, sxt, sxh, sxw)[:, None, None] + x_ch[None, :, :]
-        d_off = _spatial_offset(s, height, width, sdt, sdh, sdw)[:, None, None] + d_ch[None, :, :]
+        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
+        d_off = x_off
+        if LAYOUT == 0:
+            d_off = _offsets(s, ch, height, width, sdc, sdt, sdh, sdw, LAYOUT)
         x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(d_base + d_off, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean[None, :, None]) * rstd[None, :, None]
@@ -312,6 +332,7 @@ def _group_norm_silu_bwd_dx_kernel(
     soh,
     sow,  # fmt: skip
     GPP: tl.constexpr,
+    LAYOUT: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -339,17 +360,17 @@ def _group_norm_silu_bwd_dx_kernel(
     x_base = X + b.to(tl.int64) * sxb
     d_base = DY + b.to(tl.int64) * sdb
     o_base = DX + b.to(tl.int64) * sob
-    x_ch = ch.to(tl.int64) * sxc
-    d_ch = ch.to(tl.int64) * sdc
-    o_ch = ch.to(tl.int64) * soc
     s_start = sp * s_chunk
     s_end = tl.minimum(s_start + s_chunk, spatial)
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
-        x_off = _spatial_offset(s, height, width, sxt, sxh, sxw)[:, None, None] + x_ch[None, :, :]
-        d_off = _spatial_offset(s, height, width, sdt, sdh, sdw)[:, None, None] + d_ch[None, :, :]
-        o_off = _spatial_offset(s, height, width, sot, soh, sow)[:, None, None] + o_ch[None, :, :]
+        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
+        d_off = x_off
+        o_off = x_off
+        if LAYOUT == 0:
+            d_off = _offsets(s, ch, height, width, sdc, sdt, sdh, sdw, LAYOUT)
+            o_off = _offsets(s, ch, height, width, soc, sot, soh, sow, LAYOUT)
         x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(d_base + d_off, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean[None, :, None]) * rstd[None, :, None]
@@ -386,13 +407,35 @@ def _geometry(x: torch.Tensor):
     return x.shape[2], x.shape[3], x.shape[4], x.stride()
 
 
-def _tiling(x: torch.Tensor, num_groups: int):
-    """(GPP, CG_P, NSPLIT, s_chunk): groups per program (several for channels-last x, so a tile row
-    is one contiguous run of channels), padded group width, and the split of the positions."""
+def _layout(tensors) -> tuple[int, tuple]:
+    """(LAYOUT, strides) for the kernels: 1 (channels-last packed) or 2 (contiguous packed) when every
+    tensor has the same strides, its positions (t, h, w) are one arithmetic run and C*S offsets fit
+    in int32; the strides passed are then (b, c, 0, 0, position stride). Else 0 with x's strides."""
+    x = tensors[0]
+    T, H, W, (sb, sc, st, sh, sw) = _geometry(x)
+    C = x.shape[1]
+    generic = (0, (sb, sc, st, sh, sw))
+    if any(t.stride() != x.stride() for t in tensors[1:]):
+        return generic
+    q = sw if W > 1 else (sh if H > 1 else st)
+    if not ((W == 1 or sw == q) and (H == 1 or sh == W * q) and (T == 1 or st == H * W * q)):
+        return generic
+    if (T * H * W - 1) * q + (C - 1) * sc >= 2**31:
+        return generic
+    if sc == 1 and C > 1 and q >= C:
+        return 1, (sb, sc, 0, 0, q)
+    if q == 1:
+        return 2, (sb, sc, 0, 0, 1)
+    return generic
+
+
+def _tiling(x: torch.Tensor, num_groups: int, layout: int):
+    """(GPP, CG_P, NSPLIT, s_chunk, group blocks): groups per program (several for channels-last x,
+    so a tile row is one contiguous run of channels), padded group width, the split of the positions."""
     B, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     cg_p = next_pow2(C // num_groups)
-    gpp = min(next_pow2(num_groups), max(1, 128 // cg_p)) if x.stride(1) == 1 and C > 1 else 1
+    gpp = min(next_pow2(num_groups), max(1, 128 // cg_p)) if layout == 1 else 1
     group_blocks = triton.cdiv(num_groups, gpp)
     nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B * group_blocks), triton.cdiv(S, 1024)))
     s_chunk = triton.cdiv(S, nsplit)
@@ -404,18 +447,20 @@ def group_norm_silu_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, C = x.shape[:2]
-    T, H, W, sx = _geometry(x)
-    gpp, cg_p, nsplit, s_chunk, group_blocks = _tiling(x, num_groups)
+    T, H, W, _ = _geometry(x)
     y = _empty_like_format(x)
-    _, _, _, sy = _geometry(y)
+    layout, sx = _layout((x, y))
+    sy = sx if layout else _geometry(y)[3]
+    gpp, cg_p, nsplit, s_chunk, group_blocks = _tiling(x, num_groups, layout)
     partial = empty((B, num_groups, nsplit, 2), torch.float32, x.device)
     mean = empty((B, num_groups), torch.float32, x.device)
     rstd = empty((B, num_groups), torch.float32, x.device)
     grid = (B, group_blocks, nsplit)
     dims = (C, num_groups, C // num_groups, T * H * W, H, W, s_chunk, nsplit)
-    _group_norm_silu_stats_kernel[grid](x, partial, *dims, *sx, GPP=gpp, CG_P=cg_p)
+    cx = dict(GPP=gpp, LAYOUT=layout, CG_P=cg_p)
+    _group_norm_silu_stats_kernel[grid](x, partial, *dims, *sx, **cx)
     _group_norm_silu_fwd_kernel[grid](
-        x, weight, bias, y, partial, mean, rstd, *dims, eps, int(silu), *sx, *sy, GPP=gpp, CG_P=cg_p
+        x, weight, bias, y, partial, mean, rstd, *dims, eps, int(silu), *sx, *sy, **cx
     )
     return y, mean, rstd
 
@@ -438,20 +483,22 @@ def group_norm_silu_bwd(
     silu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, C = x.shape[:2]
-    T, H, W, sx = _geometry(x)
-    _, _, _, sd = _geometry(dy)
-    gpp, cg_p, nsplit, s_chunk, group_blocks = _tiling(x, num_groups)
+    T, H, W, _ = _geometry(x)
     dx = _empty_like_format(x)
-    _, _, _, so = _geometry(dx)
+    layout, sx = _layout((x, dy, dx))
+    sd = sx if layout else _geometry(dy)[3]
+    so = sx if layout else _geometry(dx)[3]
+    gpp, cg_p, nsplit, s_chunk, group_blocks = _tiling(x, num_groups, layout)
     partial_g = empty((B, num_groups, nsplit, 2), torch.float32, x.device)
     partial_c = empty((B, nsplit, C, 2), torch.float32, x.device)
     grid = (B, group_blocks, nsplit)
     dims = (C, num_groups, C // num_groups, T * H * W, H, W, s_chunk, nsplit, int(silu))
+    cx = dict(GPP=gpp, LAYOUT=layout, CG_P=cg_p)
     _group_norm_silu_bwd_reduce_kernel[grid](
-        x, dy, weight, bias, mean, rstd, partial_g, partial_c, *dims, *sx, *sd, GPP=gpp, CG_P=cg_p
+        x, dy, weight, bias, mean, rstd, partial_g, partial_c, *dims, *sx, *sd, **cx
     )
     _group_norm_silu_bwd_dx_kernel[grid](
-        x, dy, weight, bias, mean, rstd, partial_g, dx, *dims, *sx, *sd, *so, GPP=gpp, CG_P=cg_p
+        x, dy, weight, bias, mean, rstd, partial_g, dx, *dims, *sx, *sd, *so, **cx
     )
     dweight = partial_c[..., 0].sum((0, 1)).to(weight.dtype)
     dbias = partial_c[..., 1].sum((0, 1)).to(bias.dtype)
@@ -521,8 +568,9 @@ _GATE_CG_P = (4, 8, 16)
 
 
 def sm90_specs() -> list[KernelSpec]:
-    """Every launchable config at the VAE's group widths: dtype x C/G x layout (groups per program:
-    1 for contiguous x, 128 // CG_P for channels-last x with 32 groups) x autotune config x kernel."""
+    """Every launchable config at the VAE's group widths (GroupNorm 32 at C = 128/256/512): dtype x
+    C/G x LAYOUT (channels-last packed: 128 // CG_P groups per program; contiguous packed and any
+    strides: 1 group) x autotune config x kernel."""
     kernels = (
         ("stats", _group_norm_silu_stats_kernel, {"*": "{dt}", "Partial": "fp32"}),
         (
@@ -544,11 +592,15 @@ def sm90_specs() -> list[KernelSpec]:
     specs = []
     for dt in ("fp16", "bf16"):
         for cg_p in _GATE_CG_P:
-            for layout, gpp in (("contiguous", 1), ("channels_last", min(32, 128 // cg_p))):
+            for layout, mode, gpp in (
+                ("channels_last", 1, 128 // cg_p),
+                ("contiguous", 2, 1),
+                ("strided", 0, 1),
+            ):
                 for tile, nw in _CONFIGS:
                     for name, fn, ptrs in kernels:
                         jit = fn.fn
-                        cx = dict(GPP=gpp, CG_P=cg_p, TILE=tile)
+                        cx = dict(GPP=gpp, LAYOUT=mode, CG_P=cg_p, TILE=tile)
                         ptrs = {k: v.format(dt=dt) for k, v in ptrs.items()}
                         specs.append(
                             KernelSpec(

@@ -12,14 +12,17 @@ def _layout(t, layout):
     return t.to(memory_format=torch.channels_last_3d if t.dim() == 5 else torch.channels_last)
 
 
-def _run(shape, groups, layout, silu, dtype, device, offset=3.0):
+def _run(shape, groups, layout, silu, dtype, device, offset=3.0, dy_layout="contiguous", sliced=False):
     """Kernel vs same-precision and fp64 references: output, dx, dweight, dbias. x has a mean offset
     (offset) larger than its spread, which a one-pass E[x^2] - E[x]^2 variance would get wrong."""
     C = shape[1]
-    x64 = randn(*shape, dtype=torch.float64, device=device, scale=2.0) + offset
+    full = (*shape[:-1], 2 * shape[-1]) if sliced else shape
+    x64 = randn(*full, dtype=torch.float64, device=device, scale=2.0) + offset
+    if sliced:  # a strided view: the kernels must read it through its strides
+        x64 = x64[..., ::2]
     w64 = randn(C, dtype=torch.float64, device=device)
     b64 = randn(C, dtype=torch.float64, device=device)
-    dy = randn(*shape, dtype=torch.float64, device=device)  # contiguous, whatever x's format
+    dy = _layout(randn(*shape, dtype=torch.float64, device=device), dy_layout)
     results = {}
     for tag, dt in (("kernel", dtype), ("lowp", dtype), ("fp64", torch.float64)):
         x = _layout(x64.to(dt), layout).requires_grad_()
@@ -31,31 +34,39 @@ def _run(shape, groups, layout, silu, dtype, device, offset=3.0):
         y.backward(dy.to(dt))
         results[tag] = (y, x.grad, w.grad, b.grad)
     out = results["kernel"]
-    assert out[0].stride() == _layout(x64, layout).stride(), "output must keep x's memory format"
+    if not sliced:
+        assert out[0].stride() == _layout(x64, layout).stride(), "output must keep x's memory format"
     for i, name in enumerate(("out", "dx", "dweight", "dbias")):
         assert out[i].dtype == dtype, f"{name} dtype {out[i].dtype}"
         assert_close_to_fp64(out[i], results["lowp"][i], results["fp64"][i], name=name)
 
 
-# (shape, groups, layout, silu): C/G = 2 / 5 (not a power of 2) / 4; T=1, T=17, odd H/W; 4-D input;
+# (shape, groups, layout, silu, dy layout): C/G = 2 / 5 (not a power of 2) / 4; T=1, T=17, odd H/W; 4-D input;
 # S = 1800 > 1024 positions (statistics split across programs and merged).
+# The kernels' LAYOUT: 1 when x, dy (and the outputs) are channels-last, 2 when contiguous, 0 (any
+# strides) when they differ or x is a strided view.
 CASES = [
-    ((2, 8, 3, 5, 7), 4, "contiguous", True),
-    ((2, 20, 1, 3, 3), 4, "channels_last", True),
-    ((1, 12, 17, 2, 3), 3, "channels_last", False),
-    ((1, 6, 5, 5), 2, "channels_last", True),
-    ((2, 6, 3, 5), 3, "contiguous", True),
-    ((1, 8, 3, 20, 30), 2, "contiguous", True),
-    ((1, 8, 2, 25, 27), 4, "channels_last", True),
+    ((2, 8, 3, 5, 7), 4, "contiguous", True, "contiguous"),
+    ((2, 20, 1, 3, 3), 4, "channels_last", True, "channels_last"),
+    ((1, 12, 17, 2, 3), 3, "channels_last", False, "contiguous"),
+    ((1, 6, 5, 5), 2, "channels_last", True, "channels_last"),
+    ((2, 6, 3, 5), 3, "contiguous", True, "channels_last"),
+    ((1, 8, 3, 20, 30), 2, "contiguous", True, "contiguous"),
+    ((1, 8, 2, 25, 27), 4, "channels_last", True, "channels_last"),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize(
-    "case", CASES, ids=[f"{'x'.join(map(str, c[0]))}-G{c[1]}-{c[2]}-silu{int(c[3])}" for c in CASES]
+    "case", CASES, ids=[f"{'x'.join(map(str, c[0]))}-G{c[1]}-{c[2]}-silu{int(c[3])}-dy_{c[4]}" for c in CASES]
 )
 def test_group_norm_silu_matches_fp64(triton_backend, device, case, dtype):
-    _run(*case, dtype=dtype, device=device)
+    shape, groups, layout, silu, dy_layout = case
+    _run(shape, groups, layout, silu, dtype, device, dy_layout=dy_layout)
+
+
+def test_group_norm_silu_strided_view(triton_backend, device):
+    _run((2, 6, 3, 4, 5), 3, "contiguous", True, torch.float32, device, sliced=True)
 
 
 def test_group_norm_silu_large_offset_fp32(triton_backend, device):
@@ -112,4 +123,18 @@ GPU_CASES = [
     "shape, layout", GPU_CASES, ids=[f"{'x'.join(map(str, s))}-{l}" for s, l in GPU_CASES]
 )
 def test_group_norm_silu_bf16_real_shapes(triton_backend, shape, layout):
-    _run(shape, 32, layout, True, torch.bfloat16, "cuda", offset=0.5)
+    _run(shape, 32, layout, True, torch.bfloat16, "cuda", offset=0.5, dy_layout=layout)
+
+
+def test_group_norm_silu_layout_modes():
+    """The packed fast paths are chosen exactly when every tensor shares x's packed strides."""
+    from opensora_fast.kernels.group_norm_silu import _layout
+
+    x = torch.randn(2, 8, 3, 4, 5)
+    cl = x.to(memory_format=torch.channels_last_3d)
+    assert _layout((x, torch.empty_like(x)))[0] == 2
+    assert _layout((cl, torch.empty_like(cl)))[0] == 1
+    assert _layout((cl, x))[0] == 0
+    assert _layout((x[..., ::2],))[0] == 0
+    x4 = torch.randn(2, 8, 4, 5).to(memory_format=torch.channels_last)
+    assert _layout((x4,))[0] == 1

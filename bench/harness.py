@@ -94,3 +94,30 @@ def run_case_with_benchmark(benchmark, case: Case) -> None:
     else:
         benchmark.pedantic(fn, rounds=1, iterations=1)
     benchmark.extra_info.update(bytes=case.bytes, flops=case.flops, provider=case.provider, mode=case.mode)
+
+
+def with_backend(fn: Callable, backend: str | None) -> Callable:
+    """Wrap fn so it runs with OPENSORA_FAST_BACKEND=backend (None: unset, i.e. dispatch by device).
+    Providers set it per call, so they cannot leak into each other."""
+    from opensora_fast.kernels._utils import BACKEND_ENV
+
+    def run(*args, **kwargs):
+        old = os.environ.get(BACKEND_ENV)
+        if backend is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = backend
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if old is None:
+                os.environ.pop(BACKEND_ENV, None)
+            else:
+                os.environ[BACKEND_ENV] = old
+
+    return run
+
+
+def ours(fn: Callable) -> Callable:
+    """The opensora_fast provider: Triton kernels on GPU, and through the interpreter on CPU."""
+    return with_backend(fn, "triton")

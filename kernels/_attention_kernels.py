@@ -13,12 +13,17 @@ issues one ``tl.dot`` per piece. For the model's D = 72 that is 64 + 16 (8 real)
 72 / 80 = 90% (one padded block would be 72 / 128 = 56%). Other D: 40 -> 32 + 16 (83%), 96 -> 64 + 32
 (100%), 120 -> 64 + 64 (94%), powers of two 100%.
 
-q/k prologue (``NORM``): per-head RMSNorm with fp32 statistics over the whole head (both pieces), cast
-back to the input dtype, times the (D,) weight; with ``ROPE`` then interleaved-pair rotary embedding
+q/k prologue: per-head RMSNorm with fp32 statistics over the whole head (both pieces), cast back to
+the input dtype, times the (D,) weight; with RoPE then interleaved-pair rotary embedding
 x * cos + rotate_half(x) * sin, where rotate_half reads the pair-swapped columns with a second strided
-load (cols ^ 1, an L1 hit) and a sign vector, so no register shuffle sits in the inner loops.
-The backward runs the same transforms in reverse in the epilogue of the dK and dQ kernels, writes dx
-into dqkv and accumulates the norm-weight gradients with fp32 atomics.
+load (cols ^ 1, an L1 hit) and a sign vector. The forward fuses RMSNorm into its q prologue and its K
+loop (``NORM``: spatial attention). With RoPE (temporal attention) the transform runs in the
+``_qk_norm_rope_fwd_kernel`` pre-pass into contiguous q/k scratch and the forward reads that:
+fusing RoPE into the K loop spilled registers on sm_90 for every tile shape tried (64-1336 B stack).
+Backward: the pre-pass writes transformed q/k scratch, the dK/dV and dQ kernels (plain, no prologue)
+write the gradients w.r.t. the transformed q/k, and ``_qk_norm_rope_bwd_kernel`` maps them through
+RoPE^T (in registers: reshape + split/join) and the RMSNorm backward into dqkv, with per-program
+partial norm-weight gradients summed on the host (deterministic, no atomics).
 
 Softmax statistics are fp32 and kept in log2 units (``qk_scale = softmax_scale * log2(e)``); the
 forward stores lse2 = m + log2(l) per row (+inf for a row that sees no key, whose output is 0).
@@ -176,12 +181,10 @@ def _attention_fwd_kernel(
     LSE,  # (Z * H, Lq) fp32, log2 units
     QW,  # (D,) q RMSNorm weight (NORM)
     KW,  # (D,) k RMSNorm weight (NORM)
-    COS,  # (Lq, D) rows strided by stride_cs (ROPE)
-    SIN,  # (Lq, D) (ROPE)
     CU_K,  # (Z + 1,) int32 cumulative key counts (varlen)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, so1, so2, som, soh,
-    H, Lq, Lk, D, causal, varlen, stride_cs, qk_scale, eps,
-    NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, Lq, Lk, D: tl.constexpr, causal, varlen, qk_scale, eps,
+    NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -194,8 +197,8 @@ def _attention_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
     q_base = Q + _z_offset(z, Z2, sq1, sq2) + h * sqh
-    q0, q1, _x0, _x1, _r = _load_qk(q_base, rows, sqm, row_ok, QW, COS, SIN, stride_cs, D, eps,
-                                    NORM, ROPE, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+    q0, q1, _x0, _x1, _r = _load_qk(q_base, rows, sqm, row_ok, QW, QW, QW, 0, D, eps,
+                                    NORM, False, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
     k_base = K + k_off + h * skh
     v_base = V + v_off + h * svh
 
@@ -207,8 +210,8 @@ def _attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < n_k
-        k0, k1, _y0, _y1, _rk = _load_qk(k_base, keys, skm, key_ok, KW, COS, SIN, stride_cs, D, eps,
-                                         NORM, ROPE, BLOCK_N, BD0, BD1, HAS_D1)  # fmt: skip
+        k0, k1, _y0, _y1, _rk = _load_qk(k_base, keys, skm, key_ok, KW, KW, KW, 0, D, eps,
+                                         NORM, False, BLOCK_N, BD0, BD1, HAS_D1)  # fmt: skip
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if HAS_D1:
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
@@ -242,21 +245,9 @@ def _attention_bwd_preprocess_kernel(
     O,  # (Z, Lq, H, D) through (so1, so2, som, soh)
     DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
     DELTA,  # (Z * H, Lq) fp32: rowsum(dO * O)
-    QX,  # (Z, Lq, H, D) raw q through (sq1, sq2, sqm, sqh) (NORM)
-    KX,  # (Z, Lq, H, D) raw k through (sk1, sk2, skm, skh) (NORM; self-attention: Lk == Lq)
-    QT,  # (Z, Lq, H, D) contiguous: transformed q (NORM)
-    KT,  # (Z, Lq, H, D) contiguous: transformed k (NORM)
-    QW,  # (D,)
-    KW,  # (D,)
-    COS,  # (Lq, D)
-    SIN,  # (Lq, D)
-    Z2, so1, so2, som, soh, sd1, sd2, sdm, sdh, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh,
-    H, Lq, D, stride_cs, eps,
-    NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-    HAS_D1: tl.constexpr,
+    Z2, so1, so2, som, soh, sd1, sd2, sdm, sdh, H, Lq, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
 ):  # fmt: skip
-    """delta = rowsum(dO * O) and, with NORM, the transformed q and k (RMSNorm + RoPE) the two
-    gradient kernels read in their inner loops."""
     pid_m = tl.program_id(0)
     zh = tl.program_id(1)
     z = zh // H
@@ -273,19 +264,42 @@ def _attention_bwd_preprocess_kernel(
         do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1).to(tl.float32)
         delta += tl.sum(o1 * do1, 1)
     tl.store(DELTA + zh.to(tl.int64) * Lq + rows, delta, mask=row_ok)
-    if NORM:
-        t_base = z.to(tl.int64) * Lq * H * D + h * D
-        qx_base = QX + _z_offset(z, Z2, sq1, sq2) + h * sqh
-        q0, q1, _a, _b, _c = _load_qk(qx_base, rows, sqm, row_ok, QW, COS, SIN, stride_cs, D, eps, True, ROPE,
-                                      BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
-        _store_piece(QT + t_base, rows, H * D, row_ok, 0, D, q0, BD0)
-        kx_base = KX + _z_offset(z, Z2, sk1, sk2) + h * skh
-        k0, k1, _d, _e, _f = _load_qk(kx_base, rows, skm, row_ok, KW, COS, SIN, stride_cs, D, eps, True, ROPE,
-                                      BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
-        _store_piece(KT + t_base, rows, H * D, row_ok, 0, D, k0, BD0)
-        if HAS_D1:
-            _store_piece(QT + t_base, rows, H * D, row_ok, BD0, D, q1, BD1)
-            _store_piece(KT + t_base, rows, H * D, row_ok, BD0, D, k1, BD1)
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(
+    QX,  # (Z, L, H, D) raw q through (sq1, sq2, sqm, sqh)
+    KX,  # (Z, L, H, D) raw k through (sk1, sk2, skm, skh)
+    QT,  # (Z, L, H, D) contiguous: transformed q
+    KT,  # (Z, L, H, D) contiguous: transformed k
+    QW,  # (D,)
+    KW,  # (D,)
+    COS,  # (L, D) rows strided by stride_cs (ROPE)
+    SIN,  # (L, D) (ROPE)
+    Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, H, L, D: tl.constexpr, stride_cs, eps,
+    ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
+):  # fmt: skip
+    """RMSNorm (+ RoPE) of q and k into contiguous scratch: the q/k every backward kernel reads, and the
+    forward's input when RoPE is on (RoPE inside the attention loop spilled registers on sm_90)."""
+    pid_m = tl.program_id(0)
+    zh = tl.program_id(1)
+    z = zh // H
+    h = zh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < L
+    t_base = z.to(tl.int64) * L * H * D + h * D
+    qx_base = QX + _z_offset(z, Z2, sq1, sq2) + h * sqh
+    q0, q1, _a, _b, _c = _load_qk(qx_base, rows, sqm, row_ok, QW, COS, SIN, stride_cs, D, eps, True, ROPE,
+                                  BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+    _store_piece(QT + t_base, rows, H * D, row_ok, 0, D, q0, BD0)
+    if HAS_D1:
+        _store_piece(QT + t_base, rows, H * D, row_ok, BD0, D, q1, BD1)
+    kx_base = KX + _z_offset(z, Z2, sk1, sk2) + h * skh
+    k0, k1, _d, _e, _f = _load_qk(kx_base, rows, skm, row_ok, KW, COS, SIN, stride_cs, D, eps, True, ROPE,
+                                  BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+    _store_piece(KT + t_base, rows, H * D, row_ok, 0, D, k0, BD0)
+    if HAS_D1:
+        _store_piece(KT + t_base, rows, H * D, row_ok, BD0, D, k1, BD1)
 
 
 @triton.jit
@@ -301,7 +315,7 @@ def _attention_bwd_dkdv_kernel(
     CU_K,  # (Z + 1,) int32 (varlen)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
     sdk1, sdk2, sdkm, sdkh, sdv1, sdv2, sdvm, sdvh,
-    H, Lq, Lk, D, causal, varlen, qk_scale, sm_scale,
+    H, Lq, Lk, D: tl.constexpr, causal, varlen, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -380,7 +394,7 @@ def _attention_bwd_dq_kernel(
     CU_K,  # (Z + 1,) int32 (varlen)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
     sdq1, sdq2, sdqm, sdqh,
-    H, Lq, Lk, D, causal, varlen, qk_scale, sm_scale,
+    H, Lq, Lk, D: tl.constexpr, causal, varlen, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -442,7 +456,7 @@ def _qk_norm_rope_bwd_kernel(
     W,  # (D,) RMSNorm weight
     COS,  # (L, D) (ROPE)
     SIN,  # (L, D) (ROPE)
-    Z2, sx1, sx2, sxm, sxh, sdx1, sdx2, sdxm, sdxh, H, L, D, n_rows, stride_cs, eps,
+    Z2, sx1, sx2, sxm, sxh, sdx1, sdx2, sdxm, sdxh, H, L, D: tl.constexpr, n_rows, stride_cs, eps,
     ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
 ):  # fmt: skip
     """Backward of the q/k prologue (RoPE^T then RMSNorm backward) over head-rows r = (z * L + l) * H + h;

@@ -5,6 +5,7 @@ backward. Kernels in ``_attention_kernels.py``; PyTorch references in ``referenc
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from opensora_fast.kernels._attention_kernels import (
     _attention_bwd_preprocess_kernel,
     _attention_fwd_kernel,
     _qk_norm_rope_bwd_kernel,
+    _qk_norm_rope_fwd_kernel,
 )
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import (
@@ -39,24 +41,44 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
+# Configs per head-dim class ("small": padded width <= 96, e.g. D = 72 -> 64 + 16; "large": up to 128),
+# each checked by the sm_90 gate (no spills; smaller tiles where the larger ones spilled).
+_FWD_TABLE = {
+    ("plain", "small"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)],
+    ("norm", "small"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)],
+    ("plain", "large"): [_cfg(128, 64, 8, 3), _cfg(64, 64, 8, 3)],
+    ("norm", "large"): [_cfg(64, 32, 4, 3)],
+}
+_DKDV_TABLE = {"small": [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2)], "large": [_cfg(32, 64, 8, 2)]}
+_DQ_TABLE = {
+    "small": [_cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2)],
+    "large": [_cfg(64, 32, 4, 2), _cfg(64, 32, 8, 2)],
+}
 # Under the interpreter: small blocks, so that tiny test shapes still run several blocks.
 _INTERP_CFG = [_cfg(16, 16, 4, 1)]
-_FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
-_DKDV_CONFIGS = [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 2)]
-_DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)]
 _PRE_BLOCK_M = 64
-_KEY = ["Lq", "Lk", "D", "causal", "varlen", "NORM", "ROPE"]
-_BWD_KEY = ["Lq", "Lk", "D", "causal", "varlen"]
 _QK_BWD_BLOCK_M = 32
+_PREPASS_BLOCK_M = 32
+_KEY = ["Lq", "Lk", "D", "causal", "varlen"]
+
+
+def _dclass(D: int) -> str:
+    sp = DSplit.of(D)
+    return "large" if sp.BD0 + (sp.BD1 if sp.HAS_D1 else 0) > 96 else "small"
 
 
 def _configs(cfgs):
     return autotune_configs(_INTERP_CFG if interpreting() else cfgs)
 
 
-_fwd = triton.autotune(_configs(_FWD_CONFIGS), key=_KEY)(_attention_fwd_kernel)
-_dkdv = triton.autotune(_configs(_DKDV_CONFIGS), key=_BWD_KEY)(_attention_bwd_dkdv_kernel)
-_dq = triton.autotune(_configs(_DQ_CONFIGS), key=_BWD_KEY)(_attention_bwd_dq_kernel)
+@functools.cache
+def _tuned(kind: str, variant: str, dclass: str):
+    """The autotuned launcher of one kernel for one (variant, head-dim class)."""
+    if kind == "fwd":
+        return triton.autotune(_configs(_FWD_TABLE[(variant, dclass)]), key=_KEY)(_attention_fwd_kernel)
+    if kind == "dkdv":
+        return triton.autotune(_configs(_DKDV_TABLE[dclass]), key=_KEY)(_attention_bwd_dkdv_kernel)
+    return triton.autotune(_configs(_DQ_TABLE[dclass]), key=_KEY)(_attention_bwd_dq_kernel)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,21 +146,35 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _qk_prepass(q, k, qs, ks, p: Problem, eps, qw, kw, cos, sin):
+    """Transformed (RMSNorm [+ RoPE]) q and k as contiguous (Z, L, H, D) scratch, and their Seq."""
+    qt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, q.device)
+    kt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, q.device)
+    rope = cos is not None
+    grid = (triton.cdiv(p.Lq, _PREPASS_BLOCK_M), p.Z * p.H)
+    _qk_norm_rope_fwd_kernel[grid](
+        q, k, qt, kt, qw, kw, cos if rope else qw, sin if rope else qw,
+        p.Z2, *qs.args(), *ks.args(), p.H, p.Lq, p.D, cos.stride(0) if rope else 0, eps,
+        ROPE=rope, BLOCK_M=_PREPASS_BLOCK_M, num_warps=4, **DSplit.of(p.D).kwargs(),
+    )  # fmt: skip
+    return qt, kt, Seq(p.Z2 * p.Lq * p.H * p.D, p.Lq * p.H * p.D, p.H * p.D, p.D)
+
+
 def _launch_fwd(q, k, v, o, qs, ks, vs, os_, p: Problem, scale, eps, qw=None, kw=None, cos=None, sin=None,
                 cu=None):  # fmt: skip
     lse = empty((p.Z * p.H, p.Lq), torch.float32, q.device)
     dummy = lse
-    norm, rope = qw is not None, cos is not None
+    norm = qw is not None
+    if cos is not None:  # RoPE: transformed q/k from the pre-pass, plain attention on them
+        q, k, ts = _qk_prepass(q, k, qs, ks, p, eps, qw, kw, cos, sin)
+        qs = ks = ts
+        norm = False
     grid = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
-    _fwd[grid](
-        q, k, v, o, lse,
-        qw if norm else dummy, kw if norm else dummy,
-        cos if rope else dummy, sin if rope else dummy,
-        cu if p.varlen else dummy,
+    _tuned("fwd", "norm" if norm else "plain", _dclass(p.D))[grid](
+        q, k, v, o, lse, qw if norm else dummy, kw if norm else dummy, cu if p.varlen else dummy,
         p.Z2, *qs.args(), *ks.args(), *vs.args(), *os_.args(),
-        p.H, p.Lq, p.Lk, p.D, int(p.causal), int(p.varlen), cos.stride(0) if rope else 0,
-        scale * LOG2E, eps,
-        NORM=norm, ROPE=rope, DOT_PREC=_dot_prec(q.dtype), **DSplit.of(p.D).kwargs(),
+        p.H, p.Lq, p.Lk, p.D, int(p.causal), int(p.varlen), scale * LOG2E, eps,
+        NORM=norm, DOT_PREC=_dot_prec(q.dtype), **DSplit.of(p.D).kwargs(),
     )  # fmt: skip
     return lse
 
@@ -162,20 +198,14 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks,
     split = DSplit.of(p.D).kwargs()
     delta = empty((p.Z * p.H, p.Lq), torch.float32, dev)
     dummy = delta
-    qt = kt = dummy
-    if norm:
-        qt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, dev)
-        kt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, dev)
-        ts = Seq(p.Z2 * p.Lq * p.H * p.D, p.Lq * p.H * p.D, p.H * p.D, p.D)
     stride_cs = cos.stride(0) if rope else 0
     cs = (cos if rope else dummy, sin if rope else dummy)
     pre_grid = (triton.cdiv(p.Lq, _PRE_BLOCK_M), p.Z * p.H)
     _attention_bwd_preprocess_kernel[pre_grid](
-        o, do, delta, q, k, qt, kt, qw if norm else dummy, kw if norm else dummy, *cs,
-        p.Z2, *os_.args(), *dos.args(), *qs.args(), *ks.args(), p.H, p.Lq, p.D, stride_cs, eps,
-        NORM=norm, ROPE=rope, BLOCK_M=_PRE_BLOCK_M, **split,
+        o, do, delta, p.Z2, *os_.args(), *dos.args(), p.H, p.Lq, p.D, BLOCK_M=_PRE_BLOCK_M, **split,
     )  # fmt: skip
     if norm:
+        qt, kt, ts = _qk_prepass(q, k, qs, ks, p, eps, qw, kw, cos, sin)
         lq, lqs, lk_, lks = qt, ts, kt, ts
         dkt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, dev)
         gq, gqs, gk, gks = qt, ts, dkt, ts  # where the gradient kernels write
@@ -187,12 +217,12 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks,
     cu = cu if p.varlen else dummy
     lk = max_lk if p.varlen else p.Lk
     grid_k = lambda META: (triton.cdiv(max(lk, 1), META["BLOCK_N"]), p.Z * p.H)
-    _dkdv[grid_k](
+    _tuned("dkdv", "", _dclass(p.D))[grid_k](
         lq, lk_, v, do, gk, dv, lse, delta, cu,
         p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gks.args(), *dvs.args(), *tail, **common,
     )  # fmt: skip
     grid_q = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
-    _dq[grid_q](
+    _tuned("dq", "", _dclass(p.D))[grid_q](
         lq, lk_, v, do, gq, lse, delta, cu,
         p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gqs.args(), *tail, **common,
     )  # fmt: skip
@@ -602,38 +632,70 @@ def cross_attention(q, kv, kv_lens, *, num_heads, softmax_scale=None):
 # sm_90 compile gate
 
 
-_VARIANTS = {"plain": (False, False), "norm": (True, False), "norm+rope": (True, True)}
+_FWD_VARIANTS = {"plain": False, "norm": True}
 
 
-def sm90_specs(head_dims=(72, 128)) -> list[KernelSpec]:
-    """Every launchable config: (fwd, dkdv, dq) x autotune config x {fp16, bf16} x variant x head_dim,
-    plus the delta preprocess kernel."""
+def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
+    """Every launchable config x {fp16, bf16} x head_dim: the forward per variant (plain / fused RMSNorm)
+    and autotune config; dK/dV and dQ per autotune config (they never see the prologue); the delta
+    preprocess and the q/k pre-pass and prologue-backward kernels (no tl.dot, with and without RoPE)."""
     specs = []
-    ints = {a: "i32" for a in ("Z2", "H", "Lq", "Lk", "D")}  # upper-case scalars, not pointers
+    ints = {a: "i32" for a in ("Z2", "H", "Lq", "Lk", "L")}  # upper-case scalars, not pointers
     scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "eps": "fp32", **ints}
+
+    def add(name, fn, ptrs, cx, warps, stages, dot):
+        specs.append(KernelSpec(name, fn, signature(fn, ptrs, cx, scalars), cx, warps, stages, dot))
+
+    def cfg_name(cfg):
+        return f"BM={cfg.kwargs['BLOCK_M']},BN={cfg.kwargs['BLOCK_N']},w={cfg.num_warps}"
+
     for D in head_dims:
-        split = DSplit.of(D).kwargs()
+        split = dict(D=D, **DSplit.of(D).kwargs())
         for dt in ("bf16", "fp16"):
-            ptrs = {"*": dt, "LSE": "fp32", "DELTA": "fp32", "DKW": "fp32", "DQW": "fp32", "CU_K": "i32",
-                    "QW": dt, "KW": dt, "COS": "fp32", "SIN": "fp32"}  # fmt: skip
-            for vname, (norm, rope) in _VARIANTS.items():
-                cx = dict(NORM=norm, ROPE=rope, BLOCK_M=_PRE_BLOCK_M, **split)
-                fn = _attention_bwd_preprocess_kernel
-                sig = signature(fn, ptrs, cx, scalars)
-                specs.append(KernelSpec(f"attention_bwd_preprocess[{vname},{dt},D={D}]", fn, sig, cx, 4, 1))
-                for kname, fn, cfgs in (
-                    ("fwd", _attention_fwd_kernel, _FWD_CONFIGS),
-                    ("bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS),
-                    ("bwd_dq", _attention_bwd_dq_kernel, _DQ_CONFIGS),
-                ):
-                    for cfg in cfgs:
-                        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                        cx = dict(NORM=norm, ROPE=rope, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC="tf32", **split)
-                        specs.append(
-                            KernelSpec(
-                                name=f"attention_{kname}[{vname},{dt},D={D},BM={bm},BN={bn},w={cfg.num_warps}]",
-                                fn=fn, signature=signature(fn, ptrs, cx, scalars), constexprs=cx,
-                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, uses_dot=True,
-                            )
-                        )  # fmt: skip
+            ptrs = {"*": dt, "LSE": "fp32", "DELTA": "fp32", "DWP": "fp32", "CU_K": "i32", "COS": "fp32",
+                    "SIN": "fp32"}  # fmt: skip
+            for vname, norm in _FWD_VARIANTS.items():
+                for cfg in _FWD_TABLE[(vname, _dclass(D))]:
+                    cx = dict(NORM=norm, DOT_PREC="tf32", **cfg.kwargs, **split)
+                    name = f"attention_fwd[{vname},{dt},D={D},{cfg_name(cfg)}]"
+                    add(name, _attention_fwd_kernel, ptrs, cx, cfg.num_warps, cfg.num_stages, True)
+            for kname, fn, cfgs in (
+                ("bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_TABLE[_dclass(D)]),
+                ("bwd_dq", _attention_bwd_dq_kernel, _DQ_TABLE[_dclass(D)]),
+            ):
+                for cfg in cfgs:
+                    cx = dict(DOT_PREC="tf32", **cfg.kwargs, **split)
+                    add(f"attention_{kname}[{dt},D={D},{cfg_name(cfg)}]", fn, ptrs, cx, cfg.num_warps,
+                        cfg.num_stages, True)  # fmt: skip
+            cx = dict(BLOCK_M=_PRE_BLOCK_M, **split)
+            add(
+                f"attention_bwd_preprocess[{dt},D={D}]",
+                _attention_bwd_preprocess_kernel,
+                ptrs,
+                cx,
+                4,
+                1,
+                False,
+            )
+            for rope in (False, True):
+                cx = dict(ROPE=rope, BLOCK_M=_PREPASS_BLOCK_M, **split)
+                add(
+                    f"qk_norm_rope_fwd[rope={rope},{dt},D={D}]",
+                    _qk_norm_rope_fwd_kernel,
+                    ptrs,
+                    cx,
+                    4,
+                    1,
+                    False,
+                )
+                cx = dict(ROPE=rope, BLOCK_M=_QK_BWD_BLOCK_M, **split)
+                add(
+                    f"qk_norm_rope_bwd[rope={rope},{dt},D={D}]",
+                    _qk_norm_rope_bwd_kernel,
+                    ptrs,
+                    cx,
+                    4,
+                    1,
+                    False,
+                )
     return specs

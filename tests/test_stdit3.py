@@ -11,7 +11,7 @@ from _opensora_like import STDiT3 as OSSTDiT3
 
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
 
-B, T, H, W, L, D_TXT = 2, 3, 8, 7, 8, 64  # W = 7: padded to 8 and cropped back
+B, T, H, W, L, D_TXT = 2, 3, 8, 11, 8, 64  # 4 x 6 patches; W = 11 is padded to 12 and cropped back
 
 
 def _pair(seed=0, depth=1):
@@ -37,7 +37,7 @@ def _inputs(seed=1, x_mask=True):
         x_mask=torch.tensor([[True, False, True], [False, True, True]]) if x_mask else None,
         fps=torch.tensor([24.0]),
         height=torch.tensor([64.0]),
-        width=torch.tensor([56.0]),
+        width=torch.tensor([88.0]),
     )
 
 

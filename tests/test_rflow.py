@@ -146,3 +146,17 @@ def test_training_loss_falls(reference_backend):
     assert all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
     assert last < 0.7 * first, (first, last)
+
+
+def test_v12_configs():
+    from configs.stdit3 import SampleConfig, TrainConfig
+
+    s, t = SampleConfig(), TrainConfig()
+    assert (s.scheduler.num_sampling_steps, s.scheduler.cfg_scale, s.scheduler.use_timestep_transform) == (
+        30,
+        7.0,
+        True,
+    )
+    assert s.model.hidden_size == 1152 and s.model.depth == 28 and s.text_encoder.model_max_length == 300
+    assert t.scheduler.sample_method == "logit-normal" and t.adam_eps == 1e-15 and t.model.freeze_y_embedder
+    assert t.model.grad_checkpoint and s.aes == 6.5

@@ -29,7 +29,7 @@ from opensora_fast.kernels import reference
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, use_triton
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the first is the interpreter's.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the first is also the interpreter's.
 _GEMM_CONFIGS = (
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
@@ -394,12 +394,13 @@ def _(dy, x, weight, stride_t):
 
 
 _TARGET_PROGRAMS = 264  # two waves of 132 SMs
+_DW_ROWS_PER_SPLIT = 4096  # fewest rows of M per dW chunk
 
 
 def _dw_split(M: int, C_in: int, C_out: int, taps: int) -> int:
-    """M-chunks for dW: enough programs to fill the GPU, at most one per 4096 rows of M."""
+    """M-chunks for dW: enough programs to fill the GPU, at most one per _DW_ROWS_PER_SPLIT rows."""
     tiles = taps * triton.cdiv(C_in, 128) * triton.cdiv(C_out, 128)
-    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(M, 4096), 64))
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(M, _DW_ROWS_PER_SPLIT), 64))
 
 
 @torch.library.custom_op("opensora_fast::causal_conv3d_bwd_dw", mutates_args=())
@@ -412,7 +413,7 @@ def causal_conv3d_bwd_dw(
     M = B * T_out * H * W
     taps = KT * KH * KW
     split = _dw_split(M, C_in, C_out, taps)
-    m_chunk = triton.cdiv(triton.cdiv(M, split), 256) * 256
+    m_chunk = triton.cdiv(triton.cdiv(M, split), 64) * 64
     split = triton.cdiv(M, m_chunk)
     dw = empty((split, C_out, C_in, taps), torch.float32, x.device)
     db = empty((split, C_out), torch.float32, x.device)

@@ -1,5 +1,7 @@
 """causal_conv3d: Triton (interpreter on CPU) forward and dx/dweight/dbias against fp64 references."""
 
+import importlib
+
 import pytest
 import torch
 from _close import assert_close_to_fp64, randn
@@ -15,7 +17,7 @@ def _leaf(t, dtype, layout=None):
     return t.requires_grad_()
 
 
-def _run(B, C_in, C_out, T, H, W, k, stride_t, layout, has_bias, dtype, device, sliced=False):
+def _run(B, C_in, C_out, T, H, W, k, stride_t, layout, has_bias, dtype, device, sliced=False, dy_layout=None):
     """Kernel vs same-precision and fp64 references: output, dx, dweight, dbias."""
     x64 = randn(B, C_in, T, H, 2 * W if sliced else W, dtype=torch.float64, device=device)
     if sliced:  # a strided view: the kernel must read through strides, no copy
@@ -32,7 +34,8 @@ def _run(B, C_in, C_out, T, H, W, k, stride_t, layout, has_bias, dtype, device, 
         y = fn(x, w, b, stride=stride) if tag == "kernel" else fn(x, w, b, stride)
         if "dy" not in results:
             results["dy"] = randn(*y.shape, dtype=torch.float64, device=device)
-        y.backward(results["dy"].to(dt))  # contiguous dy, whatever y's format
+        dy = results["dy"].to(dt)  # contiguous unless dy_layout says otherwise, whatever y's format
+        y.backward(dy.to(memory_format=CL) if dy_layout == "channels_last" else dy)
         results[tag] = (y, x.grad, w.grad, None if b is None else b.grad)
     out = results["kernel"]
     if layout == "channels_last" and not sliced:
@@ -59,9 +62,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+# every case in fp32, the first six (both layouts, both strides, both kernel sizes) also in fp16
+PARAMS = [(c, torch.float32) for c in CASES] + [(c, torch.float16) for c in CASES[:6]]
+
+
 @pytest.mark.parametrize(
-    "case", CASES, ids=[f"{c[1]}to{c[2]}-T{c[3]}-{c[4]}x{c[5]}-k{c[6]}s{c[7]}-{c[8]}" for c in CASES]
+    "case, dtype",
+    PARAMS,
+    ids=[f"{c[1]}to{c[2]}-T{c[3]}-{c[4]}x{c[5]}-k{c[6]}s{c[7]}-{c[8]}-{str(d)[6:]}" for c, d in PARAMS],
 )
 def test_causal_conv3d_matches_fp64(triton_backend, device, case, dtype):
     _run(*case, dtype=dtype, device=device)
@@ -71,9 +79,22 @@ def test_causal_conv3d_strided_view_input(triton_backend, device):
     _run(1, 5, 6, 5, 3, 4, 3, 1, None, True, torch.float32, device, sliced=True)
 
 
-def test_causal_conv3d_dw_split_over_m(triton_backend, device):
-    """M = 5000 > 4096 output positions: dW is reduced over several M-chunks."""
-    _run(1, 3, 4, 5, 20, 50, 3, 1, "channels_last", True, torch.float32, device)
+def test_causal_conv3d_dw_split_over_m(triton_backend, device, monkeypatch):
+    """dW reduced over several M-chunks (at real shapes from 4096 rows; lowered here to 64)."""
+    module = importlib.import_module("opensora_fast.kernels.causal_conv3d")
+
+    monkeypatch.setattr(module, "_DW_ROWS_PER_SPLIT", 64)
+    assert module._dw_split(150, 3, 4, 27) == 3
+    _run(1, 3, 4, 6, 5, 5, 3, 1, "channels_last", True, torch.float32, device)
+
+
+def test_causal_conv3d_fast_channels_last(triton_backend, device):
+    """C_in = C_out = 128, channels-last x and dy: the FAST specialisation of all three kernels."""
+    from opensora_fast.kernels.causal_conv3d import _fast
+
+    x = torch.randn(1, 128, 2, 2, 3).to(memory_format=CL)
+    assert _fast((x, x), 128, 128) and not _fast((x.contiguous(), x), 128, 128)
+    _run(1, 128, 128, 2, 2, 3, 3, 1, "channels_last", True, torch.float16, device, dy_layout="channels_last")
 
 
 def test_causal_conv3d_no_input_grad(triton_backend, device):

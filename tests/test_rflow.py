@@ -149,9 +149,14 @@ def test_training_loss_falls(reference_backend):
 
 
 def test_v12_configs():
-    from configs.stdit3 import SampleConfig, TrainConfig
+    import importlib.util
+    import os
 
-    s, t = SampleConfig(), TrainConfig()
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "stdit3.py")
+    spec = importlib.util.spec_from_file_location("configs_stdit3", path)
+    cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg)
+    s, t = cfg.SampleConfig(), cfg.TrainConfig()
     assert (s.scheduler.num_sampling_steps, s.scheduler.cfg_scale, s.scheduler.use_timestep_transform) == (
         30,
         7.0,

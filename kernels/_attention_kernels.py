@@ -505,3 +505,64 @@ def _qk_norm_rope_bwd_kernel(
     tl.store(DWP + pid * D + c0, dw0, mask=c0 < D)
     if HAS_D1:
         tl.store(DWP + pid * D + c1, dw1, mask=c1 < D)
+
+
+@triton.jit
+def _attention_fwd_packed_kernel(
+    Q,  # (Z, L, H, D) through (sq1, sq2, sqm, sqh)
+    K,  # (Z, L, H, D) through (sk1, sk2, skm, skh)
+    V,  # (Z, L, H, D) through (sv1, sv2, svm, svh)
+    O,  # (Z, L, H, D) through (so1, so2, som, soh)
+    LSE,  # (Z * H, L) fp32, log2 units
+    Z, Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, so1, so2, som, soh,
+    H, L, D: tl.constexpr, qk_scale,
+    SEQ_BLOCK: tl.constexpr, PACK: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Short sequences (temporal attention, L <= SEQ_BLOCK <= 128): one program holds PACK whole
+    sequences of one head (rows r -> sequence r // SEQ_BLOCK, position r % SEQ_BLOCK), so all their
+    K/V sit on chip at once; one block-diagonal masked QK^T, a single-pass softmax, one PV."""
+    BLOCK: tl.constexpr = PACK * SEQ_BLOCK
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.arange(0, BLOCK)
+    j = r // SEQ_BLOCK
+    pos = r % SEQ_BLOCK
+    z = pid * PACK + j
+    ok = (pos < L) & (z < Z)
+    zc = tl.where(ok, z, 0)
+    pos64 = pos.to(tl.int64)
+    q_row = Q + _z_offset(zc, Z2, sq1, sq2) + pos64 * sqm + h * sqh
+    k_row = K + _z_offset(zc, Z2, sk1, sk2) + pos64 * skm + h * skh
+    v_row = V + _z_offset(zc, Z2, sv1, sv2) + pos64 * svm + h * svh
+    c0 = tl.arange(0, BD0)
+    c1 = BD0 + tl.arange(0, BD1)
+    m0 = ok[:, None] & (c0 < D)[None, :]
+    m1 = ok[:, None] & (c1 < D)[None, :]
+    s = tl.dot(
+        tl.load(q_row[:, None] + c0[None, :], mask=m0, other=0.0),
+        tl.trans(tl.load(k_row[:, None] + c0[None, :], mask=m0, other=0.0)),
+        input_precision=DOT_PREC,
+    )
+    if HAS_D1:
+        s += tl.dot(
+            tl.load(q_row[:, None] + c1[None, :], mask=m1, other=0.0),
+            tl.trans(tl.load(k_row[:, None] + c1[None, :], mask=m1, other=0.0)),
+            input_precision=DOT_PREC,
+        )
+    allowed = (j[:, None] == j[None, :]) & ok[None, :]
+    s = tl.where(allowed, s * qk_scale, float("-inf"))
+    m = tl.max(s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m[:, None])
+    l_sum = tl.sum(p, 1)
+    inv = tl.where(l_sum > 0.0, 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0), 0.0)
+    pv = p.to(V.dtype.element_ty)
+    o_row = O + _z_offset(zc, Z2, so1, so2) + pos64 * som + h * soh
+    o0 = tl.dot(pv, tl.load(v_row[:, None] + c0[None, :], mask=m0, other=0.0), input_precision=DOT_PREC)
+    tl.store(o_row[:, None] + c0[None, :], (o0 * inv[:, None]).to(O.dtype.element_ty), mask=m0)
+    if HAS_D1:
+        o1 = tl.dot(pv, tl.load(v_row[:, None] + c1[None, :], mask=m1, other=0.0), input_precision=DOT_PREC)
+        tl.store(o_row[:, None] + c1[None, :], (o1 * inv[:, None]).to(O.dtype.element_ty), mask=m1)
+    lse = tl.where(l_sum > 0.0, m + tl.log2(tl.where(l_sum > 0.0, l_sum, 1.0)), float("inf"))
+    tl.store(LSE + (zc.to(tl.int64) * H + h) * L + pos, lse, mask=ok)

@@ -17,6 +17,7 @@ from opensora_fast.kernels._attention_kernels import (
     _attention_bwd_dq_kernel,
     _attention_bwd_preprocess_kernel,
     _attention_fwd_kernel,
+    _attention_fwd_packed_kernel,
     _qk_norm_rope_bwd_kernel,
     _qk_norm_rope_fwd_kernel,
 )
@@ -49,7 +50,7 @@ _FWD_TABLE = {
     ("plain", "large"): [_cfg(128, 64, 8, 3), _cfg(64, 64, 8, 3)],
     ("norm", "large"): [_cfg(64, 32, 4, 3)],
 }
-_DKDV_TABLE = {"small": [_cfg(32, 128, 8, 2), _cfg(64, 64, 8, 2)], "large": [_cfg(32, 64, 8, 2)]}
+_DKDV_TABLE = {"small": [_cfg(64, 64, 8, 2)], "large": [_cfg(32, 64, 8, 2)]}
 _DQ_TABLE = {
     "small": [_cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2)],
     "large": [_cfg(64, 32, 4, 2), _cfg(64, 32, 8, 2)],
@@ -57,9 +58,9 @@ _DQ_TABLE = {
 # Under the interpreter: small blocks, so that tiny test shapes still run several blocks.
 _INTERP_CFG = [_cfg(16, 16, 4, 1)]
 _PRE_BLOCK_M = 64
-_QK_BWD_BLOCK_M = 32
-_PREPASS_BLOCK_M = 32
+_ELEMWISE_BLOCK_M = 16  # head-rows per program of the q/k pre-pass and prologue-backward kernels
 _KEY = ["Lq", "Lk", "D", "causal", "varlen"]
+MAX_PACKED_LEN = 128  # temporal attention up to this many frames runs the packed short-sequence forward
 
 
 def _dclass(D: int) -> str:
@@ -151,24 +152,42 @@ def _qk_prepass(q, k, qs, ks, p: Problem, eps, qw, kw, cos, sin):
     qt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, q.device)
     kt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, q.device)
     rope = cos is not None
-    grid = (triton.cdiv(p.Lq, _PREPASS_BLOCK_M), p.Z * p.H)
+    grid = (triton.cdiv(p.Lq, _ELEMWISE_BLOCK_M), p.Z * p.H)
     _qk_norm_rope_fwd_kernel[grid](
         q, k, qt, kt, qw, kw, cos if rope else qw, sin if rope else qw,
         p.Z2, *qs.args(), *ks.args(), p.H, p.Lq, p.D, cos.stride(0) if rope else 0, eps,
-        ROPE=rope, BLOCK_M=_PREPASS_BLOCK_M, num_warps=4, **DSplit.of(p.D).kwargs(),
+        ROPE=rope, BLOCK_M=_ELEMWISE_BLOCK_M, num_warps=4, **DSplit.of(p.D).kwargs(),
     )  # fmt: skip
     return qt, kt, Seq(p.Z2 * p.Lq * p.H * p.D, p.Lq * p.H * p.D, p.H * p.D, p.D)
 
 
+def packed_schedule(L: int, D: int) -> tuple[int, int, int]:
+    """(SEQ_BLOCK, PACK, num_warps) of the short-sequence forward: PACK whole sequences per program,
+    PACK * SEQ_BLOCK rows = 128 (64 for head dims padded beyond 96; 32 under the interpreter)."""
+    seq_block = max(16, next_pow2(L))
+    target = 32 if interpreting() else (128 if _dclass(D) == "small" else 64)
+    pack = max(1, target // seq_block)
+    return seq_block, pack, 8 if seq_block * pack >= 128 else 4
+
+
 def _launch_fwd(q, k, v, o, qs, ks, vs, os_, p: Problem, scale, eps, qw=None, kw=None, cos=None, sin=None,
-                cu=None):  # fmt: skip
+                cu=None, short=False):  # fmt: skip
     lse = empty((p.Z * p.H, p.Lq), torch.float32, q.device)
     dummy = lse
     norm = qw is not None
-    if cos is not None:  # RoPE: transformed q/k from the pre-pass, plain attention on them
+    short = short and not p.causal and not p.varlen and p.Lq == p.Lk and p.Lq <= MAX_PACKED_LEN
+    if cos is not None or (norm and short):  # transformed q/k from the pre-pass, plain attention on them
         q, k, ts = _qk_prepass(q, k, qs, ks, p, eps, qw, kw, cos, sin)
         qs = ks = ts
         norm = False
+    if short:
+        seq_block, pack, warps = packed_schedule(p.Lq, p.D)
+        _attention_fwd_packed_kernel[(triton.cdiv(p.Z, pack), p.H)](
+            q, k, v, o, lse, p.Z, p.Z2, *qs.args(), *ks.args(), *vs.args(), *os_.args(), p.H, p.Lq, p.D,
+            scale * LOG2E, SEQ_BLOCK=seq_block, PACK=pack, DOT_PREC=_dot_prec(q.dtype), num_warps=warps,
+            **DSplit.of(p.D).kwargs(),
+        )  # fmt: skip
+        return lse
     grid = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
     _tuned("fwd", "norm" if norm else "plain", _dclass(p.D))[grid](
         q, k, v, o, lse, qw if norm else dummy, kw if norm else dummy, cu if p.varlen else dummy,
@@ -229,13 +248,13 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks,
     if not norm:
         return None, None
     n_rows = p.Z * p.Lq * p.H
-    n_prog = _num_programs(triton.cdiv(n_rows, _QK_BWD_BLOCK_M), dev)
+    n_prog = _num_programs(triton.cdiv(n_rows, _ELEMWISE_BLOCK_M), dev)
     dws = []
     for x, xs, g, dx, dxs, w in ((q, qs, qt, dq, dqs, qw), (k, ks, dkt, dk, dks, kw)):
         part = empty((n_prog, p.D), torch.float32, dev)
         _qk_norm_rope_bwd_kernel[(n_prog,)](
             x, g, dx, part, w, *cs, p.Z2, *xs.args(), *dxs.args(), p.H, p.Lq, p.D, n_rows, stride_cs, eps,
-            ROPE=rope, BLOCK_M=_QK_BWD_BLOCK_M, num_warps=4, **split,
+            ROPE=rope, BLOCK_M=_ELEMWISE_BLOCK_M, num_warps=4, **split,
         )  # fmt: skip
         dws.append(part.sum(0))
     return dws[0], dws[1]
@@ -325,7 +344,7 @@ def _self_fwd_op(
     q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
     sq = _token_seq(qkv, layout, S, p.D)
     lse = _launch_fwd(q, k, v, out, sq, sq, sq, _token_seq(out, layout, S, p.D), p, softmax_scale, eps,
-                      q_weight, k_weight, cos, sin)  # fmt: skip
+                      q_weight, k_weight, cos, sin, short=layout == "temporal")  # fmt: skip
     return out, lse
 
 
@@ -667,6 +686,11 @@ def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
                     cx = dict(DOT_PREC="tf32", **cfg.kwargs, **split)
                     add(f"attention_{kname}[{dt},D={D},{cfg_name(cfg)}]", fn, ptrs, cx, cfg.num_warps,
                         cfg.num_stages, True)  # fmt: skip
+            for seq_block in (16, 32, 64, 128):
+                _, pack, warps = packed_schedule(seq_block, D)
+                cx = dict(SEQ_BLOCK=seq_block, PACK=pack, DOT_PREC="tf32", **split)
+                name = f"attention_fwd_packed[{dt},D={D},SEQ={seq_block},PACK={pack},w={warps}]"
+                add(name, _attention_fwd_packed_kernel, ptrs, cx, warps, 1, True)
             cx = dict(BLOCK_M=_PRE_BLOCK_M, **split)
             add(
                 f"attention_bwd_preprocess[{dt},D={D}]",
@@ -678,24 +702,7 @@ def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
                 False,
             )
             for rope in (False, True):
-                cx = dict(ROPE=rope, BLOCK_M=_PREPASS_BLOCK_M, **split)
-                add(
-                    f"qk_norm_rope_fwd[rope={rope},{dt},D={D}]",
-                    _qk_norm_rope_fwd_kernel,
-                    ptrs,
-                    cx,
-                    4,
-                    1,
-                    False,
-                )
-                cx = dict(ROPE=rope, BLOCK_M=_QK_BWD_BLOCK_M, **split)
-                add(
-                    f"qk_norm_rope_bwd[rope={rope},{dt},D={D}]",
-                    _qk_norm_rope_bwd_kernel,
-                    ptrs,
-                    cx,
-                    4,
-                    1,
-                    False,
-                )
+                for kname, fn in (("fwd", _qk_norm_rope_fwd_kernel), ("bwd", _qk_norm_rope_bwd_kernel)):
+                    cx = dict(ROPE=rope, BLOCK_M=_ELEMWISE_BLOCK_M, **split)
+                    add(f"qk_norm_rope_{kname}[rope={rope},{dt},D={D}]", fn, ptrs, cx, 4, 1, False)
     return specs

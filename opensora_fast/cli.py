@@ -1,0 +1,199 @@
+"""The ``opensora-fast`` command: ``sample``, ``train``, ``demo``, ``check``.
+
+Modules are imported inside each subcommand: ``check`` must enable the Triton interpreter (on machines
+without CUDA) before ``opensora_fast.kernels`` is first imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from opensora_fast.data import ASPECT_RATIOS, DURATIONS, RESOLUTIONS
+
+
+def _size(text: str) -> tuple[int, int]:
+    from opensora_fast.data import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _buckets(text: str):
+    from opensora_fast.data import parse_buckets
+
+    try:
+        return parse_buckets(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opensora-fast",
+        description="Open-Sora 1.2 (STDiT3 + causal 3D VAE) on opensora_fast's Triton kernels",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,train,demo,check}")
+
+    c = sub.add_parser("check", help="check every kernel against its PyTorch reference (fwd + bwd)")
+    c.set_defaults(func=_check)
+
+    s = sub.add_parser("sample", help="text to video from local Open-Sora 1.2 weights")
+    s.add_argument("prompts", nargs="*", help="one clip per prompt")
+    s.add_argument(
+        "--prompt-file", help="a text file with one prompt per line (added to the positional ones)"
+    )
+    s.add_argument("--model", help="STDiT3 weights: a directory with config.json + safetensors (local only)")
+    s.add_argument("--vae", help="OpenSoraVAE weights: a file or directory (local only)")
+    s.add_argument("--t5", help="T5 encoder + tokenizer directory (local only)")
+    s.add_argument("--resolution", default="240p", choices=RESOLUTIONS)
+    s.add_argument("--aspect-ratio", default="9:16", choices=ASPECT_RATIOS, help="H:W name, as Open-Sora's")
+    s.add_argument(
+        "--duration",
+        default="4s",
+        choices=tuple(DURATIONS),
+        help="image=1, 2s=51, 4s=102, 8s=204, 16s=408 frames",
+    )
+    s.add_argument("--num-frames", type=int, help="a frame count instead of --duration")
+    s.add_argument(
+        "--image-size", type=_size, metavar="HxW", help="a size instead of --resolution/--aspect-ratio"
+    )
+    s.add_argument("--seed", type=int, default=42, help="prompt i uses seed + i")
+    s.add_argument("--steps", type=int, default=30, help="sampling steps")
+    s.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    s.add_argument(
+        "--fps", type=int, default=24, help="frame rate of the written mp4 (and the model's fps input)"
+    )
+    s.add_argument("--aes", type=float, default=6.5, help="aesthetic score appended to prompts; < 0 disables")
+    s.add_argument(
+        "--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on CUDA; the CPU runs fp32"
+    )
+    s.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    s.add_argument("--out-dir", default="samples")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_sample)
+
+    t = sub.add_parser(
+        "train", help="train STDiT3 on a CSV of (path, text) videos; torchrun for several GPUs"
+    )
+    t.add_argument("--data", required=True, help="CSV with 'path' and 'text' columns")
+    t.add_argument("--buckets", type=_buckets, default=[(51, 240, 426)], metavar="TxHxW[,...]",
+                   help="frames x height x width buckets; each clip goes to the nearest aspect ratio that fits")  # fmt: skip
+    t.add_argument("--data-fps", type=float, help="resample clips to this frame rate (default: as stored)")
+    t.add_argument("--vae", required=True, help="OpenSoraVAE weights (local)")
+    t.add_argument("--t5", required=True, help="T5 encoder directory (local)")
+    init = t.add_mutually_exclusive_group()
+    init.add_argument("--init-from", help="start from an STDiT3 directory (config.json + weights)")
+    init.add_argument("--model-config", default="xl", choices=("xl", "small", "tiny"),
+                      help="fresh model: STDiT3-XL/2 (Open-Sora 1.2) or a small/tiny one for tests")  # fmt: skip
+    t.add_argument("--out-dir", required=True, help="checkpoints, log.jsonl, config.json")
+    t.add_argument(
+        "--resume", nargs="?", const="auto", help="a checkpoint, or (no value) the newest in --out-dir"
+    )
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=1, help="per process")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--warmup-steps", type=int, default=1000)
+    t.add_argument("--ema-decay", type=float, default=0.99)
+    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast on CUDA")
+    t.add_argument("--grad-checkpoint", action="store_true")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--ckpt-every", type=int, default=200)
+    t.add_argument(
+        "--fsdp", action="store_true", help="FSDP2 even with one process (default: when WORLD_SIZE > 1)"
+    )
+    t.add_argument("--fsdp-mode", default="zero2", choices=("zero2", "zero3"))
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser(
+        "demo", help="train tiny models on synthetic moving shapes and sample a clip (CPU: minutes)"
+    )
+    d.add_argument("--out-dir", default="opensora-fast-demo")
+    d.add_argument("--steps-vae", type=int, help="VAE training steps (default 200; --quick 12)")
+    d.add_argument("--steps-dit", type=int, help="STDiT3 training steps (default 400; --quick 40)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--quick", action="store_true", help="an even smaller run (for tests / CI, < 1 min on CPU)"
+    )
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def _check(args) -> int:
+    from opensora_fast.check import main as check_main
+
+    return check_main([])
+
+
+def _sample(args) -> int:
+    from opensora_fast.sample import SampleOptions, generate, read_prompt_file
+
+    prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
+    opts = SampleOptions(
+        prompts=prompts,
+        model=args.model,
+        vae=args.vae,
+        t5=args.t5,
+        resolution=args.resolution,
+        aspect_ratio=args.aspect_ratio,
+        duration=args.duration,
+        num_frames=args.num_frames,
+        image_size=args.image_size,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        fps=args.fps,
+        aes=None if args.aes < 0 else args.aes,
+        out_dir=args.out_dir,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+    paths = generate(opts)
+    print(f"{len(paths)} file(s) in {args.out_dir}:")
+    for path in paths:
+        print(f"  {path}")
+    return 0
+
+
+def _train(args) -> int:
+    from opensora_fast.train import run_train
+
+    return run_train(args)
+
+
+def _demo(args) -> int:
+    from opensora_fast.demo import DemoOptions, run_demo
+
+    run_demo(
+        DemoOptions.make(
+            out_dir=args.out_dir,
+            quick=args.quick,
+            steps_vae=args.steps_vae,
+            steps_dit=args.steps_dit,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from opensora_fast.sample import UsageError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, FileNotFoundError) as e:
+        print(f"opensora-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

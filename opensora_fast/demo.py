@@ -1,0 +1,220 @@
+"""``opensora-fast demo``: the whole pipeline on a machine with no weights and no data.
+
+1. writes a synthetic captioned video set (coloured squares and circles moving on a grey background,
+   mp4s + a CSV; ``data.make_synthetic_dataset``) and a tiny random T5 (``text.build_tiny_t5``);
+2. trains a tiny VAE on the clips (``vae_train.train_vae``, pixel L1 + KL) and sets its latent
+   normalisation (shift, scale) to the latents' per-channel mean and std;
+3. trains a tiny STDiT3 on the clips through ``train.train_dit`` (the code of ``opensora-fast train``);
+4. samples one caption from the EMA checkpoint through ``sample.generate`` (the code of
+   ``opensora-fast sample``), and plots both loss curves.
+
+Each training stage must end with a lower loss than it started with (mean of the last vs the first
+fifth of the steps), or the demo fails. On CUDA the models run on the Triton kernels; on a CPU on the
+PyTorch reference path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DemoOptions:
+    out_dir: str = "opensora-fast-demo"
+    size: tuple[int, int] = (32, 32)
+    num_frames: int = 17
+    fps: int = 8
+    offsets: tuple[float, ...] = (-0.12, 0.0, 0.12)  # clips per caption, shifted sideways
+    steps_vae: int = 200
+    steps_dit: int = 400
+    batch_vae: int = 2
+    batch_dit: int = 8
+    lr_vae: float = 2e-3
+    lr_dit: float = 1e-3
+    hidden_size: int = 96
+    depth: int = 2
+    num_heads: int = 4
+    sample_steps: int = 30
+    cfg: float = 4.0
+    caption: str = "a red square moving right"
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def make(cls, out_dir: str, quick: bool = False, steps_vae=None, steps_dit=None, **kw) -> DemoOptions:
+        o = cls(out_dir=out_dir, **kw)
+        if quick:
+            o = dataclasses.replace(
+                o, size=(16, 16), num_frames=9, offsets=(0.0,), steps_vae=12, steps_dit=40, batch_dit=4,
+                hidden_size=48, depth=1, num_heads=2, sample_steps=10,
+            )  # fmt: skip
+        if steps_vae is not None:
+            o.steps_vae = steps_vae
+        if steps_dit is not None:
+            o.steps_dit = steps_dit
+        if o.steps_vae < 5 or o.steps_dit < 5:
+            from opensora_fast.sample import UsageError
+
+            raise UsageError("--steps-vae and --steps-dit must be >= 5 (the demo compares loss averages)")
+        return o
+
+
+def loss_fell(losses: list[float], what: str) -> tuple[float, float]:
+    """(mean of the first fifth, mean of the last fifth); raises RuntimeError unless the last is lower
+    by at least 5%."""
+    k = max(1, len(losses) // 5)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    print(f"{what} loss: first {k} steps {first:.4f} -> last {k} steps {last:.4f}")
+    if not last < 0.95 * first:
+        raise RuntimeError(f"the {what} loss did not fall (first {first:.4f}, last {last:.4f}): demo FAILED")
+    return first, last
+
+
+def plot_losses(path: str, curves: dict[str, list[float]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5))
+    for ax, (name, ys) in zip(axes, curves.items()):
+        ax.plot(range(1, len(ys) + 1), ys, lw=0.8, alpha=0.5, label="per step")
+        k = max(1, len(ys) // 20)
+        smooth = [
+            sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))
+        ]
+        ax.plot(range(1, len(ys) + 1), smooth, lw=1.5, label=f"mean of {k}")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def set_latent_stats(vae, dataset, device) -> None:
+    """shift, scale := per-channel mean and std of the latents of the dataset (posterior samples, as
+    the STDiT3 sees them in training)."""
+    vae.shift.zero_()
+    vae.scale.fill_(1.0)
+    g = torch.Generator(device=device).manual_seed(0)
+    zs = [vae.encode(dataset[i][None].to(device), generator=g).float() for i in range(len(dataset))]
+    z = torch.cat(zs).transpose(0, 1).flatten(1)  # (C, N)
+    c = vae.out_channels
+    vae.shift.copy_(z.mean(1).reshape(1, c, 1, 1, 1))
+    vae.scale.copy_(z.std(1).clamp_min(1e-3).reshape(1, c, 1, 1, 1))
+
+
+def run_demo(o: DemoOptions) -> dict:
+    """Run the four stages; returns the paths written and the loss averages."""
+    if torch.cuda.is_available():
+        return _run(o)
+    # tiny CPU shapes: one intra-op thread is several times faster than two contending ones
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(o)
+    finally:
+        torch.set_num_threads(n)
+
+
+def _run(o: DemoOptions) -> dict:
+    from opensora_fast.data import COLORS, DIRECTIONS, SHAPES, VideoTextDataset, make_synthetic_dataset
+    from opensora_fast.io import VideoClipDataset, read_video
+    from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
+    from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+    from opensora_fast.sample import SampleOptions, generate, save_vae
+    from opensora_fast.text import T5TextEncoder, build_tiny_t5
+    from opensora_fast.train import DiTTrainConfig, train_dit
+    from opensora_fast.vae_train import VAETrainConfig, train_vae
+
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = os.path.abspath(o.out_dir)
+    os.makedirs(out, exist_ok=True)
+    H, W = o.size
+    print(f"opensora-fast demo on {device} -> {out}", flush=True)
+
+    # 1. data + text encoder
+    csv_path = make_synthetic_dataset(os.path.join(out, "data"), o.num_frames, o.size, o.fps, o.offsets)
+    words = " ".join([*COLORS, *SHAPES, *DIRECTIONS, "moving"])
+    t5_dir = build_tiny_t5(os.path.join(out, "t5"), extra_text=words, seed=o.seed)
+    dataset = VideoTextDataset(csv_path, [(o.num_frames, H, W)])
+    print(
+        f"[1/4] ({time.perf_counter() - t_start:.0f} s) {len(dataset)} synthetic clips ({o.num_frames} frames, {H}x{W}, {o.fps} fps) in {csv_path}"
+    )
+
+    # 2. VAE
+    vae_cfg = VAETrainConfig(
+        stage=3, model=OpenSoraVAEConfig.tiny(), freeze_spatial=False, use_real_rec_loss=True, mixed_strategy=None,
+        num_frames=o.num_frames, image_size=o.size, batch_size=o.batch_vae, lr=o.lr_vae, grad_checkpoint=False,
+        dtype="bf16", seed=o.seed, steps=o.steps_vae, ckpt_every=o.steps_vae,
+    )  # fmt: skip
+    clips = VideoClipDataset([p for p, *_ in dataset.items], o.num_frames, o.size)
+    print(
+        f"[2/4] ({time.perf_counter() - t_start:.0f} s) training a tiny VAE for {o.steps_vae} steps",
+        flush=True,
+    )
+    torch.manual_seed(o.seed)
+    res_vae = train_vae(vae_cfg, clips, device=device, progress=o.progress)
+    vae = res_vae.model.eval().requires_grad_(False)
+    vae_first, vae_last = loss_fell(res_vae.losses, "VAE")
+    set_latent_stats(vae, clips, device)
+    vae_dir = save_vae(vae, os.path.join(out, "vae"))
+
+    # 3. STDiT3
+    torch.manual_seed(o.seed)
+    text = T5TextEncoder(t5_dir, model_max_length=16, device=device)
+    model = STDiT3(
+        STDiT3Config.tiny(
+            in_channels=vae.out_channels, caption_channels=text.output_dim, model_max_length=16,
+            hidden_size=o.hidden_size, depth=o.depth, num_heads=o.num_heads,
+        )
+    )  # fmt: skip
+    dit_cfg = DiTTrainConfig(
+        steps=o.steps_dit, batch_size=o.batch_dit, lr=o.lr_dit, warmup_steps=max(1, o.steps_dit // 20),
+        ema_decay=0.99, seed=o.seed, log_every=max(1, o.steps_dit // 10), ckpt_every=o.steps_dit,
+    )  # fmt: skip
+    n = sum(p.numel() for p in model.parameters())
+    print(
+        f"[3/4] ({time.perf_counter() - t_start:.0f} s) training a tiny STDiT3 ({n / 1e6:.2f}M parameters) for {o.steps_dit} steps",
+        flush=True,
+    )
+    res_dit = train_dit(
+        dit_cfg, dataset, model, vae, text, ckpt_dir=os.path.join(out, "stdit3"),
+        log_path=os.path.join(out, "stdit3", "log.jsonl"), device=device, progress=o.progress,
+    )  # fmt: skip
+    dit_first, dit_last = loss_fell(res_dit.losses, "STDiT3")
+
+    # 4. sample + plot
+    print(f"[4/4] ({time.perf_counter() - t_start:.0f} s) sampling {o.caption!r}", flush=True)
+    paths = generate(
+        SampleOptions(
+            prompts=[o.caption], model=os.path.join(res_dit.checkpoint, "ema"), vae=vae_dir, t5=t5_dir,
+            image_size=o.size, num_frames=o.num_frames, fps=o.fps, steps=o.sample_steps, cfg=o.cfg, aes=None,
+            seed=o.seed, out_dir=out, device=str(device), dtype="fp32", progress=o.progress,
+        )
+    )  # fmt: skip
+    video = paths[0]
+    frames = read_video(video).shape[0]
+    plot = plot_losses(
+        os.path.join(out, "losses.png"),
+        {"VAE (L1 + KL)": res_vae.losses, "STDiT3 (rflow MSE)": res_dit.losses},
+    )
+    secs = time.perf_counter() - t_start
+    print(f"demo done in {secs:.0f} s")
+    print(f"  video: {video} ({frames} frames, {H}x{W})")
+    print(f"  loss plot: {plot}")
+    print(f"  weights: {vae_dir}, {res_dit.checkpoint}, {t5_dir}")
+    return {
+        "video": video, "plot": plot, "frames": frames, "seconds": secs, "vae_loss": (vae_first, vae_last),
+        "dit_loss": (dit_first, dit_last), "checkpoint": res_dit.checkpoint, "vae": vae_dir, "t5": t5_dir,
+    }  # fmt: skip

@@ -1,0 +1,244 @@
+"""``opensora-fast sample``: text to video with Open-Sora 1.2's pipeline from local weights only.
+
+T5 encodes each prompt (with Open-Sora's " aesthetic score: 6.5." suffix), the rectified-flow sampler
+runs STDiT3 with batched classifier-free guidance (the learned null caption), the text K/V cache and the
+velocity-only final layer, and the VAE decodes the latents to an mp4 (a png for images).
+
+Also the loaders shared by ``train`` and ``demo``: a VAE directory holds ``model.safetensors`` and,
+for non-release configurations, ``config.json`` (written by ``save_vae``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from opensora_fast.data import DURATIONS, IMAGE_FPS, image_size, num_frames_for
+
+
+class UsageError(ValueError):
+    """A bad or missing command-line value; the CLI prints it without a traceback."""
+
+
+def require_path(path: str | None, flag: str, what: str) -> str:
+    if not path:
+        raise UsageError(
+            f"{flag} is required: the local path of {what} (opensora-fast never downloads weights)"
+        )
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path!r} does not exist; give the local path of {what} (no downloads)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def vae_config_to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def vae_config_from_dict(d: dict):
+    from opensora_fast.models.vae import OpenSoraVAEConfig, SpatialVAEConfig
+    from opensora_fast.models.vae_temporal import TemporalVAEConfig
+
+    def tup(v):
+        return tuple(v) if isinstance(v, list) else v
+
+    sp = SpatialVAEConfig(**{k: tup(v) for k, v in d["spatial"].items()})
+    te = TemporalVAEConfig(**{k: tup(v) for k, v in d["temporal"].items()})
+    rest = {k: tup(v) for k, v in d.items() if k not in ("spatial", "temporal")}
+    return OpenSoraVAEConfig(spatial=sp, temporal=te, **rest)
+
+
+def save_vae(vae, path: str) -> str:
+    """``model.safetensors`` + ``config.json`` (both written atomically) in directory ``path``."""
+    vae.save_pretrained(path)
+    tmp = os.path.join(path, f".config.json.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(vae_config_to_dict(vae.cfg), f, indent=1)
+    os.replace(tmp, os.path.join(path, "config.json"))
+    return path
+
+
+def load_vae(path: str, device=None, dtype=None):
+    """OpenSoraVAE from a local file or directory; ``config.json`` beside it selects the architecture
+    (the release's otherwise)."""
+    from opensora_fast.models.vae import OpenSoraVAE
+
+    cfg = None
+    cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            cfg = vae_config_from_dict(json.load(f))
+    return OpenSoraVAE.from_pretrained(path, cfg, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def stdit3_config_dict(config) -> dict:
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "extra"}
+    return json.loads(json.dumps({**config.extra, **d}))
+
+
+def save_stdit3(state_dict: dict, config, path: str) -> str:
+    """``model.safetensors`` + ``config.json`` in directory ``path`` (STDiT3.from_pretrained reads both)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    dst = os.path.join(path, "model.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    with open(os.path.join(path, "config.json.tmp"), "w") as f:
+        json.dump(stdit3_config_dict(config), f, indent=1)
+    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+    return path
+
+
+def check_compatible(model, vae, text_dim: int | None = None) -> None:
+    c = model.config
+    if c.in_channels != vae.out_channels:
+        raise UsageError(
+            f"the STDiT3 takes {c.in_channels} latent channels but the VAE makes {vae.out_channels}"
+        )
+    if text_dim is not None and c.caption_channels != text_dim:
+        raise UsageError(
+            f"the STDiT3 takes {c.caption_channels}-dim captions but the T5 encoder gives {text_dim}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+@dataclass
+class SampleOptions:
+    prompts: list[str]
+    model: str | None = None
+    vae: str | None = None
+    t5: str | None = None
+    resolution: str = "240p"
+    aspect_ratio: str = "9:16"
+    duration: str = "4s"
+    num_frames: int | None = None  # overrides duration
+    image_size: tuple[int, int] | None = None  # (H, W), overrides resolution / aspect ratio
+    seed: int = 42
+    steps: int = 30
+    cfg: float = 7.0
+    fps: int = 24
+    aes: float | None = 6.5
+    out_dir: str = "samples"
+    device: str | None = None
+    dtype: str = "bf16"  # on CUDA; the CPU runs fp32
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise UsageError("give at least one non-empty prompt (positional or --prompt-file)")
+        if self.steps < 1:
+            raise UsageError(f"--steps must be >= 1, got {self.steps}")
+        if self.fps < 1:
+            raise UsageError(f"--fps must be >= 1, got {self.fps}")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise UsageError(f"--dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        try:
+            self.size()
+            self.frames()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+    def size(self) -> tuple[int, int]:
+        return self.image_size or image_size(self.resolution, self.aspect_ratio)
+
+    def frames(self) -> int:
+        if self.num_frames is not None:
+            if self.num_frames < 1:
+                raise ValueError(f"--num-frames must be >= 1, got {self.num_frames}")
+            return self.num_frames
+        return num_frames_for(self.duration)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompt-file {path!r} does not exist")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "sample"
+
+
+def write_image(path: str, frame: torch.Tensor) -> str:
+    """frame (3, H, W) in [-1, 1] -> png (Pillow)."""
+    from PIL import Image
+
+    arr = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def generate(opts: SampleOptions) -> list[str]:
+    """Sample one clip per prompt (prompt i uses seed + i); returns the written file paths."""
+    from opensora_fast.io import write_video
+    from opensora_fast.models.stdit3 import STDiT3
+    from opensora_fast.rflow import RFlow
+    from opensora_fast.text import T5TextEncoder, append_score, null_caption
+
+    model_path = require_path(opts.model, "--model", "the STDiT3 weights (a directory with config.json)")
+    vae_path = require_path(opts.vae, "--vae", "the VAE weights")
+    t5_path = require_path(opts.t5, "--t5", "the T5 encoder directory")
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
+    if device.type == "cpu":
+        dtype = torch.float32
+
+    model = STDiT3.from_pretrained(model_path).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = load_vae(vae_path, device=device, dtype=dtype)
+    text = T5TextEncoder(t5_path, model_max_length=model.config.model_max_length, device=device)
+    check_compatible(model, vae, text.output_dim)
+
+    H, W = opts.size()
+    T = opts.frames()
+    lat = vae.get_latent_size((T, H, W))
+    fps = IMAGE_FPS if T == 1 else opts.fps
+    scheduler = RFlow(num_sampling_steps=opts.steps, cfg_scale=opts.cfg, use_timestep_transform=True)
+    size_args = {
+        k: torch.tensor([float(v)], device=device, dtype=dtype)
+        for k, v in (("height", H), ("width", W), ("num_frames", T), ("fps", fps))
+    }
+    os.makedirs(opts.out_dir, exist_ok=True)
+    paths = []
+    for i, prompt in enumerate(opts.prompts):
+        g = torch.Generator(device=device).manual_seed(opts.seed + i)
+        z = torch.randn((1, vae.out_channels, *lat), generator=g, device=device, dtype=dtype)
+        enc = text.encode(append_score([prompt], opts.aes))
+        y, mask = enc["y"].to(dtype), enc["mask"]
+        print(
+            f"[{i + 1}/{len(opts.prompts)}] {prompt!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}",
+            flush=True,
+        )
+        z = scheduler.sample(
+            model,
+            z,
+            y,
+            null_caption(model, 1),
+            text_mask=mask,
+            generator=g,
+            progress=opts.progress,
+            **size_args,
+        )
+        video = vae.decode(z.to(dtype), num_frames=T)[0]  # (3, T, H', W')
+        base = os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}")
+        if T == 1:
+            paths.append(write_image(base + ".png", video[:, 0]))
+        else:
+            paths.append(write_video(base + ".mp4", video, fps=opts.fps))
+        print(f"wrote {paths[-1]}", flush=True)
+    return paths
+
+
+__all__ = ["SampleOptions", "generate", "DURATIONS"]

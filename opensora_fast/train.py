@@ -1,0 +1,502 @@
+"""``opensora-fast train``: STDiT3 training as Open-Sora 1.2's stage-1 recipe, on one CPU or GPU or on
+several GPUs with torchrun and FSDP2.
+
+Per step: a batch of equal-(T, H, W) clips (``data.bucket_batches``), VAE encode (posterior sample) and T5
+encode (cached per caption), the rectified-flow loss with logit-normal timesteps and the timestep shift,
+AdamW (eps 1e-15), linear warm-up, gradient clipping at 1.0, EMA 0.99, bf16 autocast on CUDA.
+
+Every step seeds its randomness (timesteps, noise, caption dropout, VAE posterior noise) from
+(seed, step, rank) and the batch order from (seed, epoch), so a run resumed from a checkpoint repeats the
+uninterrupted run exactly. A checkpoint ``step-XXXXXXXX/`` holds ``config.json`` + ``model.safetensors``
+(training weights), ``ema/`` (the EMA weights in the same layout, what ``sample --model`` wants) and
+``train_state.pt`` (step and optimizer state, read with ``weights_only=True``); it is written to a
+temporary directory and renamed into place, and the file ``latest`` names the newest.
+
+With WORLD_SIZE > 1 (or ``fsdp=True``) every block and then the whole model are wrapped with
+``torch.distributed.fsdp.fully_shard``; ``reshard_after_forward=False`` (the default, ``fsdp_mode="zero2"``)
+keeps parameters gathered between forward and backward like ZeRO-2, ``"zero3"`` reshards them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from opensora_fast.data import bucket_batches
+
+
+@dataclass
+class DiTTrainConfig:
+    """Open-Sora 1.2 stage-1 optimisation settings (configs/stdit3.py ``TrainConfig``) plus the run."""
+
+    steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    adam_eps: float = 1e-15
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 1000
+    ema_decay: float = 0.99
+    dtype: str = "bf16"  # autocast dtype on CUDA; the CPU runs fp32
+    grad_checkpoint: bool = False
+    seed: int = 42
+    log_every: int = 10
+    ckpt_every: int = 200
+    fsdp: bool | None = None  # None: when WORLD_SIZE > 1
+    fsdp_mode: str = "zero2"  # "zero2": reshard_after_forward=False; "zero3": True
+    sample_method: str = "logit-normal"
+    use_timestep_transform: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype must be 'bf16', 'fp16' or 'fp32', got {self.dtype!r}")
+        if self.fsdp_mode not in ("zero2", "zero3"):
+            raise ValueError(f"fsdp_mode must be 'zero2' or 'zero3', got {self.fsdp_mode!r}")
+        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError("warmup_steps must be >= 0 and lr > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up (Open-Sora's LinearWarmupLR): lr * (step + 1) / warmup for the first steps."""
+        if self.warmup_steps == 0:
+            return self.lr
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # one per step run in this call (mean over ranks)
+    step: int  # steps done in total, including those before a resume
+    checkpoint: str | None
+    model: torch.nn.Module
+    ema: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; starts the process group when
+    WORLD_SIZE is set and none is running (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=rank, world_size=world)
+    return rank, world, device
+
+
+def shard_model(model: torch.nn.Module, mode: str = "zero2") -> torch.nn.Module:
+    """FSDP2: each spatial/temporal block is one unit, the rest (embedders, final layer) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = mode == "zero3"
+    for blk in [*model.spatial_blocks, *model.temporal_blocks]:
+        fully_shard(blk, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    return model
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# ---------------------------------------------------------------------------------------------
+# state
+
+
+def model_state(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=_is_dist(), cpu_offload=_is_dist())
+    return {k: _full(v).detach().cpu() for k, v in get_model_state_dict(model, options=opts).items()}
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """Optimizer state keyed by parameter name, full tensors (the same layout with and without FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=_is_dist(), cpu_offload=_is_dist())
+    return get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=_is_dist()))
+
+
+def init_ema(model) -> dict:
+    """fp32 copies of the trainable parameters (sharded like them under FSDP)."""
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def update_ema(ema: dict, model, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * param, for the trainable parameters (Open-Sora's update_ema)."""
+    for n, p in model.named_parameters():
+        if n in ema:
+            ema[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+
+def ema_state(ema: dict, full_model_state: dict) -> dict:
+    """The model's state dict with the EMA values for the trainable parameters."""
+    return {**full_model_state, **{n: _full(v).detach().cpu() for n, v in ema.items()}}
+
+
+def load_ema(ema: dict, state: dict) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for n, v in ema.items():
+        src = state[n].to(device=v.device, dtype=v.dtype)
+        if isinstance(v, DTensor):
+            v.copy_(distribute_tensor(src, v.device_mesh, v.placements))
+        else:
+            v.copy_(src)
+
+
+def save_checkpoint(ckpt_dir: str, model, config, optimizer, ema: dict, step: int, rank: int = 0) -> str:
+    """Write ``ckpt_dir/step-XXXXXXXX`` atomically (rank 0) and point ``latest`` at it. Every rank
+    must call this (gathering the shards is collective)."""
+    from opensora_fast.sample import save_stdit3
+
+    sd = model_state(model)
+    osd = optimizer_state(model, optimizer)
+    esd = ema_state(ema, sd)
+    name = f"step-{step:08d}"
+    final = os.path.join(ckpt_dir, name)
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_dir)
+        try:
+            save_stdit3(sd, config, tmp)
+            save_stdit3(esd, config, os.path.join(tmp, "ema"))
+            torch.save({"step": step, "optimizer": osd}, os.path.join(tmp, "train_state.pt"))
+            if os.path.exists(final):
+                old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=ckpt_dir)
+                os.replace(final, os.path.join(old, name))
+                os.replace(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fd, tmp_latest = tempfile.mkstemp(prefix=".tmp-latest-", dir=ckpt_dir)
+        with os.fdopen(fd, "w") as f:
+            f.write(name + "\n")
+        os.replace(tmp_latest, os.path.join(ckpt_dir, "latest"))
+    if _is_dist():
+        dist.barrier()
+    return final
+
+
+def resolve_resume(path: str) -> str:
+    """A checkpoint directory, or a ``ckpt_dir`` whose ``latest`` names one."""
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            path = os.path.join(path, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "train_state.pt")):
+        raise FileNotFoundError(f"no training checkpoint (train_state.pt) in {path!r}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+class TextCache:
+    """T5 features per caption, computed once (the encoder is frozen) and kept on the CPU."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        new = sorted({c for c in captions if c not in self.cache})
+        if new:
+            enc = self.encoder.encode(new)
+            for k, c in enumerate(new):
+                self.cache[c] = (enc["y"][k].float().cpu(), enc["mask"][k].cpu())
+        y = torch.stack([self.cache[c][0] for c in captions]).to(device)
+        mask = torch.stack([self.cache[c][1] for c in captions]).to(device)
+        return y, mask
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank) % (2**63)
+
+
+def train_dit(
+    cfg: DiTTrainConfig,
+    dataset,
+    model: torch.nn.Module,
+    vae,
+    text_encoder,
+    *,
+    ckpt_dir: str | None = None,
+    resume: str | None = None,
+    log_path: str | None = None,
+    device=None,
+    progress: bool = True,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` (an STDiT3, unwrapped, fp32) until ``cfg.steps`` steps in total.
+
+    ``dataset``: ``data.VideoTextDataset``-like (``bucket(i)``, items {"video", "text", "fps"}).
+    ``vae`` (frozen OpenSoraVAE) and ``text_encoder`` (``encode(list[str])`` -> {"y", "mask"}) stay
+    on ``device``. ``resume``: a checkpoint directory, a ``ckpt_dir`` with ``latest``, or ``"auto"``
+    (``ckpt_dir`` when it has one). Logs to stdout every ``cfg.log_every`` steps and every step to
+    ``log_path`` (JSONL: step, loss, lr, grad_norm, samples_per_s, tokens_per_s)."""
+    from opensora_fast.rflow import RFlow
+
+    rank, world, dev = init_distributed() if device is None else (0, 1, torch.device(device))
+    if _is_dist():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    use_fsdp = cfg.fsdp if cfg.fsdp is not None else world > 1
+    if use_fsdp and not _is_dist():
+        raise RuntimeError("fsdp=True needs a process group (run under torchrun, or init one first)")
+
+    if resume == "auto":
+        resume = ckpt_dir if ckpt_dir and os.path.isfile(os.path.join(ckpt_dir, "latest")) else None
+    start, train_state, ema_sd = 0, None, None
+    if resume:
+        from opensora_fast.checkpoint import read_state_dict
+
+        path = resolve_resume(resume)
+        model.load_state_dict(read_state_dict(os.path.join(path, "model.safetensors")))
+        ema_sd = read_state_dict(os.path.join(path, "ema", "model.safetensors"))
+        train_state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+        start = int(train_state["step"])
+
+    model.config.grad_checkpoint = cfg.grad_checkpoint
+    model.to(dev).train()
+    if use_fsdp:
+        shard_model(model, cfg.fsdp_mode)
+    ema = init_ema(model)
+    if ema_sd is not None:
+        load_ema(ema, ema_sd)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr_at(start), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    if train_state is not None:
+        load_optimizer_state(model, optimizer, train_state["optimizer"])
+
+    vae = vae.to(dev).eval().requires_grad_(False)
+    texts = TextCache(text_encoder)
+    scheduler = RFlow(sample_method=cfg.sample_method, use_timestep_transform=cfg.use_timestep_transform)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.dtype]
+    use_amp = dev.type == "cuda" and amp is not None
+    patch = model.config.patch_size
+
+    batches = bucket_batches(dataset, cfg.batch_size, cfg.seed, rank, world)
+    for _ in range(start):  # batches the resumed run already consumed
+        next(batches)
+    if log_path and rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    log = open(log_path, "a") if (log_path and rank == 0) else None
+    losses, last_ckpt = [], None
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="STDiT3", disable=not progress or rank
+    )
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            idx = next(batches)
+            items = [dataset[i] for i in idx]
+            seed = _step_seed(cfg.seed, step, rank)
+            torch.manual_seed(seed)  # caption dropout (CaptionEmbedder) draws from the global RNG
+            g_cpu = torch.Generator().manual_seed(seed)
+            g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
+            video = torch.stack([it["video"] for it in items]).to(dev)
+            B, _, T, H, W = video.shape
+            with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
+                z = vae.encode(video.to(vae.dtype), sample=True, generator=g_dev).float()
+            y, mask = texts([it["text"] for it in items], dev)
+
+            def per_sample(v):
+                return torch.full((B,), float(v), device=dev)
+
+            kwargs = dict(y=y, mask=mask, height=per_sample(H), width=per_sample(W), num_frames=per_sample(T))
+            kwargs["fps"] = torch.tensor([float(it["fps"]) for it in items], device=dev)
+            for grp in optimizer.param_groups:
+                grp["lr"] = cfg.lr_at(step)
+            with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
+                loss = scheduler.training_losses(model, z, kwargs, generator=g_cpu)["loss"].mean()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"STDiT3 loss is {loss.item()} at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+            optimizer.step()
+            update_ema(ema, model, cfg.ema_decay)
+
+            lv = loss.detach()
+            if _is_dist():
+                dist.all_reduce(lv)
+                lv = lv / world
+            dt = time.perf_counter() - t0
+            tokens = (
+                B * z.shape[2] * math.ceil(z.shape[3] / patch[1]) * math.ceil(z.shape[4] / patch[2]) * world
+            )
+            rec = {
+                "step": step + 1,
+                "loss": float(lv),
+                "lr": cfg.lr_at(step),
+                "grad_norm": float(_full(gn)),
+                "samples_per_s": B * world / dt,
+                "tokens_per_s": tokens / dt,
+                "shape": [T, H, W],
+            }
+            losses.append(rec["loss"])
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+                tqdm.write(
+                    f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm "
+                    f"{rec['grad_norm']:.3f} {rec['samples_per_s']:.2f} samples/s {rec['tokens_per_s']:.0f} tokens/s"
+                )
+            if on_step is not None:
+                on_step(step, rec)
+            done = step + 1
+            if ckpt_dir and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+                last_ckpt = save_checkpoint(ckpt_dir, model, model.config, optimizer, ema, done, rank)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return TrainResult(losses, start + len(losses), last_ckpt, model, ema)
+
+
+def config_json(cfg: DiTTrainConfig) -> str:
+    return json.dumps(asdict(cfg), indent=1)
+
+
+def build_model(preset: str, init_from: str | None, in_channels: int, text_dim: int, text_len: int | None):
+    """A fresh STDiT3 preset sized to the VAE's latent channels (and, for tiny/small, to the T5), or a
+    local STDiT3 directory. XL keeps Open-Sora's 4096-dim, 300-token captions and freezes y_embedder
+    (stage 1)."""
+    from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
+    from opensora_fast.sample import UsageError, require_path
+
+    if init_from:
+        model = STDiT3.from_pretrained(require_path(init_from, "--init-from", "an STDiT3 checkpoint"))
+    else:
+        if preset == "xl":
+            config = STDiT3Config.xl_2(in_channels=in_channels, freeze_y_embedder=True)
+        else:
+            kw = dict(in_channels=in_channels, caption_channels=text_dim)
+            if text_len:
+                kw["model_max_length"] = text_len
+            config = getattr(STDiT3Config, preset)(**kw)
+        model = STDiT3(config)
+    c = model.config
+    if c.in_channels != in_channels:
+        raise UsageError(f"the STDiT3 takes {c.in_channels} latent channels but the VAE makes {in_channels}")
+    if c.caption_channels != text_dim:
+        raise UsageError(
+            f"the STDiT3 takes {c.caption_channels}-dim captions but the T5 encoder gives {text_dim}"
+        )
+    return model.float()
+
+
+def run_train(args) -> int:
+    """``opensora-fast train``: everything from local paths; writes ``out_dir/{config.json, log.jsonl,
+    checkpoints/}``."""
+    from opensora_fast.data import VideoTextDataset
+    from opensora_fast.sample import UsageError, load_vae, require_path
+    from opensora_fast.text import T5TextEncoder
+
+    try:
+        cfg = DiTTrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            ema_decay=args.ema_decay,
+            grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+            dtype=args.dtype,
+            grad_checkpoint=args.grad_checkpoint,
+            seed=args.seed,
+            log_every=args.log_every,
+            ckpt_every=args.ckpt_every,
+            fsdp=True if args.fsdp else None,
+            fsdp_mode=args.fsdp_mode,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rank, world, device = init_distributed()
+    dataset = VideoTextDataset(
+        require_path(args.data, "--data", "the data CSV"), args.buckets, fps=args.data_fps
+    )
+    if rank == 0 and dataset.dropped:
+        print(f"{len(dataset.dropped)} clip(s) shorter than every bucket were left out")
+    vae = load_vae(require_path(args.vae, "--vae", "the VAE weights"), device=device)
+    t5_path = require_path(args.t5, "--t5", "the T5 encoder directory")
+    from transformers import AutoConfig
+
+    t5_cfg = AutoConfig.from_pretrained(t5_path, local_files_only=True)
+    torch.manual_seed(cfg.seed)
+    model = build_model(args.model_config, args.init_from, vae.out_channels, t5_cfg.d_model, None)
+    text = T5TextEncoder(t5_path, model_max_length=model.config.model_max_length, device=device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    if rank == 0:
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump({"train": asdict(cfg), "args": {k: v for k, v in vars(args).items() if k != "func"}}, f,
+                      indent=1, default=str)  # fmt: skip
+        n = sum(p.numel() for p in model.parameters())
+        print(f"STDiT3 {n / 1e6:.2f}M parameters, {len(dataset)} clips, world size {world}, device {device}")
+    ckpt_dir = os.path.join(args.out_dir, "checkpoints")
+    resume = args.resume
+    if resume == "auto" and not os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        raise UsageError(f"--resume: no checkpoint in {ckpt_dir!r}")
+    if resume == "auto":
+        resume = ckpt_dir
+    res = train_dit(
+        cfg,
+        dataset,
+        model,
+        vae,
+        text,
+        ckpt_dir=ckpt_dir,
+        resume=resume,
+        log_path=os.path.join(args.out_dir, "log.jsonl"),
+        device=device,
+        progress=not args.no_progress,
+    )
+    if rank == 0:
+        print(
+            f"trained to step {res.step}; checkpoint {res.checkpoint} (sample with --model {res.checkpoint}/ema)"
+        )
+        print(f"log: {os.path.join(args.out_dir, 'log.jsonl')}")
+    if _is_dist():
+        dist.destroy_process_group()
+    return 0

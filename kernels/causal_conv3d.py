@@ -38,13 +38,31 @@ _GEMM_CONFIGS = (
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _configs():
+# dW gathers both operands; with generic strides its loads are per element, so it takes smaller K
+# steps there (the FAST variant uses _GEMM_CONFIGS). The autotuner keeps the set matching FAST.
+_DW_STRIDED_CONFIGS = (
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 8, 3),
+    (64, 128, 32, 8, 3),
+)
+
+
+def _configs(gemm=_GEMM_CONFIGS):
     return autotune_configs(
         [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in _GEMM_CONFIGS
+            for m, n, k, w, s in gemm
         ]
     )
+
+
+def _config_tuple(c: triton.Config) -> tuple:
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+
+def _prune_dw(configs, named_args, **kwargs):
+    want = _GEMM_CONFIGS if kwargs["FAST"] else _DW_STRIDED_CONFIGS
+    return [c for c in configs if _config_tuple(c) in want]
 
 
 @triton.jit
@@ -223,7 +241,11 @@ def _causal_conv3d_bwd_dx_kernel(
     _store_rows(DX, x_row, m_ok, offs_n, n_ok, sxc, acc.to(DX.dtype.element_ty), FAST)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(
+    configs=_configs(_GEMM_CONFIGS + _DW_STRIDED_CONFIGS),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_dw},
+)
 @triton.jit
 def _causal_conv3d_bwd_dw_kernel(
     X,  # (B, C_in, T, H, W), any strides
@@ -519,25 +541,26 @@ def sm90_specs() -> list[KernelSpec]:
     for dt in ("fp16", "bf16"):
         for kt, kh, kw, st in _VARIANTS:
             for fast in (True, False):
-                for bm, bn, bk, nw, ns in _GEMM_CONFIGS:
-                    for name, fn, ptrs in kernels:
-                        jit = fn.fn  # the @triton.jit function under the autotuner
-                        cx = dict(
-                            KT=kt, KH=kh, KW=kw, STRIDE_T=st, FAST=fast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk
+                dw_configs = _GEMM_CONFIGS if fast else _DW_STRIDED_CONFIGS
+                launches = [(k, c) for k in kernels[:2] for c in _GEMM_CONFIGS] + [
+                    (kernels[2], c) for c in dw_configs
+                ]
+                for (name, fn, ptrs), (bm, bn, bk, nw, ns) in launches:
+                    jit = fn.fn  # the @triton.jit function under the autotuner
+                    cx = dict(KT=kt, KH=kh, KW=kw, STRIDE_T=st, FAST=fast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                    layout = "fast" if fast else "strided"
+                    tag = f"{dt},k={kt}{kh}{kw},st={st},{layout},{bm}x{bn}x{bk},w{nw}s{ns}"
+                    specs.append(
+                        KernelSpec(
+                            name=f"causal_conv3d_{name}[{tag}]",
+                            fn=jit,
+                            signature=signature(jit, dict(ptrs, **{"*": dt}), cx),
+                            constexprs=cx,
+                            num_warps=nw,
+                            num_stages=ns,
+                            uses_dot=True,
                         )
-                        layout = "fast" if fast else "strided"
-                        tag = f"{dt},k={kt}{kh}{kw},st={st},{layout},{bm}x{bn}x{bk},w{nw}s{ns}"
-                        specs.append(
-                            KernelSpec(
-                                name=f"causal_conv3d_{name}[{tag}]",
-                                fn=jit,
-                                signature=signature(jit, dict(ptrs, **{"*": dt}), cx),
-                                constexprs=cx,
-                                num_warps=nw,
-                                num_stages=ns,
-                                uses_dot=True,
-                            )
-                        )
+                    )
     return specs
 
 

@@ -6,16 +6,13 @@ padded copy F.pad makes is the difference this kernel removes."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from opensora_fast.kernels import causal_conv3d, reference
-from opensora_fast.kernels._utils import BACKEND_ENV
 from opensora_fast.kernels.reference import causal_pad_amounts
 
-from bench.harness import HAS_CUDA, Case, fwd_bwd, run_case_with_benchmark, suite_params
+from bench.harness import HAS_CUDA, Case, fwd_bwd, ours, run_case_with_benchmark, suite_params
 
 # (B, C_in, C_out, T, H, W, k, stride_t)
 REAL_SHAPES = [
@@ -34,27 +31,8 @@ def _cudnn(x, w, b, stride):
     return F.conv3d(F.pad(x, (wp, wp, hp, hp, tp, 0)), w, b, stride=stride)
 
 
-def _forced_triton(fn):
-    """The Triton kernels also on CPU (interpreter), where dispatch would pick the reference."""
-    if HAS_CUDA:
-        return fn
-
-    def run(*args):
-        old = os.environ.get(BACKEND_ENV)
-        os.environ[BACKEND_ENV] = "triton"
-        try:
-            return fn(*args)
-        finally:
-            if old is None:
-                del os.environ[BACKEND_ENV]
-            else:
-                os.environ[BACKEND_ENV] = old
-
-    return run
-
-
 PROVIDERS = {
-    "opensora_fast": (_forced_triton(lambda x, w, b, s: causal_conv3d(x, w, b, stride=s)), True, False),
+    "opensora_fast": (ours(lambda x, w, b, s: causal_conv3d(x, w, b, stride=s)), True, False),
     "cudnn": (_cudnn, True, True),  # channels_last_3d, vendor path
     "eager": (reference.causal_conv3d_ref, False, False),  # contiguous NCDHW
 }

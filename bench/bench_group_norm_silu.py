@@ -4,13 +4,10 @@ forward + backward adds read x, dy and write dx."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 from opensora_fast.kernels import group_norm_silu, reference
-from opensora_fast.kernels._utils import BACKEND_ENV
 
-from bench.harness import HAS_CUDA, Case, compiled, fwd_bwd, run_case_with_benchmark, suite_params
+from bench.harness import Case, compiled, fwd_bwd, ours, run_case_with_benchmark, suite_params
 
 REAL_SHAPES = [(1, 128, 17, 90, 160), (1, 256, 17, 90, 160), (1, 512, 5, 90, 160), (1, 512, 5, 45, 80)]
 TINY_SHAPES = [(1, 8, 3, 6, 10)]
@@ -32,27 +29,8 @@ def _torch_compile(x, w, b, g):
     return _compiled_ref(x, w, b, g)
 
 
-def _forced_triton(fn):
-    """The Triton kernels also on CPU (interpreter), where dispatch would pick the reference."""
-    if HAS_CUDA:
-        return fn
-
-    def run(*args):
-        old = os.environ.get(BACKEND_ENV)
-        os.environ[BACKEND_ENV] = "triton"
-        try:
-            return fn(*args)
-        finally:
-            if old is None:
-                del os.environ[BACKEND_ENV]
-            else:
-                os.environ[BACKEND_ENV] = old
-
-    return run
-
-
 PROVIDERS = {
-    "opensora_fast": (_forced_triton(lambda x, w, b, g: group_norm_silu(x, w, b, g)), False),
+    "opensora_fast": (ours(lambda x, w, b, g: group_norm_silu(x, w, b, g)), False),
     "eager": (_eager, False),
     "torch.compile": (_torch_compile, True),
 }

@@ -1,0 +1,124 @@
+"""Whole Open-Sora 1.2 VAE decode (issue 4): release architecture (``OpenSoraVAEConfig.v1_2()``), random
+weights, bf16, batch 1, streaming chunk by chunk (``OpenSoraVAE.decode``).
+
+Shapes: 720p 2 s, latents (4, 15, 90, 160) -> 51 frames of 720x1280 (output on the GPU), and 720p
+16 s, latents (4, 120, 90, 160) -> 408 frames with ``out_device="cpu"`` (the video does not sit on the
+GPU; the GPU holds one temporal chunk at a time).
+
+Providers: ``opensora_fast`` (the temporal VAE's causal_conv3d and group_norm_silu kernels;
+``OPENSORA_FAST_BACKEND`` unset on CUDA, forced to "triton" on CPU where the interpreter runs them) and
+``reference`` (the same model and weights with ``OPENSORA_FAST_BACKEND=reference``: eager PyTorch).
+The variable is set while the model is built and on every call, so the providers cannot leak.
+The 2D VAE is diffusers' ``AutoencoderKL`` on both paths (opensora_fast has no kernels there).
+
+Peak memory: ``make`` resets the CUDA peak after building the model, so
+``torch.cuda.max_memory_allocated()`` after the timed calls is a decode's peak including the resident
+weights and latents; ``test_bench`` records it in ``benchmark.extra_info["peak_mem_bytes"]`` and turns
+a CUDA OOM into a skip whose reason starts "OOM". No flops are reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from opensora_fast.kernels._utils import BACKEND_ENV
+
+from bench.harness import HAS_CUDA, Case, run_case_with_benchmark, suite_params
+from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+
+PROVIDERS = ("opensora_fast", "reference")
+
+# name -> (latent frames, latent H, latent W, pixel frames, output device: None = the GPU)
+REAL_SHAPES = {"720p 2s": (15, 90, 160, 51, None), "720p 16s": (120, 90, 160, 408, "cpu")}
+# tiny preset (2x spatial, 4x temporal, 4 filters) with 5-frame chunks (2 latent frames) to keep the
+# interpreter cheap (~40 kernel launches per chunk): one streamed case, two chunks into a CPU output
+TINY_CHUNK = 5
+TINY_SHAPES = {"tiny 2 chunks": (4, 4, 4, 10, "cpu")}
+
+
+@contextlib.contextmanager
+def provider(name: str) -> Iterator[None]:
+    """OPENSORA_FAST_BACKEND for ``name``, restored on exit."""
+    if name not in PROVIDERS:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {name!r}")
+    old = os.environ.get(BACKEND_ENV)
+    if name == "reference":
+        os.environ[BACKEND_ENV] = "reference"
+    elif HAS_CUDA:
+        os.environ.pop(BACKEND_ENV, None)
+    else:
+        os.environ[BACKEND_ENV] = "triton"  # the interpreter: the kernel path on CPU
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old
+
+
+def _settle() -> None:
+    """Free the previous case's memory and restart the CUDA peak counter."""
+    gc.collect()
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _maker(cfg, name, shape, device, dtype):
+    t, h, w, frames, out_device = shape
+
+    def make():
+        _settle()
+        with provider(name):
+            torch.manual_seed(0)
+            with torch.device(device):
+                vae = OpenSoraVAE(cfg)
+            vae = vae.to(dtype).eval()
+            g = torch.Generator().manual_seed(1)
+            z = torch.randn(1, vae.out_channels, t, h, w, generator=g).to(device, dtype)
+        _settle()
+
+        def decode():
+            with provider(name):
+                return vae.decode(z, frames, out_device=out_device)
+
+        return decode
+
+    return make
+
+
+def cases(device, dtype, tiny) -> list[Case]:
+    if tiny:
+        cfg = dataclasses.replace(OpenSoraVAEConfig.tiny(filters=4), micro_frame_size=TINY_CHUNK)
+    else:
+        cfg = OpenSoraVAEConfig.v1_2()
+    f = cfg.spatial.downsample
+    out = []
+    for label, shape in (TINY_SHAPES if tiny else REAL_SHAPES).items():
+        t, h, w, frames, out_device = shape
+        name = f"{label} z=4x{t}x{h}x{w} -> {frames}x{h * f}x{w * f} out={out_device or device}"
+        for p in PROVIDERS:
+            make = _maker(cfg, p, shape, device, dtype)
+            out.append(Case("vae_decode", name, p, "fwd", make, dtype=str(dtype).removeprefix("torch.")))
+    return out
+
+
+@suite_params(cases)
+def test_bench(benchmark, case):
+    try:
+        run_case_with_benchmark(benchmark, case)
+    except torch.cuda.OutOfMemoryError as e:
+        _settle()
+        benchmark.extra_info.update(oom=True, provider=case.provider, mode=case.mode)
+        pytest.skip(f"OOM: {str(e).splitlines()[0][:200]}")
+    if HAS_CUDA:
+        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+    _settle()

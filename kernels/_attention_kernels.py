@@ -25,6 +25,12 @@ write the gradients w.r.t. the transformed q/k, and ``_qk_norm_rope_bwd_kernel``
 RoPE^T (in registers: reshape + split/join) and the RMSNorm backward into dqkv, with per-program
 partial norm-weight gradients summed on the host (deterministic, no atomics).
 
+Temporal attention (T' <= 120 frames, B*S ~ 10^4 sequences) runs the same kernels; the forward's
+autotune table includes a (64, 64) tile that holds a whole sequence of up to 64 frames (one q tile and
+one K/V tile per program). A packed schedule with several whole sequences per program (block-diagonal
+mask over one 128-row tile) was written, but the sm_90 gate measured 144-5168 B of register spills
+for every (sequence block, pack) shape tried, so it is not shipped.
+
 Softmax statistics are fp32 and kept in log2 units (``qk_scale = softmax_scale * log2(e)``); the
 forward stores lse2 = m + log2(l) per row (+inf for a row that sees no key, whose output is 0).
 """
@@ -110,11 +116,12 @@ def _load_swapped(base, rows, stride_m, row_ok, col0, D, BD: tl.constexpr):
 
 
 @triton.jit
-def _load_qk(base, rows, stride_m, row_ok, W, COS, SIN, stride_cs, D, eps,
+def _load_qk(base, rows, stride_m, row_ok, pos, W, COS, SIN, stride_cs, D, eps,
              NORM: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BD0: tl.constexpr,
              BD1: tl.constexpr, HAS_D1: tl.constexpr):  # fmt: skip
     """Load a (BM, D) q or k tile as pieces and apply the prologue. Returns (t0, t1, x0, x1, rstd):
-    transformed pieces, raw pieces, fp32 inverse RMS (t1/x1 are dummies without HAS_D1)."""
+    transformed pieces, raw pieces, fp32 inverse RMS (t1/x1 are dummies without HAS_D1). Row i sits at
+    base + rows[i] * stride_m; pos[i] is its sequence position (the RoPE table row)."""
     x0 = _load_piece(base, rows, stride_m, row_ok, 0, D, BD0)
     x1 = x0
     if HAS_D1:
@@ -132,12 +139,12 @@ def _load_qk(base, rows, stride_m, row_ok, W, COS, SIN, stride_cs, D, eps,
         xs0 = x0
         if ROPE:
             xs0 = _load_swapped(base, rows, stride_m, row_ok, 0, D, BD0)
-        t0 = _norm_rope_piece(x0, xs0, rstd, W, COS, SIN, rows, row_ok, stride_cs, 0, D, ROPE, BM, BD0)
+        t0 = _norm_rope_piece(x0, xs0, rstd, W, COS, SIN, pos, row_ok, stride_cs, 0, D, ROPE, BM, BD0)
         if HAS_D1:
             xs1 = x1
             if ROPE:
                 xs1 = _load_swapped(base, rows, stride_m, row_ok, BD0, D, BD1)
-            t1 = _norm_rope_piece(x1, xs1, rstd, W, COS, SIN, rows, row_ok, stride_cs, BD0, D, ROPE, BM, BD1)
+            t1 = _norm_rope_piece(x1, xs1, rstd, W, COS, SIN, pos, row_ok, stride_cs, BD0, D, ROPE, BM, BD1)
     return t0, t1, x0, x1, rstd
 
 
@@ -197,7 +204,7 @@ def _attention_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
     q_base = Q + _z_offset(z, Z2, sq1, sq2) + h * sqh
-    q0, q1, _x0, _x1, _r = _load_qk(q_base, rows, sqm, row_ok, QW, QW, QW, 0, D, eps,
+    q0, q1, _x0, _x1, _r = _load_qk(q_base, rows, sqm, row_ok, rows, QW, QW, QW, 0, D, eps,
                                     NORM, False, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
     k_base = K + k_off + h * skh
     v_base = V + v_off + h * svh
@@ -210,7 +217,7 @@ def _attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < n_k
-        k0, k1, _y0, _y1, _rk = _load_qk(k_base, keys, skm, key_ok, KW, KW, KW, 0, D, eps,
+        k0, k1, _y0, _y1, _rk = _load_qk(k_base, keys, skm, key_ok, keys, KW, KW, KW, 0, D, eps,
                                          NORM, False, BLOCK_N, BD0, BD1, HAS_D1)  # fmt: skip
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if HAS_D1:
@@ -289,14 +296,14 @@ def _qk_norm_rope_fwd_kernel(
     row_ok = rows < L
     t_base = z.to(tl.int64) * L * H * D + h * D
     qx_base = QX + _z_offset(z, Z2, sq1, sq2) + h * sqh
-    q0, q1, _a, _b, _c = _load_qk(qx_base, rows, sqm, row_ok, QW, COS, SIN, stride_cs, D, eps, True, ROPE,
-                                  BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+    q0, q1, _a, _b, _c = _load_qk(qx_base, rows, sqm, row_ok, rows, QW, COS, SIN, stride_cs, D, eps, True,
+                                  ROPE, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
     _store_piece(QT + t_base, rows, H * D, row_ok, 0, D, q0, BD0)
     if HAS_D1:
         _store_piece(QT + t_base, rows, H * D, row_ok, BD0, D, q1, BD1)
     kx_base = KX + _z_offset(z, Z2, sk1, sk2) + h * skh
-    k0, k1, _d, _e, _f = _load_qk(kx_base, rows, skm, row_ok, KW, COS, SIN, stride_cs, D, eps, True, ROPE,
-                                  BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+    k0, k1, _d, _e, _f = _load_qk(kx_base, rows, skm, row_ok, rows, KW, COS, SIN, stride_cs, D, eps, True,
+                                  ROPE, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
     _store_piece(KT + t_base, rows, H * D, row_ok, 0, D, k0, BD0)
     if HAS_D1:
         _store_piece(KT + t_base, rows, H * D, row_ok, BD0, D, k1, BD1)
@@ -505,64 +512,3 @@ def _qk_norm_rope_bwd_kernel(
     tl.store(DWP + pid * D + c0, dw0, mask=c0 < D)
     if HAS_D1:
         tl.store(DWP + pid * D + c1, dw1, mask=c1 < D)
-
-
-@triton.jit
-def _attention_fwd_packed_kernel(
-    Q,  # (Z, L, H, D) through (sq1, sq2, sqm, sqh)
-    K,  # (Z, L, H, D) through (sk1, sk2, skm, skh)
-    V,  # (Z, L, H, D) through (sv1, sv2, svm, svh)
-    O,  # (Z, L, H, D) through (so1, so2, som, soh)
-    LSE,  # (Z * H, L) fp32, log2 units
-    Z, Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, so1, so2, som, soh,
-    H, L, D: tl.constexpr, qk_scale,
-    SEQ_BLOCK: tl.constexpr, PACK: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    """Short sequences (temporal attention, L <= SEQ_BLOCK <= 128): one program holds PACK whole
-    sequences of one head (rows r -> sequence r // SEQ_BLOCK, position r % SEQ_BLOCK), so all their
-    K/V sit on chip at once; one block-diagonal masked QK^T, a single-pass softmax, one PV."""
-    BLOCK: tl.constexpr = PACK * SEQ_BLOCK
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    r = tl.arange(0, BLOCK)
-    j = r // SEQ_BLOCK
-    pos = r % SEQ_BLOCK
-    z = pid * PACK + j
-    ok = (pos < L) & (z < Z)
-    zc = tl.where(ok, z, 0)
-    pos64 = pos.to(tl.int64)
-    q_row = Q + _z_offset(zc, Z2, sq1, sq2) + pos64 * sqm + h * sqh
-    k_row = K + _z_offset(zc, Z2, sk1, sk2) + pos64 * skm + h * skh
-    v_row = V + _z_offset(zc, Z2, sv1, sv2) + pos64 * svm + h * svh
-    c0 = tl.arange(0, BD0)
-    c1 = BD0 + tl.arange(0, BD1)
-    m0 = ok[:, None] & (c0 < D)[None, :]
-    m1 = ok[:, None] & (c1 < D)[None, :]
-    s = tl.dot(
-        tl.load(q_row[:, None] + c0[None, :], mask=m0, other=0.0),
-        tl.trans(tl.load(k_row[:, None] + c0[None, :], mask=m0, other=0.0)),
-        input_precision=DOT_PREC,
-    )
-    if HAS_D1:
-        s += tl.dot(
-            tl.load(q_row[:, None] + c1[None, :], mask=m1, other=0.0),
-            tl.trans(tl.load(k_row[:, None] + c1[None, :], mask=m1, other=0.0)),
-            input_precision=DOT_PREC,
-        )
-    allowed = (j[:, None] == j[None, :]) & ok[None, :]
-    s = tl.where(allowed, s * qk_scale, float("-inf"))
-    m = tl.max(s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m[:, None])
-    l_sum = tl.sum(p, 1)
-    inv = tl.where(l_sum > 0.0, 1.0 / tl.where(l_sum > 0.0, l_sum, 1.0), 0.0)
-    pv = p.to(V.dtype.element_ty)
-    o_row = O + _z_offset(zc, Z2, so1, so2) + pos64 * som + h * soh
-    o0 = tl.dot(pv, tl.load(v_row[:, None] + c0[None, :], mask=m0, other=0.0), input_precision=DOT_PREC)
-    tl.store(o_row[:, None] + c0[None, :], (o0 * inv[:, None]).to(O.dtype.element_ty), mask=m0)
-    if HAS_D1:
-        o1 = tl.dot(pv, tl.load(v_row[:, None] + c1[None, :], mask=m1, other=0.0), input_precision=DOT_PREC)
-        tl.store(o_row[:, None] + c1[None, :], (o1 * inv[:, None]).to(O.dtype.element_ty), mask=m1)
-    lse = tl.where(l_sum > 0.0, m + tl.log2(tl.where(l_sum > 0.0, l_sum, 1.0)), float("inf"))
-    tl.store(LSE + (zc.to(tl.int64) * H + h) * L + pos, lse, mask=ok)

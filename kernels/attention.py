@@ -17,7 +17,6 @@ from opensora_fast.kernels._attention_kernels import (
     _attention_bwd_dq_kernel,
     _attention_bwd_preprocess_kernel,
     _attention_fwd_kernel,
-    _attention_fwd_packed_kernel,
     _qk_norm_rope_bwd_kernel,
     _qk_norm_rope_fwd_kernel,
 )
@@ -45,7 +44,8 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # Configs per head-dim class ("small": padded width <= 96, e.g. D = 72 -> 64 + 16; "large": up to 128),
 # each checked by the sm_90 gate (no spills; smaller tiles where the larger ones spilled).
 _FWD_TABLE = {
-    ("plain", "small"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)],
+    # (64, 64): a temporal sequence of up to 64 frames is one q tile and one K/V tile per program.
+    ("plain", "small"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
     ("norm", "small"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)],
     ("plain", "large"): [_cfg(128, 64, 8, 3), _cfg(64, 64, 8, 3)],
     ("norm", "large"): [_cfg(64, 32, 4, 3)],
@@ -60,7 +60,6 @@ _INTERP_CFG = [_cfg(16, 16, 4, 1)]
 _PRE_BLOCK_M = 64
 _ELEMWISE_BLOCK_M = 16  # head-rows per program of the q/k pre-pass and prologue-backward kernels
 _KEY = ["Lq", "Lk", "D", "causal", "varlen"]
-MAX_PACKED_LEN = 128  # temporal attention up to this many frames runs the packed short-sequence forward
 
 
 def _dclass(D: int) -> str:
@@ -161,33 +160,16 @@ def _qk_prepass(q, k, qs, ks, p: Problem, eps, qw, kw, cos, sin):
     return qt, kt, Seq(p.Z2 * p.Lq * p.H * p.D, p.Lq * p.H * p.D, p.H * p.D, p.D)
 
 
-def packed_schedule(L: int, D: int) -> tuple[int, int, int]:
-    """(SEQ_BLOCK, PACK, num_warps) of the short-sequence forward: PACK whole sequences per program,
-    PACK * SEQ_BLOCK rows = 128 (64 for head dims padded beyond 96; 32 under the interpreter)."""
-    seq_block = max(16, next_pow2(L))
-    target = 32 if interpreting() else (128 if _dclass(D) == "small" else 64)
-    pack = max(1, target // seq_block)
-    return seq_block, pack, 8 if seq_block * pack >= 128 else 4
-
-
 def _launch_fwd(q, k, v, o, qs, ks, vs, os_, p: Problem, scale, eps, qw=None, kw=None, cos=None, sin=None,
-                cu=None, short=False):  # fmt: skip
+                cu=None):  # fmt: skip
     lse = empty((p.Z * p.H, p.Lq), torch.float32, q.device)
     dummy = lse
     norm = qw is not None
-    short = short and not p.causal and not p.varlen and p.Lq == p.Lk and p.Lq <= MAX_PACKED_LEN
-    if cos is not None or (norm and short):  # transformed q/k from the pre-pass, plain attention on them
+    rope = cos is not None
+    if rope:  # transformed q/k from the pre-pass, plain attention on them
         q, k, ts = _qk_prepass(q, k, qs, ks, p, eps, qw, kw, cos, sin)
         qs = ks = ts
         norm = False
-    if short:
-        seq_block, pack, warps = packed_schedule(p.Lq, p.D)
-        _attention_fwd_packed_kernel[(triton.cdiv(p.Z, pack), p.H)](
-            q, k, v, o, lse, p.Z, p.Z2, *qs.args(), *ks.args(), *vs.args(), *os_.args(), p.H, p.Lq, p.D,
-            scale * LOG2E, SEQ_BLOCK=seq_block, PACK=pack, DOT_PREC=_dot_prec(q.dtype), num_warps=warps,
-            **DSplit.of(p.D).kwargs(),
-        )  # fmt: skip
-        return lse
     grid = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
     _tuned("fwd", "norm" if norm else "plain", _dclass(p.D))[grid](
         q, k, v, o, lse, qw if norm else dummy, kw if norm else dummy, cu if p.varlen else dummy,
@@ -344,7 +326,7 @@ def _self_fwd_op(
     q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
     sq = _token_seq(qkv, layout, S, p.D)
     lse = _launch_fwd(q, k, v, out, sq, sq, sq, _token_seq(out, layout, S, p.D), p, softmax_scale, eps,
-                      q_weight, k_weight, cos, sin, short=layout == "temporal")  # fmt: skip
+                      q_weight, k_weight, cos, sin)  # fmt: skip
     return out, lse
 
 
@@ -659,7 +641,7 @@ def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
     and autotune config; dK/dV and dQ per autotune config (they never see the prologue); the delta
     preprocess and the q/k pre-pass and prologue-backward kernels (no tl.dot, with and without RoPE)."""
     specs = []
-    ints = {a: "i32" for a in ("Z2", "H", "Lq", "Lk", "L")}  # upper-case scalars, not pointers
+    ints = {a: "i32" for a in ("Z", "Z2", "H", "Lq", "Lk", "L")}  # upper-case scalars, not pointers
     scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "eps": "fp32", **ints}
 
     def add(name, fn, ptrs, cx, warps, stages, dot):
@@ -686,11 +668,6 @@ def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
                     cx = dict(DOT_PREC="tf32", **cfg.kwargs, **split)
                     add(f"attention_{kname}[{dt},D={D},{cfg_name(cfg)}]", fn, ptrs, cx, cfg.num_warps,
                         cfg.num_stages, True)  # fmt: skip
-            for seq_block in (16, 32, 64, 128):
-                _, pack, warps = packed_schedule(seq_block, D)
-                cx = dict(SEQ_BLOCK=seq_block, PACK=pack, DOT_PREC="tf32", **split)
-                name = f"attention_fwd_packed[{dt},D={D},SEQ={seq_block},PACK={pack},w={warps}]"
-                add(name, _attention_fwd_packed_kernel, ptrs, cx, warps, 1, True)
             cx = dict(BLOCK_M=_PRE_BLOCK_M, **split)
             add(
                 f"attention_bwd_preprocess[{dt},D={D}]",

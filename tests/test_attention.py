@@ -94,12 +94,12 @@ def test_flash_attn_func_reference_dispatch_on_cpu(reference_backend):
     [
         (torch.float32, 72, "spatial", False, 2, 2, 19),
         (torch.float16, 72, "spatial", False, 2, 2, 19),
-        (torch.float32, 72, "temporal", True, 1, 5, 3),  # packed forward: 2 sequences/program, 3 of them
+        (torch.float32, 72, "temporal", True, 1, 5, 3),
         (torch.float16, 72, "temporal", True, 2, 7, 2),
         (torch.float16, 64, "spatial", True, 2, 2, 7),
         (torch.float32, 40, "temporal", False, 2, 9, 2),
         (torch.float32, 72, "temporal", True, 2, 1, 3),  # T = 1: sequences of one token
-        (torch.float32, 72, "temporal", True, 1, 19, 2),  # T > 16: one sequence per program
+        (torch.float32, 72, "temporal", True, 1, 19, 2),  # T > 16: several blocks per sequence
     ],
 )
 def test_self_attention(triton_backend, dtype, D, layout, rope, B, T, S):

@@ -38,13 +38,10 @@ _GEMM_CONFIGS = (
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-# dW gathers both operands; with generic strides its loads are per element, so it takes smaller K
-# steps there (the FAST variant uses _GEMM_CONFIGS). The autotuner keeps the set matching FAST.
-_DW_STRIDED_CONFIGS = (
-    (128, 128, 32, 8, 3),
-    (128, 64, 32, 8, 3),
-    (64, 128, 32, 8, 3),
-)
+# Generic strides (not FAST) load element by element: one config each, no autotuning (dW gathers
+# both operands and takes K=32 steps there to stay clear of spills). The autotuner prunes by FAST.
+_STRIDED_CONFIG = (128, 64, 64, 4, 4)
+_DW_STRIDED_CONFIG = (128, 128, 32, 8, 3)
 
 
 def _configs(gemm=_GEMM_CONFIGS):
@@ -60,9 +57,11 @@ def _config_tuple(c: triton.Config) -> tuple:
     return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
 
-def _prune_dw(configs, named_args, **kwargs):
-    want = _GEMM_CONFIGS if kwargs["FAST"] else _DW_STRIDED_CONFIGS
-    return [c for c in configs if _config_tuple(c) in want]
+def _prune(configs, named_args, **kwargs):
+    """FAST: the autotuned _GEMM_CONFIGS; generic strides: the one config not among them."""
+    if kwargs["FAST"]:
+        return [c for c in configs if _config_tuple(c) in _GEMM_CONFIGS]
+    return [c for c in configs if _config_tuple(c) not in _GEMM_CONFIGS]
 
 
 @triton.jit
@@ -108,7 +107,11 @@ def _offset(b, t, h, w, sb, st, sh, sw):
 _KEY = ["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T", "FAST"]
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(
+    configs=_configs(_GEMM_CONFIGS + (_STRIDED_CONFIG,)),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _causal_conv3d_fwd_kernel(
     X,  # (B, C_in, T, H, W), any strides
@@ -175,7 +178,11 @@ def _causal_conv3d_fwd_kernel(
     _store_rows(Y, y_row, m_ok, offs_n, n_ok, syc, acc.to(Y.dtype.element_ty), FAST)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(
+    configs=_configs(_GEMM_CONFIGS + (_STRIDED_CONFIG,)),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _causal_conv3d_bwd_dx_kernel(
     DY,  # (B, C_out, T_out, H, W), any strides
@@ -242,9 +249,9 @@ def _causal_conv3d_bwd_dx_kernel(
 
 
 @triton.autotune(
-    configs=_configs(_GEMM_CONFIGS + _DW_STRIDED_CONFIGS),
+    configs=_configs(_GEMM_CONFIGS + (_DW_STRIDED_CONFIG,)),
     key=_KEY,
-    prune_configs_by={"early_config_prune": _prune_dw},
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _causal_conv3d_bwd_dw_kernel(
@@ -530,8 +537,8 @@ _VARIANTS = ((3, 3, 3, 1), (3, 3, 3, 2), (1, 1, 1, 1))
 
 
 def sm90_specs() -> list[KernelSpec]:
-    """dtype x (kernel size, stride) x FAST (channels-last, C % 128 == 0) or generic strides x
-    autotune config x kernel (forward, dX, dW)."""
+    """dtype x (kernel size, stride) x kernel (forward, dX, dW) x [FAST (channels-last, C % 128 == 0)
+    x autotune config, or generic strides with its single config]."""
     kernels = (
         ("fwd", _causal_conv3d_fwd_kernel, {}),
         ("bwd_dx", _causal_conv3d_bwd_dx_kernel, {}),
@@ -541,10 +548,11 @@ def sm90_specs() -> list[KernelSpec]:
     for dt in ("fp16", "bf16"):
         for kt, kh, kw, st in _VARIANTS:
             for fast in (True, False):
-                dw_configs = _GEMM_CONFIGS if fast else _DW_STRIDED_CONFIGS
-                launches = [(k, c) for k in kernels[:2] for c in _GEMM_CONFIGS] + [
-                    (kernels[2], c) for c in dw_configs
-                ]
+                if fast:
+                    launches = [(k, c) for k in kernels for c in _GEMM_CONFIGS]
+                else:
+                    launches = [(kernels[0], _STRIDED_CONFIG), (kernels[1], _STRIDED_CONFIG)]
+                    launches.append((kernels[2], _DW_STRIDED_CONFIG))
                 for (name, fn, ptrs), (bm, bn, bk, nw, ns) in launches:
                     jit = fn.fn  # the @triton.jit function under the autotuner
                     cx = dict(KT=kt, KH=kh, KW=kw, STRIDE_T=st, FAST=fast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)

@@ -36,6 +36,11 @@ def _configs():
     return autotune_configs([triton.Config({"TILE": t}, num_warps=w) for t, w in _CONFIGS])
 
 
+def _prune(configs, named_args, **kwargs):
+    """Packed layouts autotune over _CONFIGS; any-strides (LAYOUT 0) runs the first only."""
+    return configs if kwargs["LAYOUT"] else configs[:1]
+
+
 _KEY = ["spatial", "num_ch", "num_groups", "GPP", "CG_P", "LAYOUT"]
 
 
@@ -75,7 +80,7 @@ def _merge(n, mean, m2, cnt, tmean, tm2):
     return n_new, mean, m2
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _group_norm_silu_stats_kernel(
     X,  # (B, C, T, H, W), any strides (T = 1, sxt = 0 for 4-D input)
@@ -143,7 +148,7 @@ def _group_stats(Partial, b, g, num_groups, cg, spatial, s_chunk, nsplit, eps):
     return mean, 1.0 / tl.sqrt(m2 / n + eps)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _group_norm_silu_fwd_kernel(
     X,  # (B, C, T, H, W), any strides
@@ -212,7 +217,7 @@ def _group_norm_silu_fwd_kernel(
         tl.store(y_base + y_off, z.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _group_norm_silu_bwd_reduce_kernel(
     X,  # (B, C, T, H, W), any strides
@@ -296,7 +301,7 @@ def _group_norm_silu_bwd_reduce_kernel(
     tl.store(pc + 1, sum_dz, mask=ch_ok)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _group_norm_silu_bwd_dx_kernel(
     X,  # (B, C, T, H, W), any strides
@@ -570,7 +575,7 @@ _GATE_CG_P = (4, 8, 16)
 def sm90_specs() -> list[KernelSpec]:
     """Every launchable config at the VAE's group widths (GroupNorm 32 at C = 128/256/512): dtype x
     C/G x LAYOUT (channels-last packed: 128 // CG_P groups per program; contiguous packed and any
-    strides: 1 group) x autotune config x kernel."""
+    strides: 1 group) x autotune config (any strides: the first only) x kernel."""
     kernels = (
         ("stats", _group_norm_silu_stats_kernel, {"*": "{dt}", "Partial": "fp32"}),
         (
@@ -597,7 +602,7 @@ def sm90_specs() -> list[KernelSpec]:
                 ("contiguous", 2, 1),
                 ("strided", 0, 1),
             ):
-                for tile, nw in _CONFIGS:
+                for tile, nw in _CONFIGS if mode else _CONFIGS[:1]:
                     for name, fn, ptrs in kernels:
                         jit = fn.fn
                         cx = dict(GPP=gpp, LAYOUT=mode, CG_P=cg_p, TILE=tile)

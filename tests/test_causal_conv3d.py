@@ -163,16 +163,17 @@ def test_causal_conv3d_bf16_real_shapes(triton_backend, case):
     _run(*case, dtype=torch.bfloat16, device="cuda")
 
 
-def test_causal_conv3d_dw_configs_pruned_by_layout():
-    """The dW autotuner keeps the K=64 configs for FAST and the K=32 ones for generic strides
-    (those are the sets the sm_90 gate compiles)."""
+def test_causal_conv3d_configs_pruned_by_layout():
+    """FAST launches autotune over _GEMM_CONFIGS, generic strides run their single config: the sets
+    the sm_90 gate compiles."""
     import triton
 
     module = importlib.import_module("opensora_fast.kernels.causal_conv3d")
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in module._GEMM_CONFIGS + module._DW_STRIDED_CONFIGS
-    ]
-    fast = [module._config_tuple(c) for c in module._prune_dw(configs, {}, FAST=True)]
-    strided = [module._config_tuple(c) for c in module._prune_dw(configs, {}, FAST=False)]
-    assert fast == list(module._GEMM_CONFIGS) and strided == list(module._DW_STRIDED_CONFIGS)
+    for strided in (module._STRIDED_CONFIG, module._DW_STRIDED_CONFIG):
+        configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in module._GEMM_CONFIGS + (strided,)
+        ]
+        fast = [module._config_tuple(c) for c in module._prune(configs, {}, FAST=True)]
+        generic = [module._config_tuple(c) for c in module._prune(configs, {}, FAST=False)]
+        assert fast == list(module._GEMM_CONFIGS) and generic == [strided]

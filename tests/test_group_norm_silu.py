@@ -1,5 +1,7 @@
 """group_norm_silu: Triton (interpreter on CPU) forward and dx/dweight/dbias against fp64 references."""
 
+import importlib
+
 import pytest
 import torch
 from _close import assert_close_to_fp64, randn
@@ -138,3 +140,12 @@ def test_group_norm_silu_layout_modes():
     assert _layout((x[..., ::2],))[0] == 0
     x4 = torch.randn(2, 8, 4, 5).to(memory_format=torch.channels_last)
     assert _layout((x4,))[0] == 1
+
+
+def test_group_norm_silu_configs_pruned_by_layout():
+    """Packed layouts autotune over every config; any-strides runs the first (the gate's sets)."""
+    module = importlib.import_module("opensora_fast.kernels.group_norm_silu")
+    configs = ["a", "b"]
+    assert module._prune(configs, {}, LAYOUT=1) == configs
+    assert module._prune(configs, {}, LAYOUT=2) == configs
+    assert module._prune(configs, {}, LAYOUT=0) == ["a"]

@@ -563,15 +563,16 @@ def self_attention(
                 f"rope cos/sin need equal strides, last dim contiguous, got {cos.stride()} {sin.stride()}"
             )
     scale = _scale(softmax_scale, D)
+    if cos is not None:  # positions are constants: no gradient to cos/sin on either path
+        cos, sin = cos.detach(), sin.detach()
     if not use_triton(qkv, q_norm_weight, k_norm_weight):
         return ref.self_attention_ref(
-            qkv, q_norm_weight, k_norm_weight, num_heads, num_frames, layout, eps, rope, scale
-        )
+            qkv, q_norm_weight, k_norm_weight, num_heads, num_frames, layout, eps,
+            None if cos is None else (cos, sin), scale,
+        )  # fmt: skip
     _check_last_contiguous(qkv, "qkv")
     _check_last_contiguous(q_norm_weight, "q_norm_weight")
     _check_last_contiguous(k_norm_weight, "k_norm_weight")
-    if cos is not None:
-        cos, sin = cos.detach(), sin.detach()
     return SelfAttentionFunction.apply(
         qkv, q_norm_weight, k_norm_weight, cos, sin, num_heads, num_frames, layout, float(eps), scale
     )

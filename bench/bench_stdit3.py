@@ -165,7 +165,7 @@ def step_flops(cfg: STDiT3Config, batch: int, T: int, H: int, W: int, text_lens,
     total += 2 * N * C * cfg.in_channels * pt * ph * pw  # patch embedding
     cout = cfg.in_channels if velocity_only else cfg.out_channels
     total += 2 * N * C * cout * pt * ph * pw  # final linear
-    total += 2 * batch * (256 * C + C * C + C * 6 * C) * 2  # t and fps embedders, t_block
+    total += 2 * batch * (2 * (256 * C + C * C) + C * 6 * C)  # t and fps embedders, t_block
     return int(total)
 
 
@@ -285,10 +285,38 @@ def test_flops_match_parameter_count():
     full = step_flops(cfg, B, T, H, W, (0,), velocity_only=True, text_cached=True)
     S, C = (H // 2) * (W // 2), cfg.hidden_size
     attn = cfg.depth * 4 * B * T * S * C * (S + T)
-    rest = 2 * N * C * cfg.in_channels * 4 * 2 + 2 * B * (256 * C + 7 * C * C) * 2
+    rest = 2 * N * C * cfg.in_channels * 4 * 2 + 2 * B * (512 * C + 8 * C * C)
     assert full == 2 * N * lin + attn + rest
     assert step_flops(cfg, B, T, H, W, (5,), velocity_only=True, text_cached=False) - full == (
         2 * B * cfg.model_max_length * (cfg.caption_channels * C + C * C)
         + len(blocks) * 2 * (B * 5) * C * 2 * C
         + 4 * T * S * B * 5 * C * len(blocks)
     )
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_flops_match_flop_counter(mode, monkeypatch):
+    """step_flops equals torch's FlopCounterMode on the reference path (its explicit-softmax attention:
+    FlopCounterMode does not count CPU SDPA): a warm cached velocity-only step, and a full-output
+    forward with the text uncached (the training forward; the Case counts it x3)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    cfg = STDiT3Config.tiny(depth=2)
+    res, length, lens = (4, 6, 32, 48), (3, 9), (5, 8)
+    train = mode == "fwd+bwd"
+    batch = 1 if train else 2
+    model = build_model(cfg, "cpu", torch.float32).eval()  # eval: no class dropout
+    kw = step_inputs(cfg, batch, res, length, lens[:batch], "cpu", torch.float32)
+    kw.pop("num_frames")
+    counter = FlopCounterMode(display=False)
+    if train:
+        with counter:
+            model(**kw)
+    else:
+        with torch.no_grad(), model.text_kv_cache():
+            model(**kw, velocity_only=True)  # fills the cache
+            with counter:
+                model(**kw, velocity_only=True)
+    want = step_flops(cfg, batch, 3, 4, 6, lens[:batch], velocity_only=not train, text_cached=not train)
+    assert counter.get_total_flops() == want

@@ -88,9 +88,15 @@ def suite_params(cases_fn):
 
 def run_case_with_benchmark(benchmark, case: Case) -> None:
     fn = case.make()
-    fn()  # fail loudly before timing
+    t0 = time.perf_counter()
+    fn()  # fail loudly before timing; also sizes the number of rounds
     if HAS_CUDA:
-        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        rounds = max(3, min(20, int(10.0 / max(first, 1e-4))))
+        torch.cuda.reset_peak_memory_stats()
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=rounds, warmup_rounds=1)
+        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
     else:
         benchmark.pedantic(fn, rounds=1, iterations=1)
     benchmark.extra_info.update(bytes=case.bytes, flops=case.flops, provider=case.provider, mode=case.mode)

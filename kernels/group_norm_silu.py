@@ -41,7 +41,7 @@ def _prune(configs, named_args, **kwargs):
     return configs if kwargs["LAYOUT"] else configs[:1]
 
 
-_KEY = ["spatial", "num_ch", "num_groups", "GPP", "CG_P", "LAYOUT"]
+_KEY = ["spatial", "num_ch", "num_groups", "GPP", "CG", "LAYOUT"]
 
 
 @triton.jit
@@ -87,7 +87,6 @@ def _group_norm_silu_stats_kernel(
     Partial,  # (B, G, NSPLIT, 2) fp32: (mean, M2) of each chunk
     num_ch,
     num_groups,
-    cg,  # channels per group
     spatial,  # S = T * H * W
     height,
     width,
@@ -100,7 +99,8 @@ def _group_norm_silu_stats_kernel(
     sxw,  # fmt: skip
     GPP: tl.constexpr,  # groups per program (power of 2)
     LAYOUT: tl.constexpr,  # 0 any strides, 1 channels-last packed, 2 contiguous packed (see _offsets)
-    CG_P: tl.constexpr,  # next_pow2(cg)
+    CG: tl.constexpr,  # channels per group
+    CG_P: tl.constexpr,  # next_pow2(CG)
     TILE: tl.constexpr,
 ):
     BLOCK_S: tl.constexpr = TILE // (GPP * CG_P)
@@ -108,8 +108,8 @@ def _group_norm_silu_stats_kernel(
     g = tl.program_id(1) * GPP + tl.arange(0, GPP)
     sp = tl.program_id(2)
     cc = tl.arange(0, CG_P)
-    ch_ok = (g < num_groups)[:, None] & (cc < cg)[None, :]
-    ch = g[:, None] * cg + cc[None, :]
+    ch_ok = (g < num_groups)[:, None] & (cc < CG)[None, :]
+    ch = g[:, None] * CG + cc[None, :]
     base = X + b.to(tl.int64) * sxb
     s_start = sp * s_chunk
     s_end = tl.minimum(s_start + s_chunk, spatial)
@@ -121,7 +121,7 @@ def _group_norm_silu_stats_kernel(
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
         off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
         x = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
-        cnt = (tl.minimum(s_end - s0, BLOCK_S) * cg).to(tl.float32)
+        cnt = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
         tmean = tl.sum(tl.sum(x, axis=0), axis=1) / cnt
         d = tl.where(mask, x - tmean[None, :, None], 0.0)
         tm2 = tl.sum(tl.sum(d * d, axis=0), axis=1)
@@ -133,7 +133,7 @@ def _group_norm_silu_stats_kernel(
 
 
 @triton.jit
-def _group_stats(Partial, b, g, num_groups, cg, spatial, s_chunk, nsplit, eps):
+def _group_stats(Partial, b, g, num_groups, CG: tl.constexpr, spatial, s_chunk, nsplit, eps):
     """Merge the chunk partials of groups g of sample b -> (mean, rstd), each (GPP,)."""
     n = 0.0
     mean = tl.zeros(g.shape, dtype=tl.float32)
@@ -141,7 +141,7 @@ def _group_stats(Partial, b, g, num_groups, cg, spatial, s_chunk, nsplit, eps):
     g_ok = g < num_groups
     for p in range(nsplit):
         src = Partial + ((b * num_groups + g) * nsplit + p) * 2
-        cnt = (tl.minimum(s_chunk, spatial - p * s_chunk) * cg).to(tl.float32)
+        cnt = (tl.minimum(s_chunk, spatial - p * s_chunk) * CG).to(tl.float32)
         pm = tl.load(src, mask=g_ok, other=0.0)
         pm2 = tl.load(src + 1, mask=g_ok, other=0.0)
         n, mean, m2 = _merge(n, mean, m2, cnt, pm, pm2)
@@ -160,7 +160,6 @@ def _group_norm_silu_fwd_kernel(
     Rstd,  # (B, G) fp32, written by chunk 0
     num_ch,
     num_groups,
-    cg,
     spatial,
     height,
     width,
@@ -180,6 +179,7 @@ def _group_norm_silu_fwd_kernel(
     syw,  # fmt: skip
     GPP: tl.constexpr,
     LAYOUT: tl.constexpr,
+    CG: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -188,13 +188,13 @@ def _group_norm_silu_fwd_kernel(
     g = tl.program_id(1) * GPP + tl.arange(0, GPP)
     sp = tl.program_id(2)
     g_ok = g < num_groups
-    mean, rstd = _group_stats(Partial, b, g, num_groups, cg, spatial, s_chunk, nsplit, eps)
+    mean, rstd = _group_stats(Partial, b, g, num_groups, CG, spatial, s_chunk, nsplit, eps)
     if sp == 0:
         tl.store(Mean + b * num_groups + g, mean, mask=g_ok)
         tl.store(Rstd + b * num_groups + g, rstd, mask=g_ok)
     cc = tl.arange(0, CG_P)
-    ch_ok = g_ok[:, None] & (cc < cg)[None, :]
-    ch = g[:, None] * cg + cc[None, :]
+    ch_ok = g_ok[:, None] & (cc < CG)[None, :]
+    ch = g[:, None] * CG + cc[None, :]
     w = tl.load(Wt + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
     bias = tl.load(Bias + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
     scale = w * rstd[:, None]
@@ -230,7 +230,6 @@ def _group_norm_silu_bwd_reduce_kernel(
     PartialC,  # (B, NSPLIT, C, 2) fp32: sums of dz * xhat and dz per channel and chunk
     num_ch,
     num_groups,
-    cg,
     spatial,
     height,
     width,
@@ -249,6 +248,7 @@ def _group_norm_silu_bwd_reduce_kernel(
     sdw,  # fmt: skip
     GPP: tl.constexpr,
     LAYOUT: tl.constexpr,
+    CG: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -260,8 +260,8 @@ def _group_norm_silu_bwd_reduce_kernel(
     mean = tl.load(Mean + b * num_groups + g, mask=g_ok, other=0.0)
     rstd = tl.load(Rstd + b * num_groups + g, mask=g_ok, other=0.0)
     cc = tl.arange(0, CG_P)
-    ch_ok = g_ok[:, None] & (cc < cg)[None, :]
-    ch = g[:, None] * cg + cc[None, :]
+    ch_ok = g_ok[:, None] & (cc < CG)[None, :]
+    ch = g[:, None] * CG + cc[None, :]
     w = tl.load(Wt + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
     bias = tl.load(Bias + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
     x_base = X + b.to(tl.int64) * sxb
@@ -314,7 +314,6 @@ def _group_norm_silu_bwd_dx_kernel(
     DX,  # (B, C, T, H, W), any strides
     num_ch,
     num_groups,
-    cg,
     spatial,
     height,
     width,
@@ -338,6 +337,7 @@ def _group_norm_silu_bwd_dx_kernel(
     sow,  # fmt: skip
     GPP: tl.constexpr,
     LAYOUT: tl.constexpr,
+    CG: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -354,12 +354,12 @@ def _group_norm_silu_bwd_dx_kernel(
         src = PartialG + ((b * num_groups + g) * nsplit + p) * 2
         sum_g += tl.load(src, mask=g_ok, other=0.0)
         sum_gx += tl.load(src + 1, mask=g_ok, other=0.0)
-    inv_n = 1.0 / tl.maximum(spatial * cg, 1).to(tl.float32)
+    inv_n = 1.0 / tl.maximum(spatial * CG, 1).to(tl.float32)
     c1 = sum_g * inv_n
     c2 = sum_gx * inv_n
     cc = tl.arange(0, CG_P)
-    ch_ok = g_ok[:, None] & (cc < cg)[None, :]
-    ch = g[:, None] * cg + cc[None, :]
+    ch_ok = g_ok[:, None] & (cc < CG)[None, :]
+    ch = g[:, None] * CG + cc[None, :]
     w = tl.load(Wt + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
     bias = tl.load(Bias + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
     x_base = X + b.to(tl.int64) * sxb
@@ -443,7 +443,7 @@ def _tiling(x: torch.Tensor, num_groups: int, layout: int):
     gpp = min(next_pow2(num_groups), max(1, 128 // cg_p)) if layout == 1 else 1
     group_blocks = triton.cdiv(num_groups, gpp)
     nsplit = max(1, min(triton.cdiv(_TARGET_PROGRAMS, B * group_blocks), triton.cdiv(S, 1024)))
-    s_chunk = triton.cdiv(S, nsplit)
+    s_chunk = triton.cdiv(triton.cdiv(S, nsplit), 64) * 64  # aligned chunk starts
     return gpp, cg_p, triton.cdiv(S, s_chunk), s_chunk, group_blocks
 
 
@@ -461,8 +461,8 @@ def group_norm_silu_fwd(
     mean = empty((B, num_groups), torch.float32, x.device)
     rstd = empty((B, num_groups), torch.float32, x.device)
     grid = (B, group_blocks, nsplit)
-    dims = (C, num_groups, C // num_groups, T * H * W, H, W, s_chunk, nsplit)
-    cx = dict(GPP=gpp, LAYOUT=layout, CG_P=cg_p)
+    dims = (C, num_groups, T * H * W, H, W, s_chunk, nsplit)
+    cx = dict(GPP=gpp, LAYOUT=layout, CG=C // num_groups, CG_P=cg_p)
     _group_norm_silu_stats_kernel[grid](x, partial, *dims, *sx, **cx)
     _group_norm_silu_fwd_kernel[grid](
         x, weight, bias, y, partial, mean, rstd, *dims, eps, int(silu), *sx, *sy, **cx
@@ -497,8 +497,8 @@ def group_norm_silu_bwd(
     partial_g = empty((B, num_groups, nsplit, 2), torch.float32, x.device)
     partial_c = empty((B, nsplit, C, 2), torch.float32, x.device)
     grid = (B, group_blocks, nsplit)
-    dims = (C, num_groups, C // num_groups, T * H * W, H, W, s_chunk, nsplit, int(silu))
-    cx = dict(GPP=gpp, LAYOUT=layout, CG_P=cg_p)
+    dims = (C, num_groups, T * H * W, H, W, s_chunk, nsplit, int(silu))
+    cx = dict(GPP=gpp, LAYOUT=layout, CG=C // num_groups, CG_P=cg_p)
     _group_norm_silu_bwd_reduce_kernel[grid](
         x, dy, weight, bias, mean, rstd, partial_g, partial_c, *dims, *sx, *sd, **cx
     )
@@ -605,7 +605,7 @@ def sm90_specs() -> list[KernelSpec]:
                 for tile, nw in _CONFIGS if mode else _CONFIGS[:1]:
                     for name, fn, ptrs in kernels:
                         jit = fn.fn
-                        cx = dict(GPP=gpp, LAYOUT=mode, CG_P=cg_p, TILE=tile)
+                        cx = dict(GPP=gpp, LAYOUT=mode, CG=cg_p, CG_P=cg_p, TILE=tile)
                         ptrs = {k: v.format(dt=dt) for k, v in ptrs.items()}
                         specs.append(
                             KernelSpec(

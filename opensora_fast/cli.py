@@ -79,15 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train STDiT3 on a CSV of (path, text) videos; torchrun for several GPUs"
     )
     t.add_argument("--data", required=True, help="CSV with 'path' and 'text' columns")
-    t.add_argument("--buckets", type=_buckets, default=[(51, 240, 426)], metavar="TxHxW[,...]",
-                   help="frames x height x width buckets; each clip goes to the nearest aspect ratio that fits")  # fmt: skip
+    t.add_argument(
+        "--buckets",
+        type=_buckets,
+        default=[(51, 240, 426)],
+        metavar="TxHxW[,...]",
+        help="frames x height x width buckets; a clip goes to the nearest aspect ratio that fits its length",
+    )
     t.add_argument("--data-fps", type=float, help="resample clips to this frame rate (default: as stored)")
     t.add_argument("--vae", required=True, help="OpenSoraVAE weights (local)")
     t.add_argument("--t5", required=True, help="T5 encoder directory (local)")
     init = t.add_mutually_exclusive_group()
     init.add_argument("--init-from", help="start from an STDiT3 directory (config.json + weights)")
-    init.add_argument("--model-config", default="xl", choices=("xl", "small", "tiny"),
-                      help="fresh model: STDiT3-XL/2 (Open-Sora 1.2) or a small/tiny one for tests")  # fmt: skip
+    init.add_argument(
+        "--model-config",
+        default="xl",
+        choices=("xl", "small", "tiny"),
+        help="fresh model: STDiT3-XL/2 (Open-Sora 1.2) or a small/tiny one for tests",
+    )
     t.add_argument("--out-dir", required=True, help="checkpoints, log.jsonl, config.json")
     t.add_argument(
         "--resume", nargs="?", const="auto", help="a checkpoint, or (no value) the newest in --out-dir"
@@ -114,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train tiny models on synthetic moving shapes and sample a clip (CPU: minutes)"
     )
     d.add_argument("--out-dir", default="opensora-fast-demo")
-    d.add_argument("--steps-vae", type=int, help="VAE training steps (default 200; --quick 12)")
-    d.add_argument("--steps-dit", type=int, help="STDiT3 training steps (default 400; --quick 40)")
+    d.add_argument("--steps-vae", type=int, help="VAE training steps (default 120; --quick 12)")
+    d.add_argument("--steps-dit", type=int, help="STDiT3 training steps (default 250; --quick 40)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument(
         "--quick", action="store_true", help="an even smaller run (for tests / CI, < 1 min on CPU)"
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FileNotFoundError) as e:
+    except (UsageError, FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
         print(f"opensora-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

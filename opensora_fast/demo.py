@@ -30,8 +30,8 @@ class DemoOptions:
     num_frames: int = 17
     fps: int = 8
     offsets: tuple[float, ...] = (-0.12, 0.0, 0.12)  # clips per caption, shifted sideways
-    steps_vae: int = 200
-    steps_dit: int = 400
+    steps_vae: int = 120
+    steps_dit: int = 250
     batch_vae: int = 2
     batch_dit: int = 8
     lr_vae: float = 2e-3
@@ -50,9 +50,18 @@ class DemoOptions:
         o = cls(out_dir=out_dir, **kw)
         if quick:
             o = dataclasses.replace(
-                o, size=(16, 16), num_frames=9, offsets=(0.0,), steps_vae=12, steps_dit=40, batch_dit=4,
-                hidden_size=48, depth=1, num_heads=2, sample_steps=10,
-            )  # fmt: skip
+                o,
+                size=(16, 16),
+                num_frames=9,
+                offsets=(0.0,),
+                steps_vae=12,
+                steps_dit=40,
+                batch_dit=4,
+                hidden_size=48,
+                depth=1,
+                num_heads=2,
+                sample_steps=10,
+            )
         if steps_vae is not None:
             o.steps_vae = steps_vae
         if steps_dit is not None:
@@ -100,13 +109,13 @@ def plot_losses(path: str, curves: dict[str, list[float]]) -> str:
 
 
 @torch.no_grad()
-def set_latent_stats(vae, dataset, device) -> None:
-    """shift, scale := per-channel mean and std of the latents of the dataset (posterior samples, as
-    the STDiT3 sees them in training)."""
+def set_latent_stats(vae, dataset, device, sample: bool = False) -> None:
+    """shift, scale := per-channel mean and std of the dataset's latents (posterior modes, as the
+    STDiT3 sees them with ``cache_latents``; samples with ``sample=True``)."""
     vae.shift.zero_()
     vae.scale.fill_(1.0)
     g = torch.Generator(device=device).manual_seed(0)
-    zs = [vae.encode(dataset[i][None].to(device), generator=g).float() for i in range(len(dataset))]
+    zs = [vae.encode(dataset[i][None].to(device), sample, generator=g).float() for i in range(len(dataset))]
     z = torch.cat(zs).transpose(0, 1).flatten(1)  # (C, N)
     c = vae.out_channels
     vae.shift.copy_(z.mean(1).reshape(1, c, 1, 1, 1))
@@ -130,7 +139,7 @@ def _run(o: DemoOptions) -> dict:
     from opensora_fast.data import COLORS, DIRECTIONS, SHAPES, VideoTextDataset, make_synthetic_dataset
     from opensora_fast.io import VideoClipDataset, read_video
     from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
-    from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+    from opensora_fast.models.vae import OpenSoraVAEConfig
     from opensora_fast.sample import SampleOptions, generate, save_vae
     from opensora_fast.text import T5TextEncoder, build_tiny_t5
     from opensora_fast.train import DiTTrainConfig, train_dit
@@ -149,15 +158,27 @@ def _run(o: DemoOptions) -> dict:
     t5_dir = build_tiny_t5(os.path.join(out, "t5"), extra_text=words, seed=o.seed)
     dataset = VideoTextDataset(csv_path, [(o.num_frames, H, W)])
     print(
-        f"[1/4] ({time.perf_counter() - t_start:.0f} s) {len(dataset)} synthetic clips ({o.num_frames} frames, {H}x{W}, {o.fps} fps) in {csv_path}"
+        f"[1/4] ({time.perf_counter() - t_start:.0f} s) {len(dataset)} synthetic clips "
+        f"({o.num_frames} frames, {H}x{W}, {o.fps} fps) in {csv_path}"
     )
 
     # 2. VAE
     vae_cfg = VAETrainConfig(
-        stage=3, model=OpenSoraVAEConfig.tiny(), freeze_spatial=False, use_real_rec_loss=True, mixed_strategy=None,
-        num_frames=o.num_frames, image_size=o.size, batch_size=o.batch_vae, lr=o.lr_vae, grad_checkpoint=False,
-        dtype="bf16", seed=o.seed, steps=o.steps_vae, ckpt_every=o.steps_vae,
-    )  # fmt: skip
+        stage=3,
+        model=OpenSoraVAEConfig.tiny(),
+        freeze_spatial=False,
+        use_real_rec_loss=True,
+        mixed_strategy=None,
+        num_frames=o.num_frames,
+        image_size=o.size,
+        batch_size=o.batch_vae,
+        lr=o.lr_vae,
+        grad_checkpoint=False,
+        dtype="bf16",
+        seed=o.seed,
+        steps=o.steps_vae,
+        ckpt_every=o.steps_vae,
+    )
     clips = VideoClipDataset([p for p, *_ in dataset.items], o.num_frames, o.size)
     print(
         f"[2/4] ({time.perf_counter() - t_start:.0f} s) training a tiny VAE for {o.steps_vae} steps",
@@ -175,34 +196,65 @@ def _run(o: DemoOptions) -> dict:
     text = T5TextEncoder(t5_dir, model_max_length=16, device=device)
     model = STDiT3(
         STDiT3Config.tiny(
-            in_channels=vae.out_channels, caption_channels=text.output_dim, model_max_length=16,
-            hidden_size=o.hidden_size, depth=o.depth, num_heads=o.num_heads,
+            in_channels=vae.out_channels,
+            caption_channels=text.output_dim,
+            model_max_length=16,
+            hidden_size=o.hidden_size,
+            depth=o.depth,
+            num_heads=o.num_heads,
         )
-    )  # fmt: skip
+    )
     dit_cfg = DiTTrainConfig(
-        steps=o.steps_dit, batch_size=o.batch_dit, lr=o.lr_dit, warmup_steps=max(1, o.steps_dit // 20),
-        ema_decay=0.99, seed=o.seed, log_every=max(1, o.steps_dit // 10), ckpt_every=o.steps_dit,
-    )  # fmt: skip
+        steps=o.steps_dit,
+        batch_size=o.batch_dit,
+        lr=o.lr_dit,
+        warmup_steps=max(1, o.steps_dit // 20),
+        ema_decay=0.99,
+        seed=o.seed,
+        log_every=max(1, o.steps_dit // 10),
+        ckpt_every=o.steps_dit,
+        cache_latents=True,
+    )
     n = sum(p.numel() for p in model.parameters())
     print(
-        f"[3/4] ({time.perf_counter() - t_start:.0f} s) training a tiny STDiT3 ({n / 1e6:.2f}M parameters) for {o.steps_dit} steps",
+        f"[3/4] ({time.perf_counter() - t_start:.0f} s) training a tiny STDiT3 "
+        f"({n / 1e6:.2f}M parameters) for {o.steps_dit} steps",
         flush=True,
     )
     res_dit = train_dit(
-        dit_cfg, dataset, model, vae, text, ckpt_dir=os.path.join(out, "stdit3"),
-        log_path=os.path.join(out, "stdit3", "log.jsonl"), device=device, progress=o.progress,
-    )  # fmt: skip
+        dit_cfg,
+        dataset,
+        model,
+        vae,
+        text,
+        ckpt_dir=os.path.join(out, "stdit3"),
+        log_path=os.path.join(out, "stdit3", "log.jsonl"),
+        device=device,
+        progress=o.progress,
+    )
     dit_first, dit_last = loss_fell(res_dit.losses, "STDiT3")
 
     # 4. sample + plot
     print(f"[4/4] ({time.perf_counter() - t_start:.0f} s) sampling {o.caption!r}", flush=True)
     paths = generate(
         SampleOptions(
-            prompts=[o.caption], model=os.path.join(res_dit.checkpoint, "ema"), vae=vae_dir, t5=t5_dir,
-            image_size=o.size, num_frames=o.num_frames, fps=o.fps, steps=o.sample_steps, cfg=o.cfg, aes=None,
-            seed=o.seed, out_dir=out, device=str(device), dtype="fp32", progress=o.progress,
+            prompts=[o.caption],
+            model=os.path.join(res_dit.checkpoint, "ema"),
+            vae=vae_dir,
+            t5=t5_dir,
+            image_size=o.size,
+            num_frames=o.num_frames,
+            fps=o.fps,
+            steps=o.sample_steps,
+            cfg=o.cfg,
+            aes=None,
+            seed=o.seed,
+            out_dir=out,
+            device=str(device),
+            dtype="fp32",
+            progress=o.progress,
         )
-    )  # fmt: skip
+    )
     video = paths[0]
     frames = read_video(video).shape[0]
     plot = plot_losses(
@@ -215,6 +267,13 @@ def _run(o: DemoOptions) -> dict:
     print(f"  loss plot: {plot}")
     print(f"  weights: {vae_dir}, {res_dit.checkpoint}, {t5_dir}")
     return {
-        "video": video, "plot": plot, "frames": frames, "seconds": secs, "vae_loss": (vae_first, vae_last),
-        "dit_loss": (dit_first, dit_last), "checkpoint": res_dit.checkpoint, "vae": vae_dir, "t5": t5_dir,
-    }  # fmt: skip
+        "video": video,
+        "plot": plot,
+        "frames": frames,
+        "seconds": secs,
+        "vae_loss": (vae_first, vae_last),
+        "dit_loss": (dit_first, dit_last),
+        "checkpoint": res_dit.checkpoint,
+        "vae": vae_dir,
+        "t5": t5_dir,
+    }

@@ -54,6 +54,7 @@ class DiTTrainConfig:
     ckpt_every: int = 200
     fsdp: bool | None = None  # None: when WORLD_SIZE > 1
     fsdp_mode: str = "zero2"  # "zero2": reshard_after_forward=False; "zero3": True
+    cache_latents: bool = False  # encode each clip once with the posterior mode (no VAE sampling)
     sample_method: str = "logit-normal"
     use_timestep_transform: bool = True
     extra: dict = field(default_factory=dict)
@@ -315,6 +316,13 @@ def train_dit(
     use_amp = dev.type == "cuda" and amp is not None
     patch = model.config.patch_size
 
+    latents: dict[int, tuple[torch.Tensor, dict]] = {}  # cache_latents: index -> (latent, item without video)
+
+    @torch.no_grad()
+    def encode(video, sample, generator):
+        with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
+            return vae.encode(video.to(dev, vae.dtype), sample=sample, generator=generator).float()
+
     batches = bucket_batches(dataset, cfg.batch_size, cfg.seed, rank, world)
     for _ in range(start):  # batches the resumed run already consumed
         next(batches)
@@ -329,21 +337,27 @@ def train_dit(
         for step in bar:
             t0 = time.perf_counter()
             idx = next(batches)
-            items = [dataset[i] for i in idx]
             seed = _step_seed(cfg.seed, step, rank)
             torch.manual_seed(seed)  # caption dropout (CaptionEmbedder) draws from the global RNG
             g_cpu = torch.Generator().manual_seed(seed)
             g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
-            video = torch.stack([it["video"] for it in items]).to(dev)
-            B, _, T, H, W = video.shape
-            with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
-                z = vae.encode(video.to(vae.dtype), sample=True, generator=g_dev).float()
+            if cfg.cache_latents:
+                for i in idx:
+                    if i not in latents:
+                        it = dataset[i]
+                        meta = {k: v for k, v in it.items() if k != "video"}
+                        latents[i] = (encode(it["video"][None], False, None)[0].cpu(), meta)
+                items = [latents[i][1] for i in idx]
+                z = torch.stack([latents[i][0] for i in idx]).to(dev)
+            else:
+                items = [dataset[i] for i in idx]
+                z = encode(torch.stack([it["video"] for it in items]), True, g_dev)
+            B = z.shape[0]
+            T, H, W = dataset.bucket(idx[0])
             y, mask = texts([it["text"] for it in items], dev)
 
-            def per_sample(v):
-                return torch.full((B,), float(v), device=dev)
-
-            kwargs = dict(y=y, mask=mask, height=per_sample(H), width=per_sample(W), num_frames=per_sample(T))
+            hw_t = torch.tensor([[float(H), float(W), float(T)]], device=dev).expand(B, 3)
+            kwargs = dict(y=y, mask=mask, height=hw_t[:, 0], width=hw_t[:, 1], num_frames=hw_t[:, 2])
             kwargs["fps"] = torch.tensor([float(it["fps"]) for it in items], device=dev)
             for grp in optimizer.param_groups:
                 grp["lr"] = cfg.lr_at(step)
@@ -382,7 +396,8 @@ def train_dit(
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                 tqdm.write(
                     f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm "
-                    f"{rec['grad_norm']:.3f} {rec['samples_per_s']:.2f} samples/s {rec['tokens_per_s']:.0f} tokens/s"
+                    f"{rec['grad_norm']:.3f} {rec['samples_per_s']:.2f} samples/s "
+                    f"{rec['tokens_per_s']:.0f} tokens/s"
                 )
             if on_step is not None:
                 on_step(step, rec)
@@ -453,6 +468,12 @@ def run_train(args) -> int:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    ckpt_dir = os.path.join(args.out_dir, "checkpoints")
+    resume = args.resume
+    if resume == "auto":
+        if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
+            raise UsageError(f"--resume: no checkpoint in {ckpt_dir!r}")
+        resume = ckpt_dir
     rank, world, device = init_distributed()
     dataset = VideoTextDataset(
         require_path(args.data, "--data", "the data CSV"), args.buckets, fps=args.data_fps
@@ -470,16 +491,14 @@ def run_train(args) -> int:
     os.makedirs(args.out_dir, exist_ok=True)
     if rank == 0:
         with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump({"train": asdict(cfg), "args": {k: v for k, v in vars(args).items() if k != "func"}}, f,
-                      indent=1, default=str)  # fmt: skip
+            json.dump(
+                {"train": asdict(cfg), "args": {k: v for k, v in vars(args).items() if k != "func"}},
+                f,
+                indent=1,
+                default=str,
+            )
         n = sum(p.numel() for p in model.parameters())
         print(f"STDiT3 {n / 1e6:.2f}M parameters, {len(dataset)} clips, world size {world}, device {device}")
-    ckpt_dir = os.path.join(args.out_dir, "checkpoints")
-    resume = args.resume
-    if resume == "auto" and not os.path.isfile(os.path.join(ckpt_dir, "latest")):
-        raise UsageError(f"--resume: no checkpoint in {ckpt_dir!r}")
-    if resume == "auto":
-        resume = ckpt_dir
     res = train_dit(
         cfg,
         dataset,
@@ -494,7 +513,8 @@ def run_train(args) -> int:
     )
     if rank == 0:
         print(
-            f"trained to step {res.step}; checkpoint {res.checkpoint} (sample with --model {res.checkpoint}/ema)"
+            f"trained to step {res.step}; checkpoint {res.checkpoint} "
+            f"(sample with --model {os.path.join(res.checkpoint or '', 'ema')})"
         )
         print(f"log: {os.path.join(args.out_dir, 'log.jsonl')}")
     if _is_dist():

@@ -1,0 +1,299 @@
+"""The ``opensora-fast`` command: demo --quick end to end, sample from tiny weights, train + resume,
+clear errors for bad arguments and missing weights, lazy imports for ``check``."""
+
+import json
+import os
+import subprocess
+import sys
+
+import av
+import pytest
+import torch
+
+from opensora_fast import cli
+from opensora_fast.data import make_synthetic_dataset
+from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
+from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+from opensora_fast.sample import save_stdit3, save_vae
+from opensora_fast.text import build_tiny_t5
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+def frames_of(path):
+    with av.open(path) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    return len(frames), frames[0].shape
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Random tiny STDiT3 / VAE / T5 saved as a user would have them."""
+    root = tmp_path_factory.mktemp("weights")
+    t5 = build_tiny_t5(str(root / "t5"), extra_text="square circle moving right left up down")
+    torch.manual_seed(0)
+    vae = OpenSoraVAE(OpenSoraVAEConfig.tiny())
+    save_vae(vae, str(root / "vae"))
+    model = STDiT3(STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8))
+    save_stdit3(model.state_dict(), model.config, str(root / "stdit3"))
+    return {"root": root, "t5": t5, "vae": str(root / "vae"), "model": str(root / "stdit3")}
+
+
+def weight_args(w):
+    return ["--model", w["model"], "--vae", w["vae"], "--t5", w["t5"]]
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    video = tmp_path / "000_a_red_square_moving_right.mp4"
+    plot = tmp_path / "losses.png"
+    assert video.is_file() and plot.is_file() and plot.stat().st_size > 1000
+    assert str(video) in out and str(plot) in out
+    assert "VAE loss: first" in out and "STDiT3 loss: first" in out
+    n, shape = frames_of(str(video))
+    assert n == 9 and shape == (16, 16, 3)
+    log = [json.loads(line) for line in open(tmp_path / "stdit3" / "log.jsonl")]
+    assert len(log) == 40
+
+
+def test_sample_video_and_image(weights, tmp_path, capsys):
+    out = tmp_path / "s"
+    args = [
+        "sample",
+        "a red square moving right",
+        "a blue circle",
+        *weight_args(weights),
+        "--out-dir",
+        str(out),
+    ]
+    rc = cli.main(
+        [*args, "--image-size", "16x16", "--num-frames", "9", "--steps", "3", "--fps", "8", "--no-progress"]
+    )
+    assert rc == 0
+    files = sorted(os.listdir(out))
+    assert files == ["000_a_red_square_moving_right.mp4", "001_a_blue_circle.mp4"]
+    assert frames_of(str(out / files[0])) == (9, (16, 16, 3))
+    assert str(out / files[1]) in capsys.readouterr().out
+    # an image at Open-Sora's 144p 1:1 size (192 x 192), prompts from a file
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a green square moving up\n\n")
+    rc = cli.main(
+        [
+            "sample",
+            "--prompt-file",
+            str(pf),
+            *weight_args(weights),
+            "--out-dir",
+            str(tmp_path / "i"),
+            "--resolution",
+            "144p",
+            "--aspect-ratio",
+            "1:1",
+            "--duration",
+            "image",
+            "--steps",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    from PIL import Image
+
+    img = Image.open(tmp_path / "i" / "000_a_green_square_moving_up.png")
+    assert img.size == (192, 192)
+
+
+def test_sample_is_deterministic(weights, tmp_path):
+    def once(d):
+        cli.main(
+            [
+                "sample",
+                "a red circle",
+                *weight_args(weights),
+                "--out-dir",
+                str(d),
+                "--image-size",
+                "8x8",
+                "--num-frames",
+                "5",
+                "--steps",
+                "2",
+                "--seed",
+                "7",
+                "--no-progress",
+            ]
+        )
+        with av.open(str(d / "000_a_red_circle.mp4")) as c:
+            return [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+
+    a, b = once(tmp_path / "a"), once(tmp_path / "b")
+    assert all((x == y).all() for x, y in zip(a, b))
+
+
+def test_sample_missing_weights_are_clear_errors(weights, tmp_path, capsys):
+    base = ["sample", "a cat", "--out-dir", str(tmp_path)]
+    assert cli.main([*base, "--vae", weights["vae"], "--t5", weights["t5"]]) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert (
+        cli.main([*base, "--model", str(tmp_path / "nope"), "--vae", weights["vae"], "--t5", weights["t5"]])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--model" in err and "does not exist" in err and "no downloads" in err
+    assert (
+        cli.main([*base, "--model", weights["model"], "--vae", weights["vae"], "--t5", str(tmp_path / "t")])
+        == 2
+    )
+    assert "--t5" in capsys.readouterr().err
+    assert not any(p.suffix == ".mp4" for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sample", "x", "--resolution", "999p"], "invalid choice: '999p'"),
+        (["sample", "x", "--aspect-ratio", "7:5"], "invalid choice: '7:5'"),
+        (["sample", "x", "--duration", "3s"], "invalid choice: '3s'"),
+        (["sample", "x", "--image-size", "3by4"], "HxW"),
+        (
+            ["train", "--data", "d.csv", "--vae", "v", "--t5", "t", "--out-dir", "o", "--buckets", "9x16"],
+            "TxHxW",
+        ),
+        (["train", "--data", "d.csv"], "required"),
+        (["nope"], "invalid choice"),
+    ],
+)
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([], "at least one non-empty prompt"),
+        (["x", "--steps", "0"], "--steps must be >= 1"),
+        (["x", "--num-frames", "0"], "--num-frames must be >= 1"),
+    ],
+)
+def test_bad_sample_values(weights, extra, message, capsys):
+    assert cli.main(["sample", *extra, *weight_args(weights)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_and_resume(weights, tmp_path, capsys):
+    csv_path = make_synthetic_dataset(str(tmp_path / "data"), 9, (16, 16), 8, colors=("red", "blue"))
+
+    def train(out, steps, *extra):
+        argv = [
+            "train",
+            "--data",
+            csv_path,
+            "--vae",
+            weights["vae"],
+            "--t5",
+            weights["t5"],
+            "--model-config",
+            "tiny",
+            "--buckets",
+            "9x16x16",
+            "--steps",
+            str(steps),
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "2",
+            "--ckpt-every",
+            "2",
+            "--out-dir",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+        assert cli.main(argv) == 0
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in open(out / "log.jsonl")]
+
+    train(tmp_path / "straight", 4)
+    train(tmp_path / "split", 2)
+    train(tmp_path / "split", 4, "--resume")
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    out = capsys.readouterr().out
+    assert "sample with --model" in out and "step 4/4 loss" in out
+    cfg = json.load(open(tmp_path / "split" / "config.json"))
+    assert cfg["train"]["adam_eps"] == 1e-15 and cfg["train"]["ema_decay"] == 0.99
+    ema = tmp_path / "split" / "checkpoints" / "step-00000004" / "ema"
+    rc = cli.main(
+        [
+            "sample",
+            "a red square",
+            "--model",
+            str(ema),
+            "--vae",
+            weights["vae"],
+            "--t5",
+            weights["t5"],
+            "--image-size",
+            "16x16",
+            "--num-frames",
+            "9",
+            "--steps",
+            "2",
+            "--out-dir",
+            str(tmp_path / "s"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0 and (tmp_path / "s" / "000_a_red_square.mp4").is_file()
+    # clips shorter than every bucket: a one-line error
+    argv = [
+        "train",
+        "--data",
+        csv_path,
+        "--vae",
+        weights["vae"],
+        "--t5",
+        weights["t5"],
+        "--out-dir",
+        str(tmp_path / "x"),
+    ]
+    assert cli.main([*argv, "--buckets", "51x240x426"]) == 2
+    assert "long enough for any bucket" in capsys.readouterr().err
+    # --resume with nothing to resume
+    with pytest.raises(Exception, match="no checkpoint"):
+        cli._train(
+            cli.build_parser().parse_args(
+                [
+                    "train",
+                    "--data",
+                    csv_path,
+                    "--vae",
+                    weights["vae"],
+                    "--t5",
+                    weights["t5"],
+                    "--out-dir",
+                    str(tmp_path / "empty"),
+                    "--resume",
+                ]
+            )
+        )
+
+
+def test_check_help_and_lazy_imports(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["check", "--help"])
+    assert e.value.code == 0
+    assert "usage: opensora-fast check" in capsys.readouterr().out
+    # parsing any command must not import the kernels (check enables the interpreter first)
+    code = (
+        "import sys; from opensora_fast import cli; cli.build_parser().parse_args(['check']); "
+        "print('opensora_fast.kernels' in sys.modules, 'opensora_fast.models.stdit3' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["False", "False"], r.stderr

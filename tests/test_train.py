@@ -1,0 +1,155 @@
+"""STDiT3 training: the loss falls, exact resume, checkpoint layout, EMA and warm-up, gradient
+checkpointing, and the FSDP2 path in a one-process gloo group."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from opensora_fast import train as T
+from opensora_fast.data import VideoTextDataset, make_synthetic_dataset
+from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
+from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+from opensora_fast.text import T5TextEncoder, build_tiny_t5
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    csv_path = make_synthetic_dataset(str(root / "data"), 9, (16, 16), 8, colors=("red", "blue"))
+    t5 = build_tiny_t5(str(root / "t5"), extra_text="square circle moving right left up down")
+    torch.manual_seed(0)
+    vae = OpenSoraVAE(OpenSoraVAEConfig.tiny()).eval().requires_grad_(False)
+    return {
+        "root": root,
+        "data": VideoTextDataset(csv_path, [(9, 16, 16)]),
+        "text": T5TextEncoder(t5, model_max_length=8),
+        "vae": vae,
+    }
+
+
+def tiny_model(seed=1, **kw):
+    torch.manual_seed(seed)
+    return STDiT3(STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8, **kw))
+
+
+def cfg(**kw):
+    base = dict(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, log_every=100, ckpt_every=3, seed=5)
+    return T.DiTTrainConfig(**{**base, **kw})
+
+
+def run(setup, c, model=None, **kw):
+    return T.train_dit(
+        c,
+        setup["data"],
+        model or tiny_model(),
+        setup["vae"],
+        setup["text"],
+        device="cpu",
+        progress=False,
+        **kw,
+    )
+
+
+def test_loss_falls(setup, tmp_path):
+    res = run(setup, cfg(steps=30, ckpt_every=100), log_path=str(tmp_path / "log.jsonl"))
+    first, last = sum(res.losses[:6]) / 6, sum(res.losses[-6:]) / 6
+    assert last < 0.8 * first, (first, last)
+    recs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in recs] == list(range(1, 31))
+    assert all(r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and r["shape"] == [9, 16, 16] for r in recs)
+    # tokens per step: 4 clips x 3 latent frames x (8 / 2)^2 patches
+    r = recs[-1]
+    assert r["tokens_per_s"] / r["samples_per_s"] == pytest.approx(3 * 16)
+
+
+def test_exact_resume(setup, tmp_path):
+    straight = run(setup, cfg(), ckpt_dir=str(tmp_path / "a"))
+    first = run(setup, cfg(steps=3), ckpt_dir=str(tmp_path / "b"))
+    resumed = run(setup, cfg(), model=tiny_model(seed=99), ckpt_dir=str(tmp_path / "b"), resume="auto")
+    assert resumed.step == 6 and len(resumed.losses) == 3
+    assert first.losses + resumed.losses == straight.losses  # bit-identical
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    for n in straight.ema:
+        assert torch.equal(straight.ema[n], resumed.ema[n]), n
+
+
+def test_checkpoint_layout(setup, tmp_path):
+    ck = tmp_path / "ck"
+    res = run(setup, cfg(steps=3, ckpt_every=2), ckpt_dir=str(ck))
+    assert sorted(os.listdir(ck)) == ["latest", "step-00000002", "step-00000003"]  # no temporaries left
+    assert (ck / "latest").read_text().strip() == "step-00000003"
+    d = ck / "step-00000003"
+    assert sorted(os.listdir(d)) == ["config.json", "ema", "model.safetensors", "train_state.pt"]
+    state = torch.load(d / "train_state.pt", weights_only=True)
+    assert state["step"] == 3 and state["optimizer"]["param_groups"][0]["eps"] == 1e-15
+    m = STDiT3.from_pretrained(str(d))
+    for n, p in res.model.named_parameters():
+        assert torch.equal(m.get_parameter(n), p.detach()), n
+    e = STDiT3.from_pretrained(str(d / "ema"))
+    assert e.config.hidden_size == 48
+    for n, v in res.ema.items():
+        assert torch.equal(e.get_parameter(n), v), n
+    assert not all(torch.equal(e.get_parameter(n), m.get_parameter(n)) for n in res.ema)
+    with pytest.raises(FileNotFoundError, match="train_state.pt"):
+        run(setup, cfg(), resume=str(tmp_path))
+
+
+def test_ema_and_warmup():
+    c = cfg(lr=1e-3, warmup_steps=4)
+    assert [c.lr_at(s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert cfg(warmup_steps=0).lr_at(0) == 1e-3
+    m = torch.nn.Linear(2, 2)
+    m.bias.requires_grad_(False)
+    ema = T.init_ema(m)
+    assert set(ema) == {"weight"}
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    T.update_ema(ema, m, 0.99)
+    assert torch.allclose(ema["weight"], w0 + 0.01)
+    for bad in (dict(dtype="fp8"), dict(fsdp_mode="zero1"), dict(steps=0), dict(ema_decay=1.0)):
+        with pytest.raises(ValueError):
+            cfg(**bad)
+
+
+def test_grad_checkpoint_same_losses(setup):
+    a = run(setup, cfg(steps=2, ckpt_every=100))
+    b = run(setup, cfg(steps=2, ckpt_every=100, grad_checkpoint=True))
+    assert b.losses == pytest.approx(a.losses, rel=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp2_one_process_gloo(setup, tmp_path):
+    """fully_shard runs on CPU with gloo: one-rank FSDP2 training matches the plain run, and its
+    checkpoint (full tensors) resumes a plain run exactly."""
+    plain = run(setup, cfg(steps=4, ckpt_every=100))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        sharded = run(setup, cfg(steps=2, fsdp=True, ckpt_every=2), ckpt_dir=str(tmp_path / "f"))
+        from torch.distributed.tensor import DTensor
+
+        blk = sharded.model.spatial_blocks[0]
+        assert isinstance(blk.attn.qkv.weight, DTensor) and type(blk).__name__.startswith("FSDP")
+        assert isinstance(sharded.ema["spatial_blocks.0.attn.qkv.weight"], DTensor)
+    finally:
+        dist.destroy_process_group()
+    assert sharded.losses == pytest.approx(plain.losses[:2], rel=1e-5)
+    resumed = run(setup, cfg(steps=4, ckpt_every=100), resume=str(tmp_path / "f"))
+    assert resumed.losses == pytest.approx(plain.losses[2:], rel=1e-4)
+
+
+def test_fsdp_needs_a_process_group(setup):
+    with pytest.raises(RuntimeError, match="needs a process group"):
+        run(setup, cfg(steps=1, fsdp=True))

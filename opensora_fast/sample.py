@@ -67,15 +67,18 @@ def save_vae(vae, path: str) -> str:
 
 
 def load_vae(path: str, device=None, dtype=None):
-    """OpenSoraVAE from a local file or directory; ``config.json`` beside it selects the architecture
-    (the release's otherwise)."""
+    """OpenSoraVAE from a local file or directory. A ``config.json`` beside it written by ``save_vae``
+    (keys "spatial" and "temporal") selects the architecture; otherwise (e.g. the release's
+    hpcai-tech/OpenSora-VAE-v1.2 directory, whose config.json is Open-Sora's) it is the release's."""
     from opensora_fast.models.vae import OpenSoraVAE
 
     cfg = None
     cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
     if os.path.isfile(cfg_file):
         with open(cfg_file) as f:
-            cfg = vae_config_from_dict(json.load(f))
+            d = json.load(f)
+        if "spatial" in d and "temporal" in d:
+            cfg = vae_config_from_dict(d)
     return OpenSoraVAE.from_pretrained(path, cfg, device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -297,3 +297,15 @@ def test_check_help_and_lazy_imports(capsys):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["False", "False"], r.stderr
+
+
+def test_load_vae_ignores_a_foreign_config_json(tmp_path):
+    """The release's VAE directory has Open-Sora's own config.json: it must not be read as ours."""
+    from opensora_fast.sample import load_vae
+
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["VideoAutoencoderPipeline"], "micro_frame_size": 17}'
+    )
+    torch.save({"x": torch.zeros(1)}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="missing"):  # built as the release VAE, so the keys do not match
+        load_vae(str(tmp_path))

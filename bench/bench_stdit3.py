@@ -16,11 +16,9 @@ Providers (each sets ``OPENSORA_FAST_BACKEND`` while the model is built and on e
 - ``opensora_fast``: the model's Triton kernels (variable unset on CUDA; forced to "triton" on CPU,
   where it runs through the interpreter).
 - ``reference``: the same model and weights with ``OPENSORA_FAST_BACKEND=reference`` (eager PyTorch
-  for norms, modulation, RoPE), and attention through ``F.scaled_dot_product_attention`` instead of
-  the explicit-softmax ``kernels.reference.attention_ref``: while the provider is active this file
-  swaps ``reference.attention_ref`` for :func:`sdpa_attention` (same signature), so the baseline is
-  Open-Sora's structure, eager + SDPA (flash / memory-efficient on the GPU). The explicit softmax
-  would need 200 GB for the 720p 16 s spatial scores.
+  for norms, modulation, RoPE); on CUDA ``kernels.reference.attention_ref`` runs
+  ``F.scaled_dot_product_attention``, so the baseline is Open-Sora's structure, eager + SDPA (flash /
+  cuDNN / memory-efficient). The explicit softmax would need 200 GB for the 720p 16 s spatial scores.
 - ``torch.compile``: the reference provider with every STDiT3 block compiled in place
   (``block.compile(dynamic=False)``; embedders and the final layer stay eager), GPU only.
 
@@ -39,16 +37,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import os
 from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
-from opensora_fast.kernels import reference
 from opensora_fast.kernels._utils import BACKEND_ENV
 
-from bench.harness import HAS_CUDA, Case, run_case_with_benchmark, suite_params
+from bench.harness import HAS_CUDA, Case, backend_env, provider_backend, run_case_with_benchmark, suite_params
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
 from opensora_fast.rflow import RFlow
 
@@ -71,38 +66,14 @@ TINY_TEXT_LENS = (5, 8)  # of STDiT3Config.tiny()'s 8 tokens
 # providers
 
 
-def sdpa_attention(q, k, v, softmax_scale=None, causal=False, key_mask=None):
-    """``reference.attention_ref``'s contract, (B, L, H, D) -> (B, L, H, D), through
-    F.scaled_dot_product_attention. STDiT3 calls it without masks (cross-attention goes per sample)."""
-    if causal or key_mask is not None:
-        raise NotImplementedError("sdpa_attention: causal / key_mask are not used by STDiT3's reference path")
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-    return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale).transpose(1, 2)
-
-
 @contextlib.contextmanager
 def provider(name: str) -> Iterator[None]:
-    """OPENSORA_FAST_BACKEND (and the SDPA attention of the reference providers) for ``name``,
+    """OPENSORA_FAST_BACKEND for ``name``,
     restored on exit."""
     if name not in PROVIDERS:
         raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {name!r}")
-    old_env, old_attn = os.environ.get(BACKEND_ENV), reference.attention_ref
-    if name == "opensora_fast":
-        if HAS_CUDA:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = "triton"  # the interpreter: the kernel path on CPU
-    else:
-        os.environ[BACKEND_ENV] = "reference"
-        reference.attention_ref = sdpa_attention
-    try:
+    with backend_env(provider_backend(name)):
         yield
-    finally:
-        reference.attention_ref = old_attn
-        if old_env is None:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = old_env
 
 
 # ---------------------------------------------------------------------------------------------

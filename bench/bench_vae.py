@@ -28,15 +28,13 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import os
 from collections.abc import Iterator
 
 import pytest
 import torch
-from opensora_fast.kernels._utils import BACKEND_ENV
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.harness import HAS_CUDA, Case, run_case_with_benchmark, suite_params
+from bench.harness import HAS_CUDA, Case, backend_env, provider_backend, run_case_with_benchmark, suite_params
 from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
 
 PROVIDERS = ("opensora_fast", "reference")
@@ -54,20 +52,8 @@ def provider(name: str) -> Iterator[None]:
     """OPENSORA_FAST_BACKEND for ``name``, restored on exit."""
     if name not in PROVIDERS:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {name!r}")
-    old = os.environ.get(BACKEND_ENV)
-    if name == "reference":
-        os.environ[BACKEND_ENV] = "reference"
-    elif HAS_CUDA:
-        os.environ.pop(BACKEND_ENV, None)
-    else:
-        os.environ[BACKEND_ENV] = "triton"  # the interpreter: the kernel path on CPU
-    try:
+    with backend_env(provider_backend(name)):
         yield
-    finally:
-        if old is None:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = old
 
 
 def _settle() -> None:

@@ -9,6 +9,7 @@ proves the harness works; its timings mean nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -102,24 +103,39 @@ def run_case_with_benchmark(benchmark, case: Case) -> None:
     benchmark.extra_info.update(bytes=case.bytes, flops=case.flops, provider=case.provider, mode=case.mode)
 
 
-def with_backend(fn: Callable, backend: str | None) -> Callable:
-    """Wrap fn so it runs with OPENSORA_FAST_BACKEND=backend (None: unset, i.e. dispatch by device).
-    Providers set it per call, so they cannot leak into each other."""
+@contextlib.contextmanager
+def backend_env(backend: str | None):
+    """OPENSORA_FAST_BACKEND=backend (None: unset, dispatch by device) inside the block, restored after."""
     from opensora_fast.kernels._utils import BACKEND_ENV
 
-    def run(*args, **kwargs):
-        old = os.environ.get(BACKEND_ENV)
-        if backend is None:
+    old = os.environ.get(BACKEND_ENV)
+    if backend is None:
+        os.environ.pop(BACKEND_ENV, None)
+    else:
+        os.environ[BACKEND_ENV] = backend
+    try:
+        yield
+    finally:
+        if old is None:
             os.environ.pop(BACKEND_ENV, None)
         else:
-            os.environ[BACKEND_ENV] = backend
-        try:
+            os.environ[BACKEND_ENV] = old
+
+
+def provider_backend(provider: str) -> str | None:
+    """The backend a model-level provider runs: opensora_fast = Triton (through the interpreter on CPU),
+    anything else = the PyTorch reference path."""
+    if provider == "opensora_fast":
+        return None if HAS_CUDA else "triton"
+    return "reference"
+
+
+def with_backend(fn: Callable, backend: str | None) -> Callable:
+    """Wrap fn so every call runs under backend_env(backend): providers cannot leak into each other."""
+
+    def run(*args, **kwargs):
+        with backend_env(backend):
             return fn(*args, **kwargs)
-        finally:
-            if old is None:
-                os.environ.pop(BACKEND_ENV, None)
-            else:
-                os.environ[BACKEND_ENV] = old
 
     return run
 

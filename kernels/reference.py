@@ -94,12 +94,18 @@ def qk_norm_rope_ref(q, k, q_weight, k_weight, eps=1e-6, cos=None, sin=None):
 
 
 def attention_ref(q, k, v, softmax_scale=None, causal=False, key_mask=None):
-    """Explicit softmax(q k^T * scale) v on (B, L, H, D) inputs, softmax statistics in fp32.
+    """softmax(q k^T * scale) v on (B, L, H, D) inputs, softmax statistics in fp32: explicit on CPU,
+    SDPA on CUDA when there is no mask.
 
     ``causal`` is bottom-right aligned as in flash-attn (query i sees keys j <= i + Lk - Lq);
     ``key_mask`` (B, Lk) bool hides keys. Rows that see no key output zeros (flash-attn's rule).
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if q.is_cuda and not causal and key_mask is None:
+        # on a GPU the reference path is SDPA (flash / cuDNN / efficient), as Open-Sora's GPU path
+        # uses flash-attn: never materialise the score matrix at video shapes
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        return o.transpose(1, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k).float() * scale
     Lq, Lk = q.shape[1], k.shape[1]
     allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)

@@ -11,14 +11,6 @@ av = pytest.importorskip("av")
 from opensora_fast import io as vio  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny shapes on a shared 2-core machine: one intra-op thread is ~20x faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def smooth_video(T=24, H=32, W=48, seed=0):
     """(T, 3, H, W) in [-0.8, 0.8]: moving sinusoids (compresses well, so a round trip is close)."""

@@ -21,14 +21,6 @@ from opensora_fast.models.vae_temporal import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny shapes on a shared 2-core machine: one intra-op thread is ~20x faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # Representative keys of hpcai-tech/OpenSora-VAE-v1.2 with their shapes, from reading Open-Sora v1.2.0
 # (opensora/models/vae/{vae.py,vae_temporal.py}) and the SDXL AutoencoderKL config.

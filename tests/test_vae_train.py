@@ -15,14 +15,6 @@ cv = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cv)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny shapes on a shared 2-core machine: one intra-op thread is ~20x faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def smooth_clips(n, T, H, W, seed=0):
     """(n, 3, T, H, W) random smooth videos in [-0.8, 0.8]: moving sinusoids with random phases/speeds."""

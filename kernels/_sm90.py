@@ -41,6 +41,16 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 3
     uses_dot: bool = False
+    # args the launcher always passes 16-divisible (Triton specialises these at run time); None = every
+    # pointer, which holds for torch allocations and the model's views (C * element size % 16 == 0)
+    divisible_by_16: tuple | None = None
+
+
+def _attrs(spec: KernelSpec) -> dict:
+    names = spec.divisible_by_16
+    if names is None:
+        names = [a for a, t in spec.signature.items() if t.startswith("*")]
+    return {(spec.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names}
 
 
 def signature(fn, pointers: dict | str, constexprs: dict, scalars: dict | None = None) -> dict:
@@ -87,7 +97,7 @@ def compile_spec(spec: KernelSpec) -> GateResult:
 
     res = GateResult(name=spec.name, uses_dot=spec.uses_dot)
     try:
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=_attrs(spec))
         ck = triton.compile(
             src,
             target=GPUTarget("cuda", 90, 32),

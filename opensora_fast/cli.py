@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-clip", type=float, default=1.0)
     t.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast on CUDA")
     t.add_argument("--grad-checkpoint", action="store_true")
+    t.add_argument(
+        "--cache-latents",
+        action="store_true",
+        help="encode each clip once (posterior mode) instead of sampling the VAE posterior every step",
+    )
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--ckpt-every", type=int, default=200)

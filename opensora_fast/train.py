@@ -249,6 +249,18 @@ class TextCache:
         return y, mask
 
 
+def _truncate_log(path: str, step: int) -> None:
+    """Drop records after ``step`` (steps a crashed run logged after its last checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank) % (2**63)
 
@@ -328,6 +340,7 @@ def train_dit(
         next(batches)
     if log_path and rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        _truncate_log(log_path, start)
     log = open(log_path, "a") if (log_path and rank == 0) else None
     losses, last_ckpt = [], None
     bar = tqdm(
@@ -460,6 +473,7 @@ def run_train(args) -> int:
             grad_clip=args.grad_clip if args.grad_clip > 0 else None,
             dtype=args.dtype,
             grad_checkpoint=args.grad_checkpoint,
+            cache_latents=args.cache_latents,
             seed=args.seed,
             log_every=args.log_every,
             ckpt_every=args.ckpt_every,

@@ -224,6 +224,10 @@ def test_train_and_resume(weights, tmp_path, capsys):
     train(tmp_path / "split", 2)
     train(tmp_path / "split", 4, "--resume")
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    train(tmp_path / "cached", 4, "--cache-latents")
+    assert len(losses(tmp_path / "cached")) == 4 and losses(tmp_path / "cached") != losses(
+        tmp_path / "straight"
+    )
     out = capsys.readouterr().out
     assert "sample with --model" in out and "step 4/4 loss" in out
     cfg = json.load(open(tmp_path / "split" / "config.json"))

@@ -68,10 +68,12 @@ def test_loss_falls(setup, tmp_path):
     assert r["tokens_per_s"] / r["samples_per_s"] == pytest.approx(3 * 16)
 
 
-def test_exact_resume(setup, tmp_path):
-    straight = run(setup, cfg(), ckpt_dir=str(tmp_path / "a"))
-    first = run(setup, cfg(steps=3), ckpt_dir=str(tmp_path / "b"))
-    resumed = run(setup, cfg(), model=tiny_model(seed=99), ckpt_dir=str(tmp_path / "b"), resume="auto")
+@pytest.mark.parametrize("cache_latents", [False, True])
+def test_exact_resume(setup, tmp_path, cache_latents):
+    c = dict(cache_latents=cache_latents)
+    straight = run(setup, cfg(**c), ckpt_dir=str(tmp_path / "a"))
+    first = run(setup, cfg(steps=3, **c), ckpt_dir=str(tmp_path / "b"))
+    resumed = run(setup, cfg(**c), model=tiny_model(seed=99), ckpt_dir=str(tmp_path / "b"), resume="auto")
     assert resumed.step == 6 and len(resumed.losses) == 3
     assert first.losses + resumed.losses == straight.losses  # bit-identical
     for (n, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
@@ -218,3 +220,16 @@ def test_torchrun_two_processes_fsdp2_exact_resume(tmp_path):
         return [json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl")]
 
     assert len(losses("straight")) == 3 and losses("split") == losses("straight")
+
+
+def test_resume_truncates_the_log_after_the_checkpoint(setup, tmp_path):
+    log = tmp_path / "log.jsonl"
+    run(setup, cfg(steps=3, ckpt_every=2), ckpt_dir=str(tmp_path / "c"), log_path=str(log))
+    run(
+        setup,
+        cfg(steps=4),
+        ckpt_dir=str(tmp_path / "d"),
+        resume=str(tmp_path / "c" / "step-00000002"),
+        log_path=str(log),
+    )
+    assert [json.loads(line)["step"] for line in open(log)] == [1, 2, 3, 4]

@@ -20,6 +20,10 @@ from opensora_fast.kernels._attention_kernels import (
     _qk_norm_rope_bwd_kernel,
     _qk_norm_rope_fwd_kernel,
 )
+from opensora_fast.kernels._attention_temporal import (
+    _temporal_attention_bwd_kernel,
+    _temporal_attention_fwd_kernel,
+)
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import (
     autotune_configs,
@@ -379,6 +383,128 @@ class SelfAttentionFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
+# custom ops: temporal self-attention, block-diagonal packed tiles (_attention_temporal.py)
+
+
+@dataclass(frozen=True)
+class TemporalTile:
+    """T padded to TP frames; BLOCK // TP whole sequences of one head per program."""
+
+    TP: int
+    BLOCK: int
+    num_warps: int
+
+    @staticmethod
+    def of(T: int) -> TemporalTile:
+        return TemporalTile(max(16, next_pow2(T)), _TEMPORAL_BLOCK, _TEMPORAL_WARPS)
+
+
+# (BLOCK 64, 8 warps): every TP in {16, 32, 64} x D in _TEMPORAL_D passes the sm_90 gate (no spills;
+# 4 warps spilled in the backward).
+_TEMPORAL_BLOCK = 64
+_TEMPORAL_WARPS = 8
+_TEMPORAL_TPS = (16, 32, 64)
+_TEMPORAL_D = (72, 64)
+
+
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """Rows start 16-byte aligned, as the packed kernels' vector-load hints assume (D and C are
+    multiples of 8 for every D in _TEMPORAL_D)."""
+    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1])
+
+
+def temporal_supported(qkv: torch.Tensor, T: int, D: int) -> bool:
+    """Whether layout="temporal" runs the packed kernels (else the generic flash schedule)."""
+    return T <= _TEMPORAL_BLOCK and D in _TEMPORAL_D and _rows_aligned(qkv)
+
+
+def _temporal_geometry(qkv, num_heads, num_frames):
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    T = num_frames
+    S = N // T
+    tile = TemporalTile.of(T)
+    n_stiles = triton.cdiv(S, tile.BLOCK // tile.TP)
+    return B, N, C, C // num_heads, T, S, tile, n_stiles, B * n_stiles * num_heads
+
+
+def _rope_args(cos, sin, dummy):
+    if cos is None:
+        return dummy, dummy, 0, False
+    return cos, sin, cos.stride(0), True
+
+
+@torch.library.custom_op("opensora_fast::temporal_attention_fwd", mutates_args=())
+def _temporal_fwd_op(
+    qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor | None,
+    sin: torch.Tensor | None, num_heads: int, num_frames: int, eps: float, softmax_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
+    out = empty((B, N, C), qkv.dtype, qkv.device)
+    cs, sn, stride_cs, rope = _rope_args(cos, sin, q_weight)
+    _temporal_attention_fwd_kernel[(n_prog,)](
+        qkv, out, q_weight, k_weight, cs, sn, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+        S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, eps,
+        D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype),
+        num_warps=tile.num_warps, num_stages=1, **DSplit.of(D).kwargs(),
+    )  # fmt: skip
+    return out
+
+
+@_temporal_fwd_op.register_fake
+def _(qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty((B, N, C3 // 3))
+
+
+@torch.library.custom_op("opensora_fast::temporal_attention_bwd", mutates_args=())
+def _temporal_bwd_op(
+    dout: torch.Tensor, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int, num_frames: int, eps: float,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
+    dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
+    dwq = empty((n_prog, D), torch.float32, qkv.device)
+    dwk = empty((n_prog, D), torch.float32, qkv.device)
+    cs, sn, stride_cs, rope = _rope_args(cos, sin, q_weight)
+    _temporal_attention_bwd_kernel[(n_prog,)](
+        qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, qkv.stride(0), qkv.stride(1),
+        dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
+        S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, softmax_scale, eps,
+        D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype),
+        num_warps=tile.num_warps, num_stages=1, **DSplit.of(D).kwargs(),
+    )  # fmt: skip
+    return dqkv, dwq.sum(0).to(q_weight.dtype), dwk.sum(0).to(k_weight.dtype)
+
+
+@_temporal_bwd_op.register_fake
+def _(dout, qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale):
+    return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
+
+
+class TemporalAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale):
+        out = torch.ops.opensora_fast.temporal_attention_fwd(
+            qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale
+        )
+        ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin)
+        ctx.args = (num_heads, num_frames, eps, softmax_scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, q_weight, k_weight, cos, sin = ctx.saved_tensors
+        if not _rows_aligned(dout):  # e.g. the stride-0 gradient of out.sum(): one explicit copy
+            dout = dout.clone(memory_format=torch.contiguous_format)
+        dqkv, dqw, dkw = torch.ops.opensora_fast.temporal_attention_bwd(
+            dout, qkv, q_weight, k_weight, cos, sin, *ctx.args
+        )
+        return dqkv, dqw, dkw, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
 # custom ops: cross_attention
 
 
@@ -573,6 +699,10 @@ def self_attention(
     _check_last_contiguous(qkv, "qkv")
     _check_last_contiguous(q_norm_weight, "q_norm_weight")
     _check_last_contiguous(k_norm_weight, "k_norm_weight")
+    if layout == "temporal" and temporal_supported(qkv, num_frames, D):
+        return TemporalAttentionFunction.apply(
+            qkv, q_norm_weight, k_norm_weight, cos, sin, num_heads, num_frames, float(eps), scale
+        )
     return SelfAttentionFunction.apply(
         qkv, q_norm_weight, k_norm_weight, cos, sin, num_heads, num_frames, layout, float(eps), scale
     )
@@ -683,4 +813,26 @@ def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
                 for kname, fn in (("fwd", _qk_norm_rope_fwd_kernel), ("bwd", _qk_norm_rope_bwd_kernel)):
                     cx = dict(ROPE=rope, BLOCK_M=_ELEMWISE_BLOCK_M, **split)
                     add(f"qk_norm_rope_{kname}[rope={rope},{dt},D={D}]", fn, ptrs, cx, 4, 1, False)
+    specs += _temporal_specs(ints, scalars)
+    return specs
+
+
+def _temporal_specs(ints, scalars) -> list[KernelSpec]:
+    """The packed temporal kernels: every launched (TP, BLOCK, warps) x D in _TEMPORAL_D x {bf16, fp16}
+    x RoPE on/off, forward and backward."""
+    specs = []
+    sc = {**scalars, **ints, "S": "i32", "T": "i32", "C": "i32"}
+    for D in _TEMPORAL_D:
+        for dt in ("bf16", "fp16"):
+            ptrs = {"*": dt, "DWQ": "fp32", "DWK": "fp32", "COS": "fp32", "SIN": "fp32"}
+            for TP in _TEMPORAL_TPS:
+                for rope in (False, True):
+                    cx = dict(D=D, ROPE=rope, TP=TP, BLOCK=_TEMPORAL_BLOCK, DOT_PREC="tf32",
+                              **DSplit.of(D).kwargs())  # fmt: skip
+                    for kname, fn in (("fwd", _temporal_attention_fwd_kernel),
+                                      ("bwd", _temporal_attention_bwd_kernel)):  # fmt: skip
+                        name = (f"temporal_attention_{kname}[rope={rope},{dt},D={D},TP={TP},"
+                                f"BLOCK={_TEMPORAL_BLOCK},w={_TEMPORAL_WARPS}]")  # fmt: skip
+                        specs.append(KernelSpec(name, fn, signature(fn, ptrs, cx, sc), cx, _TEMPORAL_WARPS, 1,
+                                                True))  # fmt: skip
     return specs

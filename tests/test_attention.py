@@ -330,3 +330,100 @@ def test_flash_attn_func_bf16(D, causal):
         ["dq", "dk", "dv"],
         "cuda",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# temporal self-attention: block-diagonal packed kernels (_attention_temporal.py)
+
+
+class _CountLaunches:
+    """Stands in for a @triton.jit kernel and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.n = kernel, 0
+
+    def __getitem__(self, grid):
+        self.n += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def temporal_launches(monkeypatch, triton_backend):
+    """Counts the packed temporal kernels' launches; the generic flash path fails the test if used."""
+    from opensora_fast.kernels import attention as A
+
+    fwd = _CountLaunches(A._temporal_attention_fwd_kernel)
+    bwd = _CountLaunches(A._temporal_attention_bwd_kernel)
+    monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
+    monkeypatch.setattr(A, "_temporal_attention_bwd_kernel", bwd)
+
+    def generic(*args, **kwargs):
+        raise AssertionError("the generic flash path ran for a shape the packed temporal kernels support")
+
+    monkeypatch.setattr(A, "_launch_fwd", generic)
+    monkeypatch.setattr(A, "_launch_bwd", generic)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize(
+    "dtype,D,rope,B,T,S",
+    [
+        (torch.float32, 72, True, 2, 1, 5),  # T = 1; TP = 16, 4 sequences per tile, S % 4 != 0
+        (torch.float16, 72, True, 1, 3, 6),
+        (torch.float32, 64, False, 2, 5, 3),  # G > 1 packing with padded frames, one partial tile per b
+        (torch.float16, 64, True, 1, 5, 7),
+        (torch.float32, 72, False, 1, 17, 3),  # TP = 32: 2 sequences per tile
+        (torch.float16, 72, True, 2, 17, 1),
+    ],
+)
+def test_temporal_packed_kernel(temporal_launches, dtype, D, rope, B, T, S):
+    H = 2
+    C = H * D
+    qkv = randn(B, T * S, 3 * C, dtype=torch.float64, seed=21)
+    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=22)
+    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=23)
+    cos, sin = R.rope_cos_sin(T, D, dtype=torch.float64)
+
+    def kern(qkv, qw, kw, cos, sin):
+        rp = (cos.float(), sin.float()) if rope else None
+        return self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout="temporal", rope=rp)
+
+    def refn(qkv, qw, kw, cos, sin):
+        return R.self_attention_ref(qkv, qw, kw, H, T, "temporal", 1e-6, (cos, sin) if rope else None)
+
+    _check(kern, refn, [qkv, qw, kw, cos, sin], dtype, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
+           grad_mask=[True, True, True, False, False])  # fmt: skip
+    fwd, bwd = temporal_launches
+    assert (fwd.n, bwd.n) == (1, 1)
+
+
+def test_temporal_packed_kernel_expanded_grad(temporal_launches):
+    """out.sum().backward() hands the backward a stride-0 gradient: copied once, then the packed kernel."""
+    T, S, H, D = 3, 2, 2, 64
+    qkv = randn(1, T * S, 3 * H * D, seed=31).requires_grad_()
+    w = (1 + 0.3 * randn(D, seed=32)).requires_grad_()
+    cs = R.rope_cos_sin(T, D)
+    self_attention(qkv, w, w, num_heads=H, num_frames=T, layout="temporal", rope=cs).sum().backward()
+    q64, w64 = qkv.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    R.self_attention_ref(
+        q64, w64, w64, H, T, "temporal", 1e-6, tuple(t.double() for t in cs)
+    ).sum().backward()
+    ql, wl = qkv.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    R.self_attention_ref(ql, wl, wl, H, T, "temporal", 1e-6, cs).sum().backward()
+    assert_close_to_fp64(qkv.grad, ql.grad, q64.grad, name="dqkv")
+    assert_close_to_fp64(w.grad, wl.grad, w64.grad, name="dnorm_weight")
+    assert temporal_launches[1].n == 1
+
+
+def test_temporal_packed_routing():
+    """Packed kernels for T <= 64, D in {64, 72} and 16-byte aligned rows; the generic path otherwise."""
+    from opensora_fast.kernels.attention import TemporalTile, temporal_supported
+
+    qkv = torch.zeros(1, 8, 3 * 2 * 72 + 8)
+    assert temporal_supported(qkv[..., : 3 * 144], 64, 72)
+    assert temporal_supported(qkv[..., : 3 * 128], 1, 64)
+    assert not temporal_supported(qkv[..., : 3 * 144], 65, 72)
+    assert not temporal_supported(qkv[..., : 3 * 80], 8, 40)
+    assert not temporal_supported(qkv[..., 1 : 3 * 144 + 1], 8, 72)  # rows not 16-byte aligned
+    assert TemporalTile.of(1) == TemporalTile.of(16) == TemporalTile(16, 64, TemporalTile.of(1).num_warps)
+    assert TemporalTile.of(17).TP == 32 and TemporalTile.of(64).TP == 64

@@ -7,8 +7,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["opensora_fast", "opensora_fast.kernels", "opensora_fast.models"],
-    package_dir={"opensora_fast": "opensora_fast", "opensora_fast.kernels": "kernels"},
+    packages=["opensora_fast", "opensora_fast.kernels", "opensora_fast.models", "opensora_fast.configs"],
+    package_dir={"opensora_fast": "opensora_fast", "opensora_fast.kernels": "kernels", "opensora_fast.configs": "configs"},
     install_requires=[
         # Ranges met by both torch 2.13 (CPU, CI) and the H200 image's torch 2.11 / triton 3.6.
         "torch>=2.5,<2.14",
@@ -20,11 +20,11 @@ setup(
         "diffusers>=0.27",
     ],
     extras_require={
-        "video": ["av>=11"],
+        "video": ["av>=11", "pillow>=9"],
         "plot": ["matplotlib>=3.7"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         # numpy<2: triton 3.6's interpreter fails every tl.dot under numpy 2.
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4", "numpy<2", "av>=11", "matplotlib>=3.7"],
+        "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4", "numpy<2", "av>=11", "pillow>=9", "matplotlib>=3.7"],
         "profile": ["nvtx>=0.2"],
     },
     entry_points={"console_scripts": ["opensora-fast=opensora_fast.cli:main"]},

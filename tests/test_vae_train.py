@@ -1,19 +1,12 @@
 """VAE training: the three stage configs, losses, freezing, loss falls, exact resume from checkpoints."""
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
 from opensora_fast import vae_train as vt
-
-_spec = importlib.util.spec_from_file_location(
-    "configs_vae", os.path.join(os.path.dirname(__file__), "..", "configs", "vae.py")
-)
-cv = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cv)
-
+from opensora_fast.configs import vae as cv
 
 
 def smooth_clips(n, T, H, W, seed=0):

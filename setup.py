@@ -8,7 +8,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["opensora_fast", "opensora_fast.kernels", "opensora_fast.models", "opensora_fast.configs"],
-    package_dir={"opensora_fast": "opensora_fast", "opensora_fast.kernels": "kernels", "opensora_fast.configs": "configs"},
+    # kernels/ and configs/ sit at the top of the repository and install inside the package
+    package_dir={
+        "opensora_fast": "opensora_fast",
+        "opensora_fast.kernels": "kernels",
+        "opensora_fast.configs": "configs",
+    },
     install_requires=[
         # Ranges met by both torch 2.13 (CPU, CI) and the H200 image's torch 2.11 / triton 3.6.
         "torch>=2.5,<2.14",

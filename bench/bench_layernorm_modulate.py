@@ -9,9 +9,9 @@ Goals (H200, bf16): forward >= 85% of copy bandwidth; fwd+bwd >= 1.3x torch.comp
 from __future__ import annotations
 
 import torch
+from opensora_fast.kernels import add_layernorm_modulate, gated_residual, layernorm_modulate, reference
 
 from bench.harness import HAS_CUDA, Case, compiled, fwd_bwd, ours, run_case_with_benchmark, suite_params
-from opensora_fast.kernels import add_layernorm_modulate, gated_residual, layernorm_modulate, reference
 
 C = 1152
 REAL_ROWS = [32768, 131072, 524288]
@@ -61,7 +61,11 @@ def _providers(op):
             _compiled[op] = compiled(_ref_fn(op))
         return _compiled[op](*args)
 
-    provs = {"opensora_fast": (ours(kernel), False), "eager": (_ref_fn(op), False), "torch.compile": (torch_compile, True)}
+    provs = {
+        "opensora_fast": (ours(kernel), False),
+        "eager": (_ref_fn(op), False),
+        "torch.compile": (torch_compile, True),
+    }
     if op == "layernorm_modulate" and HAS_CUDA:
         apex = _apex_layernorm_modulate()
         if apex is not None:

@@ -5,9 +5,9 @@ torch.compile of it. Memory-bound: bytes = read q, k + write q, k (+ the same ag
 from __future__ import annotations
 
 import torch
+from opensora_fast.kernels import qk_norm_rope, reference
 
 from bench.harness import Case, compiled, fwd_bwd, ours, run_case_with_benchmark, suite_params
-from opensora_fast.kernels import qk_norm_rope, reference
 
 REAL = [(3600, 30, 16, 72), (3600, 120, 16, 72), (30, 3600, 16, 72)]  # (batch, L, heads, D)
 TINY = [(2, 5, 2, 24)]

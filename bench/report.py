@@ -64,7 +64,6 @@ def measure_ceilings(tiny: bool) -> dict:
     b = torch.empty_like(a)
     ms = time_fn(lambda: b.copy_(a))
     copy_gbps = 2 * a.numel() * a.element_size() / ms / 1e6
-    del a, b
     m = 256 if tiny else 8192
     dt = torch.bfloat16 if HAS_CUDA else torch.float32
     x = torch.randn(m, m, device=dev, dtype=dt)

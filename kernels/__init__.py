@@ -7,14 +7,14 @@ forces one (Triton on CPU needs ``TRITON_INTERPRET=1``).
 
 from opensora_fast.kernels import reference
 from opensora_fast.kernels._utils import backend, use_triton
+from opensora_fast.kernels.attention import cross_attention, flash_attn_func, self_attention
+from opensora_fast.kernels.causal_conv3d import causal_conv3d
+from opensora_fast.kernels.group_norm_silu import group_norm_silu
 from opensora_fast.kernels.layernorm_modulate import (
     add_layernorm_modulate,
     gated_residual,
     layernorm_modulate,
 )
-from opensora_fast.kernels.attention import cross_attention, flash_attn_func, self_attention
-from opensora_fast.kernels.causal_conv3d import causal_conv3d
-from opensora_fast.kernels.group_norm_silu import group_norm_silu
 from opensora_fast.kernels.qk_norm_rope import qk_norm_rope
 
 __all__ = [

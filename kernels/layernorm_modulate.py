@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from opensora_fast.kernels import reference
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, next_pow2, use_triton

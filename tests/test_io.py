@@ -11,7 +11,6 @@ av = pytest.importorskip("av")
 from opensora_fast import io as vio  # noqa: E402
 
 
-
 def smooth_video(T=24, H=32, W=48, seed=0):
     """(T, 3, H, W) in [-0.8, 0.8]: moving sinusoids (compresses well, so a round trip is close)."""
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 from _close import assert_close_to_fp64, randn
-
 from opensora_fast.kernels import add_layernorm_modulate, gated_residual, layernorm_modulate
 
 OPS = {

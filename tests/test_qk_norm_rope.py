@@ -3,7 +3,6 @@
 import pytest
 import torch
 from _close import assert_close_to_fp64, randn
-
 from opensora_fast.kernels import qk_norm_rope, reference
 
 
@@ -69,7 +68,8 @@ def test_rope_rotates_interleaved_pairs(triton_backend):
         (lambda q, w: qk_norm_rope(q, q[..., :4], w, w), "k must have shape"),
         (lambda q, w: qk_norm_rope(q, q, w[:3], w), r"q_weight must have shape \(8,\)"),
         (lambda q, w: qk_norm_rope(q, q, w, w, cos=torch.ones(3, 8)), "cos and sin"),
-        (lambda q, w: qk_norm_rope(q, q, w, w, cos=torch.ones(3, 8), sin=torch.ones(3, 8)), r"cos must have shape \(5, 8\)"),
+        (lambda q, w: qk_norm_rope(q, q, w, w, cos=torch.ones(3, 8), sin=torch.ones(3, 8)),
+         r"cos must have shape \(5, 8\)"),
         (lambda q, w: qk_norm_rope(q.int(), q, w, w), "floating-point"),
     ],
 )  # fmt: skip

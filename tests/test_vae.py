@@ -20,8 +20,6 @@ from opensora_fast.models.vae_temporal import (
     depth_to_time,
 )
 
-
-
 # Representative keys of hpcai-tech/OpenSora-VAE-v1.2 with their shapes, from reading Open-Sora v1.2.0
 # (opensora/models/vae/{vae.py,vae_temporal.py}) and the SDXL AutoencoderKL config.
 RELEASE_KEYS = {

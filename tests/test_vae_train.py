@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
+from opensora_fast.configs import vae as cv
 
 from opensora_fast import vae_train as vt
-from opensora_fast.configs import vae as cv
 
 
 def smooth_clips(n, T, H, W, seed=0):

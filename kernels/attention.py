@@ -407,15 +407,24 @@ _TEMPORAL_TPS = (16, 32, 64)
 _TEMPORAL_D = (72, 64)
 
 
-def _rows_aligned(t: torch.Tensor) -> bool:
-    """Rows start 16-byte aligned, as the packed kernels' vector-load hints assume (D and C are
-    multiples of 8 for every D in _TEMPORAL_D)."""
-    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1])
+def _strides_ok(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and all(st % 8 == 0 for st in t.stride()[:-1])
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its rows start 16-byte aligned, as the packed kernels' vector-load hints assume
+    (D and C are multiples of 8 for every D in _TEMPORAL_D); otherwise one explicit contiguous copy:
+    a view starting off a 16-byte boundary, or a stride-0 gradient such as that of ``out.sum()``.
+    Runs inside the custom ops (real tensors; data_ptr cannot be traced)."""
+    if t.data_ptr() % 16 == 0 and _strides_ok(t):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def temporal_supported(qkv: torch.Tensor, T: int, D: int) -> bool:
-    """Whether layout="temporal" runs the packed kernels (else the generic flash schedule)."""
-    return T <= _TEMPORAL_BLOCK and D in _TEMPORAL_D and _rows_aligned(qkv)
+    """Whether layout="temporal" runs the packed kernels (else the generic flash schedule): T <= 64,
+    D in (72, 64), qkv row strides multiples of 8 elements."""
+    return T <= _TEMPORAL_BLOCK and D in _TEMPORAL_D and _strides_ok(qkv)
 
 
 def _temporal_geometry(qkv, num_heads, num_frames):
@@ -440,6 +449,7 @@ def _temporal_fwd_op(
     sin: torch.Tensor | None, num_heads: int, num_frames: int, eps: float, softmax_scale: float,
 ) -> torch.Tensor:  # fmt: skip
     B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
+    qkv = _aligned(qkv)
     out = empty((B, N, C), qkv.dtype, qkv.device)
     cs, sn, stride_cs, rope = _rope_args(cos, sin, q_weight)
     _temporal_attention_fwd_kernel[(n_prog,)](
@@ -464,6 +474,7 @@ def _temporal_bwd_op(
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
+    qkv, dout = _aligned(qkv), _aligned(dout)
     dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
     dwq = empty((n_prog, D), torch.float32, qkv.device)
     dwk = empty((n_prog, D), torch.float32, qkv.device)
@@ -496,8 +507,6 @@ class TemporalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         qkv, q_weight, k_weight, cos, sin = ctx.saved_tensors
-        if not _rows_aligned(dout):  # e.g. the stride-0 gradient of out.sum(): one explicit copy
-            dout = dout.clone(memory_format=torch.contiguous_format)
         dqkv, dqw, dkw = torch.ops.opensora_fast.temporal_attention_bwd(
             dout, qkv, q_weight, k_weight, cos, sin, *ctx.args
         )

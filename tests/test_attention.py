@@ -405,9 +405,7 @@ def test_temporal_packed_kernel_expanded_grad(temporal_launches):
     cs = R.rope_cos_sin(T, D)
     self_attention(qkv, w, w, num_heads=H, num_frames=T, layout="temporal", rope=cs).sum().backward()
     q64, w64 = qkv.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    R.self_attention_ref(
-        q64, w64, w64, H, T, "temporal", 1e-6, tuple(t.double() for t in cs)
-    ).sum().backward()
+    R.self_attention_ref(q64, w64, w64, H, T, "temporal", 1e-6, tuple(t.double() for t in cs)).sum().backward()
     ql, wl = qkv.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     R.self_attention_ref(ql, wl, wl, H, T, "temporal", 1e-6, cs).sum().backward()
     assert_close_to_fp64(qkv.grad, ql.grad, q64.grad, name="dqkv")
@@ -416,7 +414,7 @@ def test_temporal_packed_kernel_expanded_grad(temporal_launches):
 
 
 def test_temporal_packed_routing():
-    """Packed kernels for T <= 64, D in {64, 72} and 16-byte aligned rows; the generic path otherwise."""
+    """Packed kernels for T <= 64, D in {64, 72} and row strides multiples of 8; else the generic path."""
     from opensora_fast.kernels.attention import TemporalTile, temporal_supported
 
     qkv = torch.zeros(1, 8, 3 * 2 * 72 + 8)
@@ -424,6 +422,38 @@ def test_temporal_packed_routing():
     assert temporal_supported(qkv[..., : 3 * 128], 1, 64)
     assert not temporal_supported(qkv[..., : 3 * 144], 65, 72)
     assert not temporal_supported(qkv[..., : 3 * 80], 8, 40)
-    assert not temporal_supported(qkv[..., 1 : 3 * 144 + 1], 8, 72)  # rows not 16-byte aligned
+    assert not temporal_supported(torch.zeros(1, 8, 3 * 144 + 4)[..., : 3 * 144], 8, 72)  # row stride % 8
     assert TemporalTile.of(1) == TemporalTile.of(16) == TemporalTile(16, 64, TemporalTile.of(1).num_warps)
     assert TemporalTile.of(17).TP == 32 and TemporalTile.of(64).TP == 64
+
+
+def test_temporal_packed_kernel_compiles_fullgraph(temporal_launches):
+    """torch.compile(fullgraph=True) traces the packed temporal custom ops, forward and backward."""
+    T, S, H, D = 2, 3, 2, 64
+    qkv = randn(1, T * S, 3 * H * D, seed=41).requires_grad_()
+    qw, kw = randn(D, seed=42).requires_grad_(), randn(D, seed=43).requires_grad_()
+    cs = R.rope_cos_sin(T, D)
+
+    def f(qkv, qw, kw):
+        return self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout="temporal", rope=cs).sum()
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(qkv, qw, kw)
+    out.backward()
+    ref = R.self_attention_ref(qkv.detach(), qw.detach(), kw.detach(), H, T, "temporal", 1e-6, cs).sum()
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)
+    assert qkv.grad is not None and qw.grad is not None and kw.grad is not None
+    assert (temporal_launches[0].n, temporal_launches[1].n) == (1, 1)
+
+
+def test_temporal_packed_kernel_unaligned_view(temporal_launches):
+    """A qkv view starting 8 bytes off a 16-byte boundary: copied once inside the op, same result."""
+    T, S, H, D = 3, 5, 2, 64
+    wide = randn(1, T * S, 3 * H * D + 8, seed=51)
+    qkv = wide[..., 2 : 2 + 3 * H * D]
+    assert qkv.data_ptr() % 16 != 0
+    w = 1 + 0.3 * randn(D, seed=52)
+    out = self_attention(qkv, w, w, num_heads=H, num_frames=T, layout="temporal")
+    ref = R.self_attention_ref(qkv.double(), w.double(), w.double(), H, T, "temporal")
+    assert_close_to_fp64(out, R.self_attention_ref(qkv, w, w, H, T, "temporal"), ref)
+    assert temporal_launches[0].n == 1

@@ -20,10 +20,11 @@ dv = P^T dO, and the gradients w.r.t. the normalised/rotated q and k (dS k, dS^T
 mapped through RoPE^T and the RMSNorm backward in registers, written straight into dqkv; the norm
 weights get one fp32 (D,) partial per program, summed on the host (deterministic).
 
-Useful MMA fraction of the padding: the S / PV products do BLOCK^2 work where T^2 G is useful, i.e.
-``T^2 / (TP * BLOCK)`` (T = 16, BLOCK = 64: 25%; T = 30: 7%); the kernel is memory-bound (each of q, k,
-v, o is moved once; the backward reads q, k, v, dO and writes dqkv once), so the wasted MMA is hidden
-behind the loads.
+Useful MMA fraction of the padding: per full tile the S / PV / backward products do BLOCK^2 (x D) work
+of which G T^2 is useful, i.e. ``T^2 / (TP * BLOCK)`` with BLOCK = 64: T = 64: 100%, T = 30: 44%,
+T = 16: 25%, T = 8: 6%, T = 1: 0.1%. The kernels are memory-bound (the forward reads q, k, v once and
+writes o once; the backward reads q, k, v, dO once, re-reads q and k from cache, and writes dqkv once),
+so the wasted MMA is hidden behind the loads.
 
 Alignment: the q/k/v/o/dO/dqkv tile pointers carry ``tl.multiple_of`` / ``tl.max_contiguous`` hints
 (every row starts 16-byte aligned; the host routes here only when qkv satisfies it and copies an

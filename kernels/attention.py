@@ -1,6 +1,8 @@
 """Fused attention for STDiT3: ``flash_attn_func``, ``self_attention`` (q/k RMSNorm + RoPE fused,
 read straight from the qkv Linear output) and ``cross_attention`` (varlen packed text), forward and
-backward. Kernels in ``_attention_kernels.py``; PyTorch references in ``reference.py``.
+backward. Kernels in ``_attention_kernels.py``; temporal self-attention with T <= 64 and head_dim 64 / 72
+runs the block-diagonal packed kernels of ``_attention_temporal.py`` (whole sequences per program,
+RMSNorm + RoPE fused, one-kernel backward); PyTorch references in ``reference.py``.
 """
 
 from __future__ import annotations

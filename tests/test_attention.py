@@ -457,3 +457,23 @@ def test_temporal_packed_kernel_unaligned_view(temporal_launches):
     ref = R.self_attention_ref(qkv.double(), w.double(), w.double(), H, T, "temporal")
     assert_close_to_fp64(out, R.self_attention_ref(qkv, w, w, H, T, "temporal"), ref)
     assert temporal_launches[0].n == 1
+
+
+def test_temporal_long_sequence_uses_generic_path(triton_backend, monkeypatch):
+    """T = 65 > 64 frames: the generic flash schedule (RMSNorm + RoPE pre-pass), not the packed kernels."""
+    from opensora_fast.kernels import attention as A
+
+    fwd = _CountLaunches(A._temporal_attention_fwd_kernel)
+    monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
+    T, S, H, D = 65, 1, 1, 72
+    qkv = randn(1, T * S, 3 * H * D, dtype=torch.float64, seed=61)
+    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=62)
+    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=63)
+    cos, sin = R.rope_cos_sin(T, D, dtype=torch.float64)
+    _check(
+        lambda qkv, qw, kw: self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout="temporal",
+                                           rope=(cos.float(), sin.float())),
+        lambda qkv, qw, kw: R.self_attention_ref(qkv, qw, kw, H, T, "temporal", 1e-6, (cos, sin)),
+        [qkv, qw, kw], torch.float32, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
+    )  # fmt: skip
+    assert fwd.n == 0

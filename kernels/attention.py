@@ -271,12 +271,19 @@ def _(q, k, v, softmax_scale, causal):
     return q.new_empty((B, Nq, H, D)), q.new_empty((B * H, Nq), dtype=torch.float32)
 
 
+def _unit_last(g: torch.Tensor) -> torch.Tensor:
+    """An upstream gradient with unit stride along its last dim, as the generic backward kernels read it:
+    g itself (autograd's usual case), else one explicit copy (e.g. the stride-0 gradient of ``out.sum()``)."""
+    return g if g.stride(-1) == 1 else g.contiguous()
+
+
 @torch.library.custom_op("opensora_fast::attention_bwd", mutates_args=())
 def _flash_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
     softmax_scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     B, Nq, H, D = q.shape
+    do = _unit_last(do)
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
@@ -350,6 +357,7 @@ def _self_bwd_op(
     num_frames: int, layout: str, eps: float, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     p, S, C = _self_problem(qkv, num_heads, num_frames, layout)
+    dout = _unit_last(dout)
     dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
     q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
     dq, dk, dv = dqkv[..., :C], dqkv[..., C : 2 * C], dqkv[..., 2 * C :]
@@ -553,6 +561,7 @@ def _cross_bwd_op(
     lse: torch.Tensor, max_kv_len: int, num_heads: int, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     B, N, C = q.shape
+    dout = _unit_last(dout)
     sq, skv, C, D = _cross_seqs(q, kv, num_heads)
     dq = empty(q.shape, q.dtype, q.device)
     dkv = empty(kv.shape, kv.dtype, kv.device)

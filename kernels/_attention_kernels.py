@@ -25,11 +25,11 @@ write the gradients w.r.t. the transformed q/k, and ``_qk_norm_rope_bwd_kernel``
 RoPE^T (in registers: reshape + split/join) and the RMSNorm backward into dqkv, with per-program
 partial norm-weight gradients summed on the host (deterministic, no atomics).
 
-Temporal attention (T' <= 120 frames, B*S ~ 10^4 sequences) runs the same kernels; the forward's
-autotune table includes a (64, 64) tile that holds a whole sequence of up to 64 frames (one q tile and
-one K/V tile per program). A packed schedule with several whole sequences per program (block-diagonal
-mask over one 128-row tile) was written, but the sm_90 gate measured 144-5168 B of register spills
-for every (sequence block, pack) shape tried, so it is not shipped.
+Temporal attention with T' <= 64 (head_dim 64 or 72) does not come here: it runs the packed schedule of
+``_attention_temporal.py`` (several whole sequences per program in one block-diagonal 64-row tile, RMSNorm
+and RoPE fused, no K loop). Longer temporal sequences (64 < T' <= 120) run these kernels with the
+RMSNorm + RoPE pre-pass above: the packed kernel's backward at a 128-row tile spilled on sm_90
+(160 B at 8 warps).
 
 Softmax statistics are fp32 and kept in log2 units (``qk_scale = softmax_scale * log2(e)``); the
 forward stores lse2 = m + log2(l) per row (+inf for a row that sees no key, whose output is 0).

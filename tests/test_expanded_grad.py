@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 from _close import assert_close_to_fp64, randn
+from opensora_fast.kernels import reference as R
 
 from opensora_fast import kernels as K
-from opensora_fast.kernels import reference as R
 
 B, T, S, H, D = 1, 3, 5, 2, 24
 C = H * D

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 from collections.abc import Iterator
 
 import pytest
 import torch
 from opensora_fast.kernels._utils import BACKEND_ENV
 
-from bench.harness import HAS_CUDA, Case, backend_env, provider_backend, run_case_with_benchmark, suite_params
+from bench.harness import Case, backend_env, provider_backend, run_case_with_benchmark, settle, suite_params
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
 from opensora_fast.rflow import RFlow
 
@@ -140,18 +139,9 @@ def step_flops(cfg: STDiT3Config, batch: int, T: int, H: int, W: int, text_lens,
     return int(total)
 
 
-def _settle() -> None:
-    """Free the previous case's memory and restart the CUDA peak counter."""
-    gc.collect()
-    if HAS_CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def _step_maker(cfg, name, res, length, text_lens, device, dtype):
     def make():
-        _settle()
+        settle()
         with provider(name):
             model = build_model(cfg, device, dtype, compile_blocks=name == "torch.compile").eval()
             inputs = step_inputs(cfg, 2, res, length, text_lens, device, dtype)
@@ -164,7 +154,7 @@ def _step_maker(cfg, name, res, length, text_lens, device, dtype):
                     return model(**inputs, velocity_only=True)
 
             step._text_cache = cache  # keep the context (and the cached K/V) alive with the callable
-        _settle()
+        settle()
         return step
 
     return make
@@ -172,7 +162,7 @@ def _step_maker(cfg, name, res, length, text_lens, device, dtype):
 
 def _train_maker(cfg, name, res, length, text_lens, device, dtype):
     def make():
-        _settle()
+        settle()
         with provider(name):
             model = build_model(cfg, device, dtype, compile_blocks=name == "torch.compile").train()
             kw = step_inputs(cfg, 1, res, length, text_lens, device, dtype)
@@ -189,7 +179,7 @@ def _train_maker(cfg, name, res, length, text_lens, device, dtype):
                     loss.backward()
                     return loss
 
-        _settle()
+        settle()
         return step
 
     return make
@@ -233,15 +223,7 @@ def cases(device, dtype, tiny) -> list[Case]:
 
 @suite_params(cases)
 def test_bench(benchmark, case):
-    try:
-        run_case_with_benchmark(benchmark, case)
-    except torch.cuda.OutOfMemoryError as e:
-        _settle()
-        benchmark.extra_info.update(oom=True, provider=case.provider, mode=case.mode)
-        pytest.skip(f"OOM: {str(e).splitlines()[0][:200]}")
-    if HAS_CUDA:
-        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
-    _settle()
+    run_case_with_benchmark(benchmark, case)
 
 
 def test_flops_match_parameter_count():

@@ -27,14 +27,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 from collections.abc import Iterator
 
-import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.harness import HAS_CUDA, Case, backend_env, provider_backend, run_case_with_benchmark, suite_params
+from bench.harness import Case, backend_env, provider_backend, run_case_with_benchmark, settle, suite_params
 from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
 
 PROVIDERS = ("opensora_fast", "reference")
@@ -54,15 +52,6 @@ def provider(name: str) -> Iterator[None]:
         raise ValueError(f"provider must be one of {PROVIDERS}, got {name!r}")
     with backend_env(provider_backend(name)):
         yield
-
-
-def _settle() -> None:
-    """Free the previous case's memory and restart the CUDA peak counter."""
-    gc.collect()
-    if HAS_CUDA:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 @functools.lru_cache(maxsize=4)
@@ -93,7 +82,7 @@ def _maker(cfg, name, shape, device, dtype):
     t, h, w, frames, out_device = shape
 
     def make():
-        _settle()
+        settle()
         with provider(name):
             torch.manual_seed(0)
             with torch.device(device):
@@ -101,7 +90,7 @@ def _maker(cfg, name, shape, device, dtype):
             vae = vae.to(dtype).eval()
             g = torch.Generator().manual_seed(1)
             z = torch.randn(1, vae.out_channels, t, h, w, generator=g).to(device, dtype)
-        _settle()
+        settle()
 
         def decode():
             with provider(name):
@@ -132,15 +121,7 @@ def cases(device, dtype, tiny) -> list[Case]:
 
 @suite_params(cases)
 def test_bench(benchmark, case):
-    try:
-        run_case_with_benchmark(benchmark, case)
-    except torch.cuda.OutOfMemoryError as e:
-        _settle()
-        benchmark.extra_info.update(oom=True, provider=case.provider, mode=case.mode)
-        pytest.skip(f"OOM: {str(e).splitlines()[0][:200]}")
-    if HAS_CUDA:
-        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
-    _settle()
+    run_case_with_benchmark(benchmark, case)
 
 
 def test_decode_flops_equal_whole_decode_count():

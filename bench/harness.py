@@ -10,6 +10,7 @@ proves the harness works; its timings mean nothing.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import statistics
 import time
@@ -87,20 +88,42 @@ def suite_params(cases_fn):
     return pytest.mark.parametrize("case", cs, ids=[c.id for c in cs])
 
 
-def run_case_with_benchmark(benchmark, case: Case) -> None:
-    fn = case.make()
-    t0 = time.perf_counter()
-    fn()  # fail loudly before timing; also sizes the number of rounds
+def settle() -> None:
+    """Free the previous case's memory and restart the CUDA peak counter."""
+    gc.collect()
     if HAS_CUDA:
         torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        rounds = max(3, min(20, int(10.0 / max(first, 1e-4))))
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=rounds, warmup_rounds=1)
-        benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        benchmark.pedantic(fn, rounds=1, iterations=1)
+
+
+def run_case_with_benchmark(benchmark, case: Case) -> None:
+    """pytest-benchmark a Case: rounds scaled by the first call's time on GPU, peak memory recorded;
+    a CUDA out-of-memory becomes a skip whose reason starts with "OOM" (extra_info oom=True)."""
+    import pytest
+
     benchmark.extra_info.update(bytes=case.bytes, flops=case.flops, provider=case.provider, mode=case.mode)
+    try:
+        fn = case.make()
+        t0 = time.perf_counter()
+        fn()  # fail loudly before timing; also sizes the number of rounds
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            rounds = max(3, min(20, int(10.0 / max(first, 1e-4))))
+            torch.cuda.reset_peak_memory_stats()
+            benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=rounds, warmup_rounds=1)
+            benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
+        else:
+            benchmark.pedantic(fn, rounds=1, iterations=1)
+    except torch.cuda.OutOfMemoryError as exc:
+        fn = None
+        settle()
+        benchmark.extra_info["oom"] = True
+        pytest.skip(f"OOM: {str(exc).splitlines()[0][:200]}")
+    finally:
+        fn = None
+        settle()
 
 
 @contextlib.contextmanager

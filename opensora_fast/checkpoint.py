@@ -11,6 +11,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -136,3 +139,45 @@ def load_into(
     }
     module.load_state_dict(sd, strict=False, assign=assign)
     return missing, unexpected, shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# training checkpoints: ``ckpt_dir/step-XXXXXXXX/`` written atomically, ``ckpt_dir/latest`` names the newest
+
+
+def write_step_dir(ckpt_dir: str, step: int, write: Callable[[str], None]) -> str:
+    """Build ``ckpt_dir/step-XXXXXXXX`` with ``write(tmp_dir)`` in a temporary directory, move it into place
+    with os.replace (re-saving a step moves the old one aside first), then point ``latest`` at it.
+    A crash at any point leaves either the previous checkpoint or the new one, never a partial one."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = os.path.join(ckpt_dir, name)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_dir)
+    try:
+        write(tmp)
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=ckpt_dir)
+            os.replace(final, os.path.join(old, name))
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fd, tmp_latest = tempfile.mkstemp(prefix=".tmp-latest-", dir=ckpt_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+    os.replace(tmp_latest, os.path.join(ckpt_dir, "latest"))
+    return final
+
+
+def resolve_resume(path: str) -> str:
+    """A checkpoint directory, or a ``ckpt_dir`` whose ``latest`` file names one."""
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            path = os.path.join(path, f.read().strip())
+    if not os.path.isfile(os.path.join(path, "train_state.pt")):
+        raise FileNotFoundError(f"no training checkpoint (train_state.pt) in {path!r}")
+    return path

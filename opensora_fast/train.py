@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from opensora_fast.checkpoint import resolve_resume, write_step_dir
 from opensora_fast.data import bucket_batches
 
 
@@ -188,43 +187,18 @@ def save_checkpoint(ckpt_dir: str, model, config, optimizer, ema: dict, step: in
     sd = model_state(model)
     osd = optimizer_state(model, optimizer)
     esd = ema_state(ema, sd)
-    name = f"step-{step:08d}"
-    final = os.path.join(ckpt_dir, name)
+    final = os.path.join(ckpt_dir, f"step-{step:08d}")
     if rank == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_dir)
-        try:
+
+        def write(tmp: str) -> None:
             save_stdit3(sd, config, tmp)
             save_stdit3(esd, config, os.path.join(tmp, "ema"))
             torch.save({"step": step, "optimizer": osd}, os.path.join(tmp, "train_state.pt"))
-            if os.path.exists(final):
-                old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=ckpt_dir)
-                os.replace(final, os.path.join(old, name))
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fd, tmp_latest = tempfile.mkstemp(prefix=".tmp-latest-", dir=ckpt_dir)
-        with os.fdopen(fd, "w") as f:
-            f.write(name + "\n")
-        os.replace(tmp_latest, os.path.join(ckpt_dir, "latest"))
+
+        write_step_dir(ckpt_dir, step, write)
     if _is_dist():
         dist.barrier()
     return final
-
-
-def resolve_resume(path: str) -> str:
-    """A checkpoint directory, or a ``ckpt_dir`` whose ``latest`` names one."""
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            path = os.path.join(path, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "train_state.pt")):
-        raise FileNotFoundError(f"no training checkpoint (train_state.pt) in {path!r}")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

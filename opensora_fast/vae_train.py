@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from opensora_fast.checkpoint import resolve_resume, write_step_dir
 from opensora_fast.models.vae import (
     OpenSoraVAE,
     OpenSoraVAEConfig,
@@ -167,39 +167,12 @@ def _atomic_torch_save(obj, path: str) -> None:
 
 def save_checkpoint(ckpt_dir: str, model: OpenSoraVAE, optimizer: torch.optim.Optimizer, step: int) -> str:
     """Write ``ckpt_dir/step-XXXXXXXX`` atomically and point ``ckpt_dir/latest`` at it."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    name = f"step-{step:08d}"
-    final = os.path.join(ckpt_dir, name)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_dir)
-    try:
+
+    def write(tmp: str) -> None:
         model.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "train_state.pt"))
-        if os.path.exists(final):  # re-saving a step: move the old one aside first
-            old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=ckpt_dir)
-            os.replace(final, os.path.join(old, name))
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fd, tmp_latest = tempfile.mkstemp(prefix=".tmp-latest-", dir=ckpt_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
-    os.replace(tmp_latest, os.path.join(ckpt_dir, "latest"))
-    return final
 
-
-def resolve_resume(path: str) -> str:
-    """A checkpoint directory, or a ``ckpt_dir`` whose ``latest`` file names one."""
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            path = os.path.join(path, f.read().strip())
-    if not os.path.isfile(os.path.join(path, "train_state.pt")):
-        raise FileNotFoundError(f"no training checkpoint (train_state.pt) in {path!r}")
-    return path
+    return write_step_dir(ckpt_dir, step, write)
 
 
 def load_checkpoint(path: str, model: OpenSoraVAE, optimizer: torch.optim.Optimizer) -> int:

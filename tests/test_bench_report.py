@@ -30,3 +30,12 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     cmd = ci[ci.index("# README test command:") + 1].strip()
     assert cmd in (ROOT / "README.md").read_text(), "README must show the exact command .ci/run runs"
+
+
+def test_pytest_collects_every_bench_suite():
+    """`python -m pytest` (the CI command) must collect the bench_*.py suites, not only tests/."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "bench"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    suites = {p.stem for p in (ROOT / "bench").glob("bench_*.py")}
+    collected = {line.split("::")[0].split("/")[-1][:-3] for line in proc.stdout.splitlines() if "::" in line}
+    assert suites and suites <= collected, f"suites not collected: {sorted(suites - collected)}"

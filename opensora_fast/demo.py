@@ -140,7 +140,7 @@ def _run(o: DemoOptions) -> dict:
     from opensora_fast.io import VideoClipDataset, read_video
     from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
     from opensora_fast.models.vae import OpenSoraVAEConfig
-    from opensora_fast.sample import SampleOptions, generate, save_vae
+    from opensora_fast.sample import SampleOptions, generate
     from opensora_fast.text import T5TextEncoder, build_tiny_t5
     from opensora_fast.train import DiTTrainConfig, train_dit
     from opensora_fast.vae_train import VAETrainConfig, train_vae
@@ -189,7 +189,8 @@ def _run(o: DemoOptions) -> dict:
     vae = res_vae.model.eval().requires_grad_(False)
     vae_first, vae_last = loss_fell(res_vae.losses, "VAE")
     set_latent_stats(vae, clips, device)
-    vae_dir = save_vae(vae, os.path.join(out, "vae"))
+    vae_dir = os.path.join(out, "vae")
+    vae.save_pretrained(vae_dir)
 
     # 3. STDiT3
     torch.manual_seed(o.seed)

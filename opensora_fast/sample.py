@@ -5,7 +5,7 @@ runs STDiT3 with batched classifier-free guidance (the learned null caption), th
 velocity-only final layer, and the VAE decodes the latents to an mp4 (a png for images).
 
 Also the loaders shared by ``train`` and ``demo``: a VAE directory holds ``model.safetensors`` and,
-for non-release configurations, ``config.json`` (written by ``save_vae``).
+for non-release configurations, ``config.json`` (written by ``OpenSoraVAE.save_pretrained``).
 """
 
 from __future__ import annotations
@@ -39,47 +39,12 @@ def require_path(path: str | None, flag: str, what: str) -> str:
 # weights
 
 
-def vae_config_to_dict(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def vae_config_from_dict(d: dict):
-    from opensora_fast.models.vae import OpenSoraVAEConfig, SpatialVAEConfig
-    from opensora_fast.models.vae_temporal import TemporalVAEConfig
-
-    def tup(v):
-        return tuple(v) if isinstance(v, list) else v
-
-    sp = SpatialVAEConfig(**{k: tup(v) for k, v in d["spatial"].items()})
-    te = TemporalVAEConfig(**{k: tup(v) for k, v in d["temporal"].items()})
-    rest = {k: tup(v) for k, v in d.items() if k not in ("spatial", "temporal")}
-    return OpenSoraVAEConfig(spatial=sp, temporal=te, **rest)
-
-
-def save_vae(vae, path: str) -> str:
-    """``model.safetensors`` + ``config.json`` (both written atomically) in directory ``path``."""
-    vae.save_pretrained(path)
-    tmp = os.path.join(path, f".config.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(vae_config_to_dict(vae.cfg), f, indent=1)
-    os.replace(tmp, os.path.join(path, "config.json"))
-    return path
-
-
 def load_vae(path: str, device=None, dtype=None):
-    """OpenSoraVAE from a local file or directory. A ``config.json`` beside it written by ``save_vae``
-    (keys "spatial" and "temporal") selects the architecture; otherwise (e.g. the release's
-    hpcai-tech/OpenSora-VAE-v1.2 directory, whose config.json is Open-Sora's) it is the release's."""
+    """OpenSoraVAE from a local file or directory (architecture from the config.json that
+    save_pretrained wrote, else the release's), in eval mode without gradients."""
     from opensora_fast.models.vae import OpenSoraVAE
 
-    cfg = None
-    cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-    if os.path.isfile(cfg_file):
-        with open(cfg_file) as f:
-            d = json.load(f)
-        if "spatial" in d and "temporal" in d:
-            cfg = vae_config_from_dict(d)
-    return OpenSoraVAE.from_pretrained(path, cfg, device=device, dtype=dtype).eval().requires_grad_(False)
+    return OpenSoraVAE.from_pretrained(path, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def stdit3_config_dict(config) -> dict:

@@ -14,7 +14,7 @@ from opensora_fast import cli
 from opensora_fast.data import make_synthetic_dataset
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
 from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
-from opensora_fast.sample import save_stdit3, save_vae
+from opensora_fast.sample import save_stdit3
 from opensora_fast.text import build_tiny_t5
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
@@ -33,7 +33,7 @@ def weights(tmp_path_factory):
     t5 = build_tiny_t5(str(root / "t5"), extra_text="square circle moving right left up down")
     torch.manual_seed(0)
     vae = OpenSoraVAE(OpenSoraVAEConfig.tiny())
-    save_vae(vae, str(root / "vae"))
+    vae.save_pretrained(str(root / "vae"))
     model = STDiT3(STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8))
     save_stdit3(model.state_dict(), model.config, str(root / "stdit3"))
     return {"root": root, "t5": t5, "vae": str(root / "vae"), "model": str(root / "stdit3")}

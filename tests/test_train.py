@@ -163,12 +163,11 @@ def test_torchrun_two_processes_fsdp2_exact_resume(tmp_path):
     import subprocess
     import sys
 
-    from opensora_fast.sample import save_vae
 
     make_synthetic_dataset(str(tmp_path / "data"), 9, (16, 16), 8, colors=("red", "blue"))
     build_tiny_t5(str(tmp_path / "t5"), extra_text="square circle moving right left up down")
     torch.manual_seed(0)
-    save_vae(OpenSoraVAE(OpenSoraVAEConfig.tiny()), str(tmp_path / "vae"))
+    OpenSoraVAE(OpenSoraVAEConfig.tiny()).save_pretrained(str(tmp_path / "vae"))
     args = [
         "--data",
         "data/data.csv",

@@ -341,3 +341,22 @@ def test_decode_peak_memory_does_not_grow_with_length():
         peaks[frames] = torch.cuda.max_memory_allocated() - base
         assert video.shape == (1, 3, frames, 128, 128) and video.device.type == "cpu"
     assert peaks[68] <= 1.05 * peaks[17] + 2**20, peaks
+
+
+def test_save_pretrained_round_trips_the_architecture(tmp_path):
+    """A non-release config is restored from the config.json save_pretrained writes, with no cfg given."""
+    cfg = OpenSoraVAEConfig.tiny(filters=4)
+    vae = OpenSoraVAE(cfg)
+    vae.save_pretrained(str(tmp_path / "v"))
+    back = OpenSoraVAE.from_pretrained(str(tmp_path / "v"))
+    assert back.cfg == cfg
+    for k, v in vae.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_mismatch_message_is_bounded(tmp_path):
+    """A wrong architecture lists at most 40 names per kind, with the total count."""
+    OpenSoraVAE(OpenSoraVAEConfig.tiny(filters=4)).save_pretrained(str(tmp_path / "v"))
+    with pytest.raises(StateDictMismatchError, match=r"more\)") as info:
+        OpenSoraVAE.from_pretrained(str(tmp_path / "v"), OpenSoraVAEConfig.tiny(filters=8, num_res_blocks=2))
+    assert len(str(info.value)) < 20000

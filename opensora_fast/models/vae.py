@@ -16,6 +16,8 @@ normalisation, autograd kept, as the release's ``cal_loss=True``).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -69,6 +71,30 @@ class OpenSoraVAEConfig:
             ),
             temporal=TemporalVAEConfig(filters=filters, num_res_blocks=num_res_blocks, num_groups=4),
         )
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OpenSoraVAEConfig:
+        def tup(v):
+            return tuple(v) if isinstance(v, list) else v
+
+        sp = SpatialVAEConfig(**{k: tup(v) for k, v in d["spatial"].items()})
+        te = TemporalVAEConfig(**{k: tup(v) for k, v in d["temporal"].items()})
+        rest = {k: tup(v) for k, v in d.items() if k not in ("spatial", "temporal")}
+        return cls(spatial=sp, temporal=te, **rest)
+
+    @classmethod
+    def from_json_beside(cls, path: str) -> OpenSoraVAEConfig | None:
+        """The config in ``config.json`` next to a checkpoint, if save_pretrained wrote it (keys "spatial"
+        and "temporal"); None otherwise, e.g. for the release directory, whose config.json is Open-Sora's."""
+        cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+        if not os.path.isfile(cfg_file):
+            return None
+        with open(cfg_file) as f:
+            d = json.load(f)
+        return cls.from_dict(d) if "spatial" in d and "temporal" in d else None
 
 
 class SpatialVAE(nn.Module):
@@ -318,7 +344,8 @@ class OpenSoraVAE(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def save_pretrained(self, path: str) -> str:
-        """Write ``model.safetensors`` (atomically) into directory ``path``; returns the file path."""
+        """Write ``model.safetensors`` and ``config.json`` (each atomically) into directory ``path``;
+        returns the weights' path. from_pretrained(path) rebuilds the same architecture from them."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -326,15 +353,22 @@ class OpenSoraVAE(nn.Module):
         tmp = dst + f".tmp{os.getpid()}"
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp)
         os.replace(tmp, dst)
+        tmp = os.path.join(path, f".config.json.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(self.cfg.to_dict(), f, indent=1)
+        os.replace(tmp, os.path.join(path, "config.json"))
         return dst
 
     @classmethod
     def from_pretrained(
         cls, path: str, cfg: OpenSoraVAEConfig | None = None, *, device=None, dtype=None
     ) -> OpenSoraVAE:
-        """Build the model (release config unless ``cfg``) and load a local checkpoint: a file
-        (.safetensors, or anything torch.load reads with weights_only=True) or a directory holding
-        one. Missing, unexpected or mis-shaped keys raise StateDictMismatchError listing them."""
+        """Build the model and load a local checkpoint: a file (.safetensors, or anything torch.load
+        reads with weights_only=True) or a directory holding one. The architecture is ``cfg``, else the
+        config.json that save_pretrained wrote beside the weights, else the 1.2 release's. Missing,
+        unexpected or mis-shaped keys raise StateDictMismatchError listing them."""
+        if cfg is None:
+            cfg = OpenSoraVAEConfig.from_json_beside(path)
         state = load_state_dict_file(resolve_checkpoint(path))
         with torch.device("meta"):
             model = cls(cfg)
@@ -373,8 +407,9 @@ def load_state_dict_file(file: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Raise StateDictMismatchError listing every missing, unexpected and mis-shaped key."""
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], limit: int = 40) -> None:
+    """Raise StateDictMismatchError listing the missing, unexpected and mis-shaped keys (each list cut
+    at ``limit`` names, with the total count)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -387,7 +422,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
             if items:
-                parts.append(f"{len(items)} {title} key(s): " + ", ".join(items))
+                more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+                parts.append(f"{len(items)} {title} key(s): " + ", ".join(items[:limit]) + more)
         raise StateDictMismatchError("state dict does not match OpenSoraVAE: " + "; ".join(parts))
 
 

@@ -94,7 +94,7 @@ def test_exact_resume_stage3(tmp_path):
     first = vt.train_vae(cfg, clips, steps=2, ckpt_dir=ckpt, progress=False)
     assert first.checkpoint == os.path.join(ckpt, "step-00000002")
     assert sorted(os.listdir(ckpt)) == ["latest", "step-00000002"]  # no temporaries left
-    assert sorted(os.listdir(first.checkpoint)) == ["model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(first.checkpoint)) == ["config.json", "model.safetensors", "train_state.pt"]
     resumed = vt.train_vae(cfg, clips, steps=4, ckpt_dir=ckpt, resume="auto", progress=False)
     assert resumed.step == 4
     assert first.losses + resumed.losses == straight.losses  # bit-exact

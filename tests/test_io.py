@@ -5,25 +5,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _video import smooth_video
 
 av = pytest.importorskip("av")
 
 from opensora_fast import io as vio  # noqa: E402
-
-
-def smooth_video(T=24, H=32, W=48, seed=0):
-    """(T, 3, H, W) in [-0.8, 0.8]: moving sinusoids (compresses well, so a round trip is close)."""
-    g = torch.Generator().manual_seed(seed)
-    ph = torch.rand(3, generator=g) * 6.28
-    t = torch.linspace(0, 1, T)[:, None, None]
-    y = torch.linspace(-1, 1, H)[None, :, None]
-    x = torch.linspace(-1, 1, W)[None, None, :]
-    chans = [
-        torch.sin(3 * x + 2 * t + y + ph[0]),
-        torch.cos(2 * y - 3 * t + ph[1]),
-        torch.sin(3 * x * y + t + ph[2]),
-    ]
-    return 0.8 * torch.stack([c.expand(T, H, W) for c in chans], 1)
 
 
 @pytest.mark.parametrize("layout", ["TCHW", "CTHW"])

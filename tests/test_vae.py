@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _close import assert_close_to_fp64
+from _video import smooth_video
 
 from opensora_fast.io import read_video, write_video
 from opensora_fast.models import OpenSoraVAE, OpenSoraVAEConfig
@@ -108,25 +109,13 @@ def tiny_vae(seed=0, **kw) -> OpenSoraVAE:
     return model
 
 
-def smooth_clip(T, H, W, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ph = torch.rand(3, generator=g) * 6.28
-    t = torch.linspace(0, 1, T)[:, None, None]
-    y = torch.linspace(-1, 1, H)[None, :, None]
-    x = torch.linspace(-1, 1, W)[None, None, :]
-    chans = [
-        torch.sin(3 * x + 2 * t + ph[0]),
-        torch.cos(2 * y - 3 * t + ph[1]),
-        torch.sin(3 * x * y + t + ph[2]),
-    ]
-    return 0.8 * torch.stack([c.expand(T, H, W) for c in chans], 1)  # (T, 3, H, W)
 
 
 @pytest.fixture(scope="module")
 def mp4_clip(tmp_path_factory):
     """A real 20-frame 16x16 mp4 written and read back with PyAV, as (1, 3, T, H, W)."""
     path = str(tmp_path_factory.mktemp("vid") / "clip.mp4")
-    write_video(path, smooth_clip(20, 16, 16), fps=24)
+    write_video(path, smooth_video(20, 16, 16), fps=24)
     return read_video(path).permute(1, 0, 2, 3)[None]
 
 
@@ -311,7 +300,7 @@ def _kernel_path_vs_reference(monkeypatch, vae, x, dtype):
 def test_kernel_path_matches_reference(monkeypatch):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or the Triton interpreter")
-    x = smooth_clip(5, 8, 8).permute(1, 0, 2, 3)[None]  # 5 frames -> 2 latent frames of 4x4
+    x = smooth_video(5, 8, 8).permute(1, 0, 2, 3)[None]  # 5 frames -> 2 latent frames of 4x4
     _kernel_path_vs_reference(monkeypatch, micro_vae(), x, torch.float32)
 
 
@@ -320,7 +309,7 @@ def test_kernel_path_matches_reference_bf16_release_config(monkeypatch):
     """The release architecture (random weights) in bf16 on CUDA: 34 frames at 64x64."""
     torch.manual_seed(0)
     vae = OpenSoraVAE().eval().cuda()
-    x = smooth_clip(34, 64, 64).permute(1, 0, 2, 3)[None].cuda()
+    x = smooth_video(34, 64, 64).permute(1, 0, 2, 3)[None].cuda()
     _kernel_path_vs_reference(monkeypatch, vae, x, torch.bfloat16)
 
 

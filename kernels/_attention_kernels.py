@@ -25,11 +25,9 @@ write the gradients w.r.t. the transformed q/k, and ``_qk_norm_rope_bwd_kernel``
 RoPE^T (in registers: reshape + split/join) and the RMSNorm backward into dqkv, with per-program
 partial norm-weight gradients summed on the host (deterministic, no atomics).
 
-Temporal attention with T' <= 64 (head_dim 64 or 72) does not come here: it runs the packed schedule of
-``_attention_temporal.py`` (several whole sequences per program in one block-diagonal 64-row tile, RMSNorm
-and RoPE fused, no K loop). Longer temporal sequences (64 < T' <= 120) run these kernels with the
-RMSNorm + RoPE pre-pass above: the packed kernel's backward at a 128-row tile spilled on sm_90
-(160 B at 8 warps).
+Temporal attention with T' <= 128 (head_dim 64 or 72) does not come here: it runs the packed schedule of
+``_attention_temporal.py`` (whole sequences per program, RMSNorm and RoPE fused, no scratch). Longer
+temporal sequences, other head dims and unaligned qkv run these kernels with the RMSNorm + RoPE pre-pass.
 
 Softmax statistics are fp32 and kept in log2 units (``qk_scale = softmax_scale * log2(e)``); the
 forward stores lse2 = m + log2(l) per row (+inf for a row that sees no key, whose output is 0).

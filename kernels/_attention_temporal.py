@@ -2,29 +2,34 @@
 
 STDiT3's temporal attention runs B*S sequences (one per spatial position) of T frames each, read straight
 out of the qkv Linear output (B, T*S, 3C): frame t of sequence (b, s) is row ``b * T*S + t*S + s``.
-T is small (1..64 here), so one program holds whole sequences: T is padded to TP = next_pow2(T) (>= 16)
-and a tile of BLOCK rows holds G = BLOCK // TP sequences (b, s0 .. s0+G-1) of one head, row
-``r -> (g = r // TP, frame p = r % TP)``. The G sequences of a tile are adjacent spatial positions, so at
-every frame the tile reads a contiguous run of G rows.
+T is small (1..128 here), so one program holds whole sequences: T is padded to TP = next_pow2(T) (>= 16)
+and a key tile of BLOCK = max(64, TP) rows holds G = BLOCK // TP sequences (b, s0 .. s0+G-1) of one head,
+row ``r -> (g = r // TP, frame p = r % TP)``. The G sequences of a tile are adjacent spatial positions,
+so at every frame the tile reads a contiguous run of G rows. The queries of a tile are taken BLOCK_M
+rows at a time (BLOCK_M = BLOCK up to 64 frames; 64 for 65..128 frames, where G = 1).
 
-Forward, per tile: q, k, v are loaded once (head_dim as a power-of-two piece BD0 plus an optional masked
-piece BD1, as in ``_attention_kernels``), RMSNorm (fp32 statistics, cast back, times the weight) and
-interleaved RoPE (position = frame p) are applied to q and k in registers, S = q k^T is one
-(BLOCK, BLOCK) tile masked to the block diagonal (same sequence) and to frames < T, and the softmax is
-exact (no K loop, no online rescaling). O = P V is stored in token order. No lse is kept: the backward
-recomputes P from the same tile.
+Forward, per tile: k is loaded once (head_dim as a power-of-two piece BD0 plus an optional masked
+piece BD1, as in ``_attention_kernels``) and RMSNorm (fp32 statistics, cast back, times the weight) and
+interleaved RoPE (position = frame p) are applied in registers; then per query step the same for q,
+S = q k^T (BLOCK_M, BLOCK) masked to the block diagonal (same sequence) and to frames < T, and an exact
+softmax (every key of the row is in the tile: no K loop, no online rescaling). O = P V is stored in
+token order. No lse is kept: the backward recomputes P.
 
-Backward, per tile (one kernel, no atomics: a key is only ever seen by its own tile): the same prologue
-and P, dP = dO V^T, delta = rowsum(P * dP) (= rowsum(dO * O) without reading O), dS = P (dP - delta),
-dv = P^T dO, and the gradients w.r.t. the normalised/rotated q and k (dS k, dS^T q, times the scale)
-mapped through RoPE^T and the RMSNorm backward in registers, written straight into dqkv; the norm
-weights get one fp32 (D,) partial per program, summed on the host (deterministic).
+Backward, per tile, no atomics (a key is only ever seen by its own tile): the same k, then per query
+step P, dP = dO V^T, delta = rowsum(P * dP) (= rowsum(dO * O) without reading O), dS = P (dP - delta),
+dV += P^T dO and dK += dS^T q accumulated over the steps; up to 64 frames (one step) also dQ = dS k in
+the same kernel. The gradients w.r.t. the normalised/rotated q and k are mapped through RoPE^T and the
+RMSNorm backward in registers and written straight into dqkv; the norm weights get fp32 (D,) partials
+per program (and query step), summed on the host (deterministic). For 65..128 frames the dK/dV kernel
+takes 32-row query steps and writes each row's lse and delta; ``_temporal_attention_bwd_dq_kernel``
+then computes dQ per 64 query rows with the keys 64 at a time (P = exp2(s - lse)): the three fused into
+one kernel did not fit in 255 registers on sm_90.
 
 Useful MMA fraction of the padding: per full tile the S / PV / backward products do BLOCK^2 (x D) work
-of which G T^2 is useful, i.e. ``T^2 / (TP * BLOCK)`` with BLOCK = 64: T = 64: 100%, T = 30: 44%,
-T = 16: 25%, T = 8: 6%, T = 1: 0.1%. The kernels are memory-bound (the forward reads q, k, v once and
-writes o once; the backward reads q, k, v, dO once, re-reads q and k from cache, and writes dqkv once),
-so the wasted MMA is hidden behind the loads.
+of which G T^2 is useful, i.e. ``T^2 / (TP * BLOCK)``: T = 64: 100%, T = 30: 44%, T = 16: 25%,
+T = 8: 6%, T = 1: 0.1%, T = 120: 88%, T = 65: 26%. The kernels are memory-bound (the forward reads q, k,
+v once and writes o once; the backward reads q, k, v, dO once, re-reads them from cache, and writes dqkv
+once), so the wasted MMA is hidden behind the loads.
 
 Alignment: the q/k/v/o/dO/dqkv tile pointers carry ``tl.multiple_of`` / ``tl.max_contiguous`` hints
 (every row starts 16-byte aligned; the host routes here only when qkv satisfies it and copies an
@@ -132,11 +137,13 @@ def _load_qk(base, ro, ok, W, COS, SIN, co, D, eps, ROPE: tl.constexpr, BM: tl.c
 
 
 @triton.jit
-def _tile_rows(tile, S, T, n_stiles, stride_cs, TP: tl.constexpr, BLOCK: tl.constexpr):
-    """(b, token row within sample b, RoPE table row offset, sequence slot g, valid) of a tile's rows."""
+def _tile_rows(tile, row0, S, T, n_stiles, stride_cs, TP: tl.constexpr, BLOCK: tl.constexpr,
+               NR: tl.constexpr):  # fmt: skip
+    """(b, token row within sample b, RoPE table row offset, sequence slot g, valid) of the NR tile rows
+    row0 .. row0 + NR - 1."""
     b = tile // n_stiles
     s0 = (tile % n_stiles) * (BLOCK // TP)
-    r = tl.arange(0, BLOCK)
+    r = row0 + tl.arange(0, NR)
     g = r // TP
     p = r % TP
     s = s0 + g
@@ -145,20 +152,22 @@ def _tile_rows(tile, S, T, n_stiles, stride_cs, TP: tl.constexpr, BLOCK: tl.cons
 
 
 @triton.jit
-def _scores(q0, q1, k0, k1, g, ok, qk_scale, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Exact softmax (fp32, log2 units) of the block-diagonal masked q k^T tile: P (BLOCK, BLOCK)
-    normalised; rows that see no key (padding) are all zeros."""
+def _scores(q0, q1, k0, k1, gq, gk, okk, qk_scale, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Exact softmax (fp32, log2 units) of the block-diagonal masked q k^T tile: P (BLOCK_M, BLOCK)
+    normalised, rows that see no key (padding) all zeros; and each row's log2-sum-exp2 (m + log2(den),
+    0 for a row that sees no key)."""
     s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
     if HAS_D1:
         s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-    vis = (g[:, None] == g[None, :]) & ok[None, :]
+    vis = (gq[:, None] == gk[None, :]) & okk[None, :]
     s = tl.where(vis, s * qk_scale, float("-inf"))
     m = tl.max(s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)
     p = tl.exp2(s - m[:, None])
     den = tl.sum(p, 1)
-    inv = tl.where(den > 0.0, 1.0 / tl.where(den > 0.0, den, 1.0), 0.0)
-    return p * inv[:, None]
+    pos = den > 0.0
+    inv = tl.where(pos, 1.0 / tl.where(pos, den, 1.0), 0.0)
+    return p * inv[:, None], m + tl.log2(tl.where(pos, den, 1.0))
 
 
 @triton.jit
@@ -170,22 +179,28 @@ def _temporal_attention_fwd_kernel(
     COS,  # (T, D) rows strided by stride_cs (ROPE)
     SIN,  # (T, D) (ROPE)
     sqb, sqn, sob, son, S, T, C, H, n_stiles, stride_cs, qk_scale, eps,
-    D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     h = pid % H
-    b, tok, co, g, ok = _tile_rows(pid // H, S, T, n_stiles, stride_cs, TP, BLOCK)
-    qb, ro = _rows(QKV + b.to(tl.int64) * sqb + h * D, tok, sqn)
-    q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
-    k0, k1 = _load_qk(qb + C, ro, ok, KW, COS, SIN, co, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
-    p = _scores(q0, q1, k0, k1, g, ok, qk_scale, HAS_D1, DOT_PREC).to(QKV.dtype.element_ty)
-    ob, roo = _rows(O + b.to(tl.int64) * sob + h * D, tok, son)
-    v0 = _load(qb + 2 * C, ro, ok, 0, D, BD0)
-    _store(ob, roo, ok, 0, D, tl.dot(p, v0, input_precision=DOT_PREC), BD0)
-    if HAS_D1:
-        v1 = _load(qb + 2 * C, ro, ok, BD0, D, BD1)
-        _store(ob, roo, ok, BD0, D, tl.dot(p, v1, input_precision=DOT_PREC), BD1)
+    tile = pid // H
+    b, tokk, cok, gk, okk = _tile_rows(tile, 0, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK)
+    qb, rok = _rows(QKV + b.to(tl.int64) * sqb + h * D, tokk, sqn)
+    k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
+    ob = O + b.to(tl.int64) * sob + h * D
+    for m in tl.static_range(BLOCK // BLOCK_M):
+        _, tok, co, g, ok = _tile_rows(tile, m * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
+        ro = tok.to(tl.int64) * sqn
+        q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
+        p, _ = _scores(q0, q1, k0, k1, g, gk, okk, qk_scale, HAS_D1, DOT_PREC)
+        p = p.to(QKV.dtype.element_ty)
+        roo = tok.to(tl.int64) * son
+        v0 = _load(qb + 2 * C, rok, okk, 0, D, BD0)
+        _store(ob, roo, ok, 0, D, tl.dot(p, v0, input_precision=DOT_PREC), BD0)
+        if HAS_D1:
+            v1 = _load(qb + 2 * C, rok, okk, BD0, D, BD1)
+            _store(ob, roo, ok, BD0, D, tl.dot(p, v1, input_precision=DOT_PREC), BD1)
 
 
 @triton.jit
@@ -238,46 +253,132 @@ def _temporal_attention_bwd_kernel(
     QKV,  # (B, T*S, 3C) through (sqb, sqn)
     DO,  # (B, T*S, C) through (sdb, sdn)
     DQKV,  # (B, T*S, 3C) through (sgb, sgn)
-    DWQ,  # (num_programs, D) fp32 per-program partial q-norm weight gradients
+    DWQ,  # (num_programs * BLOCK // BLOCK_M, D) fp32 partial q-norm weight gradients, one per query step (DQ)
     DWK,  # (num_programs, D) fp32 per-program partial k-norm weight gradients
     QW,  # (D,)
     KW,  # (D,)
     COS,  # (T, D) rows strided by stride_cs (ROPE)
     SIN,  # (T, D) (ROPE)
+    LSE,  # (num_programs, BLOCK) fp32 out: each tile row's log2-sum-exp2 of its scores (STATS)
+    DELTA,  # (num_programs, BLOCK) fp32 out: each tile row's rowsum(P * dP) = rowsum(dO * O) (STATS)
     sqb, sqn, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
-    D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+    DQ: tl.constexpr, STATS: tl.constexpr,
 ):  # fmt: skip
+    """dK, dV (and dQ with DQ) of one key tile, its queries taken BLOCK_M rows at a time. Without DQ the
+    rows' lse and delta are written instead (STATS) for ``_temporal_attention_bwd_dq_kernel``."""
+    NM: tl.constexpr = BLOCK // BLOCK_M
+    dt = QKV.dtype.element_ty
     pid = tl.program_id(0)
     h = pid % H
-    b, tok, co, g, ok = _tile_rows(pid // H, S, T, n_stiles, stride_cs, TP, BLOCK)
+    tile = pid // H
+    b, tokk, cok, gk, okk = _tile_rows(tile, 0, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK)
+    qb, rok = _rows(QKV + b.to(tl.int64) * sqb + h * D, tokk, sqn)
+    k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
+    dob = DO + b.to(tl.int64) * sdb + h * D
+    gb, rgk = _rows(DQKV + b.to(tl.int64) * sgb + h * D, tokk, sgn)
+    dk0 = tl.zeros((BLOCK, BD0), tl.float32)
+    dv0 = tl.zeros((BLOCK, BD0), tl.float32)
+    dk1 = tl.zeros((BLOCK, BD1), tl.float32)
+    dv1 = tl.zeros((BLOCK, BD1), tl.float32)
+    for m in range(NM):
+        _, tok, co, g, ok = _tile_rows(tile, m * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
+        ro = tok.to(tl.int64) * sqn
+        q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
+        p, lse = _scores(q0, q1, k0, k1, g, gk, okk, qk_scale, HAS_D1, DOT_PREC)
+        rdo = tok.to(tl.int64) * sdn
+        do0 = _load(dob, rdo, ok, 0, D, BD0)
+        v0 = _load(qb + 2 * C, rok, okk, 0, D, BD0)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+        pt = tl.trans(p.to(dt))
+        dv0 = tl.dot(pt, do0, dv0, input_precision=DOT_PREC)
+        if HAS_D1:
+            do1 = _load(dob, rdo, ok, BD0, D, BD1)
+            v1 = _load(qb + 2 * C, rok, okk, BD0, D, BD1)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+            dv1 = tl.dot(pt, do1, dv1, input_precision=DOT_PREC)
+        delta = tl.sum(p * dp, 1)
+        ds = (p * (dp - delta[:, None])).to(dt)
+        dst = tl.trans(ds)
+        dk0 = tl.dot(dst, q0, dk0, input_precision=DOT_PREC)
+        if HAS_D1:
+            dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
+        if STATS:
+            rows = pid.to(tl.int64) * BLOCK + m * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(LSE + rows, lse)
+            tl.store(DELTA + rows, delta)
+        if DQ:
+            gq0 = tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale
+            gq1 = gq0
+            if HAS_D1:
+                gq1 = tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale
+            rg = tok.to(tl.int64) * sgn
+            _prologue_bwd(gq0, gq1, qb, ro, QW, COS, SIN, co, ok, gb, rg, DWQ, pid * NM + m, D, eps, ROPE,
+                          BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+    _store(gb + 2 * C, rgk, okk, 0, D, dv0, BD0)
+    if HAS_D1:
+        _store(gb + 2 * C, rgk, okk, BD0, D, dv1, BD1)
+    _prologue_bwd(dk0 * sm_scale, dk1 * sm_scale, qb + C, rok, KW, COS, SIN, cok, okk, gb + C, rgk, DWK, pid, D,
+                  eps, ROPE, BLOCK, BD0, BD1, HAS_D1)  # fmt: skip
+
+
+@triton.jit
+def _temporal_attention_bwd_dq_kernel(
+    QKV,  # (B, T*S, 3C) through (sqb, sqn)
+    DO,  # (B, T*S, C) through (sdb, sdn)
+    DQKV,  # (B, T*S, 3C) through (sgb, sgn): the q columns are written
+    DWQ,  # (num_programs * BLOCK // BLOCK_M, D) fp32 partial q-norm weight gradients, one per program here
+    QW,  # (D,)
+    KW,  # (D,)
+    COS,  # (T, D) rows strided by stride_cs (ROPE)
+    SIN,  # (T, D) (ROPE)
+    LSE,  # (num_programs, BLOCK) fp32 from _temporal_attention_bwd_kernel (STATS)
+    DELTA,  # (num_programs, BLOCK) fp32 from _temporal_attention_bwd_kernel (STATS)
+    sqb, sqn, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
+    D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """dQ of BLOCK_M query rows of a key tile whose lse and delta are known, the keys taken BLOCK_M rows
+    at a time (P = exp2(s - lse) needs no full row): the long-sequence (TP = 128) backward's second
+    launch, which did not fit in registers next to the dK / dV accumulators."""
+    NM: tl.constexpr = BLOCK // BLOCK_M
+    dt = QKV.dtype.element_ty
+    qid = tl.program_id(0)
+    pid = qid // NM
+    m = qid % NM
+    h = pid % H
+    tile = pid // H
+    b, tok, co, g, ok = _tile_rows(tile, m * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
     qb, ro = _rows(QKV + b.to(tl.int64) * sqb + h * D, tok, sqn)
-    q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
-    k0, k1 = _load_qk(qb + C, ro, ok, KW, COS, SIN, co, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
-    p = _scores(q0, q1, k0, k1, g, ok, qk_scale, HAS_D1, DOT_PREC)
+    q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
+    rows = pid.to(tl.int64) * BLOCK + m * BLOCK_M + tl.arange(0, BLOCK_M)
+    lse = tl.load(LSE + rows)
+    delta = tl.load(DELTA + rows)
     dob, rdo = _rows(DO + b.to(tl.int64) * sdb + h * D, tok, sdn)
-    gb, rg = _rows(DQKV + b.to(tl.int64) * sgb + h * D, tok, sgn)
     do0 = _load(dob, rdo, ok, 0, D, BD0)
-    v0 = _load(qb + 2 * C, ro, ok, 0, D, BD0)
-    dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
-    pt = tl.trans(p.to(QKV.dtype.element_ty))
-    _store(gb + 2 * C, rg, ok, 0, D, tl.dot(pt, do0, input_precision=DOT_PREC), BD0)
+    do1 = do0
     if HAS_D1:
         do1 = _load(dob, rdo, ok, BD0, D, BD1)
-        v1 = _load(qb + 2 * C, ro, ok, BD0, D, BD1)
-        dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
-        _store(gb + 2 * C, rg, ok, BD0, D, tl.dot(pt, do1, input_precision=DOT_PREC), BD1)
-    delta = tl.sum(p * dp, 1)
-    ds = (p * (dp - delta[:, None])).to(QKV.dtype.element_ty)
-    dst = tl.trans(ds)
-    gq0 = tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale
-    gk0 = tl.dot(dst, q0, input_precision=DOT_PREC) * sm_scale
-    gq1 = gq0
-    gk1 = gk0
-    if HAS_D1:
-        gq1 = tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale
-        gk1 = tl.dot(dst, q1, input_precision=DOT_PREC) * sm_scale
-    _prologue_bwd(gq0, gq1, qb, ro, QW, COS, SIN, co, ok, gb, rg, DWQ, pid, D, eps, ROPE, BLOCK, BD0, BD1,
-                  HAS_D1)  # fmt: skip
-    _prologue_bwd(gk0, gk1, qb + C, ro, KW, COS, SIN, co, ok, gb + C, rg, DWK, pid, D, eps, ROPE, BLOCK, BD0,
-                  BD1, HAS_D1)  # fmt: skip
+    gq0 = tl.zeros((BLOCK_M, BD0), tl.float32)
+    gq1 = tl.zeros((BLOCK_M, BD1), tl.float32)
+    for n in range(NM):
+        _, tokk, cok, gk, okk = _tile_rows(tile, n * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
+        rok = tokk.to(tl.int64) * sqn
+        k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
+        v0 = _load(qb + 2 * C, rok, okk, 0, D, BD0)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+        if HAS_D1:
+            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+            v1 = _load(qb + 2 * C, rok, okk, BD0, D, BD1)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+        vis = (g[:, None] == gk[None, :]) & okk[None, :] & ok[:, None]
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = (p * (dp - delta[:, None])).to(dt)
+        gq0 = tl.dot(ds, k0, gq0, input_precision=DOT_PREC)
+        if HAS_D1:
+            gq1 = tl.dot(ds, k1, gq1, input_precision=DOT_PREC)
+    gb, rg = _rows(DQKV + b.to(tl.int64) * sgb + h * D, tok, sgn)
+    _prologue_bwd(gq0 * sm_scale, gq1 * sm_scale, qb, ro, QW, COS, SIN, co, ok, gb, rg, DWQ, qid, D, eps, ROPE,
+                  BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip

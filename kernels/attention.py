@@ -1,8 +1,8 @@
 """Fused attention for STDiT3: ``flash_attn_func``, ``self_attention`` (q/k RMSNorm + RoPE fused,
 read straight from the qkv Linear output) and ``cross_attention`` (varlen packed text), forward and
-backward. Kernels in ``_attention_kernels.py``; temporal self-attention with T <= 64 and head_dim 64 / 72
+backward. Kernels in ``_attention_kernels.py``; temporal self-attention with T <= 128 and head_dim 64 / 72
 runs the block-diagonal packed kernels of ``_attention_temporal.py`` (whole sequences per program,
-RMSNorm + RoPE fused, one-kernel backward); PyTorch references in ``reference.py``.
+RMSNorm + RoPE fused, no scratch); PyTorch references in ``reference.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from opensora_fast.kernels._attention_kernels import (
     _qk_norm_rope_fwd_kernel,
 )
 from opensora_fast.kernels._attention_temporal import (
+    _temporal_attention_bwd_dq_kernel,
     _temporal_attention_bwd_kernel,
     _temporal_attention_fwd_kernel,
 )
@@ -398,22 +399,37 @@ class SelfAttentionFunction(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class TemporalTile:
-    """T padded to TP frames; BLOCK // TP whole sequences of one head per program."""
+    """T padded to TP frames; BLOCK // TP whole sequences of one head per program (the key tile). Up to
+    64 frames the tile is 64 rows and forward and backward each take it at once. For 65..128 frames
+    (TP = 128, one sequence per tile) the forward takes the queries BLOCK_M = 64 rows at a time against
+    all 128 keys; the backward is two launches: dK / dV with the queries BLOCK_M_DKV = 32 rows at a time
+    (also writing each row's lse and delta), then dQ per 64 query rows with the keys 64 at a time. As one
+    kernel that backward spilled 312-1024 B on sm_90 (255 registers); so did dQ next to 128 keys."""
 
     TP: int
     BLOCK: int
+    BLOCK_M: int
+    BLOCK_M_DKV: int
     num_warps: int
+
+    @property
+    def split_bwd(self) -> bool:
+        return self.BLOCK_M != self.BLOCK
 
     @staticmethod
     def of(T: int) -> TemporalTile:
-        return TemporalTile(max(16, next_pow2(T)), _TEMPORAL_BLOCK, _TEMPORAL_WARPS)
+        TP = max(16, next_pow2(T))
+        if TP <= _TEMPORAL_BLOCK:
+            return TemporalTile(TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_WARPS)
+        return TemporalTile(TP, TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK // 2, _TEMPORAL_WARPS)
 
 
-# (BLOCK 64, 8 warps): every TP in {16, 32, 64} x D in _TEMPORAL_D passes the sm_90 gate (no spills;
-# 4 warps spilled in the backward).
+# (BLOCK 64, 8 warps): every TP in {16, 32, 64, 128} x D in _TEMPORAL_D passes the sm_90 gate (no
+# spills; 4 warps spilled in the backward, 16 warps spilled more at TP = 128).
 _TEMPORAL_BLOCK = 64
 _TEMPORAL_WARPS = 8
-_TEMPORAL_TPS = (16, 32, 64)
+_TEMPORAL_MAX_T = 128
+_TEMPORAL_TPS = (16, 32, 64, 128)
 _TEMPORAL_D = (72, 64)
 
 
@@ -432,9 +448,9 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def temporal_supported(qkv: torch.Tensor, T: int, D: int) -> bool:
-    """Whether layout="temporal" runs the packed kernels (else the generic flash schedule): T <= 64,
+    """Whether layout="temporal" runs the packed kernels (else the generic flash schedule): T <= 128,
     D in (72, 64), qkv row strides multiples of 8 elements."""
-    return T <= _TEMPORAL_BLOCK and D in _TEMPORAL_D and _strides_ok(qkv)
+    return T <= _TEMPORAL_MAX_T and D in _TEMPORAL_D and _strides_ok(qkv)
 
 
 def _temporal_geometry(qkv, num_heads, num_frames):
@@ -465,7 +481,7 @@ def _temporal_fwd_op(
     _temporal_attention_fwd_kernel[(n_prog,)](
         qkv, out, q_weight, k_weight, cs, sn, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, eps,
-        D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype),
+        D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, BLOCK_M=tile.BLOCK_M, DOT_PREC=_dot_prec(qkv.dtype),
         num_warps=tile.num_warps, num_stages=1, **DSplit.of(D).kwargs(),
     )  # fmt: skip
     return out
@@ -486,16 +502,27 @@ def _temporal_bwd_op(
     B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
     qkv, dout = _aligned(qkv), _aligned(dout)
     dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
-    dwq = empty((n_prog, D), torch.float32, qkv.device)
+    dwq = empty((n_prog * (tile.BLOCK // tile.BLOCK_M), D), torch.float32, qkv.device)
     dwk = empty((n_prog, D), torch.float32, qkv.device)
+    lse = delta = dwk  # unused unless split_bwd
+    if tile.split_bwd:
+        lse = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
+        delta = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
     cs, sn, stride_cs, rope = _rope_args(cos, sin, q_weight)
-    _temporal_attention_bwd_kernel[(n_prog,)](
-        qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, qkv.stride(0), qkv.stride(1),
-        dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
+    args = (
+        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
         S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, softmax_scale, eps,
-        D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype),
-        num_warps=tile.num_warps, num_stages=1, **DSplit.of(D).kwargs(),
     )  # fmt: skip
+    kw = dict(D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype), num_warps=tile.num_warps,
+              num_stages=1, **DSplit.of(D).kwargs())  # fmt: skip
+    _temporal_attention_bwd_kernel[(n_prog,)](
+        qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, lse, delta, *args,
+        BLOCK_M=tile.BLOCK_M_DKV, DQ=not tile.split_bwd, STATS=tile.split_bwd, **kw,
+    )  # fmt: skip
+    if tile.split_bwd:
+        _temporal_attention_bwd_dq_kernel[(n_prog * (tile.BLOCK // tile.BLOCK_M),)](
+            qkv, dout, dqkv, dwq, q_weight, k_weight, cs, sn, lse, delta, *args, BLOCK_M=tile.BLOCK_M, **kw
+        )
     return dqkv, dwq.sum(0).to(q_weight.dtype), dwk.sum(0).to(k_weight.dtype)
 
 
@@ -844,15 +871,25 @@ def _temporal_specs(ints, scalars) -> list[KernelSpec]:
     sc = {**scalars, **ints, "S": "i32", "T": "i32", "C": "i32"}
     for D in _TEMPORAL_D:
         for dt in ("bf16", "fp16"):
-            ptrs = {"*": dt, "DWQ": "fp32", "DWK": "fp32", "COS": "fp32", "SIN": "fp32"}
+            ptrs = {"*": dt, "DWQ": "fp32", "DWK": "fp32", "COS": "fp32", "SIN": "fp32",
+                    "LSE": "fp32", "DELTA": "fp32"}
             for TP in _TEMPORAL_TPS:
+                tile = TemporalTile.of(TP)
                 for rope in (False, True):
-                    cx = dict(D=D, ROPE=rope, TP=TP, BLOCK=_TEMPORAL_BLOCK, DOT_PREC="tf32",
+                    cx = dict(D=D, ROPE=rope, TP=TP, BLOCK=tile.BLOCK, DOT_PREC="tf32",
                               **DSplit.of(D).kwargs())  # fmt: skip
-                    for kname, fn in (("fwd", _temporal_attention_fwd_kernel),
-                                      ("bwd", _temporal_attention_bwd_kernel)):  # fmt: skip
-                        name = (f"temporal_attention_{kname}[rope={rope},{dt},D={D},TP={TP},"
-                                f"BLOCK={_TEMPORAL_BLOCK},w={_TEMPORAL_WARPS}]")  # fmt: skip
-                        specs.append(KernelSpec(name, fn, signature(fn, ptrs, cx, sc), cx, _TEMPORAL_WARPS, 1,
+                    passes = [("fwd", _temporal_attention_fwd_kernel, dict(BLOCK_M=tile.BLOCK_M))]
+                    if tile.split_bwd:
+                        passes.append(("bwd_dkv", _temporal_attention_bwd_kernel,
+                                       dict(BLOCK_M=tile.BLOCK_M_DKV, DQ=False, STATS=True)))  # fmt: skip
+                        passes.append(("bwd_dq", _temporal_attention_bwd_dq_kernel, dict(BLOCK_M=tile.BLOCK_M)))
+                    else:
+                        passes.append(("bwd", _temporal_attention_bwd_kernel,
+                                       dict(BLOCK_M=tile.BLOCK_M, DQ=True, STATS=False)))  # fmt: skip
+                    for kname, fn, extra in passes:
+                        cxk = {**cx, **extra}
+                        name = (f"temporal_attention_{kname}[rope={rope},{dt},D={D},TP={TP},BLOCK={tile.BLOCK},"
+                                f"BLOCK_M={cxk['BLOCK_M']},w={tile.num_warps}]")  # fmt: skip
+                        specs.append(KernelSpec(name, fn, signature(fn, ptrs, cxk, sc), cxk, tile.num_warps, 1,
                                                 True))  # fmt: skip
     return specs

@@ -91,6 +91,19 @@ def _cases(gpu: bool) -> list[CheckCase]:
 
         return ref
 
+    # temporal sequences of 65..128 frames take their own packed kernels (head_dim 64/72 only)
+    Tl, Sl, Hl, Dl = (120, 256, 16, 72) if gpu else (67, 2, 2, 72)
+
+    def long_temporal(dtype, dev):
+        qkv = _randn(1, Tl * Sl, 3 * Hl * Dl, dtype=dtype, device=dev)
+        w = [_randn(Dl, dtype=dtype, device=dev) for _ in range(2)]
+        rope = R.rope_cos_sin(Tl, Dl, dtype=dtype, device=dev)
+        return (lambda qkv, a, b: K.self_attention(qkv, a, b, num_heads=Hl, num_frames=Tl, layout="temporal",
+                                                    rope=rope)), [qkv, *w]  # fmt: skip
+
+    def long_temporal_ref(qkv, a, b):
+        return R.self_attention_ref(qkv, a, b, Hl, Tl, "temporal", rope=R.rope_cos_sin(Tl, Dl, dtype=torch.float64))
+
     cross_lens = [300, 120] if gpu else [5, 0]
 
     def flash(dtype, dev):
@@ -107,6 +120,8 @@ def _cases(gpu: bool) -> list[CheckCase]:
         CheckCase("self_attention spatial", f"qkv ({B},{N},{3 * C}) T={T}", attn("spatial"), attn_ref("spatial")),
         CheckCase("self_attention temporal+rope", f"qkv ({B},{N},{3 * C}) T={T}", attn("temporal"),
                   attn_ref("temporal")),
+        CheckCase("self_attention temporal, long", f"qkv (1,{Tl * Sl},{3 * Hl * Dl}) T={Tl}", long_temporal,
+                  long_temporal_ref),
         CheckCase("flash_attn_func causal", f"D={D} Nq!=Nk", flash,
                   lambda q, k, v: R.flash_attn_func_ref(q, k, v, causal=True)),
         CheckCase("cross_attention varlen", f"q ({B},{N},{C})", cross,

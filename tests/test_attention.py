@@ -280,7 +280,9 @@ def test_non_contiguous_last_dim_rejected_on_triton_path(triton_backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "layout,T,S,B",
-    [("spatial", 2, 1590, 1), ("temporal", 30, 1024, 2)],  # temporal: B*S = 2048 sequences of 30 frames
+    # temporal: B*S = 2048 sequences of 30 frames (packed 64-row tiles); 512 of 120 and 1024 of 67 frames
+    # (one 128-frame tile per sequence, split backward)
+    [("spatial", 2, 1590, 1), ("temporal", 30, 1024, 2), ("temporal", 120, 512, 1), ("temporal", 67, 1024, 1)],
 )
 def test_self_attention_bf16_real_shapes(layout, T, S, B):
     H, D = 16, 72
@@ -354,15 +356,17 @@ def temporal_launches(monkeypatch, triton_backend):
 
     fwd = _CountLaunches(A._temporal_attention_fwd_kernel)
     bwd = _CountLaunches(A._temporal_attention_bwd_kernel)
+    bwd_dq = _CountLaunches(A._temporal_attention_bwd_dq_kernel)
     monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
     monkeypatch.setattr(A, "_temporal_attention_bwd_kernel", bwd)
+    monkeypatch.setattr(A, "_temporal_attention_bwd_dq_kernel", bwd_dq)
 
     def generic(*args, **kwargs):
         raise AssertionError("the generic flash path ran for a shape the packed temporal kernels support")
 
     monkeypatch.setattr(A, "_launch_fwd", generic)
     monkeypatch.setattr(A, "_launch_bwd", generic)
-    return fwd, bwd
+    return fwd, bwd, bwd_dq
 
 
 @pytest.mark.parametrize(
@@ -374,6 +378,11 @@ def temporal_launches(monkeypatch, triton_backend):
         (torch.float16, 64, True, 1, 5, 7),
         (torch.float32, 72, False, 1, 17, 3),  # TP = 32: 2 sequences per tile
         (torch.float16, 72, True, 2, 17, 1),
+        # 65..128 frames (TP = 128): one sequence per tile, split backward (dK/dV + lse/delta, then dQ)
+        (torch.float32, 72, True, 1, 67, 2),
+        (torch.float16, 72, True, 1, 120, 1),  # Open-Sora's longest clip: 120 latent frames
+        (torch.float32, 64, False, 2, 128, 1),  # exactly full tile
+        (torch.float16, 64, True, 1, 93, 2),
     ],
 )
 def test_temporal_packed_kernel(temporal_launches, dtype, D, rope, B, T, S):
@@ -393,8 +402,8 @@ def test_temporal_packed_kernel(temporal_launches, dtype, D, rope, B, T, S):
 
     _check(kern, refn, [qkv, qw, kw, cos, sin], dtype, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
            grad_mask=[True, True, True, False, False])  # fmt: skip
-    fwd, bwd = temporal_launches
-    assert (fwd.n, bwd.n) == (1, 1)
+    fwd, bwd, bwd_dq = temporal_launches
+    assert (fwd.n, bwd.n, bwd_dq.n) == (1, 1, int(T > 64))
 
 
 def test_temporal_packed_kernel_expanded_grad(temporal_launches):
@@ -414,17 +423,21 @@ def test_temporal_packed_kernel_expanded_grad(temporal_launches):
 
 
 def test_temporal_packed_routing():
-    """Packed kernels for T <= 64, D in {64, 72} and row strides multiples of 8; else the generic path."""
+    """Packed kernels for T <= 128, D in {64, 72} and row strides multiples of 8; else the generic path."""
     from opensora_fast.kernels.attention import TemporalTile, temporal_supported
 
     qkv = torch.zeros(1, 8, 3 * 2 * 72 + 8)
     assert temporal_supported(qkv[..., : 3 * 144], 64, 72)
     assert temporal_supported(qkv[..., : 3 * 128], 1, 64)
-    assert not temporal_supported(qkv[..., : 3 * 144], 65, 72)
+    assert temporal_supported(qkv[..., : 3 * 144], 128, 72)
+    assert not temporal_supported(qkv[..., : 3 * 144], 129, 72)
     assert not temporal_supported(qkv[..., : 3 * 80], 8, 40)
     assert not temporal_supported(torch.zeros(1, 8, 3 * 144 + 4)[..., : 3 * 144], 8, 72)  # row stride % 8
-    assert TemporalTile.of(1) == TemporalTile.of(16) == TemporalTile(16, 64, TemporalTile.of(1).num_warps)
-    assert TemporalTile.of(17).TP == 32 and TemporalTile.of(64).TP == 64
+    assert TemporalTile.of(1) == TemporalTile.of(16) == TemporalTile(16, 64, 64, 64, TemporalTile.of(1).num_warps)
+    assert TemporalTile.of(17).TP == 32 and TemporalTile.of(64).TP == 64 and not TemporalTile.of(64).split_bwd
+    long = TemporalTile.of(65)
+    assert (long.TP, long.BLOCK, long.BLOCK_M, long.BLOCK_M_DKV) == (128, 128, 64, 32) and long.split_bwd
+    assert TemporalTile.of(120) == TemporalTile.of(128) == long
 
 
 def test_temporal_packed_kernel_compiles_fullgraph(temporal_launches):
@@ -460,12 +473,12 @@ def test_temporal_packed_kernel_unaligned_view(temporal_launches):
 
 
 def test_temporal_long_sequence_uses_generic_path(triton_backend, monkeypatch):
-    """T = 65 > 64 frames: the generic flash schedule (RMSNorm + RoPE pre-pass), not the packed kernels."""
+    """T = 129 > 128 frames: the generic flash schedule (RMSNorm + RoPE pre-pass), not the packed kernels."""
     from opensora_fast.kernels import attention as A
 
     fwd = _CountLaunches(A._temporal_attention_fwd_kernel)
     monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
-    T, S, H, D = 65, 1, 1, 72
+    T, S, H, D = 129, 1, 1, 72
     qkv = randn(1, T * S, 3 * H * D, dtype=torch.float64, seed=61)
     qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=62)
     kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=63)

@@ -701,6 +701,11 @@ def self_attention(
     (fp32 statistics, cast back, times the (head_dim,) weight), then RoPE when rope=(cos, sin) with
     cos/sin (L, head_dim) (L = S spatial, T temporal; interleaved pairs as reference.rope_cos_sin).
     Gradients flow to qkv and both norm weights, not to cos/sin.
+
+    Schedules on the Triton path: "temporal" with T <= 128 frames, head_dim 64 or 72 and 16-byte
+    aligned rows runs the packed whole-sequence kernels (``_attention_temporal.py``); everything else
+    runs the flash kernels (``_attention_kernels.py``), with RMSNorm fused into the forward for the
+    spatial layout and an RMSNorm + RoPE pre-pass otherwise.
     """
     check_tensor(qkv, "qkv", ndim=3)
     _check_dtype(qkv, "qkv")

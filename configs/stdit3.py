@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from opensora_fast.masks import STAGE1_MASK_RATIOS
 from opensora_fast.models.stdit3 import STDiT3Config
 from opensora_fast.rflow import RFlow
 
@@ -63,17 +64,4 @@ class TrainConfig:
     scheduler: RFlow = field(
         default_factory=lambda: RFlow(use_timestep_transform=True, sample_method="logit-normal")
     )
-    mask_ratios: dict = field(
-        default_factory=lambda: {
-            "random": 0.05,
-            "intepolate": 0.005,
-            "quarter_random": 0.005,
-            "quarter_head": 0.005,
-            "quarter_tail": 0.005,
-            "quarter_head_tail": 0.005,
-            "image_random": 0.025,
-            "image_head": 0.05,
-            "image_tail": 0.025,
-            "image_head_tail": 0.025,
-        }
-    )
+    mask_ratios: dict = field(default_factory=lambda: dict(STAGE1_MASK_RATIOS))  # opensora_fast.masks

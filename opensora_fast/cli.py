@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="encode each clip once (posterior mode) instead of sampling the VAE posterior every step",
     )
+    t.add_argument(
+        "--mask-ratios",
+        default="stage1",
+        choices=("stage1", "stage2", "stage3", "none"),
+        help="frame masks for image/video conditioning: Open-Sora 1.2's ratios of that training stage "
+        "(stage1/2: 20%% of samples, stage3: 25%%, mostly first-frame), or none",
+    )
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--ckpt-every", type=int, default=200)

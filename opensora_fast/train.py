@@ -3,9 +3,11 @@ several GPUs with torchrun and FSDP2.
 
 Per step: a batch of equal-(T, H, W) clips (``data.bucket_batches``), VAE encode (posterior sample) and T5
 encode (cached per caption), the rectified-flow loss with logit-normal timesteps and the timestep shift,
-AdamW (eps 1e-15), linear warm-up, gradient clipping at 1.0, EMA 0.99, bf16 autocast on CUDA.
+AdamW (eps 1e-15), linear warm-up, gradient clipping at 1.0, EMA 0.99, bf16 autocast on CUDA. Frame masks
+for image/video conditioning (``opensora_fast.masks``, Open-Sora's ``mask_ratios``; stage-1 ratios by
+default) mark conditioning frames: given clean, left out of the loss, t0 modulation through ``x_mask``.
 
-Every step seeds its randomness (timesteps, noise, caption dropout, VAE posterior noise) from
+Every step seeds its randomness (timesteps, noise, frame masks, caption dropout, VAE posterior noise) from
 (seed, step, rank) and the batch order from (seed, epoch), so a run resumed from a checkpoint repeats the
 uninterrupted run exactly. A checkpoint ``step-XXXXXXXX/`` holds ``config.json`` + ``model.safetensors``
 (training weights), ``ema/`` (the EMA weights in the same layout, what ``sample --model`` wants) and
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from opensora_fast.checkpoint import resolve_resume, write_step_dir
 from opensora_fast.data import bucket_batches
+from opensora_fast.masks import MASK_RATIOS, STAGE1_MASK_RATIOS, MaskGenerator
 
 
 @dataclass
@@ -56,6 +59,8 @@ class DiTTrainConfig:
     cache_latents: bool = False  # encode each clip once with the posterior mode (no VAE sampling)
     sample_method: str = "logit-normal"
     use_timestep_transform: bool = True
+    # image/video conditioning: kind -> probability of a frame mask (opensora_fast.masks); None: never
+    mask_ratios: dict | None = field(default_factory=lambda: dict(STAGE1_MASK_RATIOS))
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -70,6 +75,8 @@ class DiTTrainConfig:
             raise ValueError("warmup_steps must be >= 0 and lr > 0")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mask_ratios is not None:
+            MaskGenerator(self.mask_ratios)  # raises ValueError naming a bad kind or ratio
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up (Open-Sora's LinearWarmupLR): lr * (step + 1) / warmup for the first steps."""
@@ -298,6 +305,7 @@ def train_dit(
     vae = vae.to(dev).eval().requires_grad_(False)
     texts = TextCache(text_encoder)
     scheduler = RFlow(sample_method=cfg.sample_method, use_timestep_transform=cfg.use_timestep_transform)
+    masker = MaskGenerator(cfg.mask_ratios) if cfg.mask_ratios else None
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.dtype]
     use_amp = dev.type == "cuda" and amp is not None
     patch = model.config.patch_size
@@ -348,8 +356,12 @@ def train_dit(
             kwargs["fps"] = torch.tensor([float(it["fps"]) for it in items], device=dev)
             for grp in optimizer.param_groups:
                 grp["lr"] = cfg.lr_at(step)
+            fmask = None
+            if masker is not None:  # conditioning frames: clean input, out of the loss, t0 modulation
+                fmask = masker.masks(B, z.shape[2], g_cpu).to(dev)
+                kwargs["x_mask"] = fmask
             with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
-                loss = scheduler.training_losses(model, z, kwargs, generator=g_cpu)["loss"].mean()
+                loss = scheduler.training_losses(model, z, kwargs, mask=fmask, generator=g_cpu)["loss"].mean()
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"STDiT3 loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -448,6 +460,7 @@ def run_train(args) -> int:
             dtype=args.dtype,
             grad_checkpoint=args.grad_checkpoint,
             cache_latents=args.cache_latents,
+            mask_ratios=None if args.mask_ratios == "none" else dict(MASK_RATIOS[args.mask_ratios]),
             seed=args.seed,
             log_every=args.log_every,
             ckpt_every=args.ckpt_every,

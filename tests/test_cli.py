@@ -12,6 +12,7 @@ import torch
 
 from opensora_fast import cli
 from opensora_fast.data import make_synthetic_dataset
+from opensora_fast.masks import STAGE1_MASK_RATIOS
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
 from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
 from opensora_fast.sample import save_stdit3
@@ -232,6 +233,11 @@ def test_train_and_resume(weights, tmp_path, capsys):
     assert "sample with --model" in out and "step 4/4 loss" in out
     cfg = json.load(open(tmp_path / "split" / "config.json"))
     assert cfg["train"]["adam_eps"] == 1e-15 and cfg["train"]["ema_decay"] == 0.99
+    assert cfg["train"]["mask_ratios"] == STAGE1_MASK_RATIOS  # Open-Sora 1.2's stage-1 default
+    train(tmp_path / "stage3", 1, "--mask-ratios", "stage3")
+    train(tmp_path / "nomask", 1, "--mask-ratios", "none")
+    assert json.load(open(tmp_path / "stage3" / "config.json"))["train"]["mask_ratios"]["image_head"] == 0.22
+    assert json.load(open(tmp_path / "nomask" / "config.json"))["train"]["mask_ratios"] is None
     ema = tmp_path / "split" / "checkpoints" / "step-00000004" / "ema"
     rc = cli.main(
         [

@@ -232,3 +232,25 @@ def test_resume_truncates_the_log_after_the_checkpoint(setup, tmp_path):
         log_path=str(log),
     )
     assert [json.loads(line)["step"] for line in open(log)] == [1, 2, 3, 4]
+
+
+def test_frame_masks_reach_the_model_and_the_loss(setup):
+    """mask_ratios: the model gets x_mask (False = a clean conditioning frame) and the loss stays finite;
+    mask_ratios=None: no x_mask at all."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs.get("x_mask"))
+
+    model = tiny_model()
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    res = run(setup, cfg(steps=2, ckpt_every=100, mask_ratios={"image_head": 1.0}), model=model)
+    assert len(seen) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
+    for x_mask in seen:
+        assert x_mask.dtype == torch.bool and x_mask.shape[1] > 1
+        assert not x_mask[:, 0].any() and x_mask[:, 1:].all()
+    seen.clear()
+    run(setup, cfg(steps=1, ckpt_every=100, mask_ratios=None), model=model)
+    assert seen == [None]
+    with pytest.raises(ValueError, match="unknown kinds"):
+        cfg(mask_ratios={"first_frame": 0.5})

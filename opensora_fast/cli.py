@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on CUDA; the CPU runs fp32"
     )
+    s.add_argument(
+        "--reference",
+        metavar="PATH",
+        help="an image or video every clip starts from (image-to-video, video continuation)",
+    )
+    s.add_argument(
+        "--reference-frames", type=int, default=1, metavar="N", help="use the first N frames of --reference"
+    )
     s.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     s.add_argument("--out-dir", default="samples")
     s.add_argument("--no-progress", action="store_true")
@@ -175,6 +183,8 @@ def _sample(args) -> int:
         device=args.device,
         dtype=args.dtype,
         progress=not args.no_progress,
+        reference=args.reference,
+        reference_frames=args.reference_frames,
     )
     paths = generate(opts)
     print(f"{len(paths)} file(s) in {args.out_dir}:")

@@ -191,7 +191,8 @@ class RFlow:
                 x_mask = None
                 if cond_mask is not None:
                     x0 = z.clone()
-                    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+                    gdev = generator.device if generator is not None else x0.device  # a CUDA generator draws there
+                    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=gdev).to(x0.device)
                     x_noise = self.add_noise(x0, noise, t)
                     upper = cond_mask * self.num_timesteps >= t.unsqueeze(1)
                     x_mask = upper.repeat(2, 1)

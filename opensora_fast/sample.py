@@ -102,6 +102,8 @@ class SampleOptions:
     device: str | None = None
     dtype: str = "bf16"  # on CUDA; the CPU runs fp32
     progress: bool = True
+    reference: str | None = None  # image or video whose first frames every clip starts from
+    reference_frames: int = 1  # how many of its frames (pixel frames; an image has 1)
 
     def __post_init__(self):
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -112,6 +114,11 @@ class SampleOptions:
             raise UsageError(f"--fps must be >= 1, got {self.fps}")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise UsageError(f"--dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.reference is not None:
+            if not os.path.isfile(self.reference):
+                raise UsageError(f"--reference {self.reference!r} does not exist")
+            if self.reference_frames < 1:
+                raise UsageError(f"--reference-frames must be >= 1, got {self.reference_frames}")
         try:
             self.size()
             self.frames()
@@ -149,6 +156,29 @@ def write_image(path: str, frame: torch.Tensor) -> str:
     return path
 
 
+def reference_latents(opts: SampleOptions, vae, lat_frames: int, device, dtype) -> torch.Tensor:
+    """The first ``reference_frames`` frames of ``opts.reference`` (an image or a video, decoded with PyAV),
+    resized to cover the output size and centre-cropped, encoded with the VAE's posterior mean:
+    (1, C, k, h, w) latents for the first k latent frames of every clip (k < the clip's latent frames)."""
+    from opensora_fast.io import read_video
+
+    H, W = opts.size()
+    if opts.frames() == 1:
+        raise UsageError("--reference conditions the first frames of a video: use a video duration, not 'image'")
+    try:
+        ref = read_video(opts.reference, num_frames=opts.reference_frames, size=(H, W))  # (n, 3, H, W)
+    except ValueError as e:
+        raise UsageError(f"--reference {opts.reference!r}: {e}") from None
+    ref = ref.permute(1, 0, 2, 3)[None].to(device=device, dtype=dtype)  # (1, 3, n, H, W)
+    z = vae.encode(ref, sample=False)
+    if z.shape[2] >= lat_frames:
+        raise UsageError(
+            f"--reference-frames {opts.reference_frames} fill {z.shape[2]} of the clip's {lat_frames} latent "
+            f"frames: nothing left to generate; use fewer reference frames or a longer --duration"
+        )
+    return z
+
+
 def generate(opts: SampleOptions) -> list[str]:
     """Sample one clip per prompt (prompt i uses seed + i); returns the written file paths."""
     from opensora_fast.io import write_video
@@ -178,11 +208,21 @@ def generate(opts: SampleOptions) -> list[str]:
         k: torch.tensor([float(v)], device=device, dtype=dtype)
         for k, v in (("height", H), ("width", W), ("num_frames", T), ("fps", fps))
     }
+    ref, cond = None, {}
+    if opts.reference is not None:
+        ref = reference_latents(opts, vae, lat[0], device, dtype)
+        # Open-Sora's mask strategy with edit ratio 0: the reference latent frames are never noised
+        cond_mask = torch.ones(1, lat[0], device=device)
+        cond_mask[:, : ref.shape[2]] = 0.0
+        cond = dict(cond_mask=cond_mask)
+        print(f"conditioning on {opts.reference!r}: {ref.shape[2]} of {lat[0]} latent frames", flush=True)
     os.makedirs(opts.out_dir, exist_ok=True)
     paths = []
     for i, prompt in enumerate(opts.prompts):
         g = torch.Generator(device=device).manual_seed(opts.seed + i)
         z = torch.randn((1, vae.out_channels, *lat), generator=g, device=device, dtype=dtype)
+        if ref is not None:
+            z[:, :, : ref.shape[2]] = ref
         enc = text.encode(append_score([prompt], opts.aes))
         y, mask = enc["y"].to(dtype), enc["mask"]
         print(
@@ -198,6 +238,7 @@ def generate(opts: SampleOptions) -> list[str]:
             generator=g,
             progress=opts.progress,
             **size_args,
+            **cond,
         )
         video = vae.decode(z.to(dtype), num_frames=T)[0]  # (3, T, H', W')
         base = os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}")

@@ -132,6 +132,56 @@ def test_sample_is_deterministic(weights, tmp_path):
     assert all((x == y).all() for x, y in zip(a, b))
 
 
+def test_sample_with_reference_starts_from_it(weights, tmp_path, monkeypatch, capsys):
+    """--reference: the clip's first latent frames are the reference's VAE latents from the first step to
+    the last (Open-Sora's mask strategy, edit ratio 0); the rest is generated."""
+    from _video import smooth_video
+
+    from opensora_fast import rflow
+    from opensora_fast.io import read_video, write_video
+    from opensora_fast.sample import load_vae, write_image
+
+    clip = smooth_video(T=9, H=20, W=24, seed=3)
+    png = write_image(str(tmp_path / "ref.png"), clip[0])
+    mp4 = write_video(str(tmp_path / "ref.mp4"), clip.permute(1, 0, 2, 3), fps=8)
+    seen = {}
+    orig = rflow.RFlow.sample
+
+    def spy(self, model, z, *args, **kwargs):
+        seen.update(z0=z.clone(), cond=kwargs.get("cond_mask"))
+        seen["out"] = orig(self, model, z, *args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(rflow.RFlow, "sample", spy)
+    vae = load_vae(weights["vae"])
+    base = ["sample", "a red square", *weight_args(weights), "--image-size", "16x16", "--steps", "3", "--no-progress"]
+    for ref, n in ((png, 1), (mp4, 5)):
+        out = tmp_path / f"out{n}"
+        argv = [*base, "--num-frames", "17", "--out-dir", str(out), "--reference", ref, "--reference-frames", str(n)]
+        assert cli.main(argv) == 0
+        k = vae.get_latent_size((n, 16, 16))[0]
+        lat_t = vae.get_latent_size((17, 16, 16))[0]
+        assert 1 <= k < lat_t
+        assert seen["cond"].tolist() == [[0.0] * k + [1.0] * (lat_t - k)]
+        with torch.no_grad():
+            want = vae.encode(read_video(ref, num_frames=n, size=(16, 16)).permute(1, 0, 2, 3)[None], sample=False)
+        torch.testing.assert_close(seen["z0"][:, :, :k], want)
+        torch.testing.assert_close(seen["out"][:, :, :k], want)  # held through every step
+        assert (seen["out"][:, :, k:] - seen["z0"][:, :, k:]).abs().max() > 1e-3  # the rest was generated
+        assert frames_of(str(out / "000_a_red_square.mp4")) == (17, (16, 16, 3))
+        assert f"{k} of {lat_t} latent frames" in capsys.readouterr().out
+    # clear errors: nothing left to generate, an image output, a missing file, a too-short reference
+    errs = [
+        (["--num-frames", "5", "--reference", mp4, "--reference-frames", "5"], "nothing left to generate"),
+        (["--num-frames", "1", "--reference", png], "use a video duration"),
+        (["--num-frames", "9", "--reference", str(tmp_path / "nope.png")], "does not exist"),
+        (["--num-frames", "17", "--reference", png, "--reference-frames", "3"], "fewer than num_frames=3"),
+    ]
+    for extra, msg in errs:
+        assert cli.main([*base, "--out-dir", str(tmp_path / "e"), *extra]) == 2
+        assert msg in capsys.readouterr().err, msg
+
+
 def test_sample_missing_weights_are_clear_errors(weights, tmp_path, capsys):
     base = ["sample", "a cat", "--out-dir", str(tmp_path)]
     assert cli.main([*base, "--vae", weights["vae"], "--t5", weights["t5"]]) == 2

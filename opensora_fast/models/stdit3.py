@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 
@@ -35,6 +36,7 @@ from opensora_fast.models.layers import (
     cross_attention_forward,
     pos_embed_2d,
 )
+from opensora_fast.parallel import SeqLayout, frames_to_tokens, gather_tokens, split_frames, tokens_to_frames
 
 
 @dataclass
@@ -426,6 +428,16 @@ class STDiT3(nn.Module):
         # the conv output is channel-strided; the kernels want C contiguous
         x = (x.view(B, T, S, -1) + pos_emb[:, None]).reshape(B, T * S, -1).contiguous()
 
+        cout = self.in_channels if velocity_only else self.out_channels
+        rows = None
+        if velocity_only:
+            idx = torch.arange(self.final_layer.linear.out_features, device=x.device)
+            rows = idx[idx % self.out_channels < self.in_channels]
+        sp = getattr(self, "sp_group", None)
+        if sp is not None and dist.get_world_size(sp) > 1:
+            x = self._forward_sequence_parallel(x, y, t, t_mlp, y_lens, key, x_mask, t0, t0_mlp, T, S, rows, sp)
+            return self.unpatchify(x, T, H, W, Tx, Hx, Wx, cout).to(torch.float32)
+
         # blocks: each MLP's gated residual is fused into the next LayerNorm
         pending = None
         for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
@@ -447,14 +459,28 @@ class STDiT3(nn.Module):
                     defer=True,
                 )
 
-        cout = self.in_channels if velocity_only else self.out_channels
-        rows = None
-        if velocity_only:
-            idx = torch.arange(self.final_layer.linear.out_features, device=x.device)
-            rows = idx[idx % self.out_channels < self.in_channels]
         x = self._run("final_layer", self.final_layer, x, t, x_mask, t0, T, S, pending=pending, rows=rows)
         x = self.unpatchify(x, T, H, W, Tx, Hx, Wx, cout)
         return x.to(torch.float32)
+
+    def _forward_sequence_parallel(self, x, y, t, t_mlp, y_lens, key, x_mask, t0, t0_mlp, T, S, rows, group):
+        """The blocks and final layer sequence-parallel (``opensora_fast.parallel``): spatial blocks on
+        this rank's frames, temporal blocks on its token positions, one all-to-all between them; the
+        final layer's output is all-gathered. x (B, T*S, C) full -> (B, T*S, out) full."""
+        lay = SeqLayout(T, S, dist.get_world_size(group), dist.get_rank(group))
+        x = split_frames(x, lay)
+        frame_mask = lay.local_x_mask(x_mask)
+        for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
+            if i > 0:
+                x = tokens_to_frames(x, lay, group)
+            for kind, blk in (("spatial", sb), ("temporal", tb)):
+                if kind == "temporal":
+                    x = frames_to_tokens(x, lay, group)
+                xm, Tl, Sl = (frame_mask, lay.Tp, S) if kind == "spatial" else (x_mask, T, lay.Sp)
+                kv = blk.cross_attn.text_kv(y, key) if key is not None else None
+                x = self._run(f"{kind}_block[{i}]", blk, x, y, t_mlp, y_lens, xm, t0_mlp, Tl, Sl, kv=kv)
+        x = self._run("final_layer", self.final_layer, x, t, x_mask, t0, T, lay.Sp, rows=rows)
+        return gather_tokens(x, lay, group)
 
     def unpatchify(self, x, N_t, N_h, N_w, R_t, R_h, R_w, cout=None):
         """B (Nt Nh Nw) (Tp Hp Wp Cout) -> B Cout (Nt Tp) (Nh Hp) (Nw Wp), cropped to (R_t, R_h, R_w)."""

@@ -1,0 +1,183 @@
+"""Sequence parallelism for STDiT3 on torch.distributed: DSP-style layout switching.
+
+The p ranks of a group share one sample's tokens (B, T, S, C) (T latent frames, S tokens per frame).
+Every operation of an STDiT3 block except self-attention is token-wise, so a block only needs, locally,
+the whole sequence its attention runs over:
+
+- spatial blocks run in the **frames** layout: rank r holds frames [r*Tp, (r+1)*Tp) with all S tokens
+  of each (Tp = ceil(T / p); frames past T are padding);
+- temporal blocks run in the **tokens** layout: rank r holds token positions [r*Sp, (r+1)*Sp) of every
+  frame (Sp = ceil(S / p); positions past S are padding).
+
+Between the two, one all-to-all of the activation switches the layout (VideoSys' Dynamic Sequence
+Parallel), so an STDiT3 spatial+temporal block pair costs two activation-sized all-to-alls and no
+attention-internal communication (Open-Sora 1.2's Ulysses path moves about six). Padding is harmless:
+padded frames are separate sequences of spatial attention and padded positions separate sequences of
+temporal attention, and both are dropped by the next switch.
+
+Gradients: the switches' backward is the opposite switch. ``split_frames`` keeps this rank's frames of a
+full tensor every rank holds; ``gather_tokens`` all-gathers the final output (its backward keeps this
+rank's part). So when every rank computes the same loss from the gathered output, each rank's parameter
+gradients are the contribution of its own tokens, and their SUM over the group (all-reduce) is the
+single-process gradient; ``all_reduce_grads`` does that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SeqLayout:
+    """The shapes of one forward: T frames of S tokens shared by ``world`` ranks."""
+
+    T: int
+    S: int
+    world: int
+    rank: int
+
+    @property
+    def Tp(self) -> int:  # frames per rank in the frames layout
+        return math.ceil(self.T / self.world)
+
+    @property
+    def Sp(self) -> int:  # token positions per rank in the tokens layout
+        return math.ceil(self.S / self.world)
+
+    def local_x_mask(self, x_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's frames of a (B, T) x_mask, padded with True (no t0 branch on padding)."""
+        if x_mask is None:
+            return None
+        pad = self.world * self.Tp - self.T
+        full = F.pad(x_mask, (0, pad), value=True) if pad else x_mask
+        return full[:, self.rank * self.Tp : (self.rank + 1) * self.Tp]
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    """x (p, ...) contiguous: chunk j goes to rank j; returns (p, ...) with chunk i from rank i."""
+    x = x.contiguous()
+    out = torch.empty_like(x)  # after .contiguous(): empty_like keeps a permuted input's strides
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _frames_to_tokens(x: torch.Tensor, lay: SeqLayout, group) -> torch.Tensor:
+    B, C = x.shape[0], x.shape[-1]
+    p, Tp, Sp = lay.world, lay.Tp, lay.Sp
+    x = x.view(B, Tp, lay.S, C)
+    x = F.pad(x, (0, 0, 0, p * Sp - lay.S))  # pad S
+    x = x.view(B, Tp, p, Sp, C).permute(2, 0, 1, 3, 4)  # (p: destination S chunk, B, Tp, Sp, C)
+    x = _all_to_all(x, group)  # (p: source frame chunk, B, Tp, Sp, C)
+    x = x.permute(1, 0, 2, 3, 4).reshape(B, p * Tp, Sp, C)[:, : lay.T]
+    return x.reshape(B, lay.T * Sp, C)
+
+
+def _tokens_to_frames(x: torch.Tensor, lay: SeqLayout, group) -> torch.Tensor:
+    B, C = x.shape[0], x.shape[-1]
+    p, Tp, Sp = lay.world, lay.Tp, lay.Sp
+    x = x.view(B, lay.T, Sp, C)
+    x = F.pad(x, (0, 0, 0, 0, 0, p * Tp - lay.T))  # pad T
+    x = x.view(B, p, Tp, Sp, C).permute(1, 0, 2, 3, 4)  # (p: destination frame chunk, B, Tp, Sp, C)
+    x = _all_to_all(x, group)  # (p: source S chunk, B, Tp, Sp, C)
+    x = x.permute(1, 2, 0, 3, 4).reshape(B, Tp, p * Sp, C)[:, :, : lay.S]
+    return x.reshape(B, Tp * lay.S, C)
+
+
+class _FramesToTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lay, group):
+        ctx.lay, ctx.group = lay, group
+        return _frames_to_tokens(x, lay, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _tokens_to_frames(g.contiguous(), ctx.lay, ctx.group), None, None
+
+
+class _TokensToFrames(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lay, group):
+        ctx.lay, ctx.group = lay, group
+        return _tokens_to_frames(x, lay, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _frames_to_tokens(g.contiguous(), ctx.lay, ctx.group), None, None
+
+
+def frames_to_tokens(x: torch.Tensor, lay: SeqLayout, group=None) -> torch.Tensor:
+    """(B, Tp*S, C) frames layout -> (B, T*Sp, C) tokens layout (one all-to-all)."""
+    return _FramesToTokens.apply(x, lay, group)
+
+
+def tokens_to_frames(x: torch.Tensor, lay: SeqLayout, group=None) -> torch.Tensor:
+    """(B, T*Sp, C) tokens layout -> (B, Tp*S, C) frames layout (one all-to-all)."""
+    return _TokensToFrames.apply(x, lay, group)
+
+
+def split_frames(x: torch.Tensor, lay: SeqLayout) -> torch.Tensor:
+    """A full (B, T*S, C) tensor every rank holds -> this rank's (B, Tp*S, C) frames (no communication;
+    the backward puts the gradient of this rank's frames in place and zeros elsewhere)."""
+    B, _, C = x.shape
+    x = x.view(B, lay.T, lay.S, C)
+    pad = lay.world * lay.Tp - lay.T
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+    return x[:, lay.rank * lay.Tp : (lay.rank + 1) * lay.Tp].reshape(B, lay.Tp * lay.S, C)
+
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lay, group):
+        ctx.lay = lay
+        B, _, D = x.shape
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(lay.world)]
+        dist.all_gather(parts, x, group=group)
+        parts = torch.stack(parts)
+        full = parts.view(lay.world, B, lay.T, lay.Sp, D).permute(1, 2, 0, 3, 4)
+        return full.reshape(B, lay.T, lay.world * lay.Sp, D)[:, :, : lay.S].reshape(B, lay.T * lay.S, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        lay = ctx.lay
+        B, _, D = g.shape
+        g = F.pad(g.view(B, lay.T, lay.S, D), (0, 0, 0, lay.world * lay.Sp - lay.S))
+        return g[:, :, lay.rank * lay.Sp : (lay.rank + 1) * lay.Sp].reshape(B, lay.T * lay.Sp, D), None, None
+
+
+def gather_tokens(x: torch.Tensor, lay: SeqLayout, group=None) -> torch.Tensor:
+    """This rank's (B, T*Sp, D) tokens layout -> the full (B, T*S, D) on every rank (one all-gather)."""
+    return _GatherTokens.apply(x, lay, group)
+
+
+def all_reduce_grads(module: torch.nn.Module, group=None) -> None:
+    """Sum every parameter gradient over the sequence-parallel group (see the module docstring)."""
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def enable_sequence_parallel(model, group=None):
+    """Run ``model`` (an STDiT3) sequence-parallel over ``group`` (default: the world group); every rank
+    of the group must call the model with the same inputs. Returns the model."""
+    if not dist.is_initialized():
+        raise RuntimeError("enable_sequence_parallel needs torch.distributed initialised (torchrun)")
+    model.sp_group = group if group is not None else dist.group.WORLD
+    return model
+
+
+__all__ = [
+    "SeqLayout",
+    "all_reduce_grads",
+    "enable_sequence_parallel",
+    "frames_to_tokens",
+    "gather_tokens",
+    "split_frames",
+    "tokens_to_frames",
+]

@@ -186,10 +186,17 @@ def _sample(args) -> int:
         reference=args.reference,
         reference_frames=args.reference_frames,
     )
-    paths = generate(opts)
-    print(f"{len(paths)} file(s) in {args.out_dir}:")
-    for path in paths:
-        print(f"  {path}")
+    try:
+        paths = generate(opts)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # torchrun: sequence-parallel sampling
+            dist.destroy_process_group()
+    if paths:  # under torchrun only rank 0 writes
+        print(f"{len(paths)} file(s) in {args.out_dir}:")
+        for path in paths:
+            print(f"  {path}")
     return 0
 
 

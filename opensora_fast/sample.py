@@ -180,7 +180,11 @@ def reference_latents(opts: SampleOptions, vae, lat_frames: int, device, dtype) 
 
 
 def generate(opts: SampleOptions) -> list[str]:
-    """Sample one clip per prompt (prompt i uses seed + i); returns the written file paths."""
+    """Sample one clip per prompt (prompt i uses seed + i); returns the written file paths.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank runs the same sampling with the STDiT3 sequence-parallel
+    over all ranks (``opensora_fast.parallel``); rank 0 decodes and writes the files (other ranks return
+    an empty list)."""
     from opensora_fast.io import write_video
     from opensora_fast.models.stdit3 import STDiT3
     from opensora_fast.rflow import RFlow
@@ -189,6 +193,13 @@ def generate(opts: SampleOptions) -> list[str]:
     model_path = require_path(opts.model, "--model", "the STDiT3 weights (a directory with config.json)")
     vae_path = require_path(opts.vae, "--vae", "the VAE weights")
     t5_path = require_path(opts.t5, "--t5", "the T5 encoder directory")
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from opensora_fast.train import init_distributed
+
+        rank, world, dev = init_distributed()
+        opts.device = opts.device or str(dev)
+        opts.progress = opts.progress and rank == 0
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
     if device.type == "cpu":
@@ -198,6 +209,13 @@ def generate(opts: SampleOptions) -> list[str]:
     vae = load_vae(vae_path, device=device, dtype=dtype)
     text = T5TextEncoder(t5_path, model_max_length=model.config.model_max_length, device=device)
     check_compatible(model, vae, text.output_dim)
+    if world > 1:
+        from opensora_fast.parallel import enable_sequence_parallel
+
+        enable_sequence_parallel(model)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    if world > 1:
+        say(f"STDiT3 sequence-parallel over {world} processes ({device.type})", flush=True)
 
     H, W = opts.size()
     T = opts.frames()
@@ -215,7 +233,7 @@ def generate(opts: SampleOptions) -> list[str]:
         cond_mask = torch.ones(1, lat[0], device=device)
         cond_mask[:, : ref.shape[2]] = 0.0
         cond = dict(cond_mask=cond_mask)
-        print(f"conditioning on {opts.reference!r}: {ref.shape[2]} of {lat[0]} latent frames", flush=True)
+        say(f"conditioning on {opts.reference!r}: {ref.shape[2]} of {lat[0]} latent frames", flush=True)
     os.makedirs(opts.out_dir, exist_ok=True)
     paths = []
     for i, prompt in enumerate(opts.prompts):
@@ -225,7 +243,7 @@ def generate(opts: SampleOptions) -> list[str]:
             z[:, :, : ref.shape[2]] = ref
         enc = text.encode(append_score([prompt], opts.aes))
         y, mask = enc["y"].to(dtype), enc["mask"]
-        print(
+        say(
             f"[{i + 1}/{len(opts.prompts)}] {prompt!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}",
             flush=True,
         )
@@ -240,6 +258,8 @@ def generate(opts: SampleOptions) -> list[str]:
             **size_args,
             **cond,
         )
+        if rank != 0:
+            continue
         video = vae.decode(z.to(dtype), num_frames=T)[0]  # (3, T, H', W')
         base = os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}")
         if T == 1:

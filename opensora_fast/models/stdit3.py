@@ -385,7 +385,9 @@ class STDiT3(nn.Module):
         **kwargs,
     ):
         """Open-Sora 1.2's STDiT3.forward. ``velocity_only=True`` returns only the first
-        ``in_channels`` output channels (the velocity), computing only those in the final linear."""
+        ``in_channels`` output channels (the velocity), computing only those in the final linear.
+        After ``opensora_fast.parallel.enable_sequence_parallel(model)`` the blocks run sequence-parallel
+        over the group (every rank passes the same inputs and gets the full output)."""
         if fps is None or height is None or width is None:
             raise ValueError(
                 "fps, height and width (pixel sizes, tensors (B,)) are required, as in Open-Sora"

@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--fsdp", action="store_true", help="FSDP2 even with one process (default: when WORLD_SIZE > 1)"
     )
     t.add_argument("--fsdp-mode", default="zero2", choices=("zero2", "zero3"))
+    t.add_argument(
+        "--sp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="sequence parallel: groups of N ranks share each sample (world size / N data-parallel groups)",
+    )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_train)
 

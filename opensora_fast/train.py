@@ -14,7 +14,10 @@ uninterrupted run exactly. A checkpoint ``step-XXXXXXXX/`` holds ``config.json``
 ``train_state.pt`` (step and optimizer state, read with ``weights_only=True``); it is written to a
 temporary directory and renamed into place, and the file ``latest`` names the newest.
 
-With WORLD_SIZE > 1 (or ``fsdp=True``) every block and then the whole model are wrapped with
+With ``sp_size`` > 1, groups of that many consecutive ranks share each sample, sequence-parallel
+(``opensora_fast.parallel``: same data and random draws within a group, gradients summed over it); the
+world size / sp_size groups are data parallel. With more than one data-parallel group (or
+``fsdp=True``) every block and then the whole model are wrapped with
 ``torch.distributed.fsdp.fully_shard``; ``reshard_after_forward=False`` (the default, ``fsdp_mode="zero2"``)
 keeps parameters gathered between forward and backward like ZeRO-2, ``"zero3"`` reshards them.
 """
@@ -54,8 +57,9 @@ class DiTTrainConfig:
     seed: int = 42
     log_every: int = 10
     ckpt_every: int = 200
-    fsdp: bool | None = None  # None: when WORLD_SIZE > 1
+    fsdp: bool | None = None  # None: when there is more than one data-parallel group
     fsdp_mode: str = "zero2"  # "zero2": reshard_after_forward=False; "zero3": True
+    sp_size: int = 1  # sequence parallel: groups of sp_size ranks share each sample (opensora_fast.parallel)
     cache_latents: bool = False  # encode each clip once with the posterior mode (no VAE sampling)
     sample_method: str = "logit-normal"
     use_timestep_transform: bool = True
@@ -68,7 +72,7 @@ class DiTTrainConfig:
             raise ValueError(f"dtype must be 'bf16', 'fp16' or 'fp32', got {self.dtype!r}")
         if self.fsdp_mode not in ("zero2", "zero3"):
             raise ValueError(f"fsdp_mode must be 'zero2' or 'zero3', got {self.fsdp_mode!r}")
-        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "sp_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0:
@@ -113,15 +117,39 @@ def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device
     return rank, world, device
 
 
-def shard_model(model: torch.nn.Module, mode: str = "zero2") -> torch.nn.Module:
-    """FSDP2: each spatial/temporal block is one unit, the rest (embedders, final layer) the root's."""
+def shard_model(model: torch.nn.Module, mode: str = "zero2", mesh=None) -> torch.nn.Module:
+    """FSDP2: each spatial/temporal block is one unit, the rest (embedders, final layer) the root's.
+    ``mesh``: the (1-D) data-parallel device mesh to shard over (default: every rank)."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = mode == "zero3"
     for blk in [*model.spatial_blocks, *model.temporal_blocks]:
-        fully_shard(blk, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)
+        fully_shard(blk, reshard_after_forward=reshard, mesh=mesh)
+    fully_shard(model, reshard_after_forward=reshard, mesh=mesh)
     return model
+
+
+def parallel_groups(world: int, sp_size: int, device: torch.device):
+    """(dp_rank, dp_size, dp_mesh, sp_group) for ``world`` ranks in a (world / sp_size, sp_size) mesh:
+    consecutive ranks share a sample (sequence parallel), ranks sp_size apart see different data."""
+    if sp_size == 1:
+        return (dist.get_rank() if _is_dist() else 0), world, None, None
+    if not _is_dist():
+        raise RuntimeError(f"sp_size={sp_size} needs a process group (run under torchrun)")
+    if world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the world size {world}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return mesh["dp"].get_local_rank(), world // sp_size, mesh["dp"], mesh["sp"].get_group()
+
+
+def _sum_grads(params, group) -> None:
+    """Sequence parallel: each rank's gradients cover its own tokens; their sum is the sample's."""
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(g, group=group)
 
 
 def _is_dist() -> bool:
@@ -272,7 +300,8 @@ def train_dit(
     rank, world, dev = init_distributed() if device is None else (0, 1, torch.device(device))
     if _is_dist():
         rank, world = dist.get_rank(), dist.get_world_size()
-    use_fsdp = cfg.fsdp if cfg.fsdp is not None else world > 1
+    dp_rank, dp, dp_mesh, sp_group = parallel_groups(world, cfg.sp_size, dev)
+    use_fsdp = cfg.fsdp if cfg.fsdp is not None else dp > 1
     if use_fsdp and not _is_dist():
         raise RuntimeError("fsdp=True needs a process group (run under torchrun, or init one first)")
 
@@ -290,8 +319,12 @@ def train_dit(
 
     model.config.grad_checkpoint = cfg.grad_checkpoint
     model.to(dev).train()
+    if sp_group is not None:
+        from opensora_fast.parallel import enable_sequence_parallel
+
+        enable_sequence_parallel(model, sp_group)
     if use_fsdp:
-        shard_model(model, cfg.fsdp_mode)
+        shard_model(model, cfg.fsdp_mode, dp_mesh)
     ema = init_ema(model)
     if ema_sd is not None:
         load_ema(ema, ema_sd)
@@ -317,7 +350,7 @@ def train_dit(
         with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
             return vae.encode(video.to(dev, vae.dtype), sample=sample, generator=generator).float()
 
-    batches = bucket_batches(dataset, cfg.batch_size, cfg.seed, rank, world)
+    batches = bucket_batches(dataset, cfg.batch_size, cfg.seed, dp_rank, dp)  # one sample set per sp group
     for _ in range(start):  # batches the resumed run already consumed
         next(batches)
     if log_path and rank == 0:
@@ -332,7 +365,7 @@ def train_dit(
         for step in bar:
             t0 = time.perf_counter()
             idx = next(batches)
-            seed = _step_seed(cfg.seed, step, rank)
+            seed = _step_seed(cfg.seed, step, dp_rank)  # the same draws on the ranks of an sp group
             torch.manual_seed(seed)  # caption dropout (CaptionEmbedder) draws from the global RNG
             g_cpu = torch.Generator().manual_seed(seed)
             g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
@@ -366,6 +399,8 @@ def train_dit(
                 raise FloatingPointError(f"STDiT3 loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if sp_group is not None:
+                _sum_grads(params, sp_group)
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
             optimizer.step()
             update_ema(ema, model, cfg.ema_decay)
@@ -375,15 +410,13 @@ def train_dit(
                 dist.all_reduce(lv)
                 lv = lv / world
             dt = time.perf_counter() - t0
-            tokens = (
-                B * z.shape[2] * math.ceil(z.shape[3] / patch[1]) * math.ceil(z.shape[4] / patch[2]) * world
-            )
+            tokens = B * z.shape[2] * math.ceil(z.shape[3] / patch[1]) * math.ceil(z.shape[4] / patch[2]) * dp
             rec = {
                 "step": step + 1,
                 "loss": float(lv),
                 "lr": cfg.lr_at(step),
                 "grad_norm": float(_full(gn)),
-                "samples_per_s": B * world / dt,
+                "samples_per_s": B * dp / dt,
                 "tokens_per_s": tokens / dt,
                 "shape": [T, H, W],
             }
@@ -466,6 +499,7 @@ def run_train(args) -> int:
             ckpt_every=args.ckpt_every,
             fsdp=True if args.fsdp else None,
             fsdp_mode=args.fsdp_mode,
+            sp_size=args.sp,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -499,7 +533,10 @@ def run_train(args) -> int:
                 default=str,
             )
         n = sum(p.numel() for p in model.parameters())
-        print(f"STDiT3 {n / 1e6:.2f}M parameters, {len(dataset)} clips, world size {world}, device {device}")
+        print(
+            f"STDiT3 {n / 1e6:.2f}M parameters, {len(dataset)} clips, world size {world} "
+            f"(sequence parallel {cfg.sp_size}), device {device}"
+        )
     res = train_dit(
         cfg,
         dataset,

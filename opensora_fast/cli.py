@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--fsdp-mode", default="zero2", choices=("zero2", "zero3"))
     t.add_argument(
+        "--device", help="cuda / cpu (default: cuda when every local process gets a GPU, else cpu)"
+    )
+    t.add_argument(
         "--sp",
         type=int,
         default=1,

@@ -197,8 +197,8 @@ def generate(opts: SampleOptions) -> list[str]:
     if world > 1:
         from opensora_fast.train import init_distributed
 
-        rank, world, dev = init_distributed()
-        opts.device = opts.device or str(dev)
+        rank, world, dev = init_distributed(device=opts.device)
+        opts.device = str(dev)
         opts.progress = opts.progress and rank == 0
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]

@@ -102,13 +102,25 @@ class TrainResult:
 # distributed
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+def init_distributed(backend: str | None = None, device: str | None = None) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's environment; starts the process group when
-    WORLD_SIZE is set and none is running (nccl on CUDA, gloo on CPU)."""
+    WORLD_SIZE is set and none is running (nccl on CUDA, gloo on CPU).
+
+    ``device`` "cpu" or "cuda" forces the kind; by default CUDA (one GPU per local rank) when this node
+    has a GPU for every local process, else the CPU for all of them (e.g. 2 processes on a 1-GPU
+    machine): every rank of a node must pick the same kind, or the group's collectives cannot meet."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device is None:
+        cuda = torch.cuda.is_available() and local_world <= torch.cuda.device_count()
+    else:
+        cuda = torch.device(device).type == "cuda"
+        if cuda and local_world > torch.cuda.device_count():
+            raise RuntimeError(
+                f"device={device!r}: {local_world} processes on this node but {torch.cuda.device_count()} GPU(s)"
+            )
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -509,7 +521,7 @@ def run_train(args) -> int:
         if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
             raise UsageError(f"--resume: no checkpoint in {ckpt_dir!r}")
         resume = ckpt_dir
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(device=args.device)
     dataset = VideoTextDataset(
         require_path(args.data, "--data", "the data CSV"), args.buckets, fps=args.data_fps
     )

@@ -191,7 +191,7 @@ def test_sample_under_torchrun_is_sequence_parallel_and_identical(weights, tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["sample", "a red circle", *weight_args(weights), "--image-size", "16x16", "--num-frames", "17",
-            "--steps", "3", "--seed", "3", "--no-progress"]  # fmt: skip
+            "--steps", "3", "--seed", "3", "--no-progress", "--device", "cpu"]  # fmt: skip
     assert cli.main([*args, "--out-dir", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "opensora_fast.cli", *args, "--out-dir", str(tmp_path / "two")]  # fmt: skip

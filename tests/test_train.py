@@ -188,6 +188,8 @@ def test_torchrun_two_processes_fsdp2_exact_resume(tmp_path):
         "--ckpt-every",
         "2",
         "--no-progress",
+        "--device",
+        "cpu",  # also on a GPU machine: 2 processes need 2 GPUs
     ]
 
     def torchrun(*extra):
@@ -273,7 +275,7 @@ def test_torchrun_sequence_parallel_training(tmp_path):
     d = str(tmp_path)
     args = ["train", "--data", f"{d}/data/data.csv", "--vae", f"{d}/vae", "--t5", f"{d}/t5", "--model-config",
             "tiny", "--buckets", "9x16x16", "--batch-size", "2", "--lr", "1e-3", "--warmup-steps", "2",
-            "--ckpt-every", "2", "--mask-ratios", "stage3", "--no-progress"]  # fmt: skip
+            "--ckpt-every", "2", "--mask-ratios", "stage3", "--no-progress", "--device", "cpu"]  # fmt: skip
 
     def torchrun(*extra, nproc=2, sp=2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
@@ -296,3 +298,20 @@ def test_torchrun_sequence_parallel_training(tmp_path):
     torchrun("--steps", "3", "--out-dir", f"{d}/dp2", sp=1)
     torchrun("--steps", "3", "--out-dir", f"{d}/dp2sp2", nproc=4)
     assert losses("dp2sp2") == pytest.approx(losses("dp2"), rel=1e-4) and losses("dp2") != losses("one")
+
+
+def test_init_distributed_device_choice(monkeypatch):
+    """CUDA only when every local process gets its own GPU; otherwise the CPU for all of them."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # no process group is started
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert T.init_distributed()[2] == torch.device("cpu")  # 2 processes, 1 GPU
+    with pytest.raises(RuntimeError, match="2 processes on this node but 1 GPU"):
+        T.init_distributed(device="cuda")
+    assert T.init_distributed(device="cpu")[2] == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert T.init_distributed()[2] == torch.device("cuda:0")

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--reference-frames", type=int, default=1, metavar="N", help="use the first N frames of --reference"
     )
+    s.add_argument(
+        "--no-cfg-parallel",
+        action="store_true",
+        help="under torchrun: sequence-parallel only (default with an even process count: the CFG pair over 2 "
+        "groups of processes, each sequence-parallel)",
+    )
     s.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     s.add_argument("--out-dir", default="samples")
     s.add_argument("--no-progress", action="store_true")
@@ -195,6 +201,7 @@ def _sample(args) -> int:
         progress=not args.no_progress,
         reference=args.reference,
         reference_frames=args.reference_frames,
+        cfg_parallel=not args.no_cfg_parallel,
     )
     try:
         paths = generate(opts)

@@ -156,6 +156,49 @@ def gather_tokens(x: torch.Tensor, lay: SeqLayout, group=None) -> torch.Tensor:
     return _GatherTokens.apply(x, lay, group)
 
 
+class _GatherBatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, rank):
+        ctx.rank, ctx.n = rank, x.shape[0]
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None, None
+
+
+def _batch_slice(v, B: int, sl: slice, name: str):
+    """v's share of the batch: tensors / lists with B rows are sliced; scalars, None and one-row tensors
+    (broadcast over the batch, e.g. a text mask shared by the CFG pair) are kept."""
+    if v is None or isinstance(v, (int, float)):
+        return v
+    n = v.shape[0] if torch.is_tensor(v) and v.dim() > 0 else (len(v) if isinstance(v, (list, tuple)) else None)
+    if n is None or n == 1:
+        return v
+    if n != B:
+        raise ValueError(f"batch parallel: {name} has {n} rows for a batch of {B}; expected {B} or 1")
+    return v[sl]
+
+
+def batch_parallel_forward(forward, group, x, timestep, y, mask=None, x_mask=None, fps=None, height=None,
+                           width=None, **kwargs):  # fmt: skip
+    """Run ``forward`` (an STDiT3 forward) on this rank's share of the batch and all-gather the outputs
+    (the backward keeps this rank's rows). With classifier-free guidance the batch is the (cond, uncond)
+    pair, so 2 ranks each run one half with no activation communication at all."""
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    B = x.shape[0]
+    if B % n:
+        raise ValueError(f"batch parallel over {n} ranks needs a batch divisible by {n}, got {B}")
+    sl = slice(r * (B // n), (r + 1) * (B // n))
+    args = dict(mask=mask, x_mask=x_mask, fps=fps, height=height, width=width)
+    local = {k: _batch_slice(v, B, sl, k) for k, v in args.items()}
+    out = forward(x[sl], _batch_slice(timestep, B, sl, "timestep"), _batch_slice(y, B, sl, "y"), **local, **kwargs)
+    return _GatherBatch.apply(out, group, r)
+
+
 def all_reduce_grads(module: torch.nn.Module, group=None) -> None:
     """Sum every parameter gradient over the sequence-parallel group (see the module docstring)."""
     for p in module.parameters():
@@ -172,10 +215,39 @@ def enable_sequence_parallel(model, group=None):
     return model
 
 
+def enable_batch_parallel(model, group=None):
+    """Split every call's batch over ``group`` (default: the world group) and all-gather the outputs; e.g.
+    the CFG (cond, uncond) pair over 2 ranks. Combines with ``enable_sequence_parallel`` on another
+    group (a (batch, sequence) mesh). Every rank of the group passes the same inputs. Returns the model."""
+    if not dist.is_initialized():
+        raise RuntimeError("enable_batch_parallel needs torch.distributed initialised (torchrun)")
+    model.bp_group = group if group is not None else dist.group.WORLD
+    return model
+
+
+def parallel_mesh(world: int, batch: int = 1):
+    """(batch_group, sequence_group) of a (batch, world / batch) device mesh over the world group; either
+    is None when its size is 1. ``batch`` 2 for CFG-parallel sampling."""
+    if world % batch:
+        raise ValueError(f"batch-parallel size {batch} must divide the world size {world}")
+    if batch == 1:
+        return None, (dist.group.WORLD if world > 1 else None)
+    if batch == world:
+        return dist.group.WORLD, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(dev, (batch, world // batch), mesh_dim_names=("batch", "seq"))
+    return mesh["batch"].get_group(), mesh["seq"].get_group()
+
+
 __all__ = [
     "SeqLayout",
     "all_reduce_grads",
+    "batch_parallel_forward",
+    "enable_batch_parallel",
     "enable_sequence_parallel",
+    "parallel_mesh",
     "frames_to_tokens",
     "gather_tokens",
     "split_frames",

@@ -103,6 +103,7 @@ class SampleOptions:
     dtype: str = "bf16"  # on CUDA; the CPU runs fp32
     progress: bool = True
     reference: str | None = None  # image or video whose first frames every clip starts from
+    cfg_parallel: bool = True  # under torchrun with an even world: the CFG pair over 2 rank groups
     reference_frames: int = 1  # how many of its frames (pixel frames; an image has 1)
 
     def __post_init__(self):
@@ -182,8 +183,10 @@ def reference_latents(opts: SampleOptions, vae, lat_frames: int, device, dtype) 
 def generate(opts: SampleOptions) -> list[str]:
     """Sample one clip per prompt (prompt i uses seed + i); returns the written file paths.
 
-    Under ``torchrun`` (WORLD_SIZE > 1) every rank runs the same sampling with the STDiT3 sequence-parallel
-    over all ranks (``opensora_fast.parallel``); rank 0 decodes and writes the files (other ranks return
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank runs the same sampling loop and the STDiT3 is split over
+    the ranks (``opensora_fast.parallel``): with an even world and ``cfg_parallel`` the (cond, uncond) pair
+    over 2 groups of ranks (no activation traffic) and each group sequence-parallel over its world / 2
+    ranks; otherwise sequence-parallel over all. Rank 0 decodes and writes the files (other ranks return
     an empty list)."""
     from opensora_fast.io import write_video
     from opensora_fast.models.stdit3 import STDiT3
@@ -209,13 +212,18 @@ def generate(opts: SampleOptions) -> list[str]:
     vae = load_vae(vae_path, device=device, dtype=dtype)
     text = T5TextEncoder(t5_path, model_max_length=model.config.model_max_length, device=device)
     check_compatible(model, vae, text.output_dim)
-    if world > 1:
-        from opensora_fast.parallel import enable_sequence_parallel
-
-        enable_sequence_parallel(model)
     say = print if rank == 0 else (lambda *a, **k: None)
     if world > 1:
-        say(f"STDiT3 sequence-parallel over {world} processes ({device.type})", flush=True)
+        from opensora_fast.parallel import enable_batch_parallel, enable_sequence_parallel, parallel_mesh
+
+        bp = 2 if opts.cfg_parallel and world % 2 == 0 else 1
+        batch_group, seq_group = parallel_mesh(world, bp)
+        if batch_group is not None:
+            enable_batch_parallel(model, batch_group)
+        if seq_group is not None:
+            enable_sequence_parallel(model, seq_group)
+        say(f"STDiT3 over {world} processes ({device.type}): CFG-parallel {bp} x sequence-parallel {world // bp}",
+            flush=True)  # fmt: skip
 
     H, W = opts.size()
     T = opts.frames()

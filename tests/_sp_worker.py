@@ -1,7 +1,8 @@
 """Run by tests/test_parallel.py under ``torchrun --nproc_per_node P`` (CPU, gloo): a tiny STDiT3 run
 sequence-parallel against the same model in one process, forward and backward; rank 0 writes the
 errors to the JSON file named by argv[1]. argv[2]: "T,H,W" latent size; argv[3]: "kernels" to run the
-Triton kernels (interpreter) instead of the PyTorch reference path."""
+Triton kernels (interpreter) instead of the PyTorch reference path; argv[4] (optional): the batch-parallel
+size (the batch of 2 split over that many ranks, sequence parallel over the rest)."""
 
 import json
 import os
@@ -16,8 +17,13 @@ else:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import opensora_fast.models.stdit3 as M  # noqa: E402
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config  # noqa: E402
-from opensora_fast.parallel import all_reduce_grads, enable_sequence_parallel  # noqa: E402
+from opensora_fast.parallel import (  # noqa: E402
+    enable_batch_parallel,
+    enable_sequence_parallel,
+    parallel_mesh,
+)
 
 
 def main():
@@ -30,10 +36,17 @@ def main():
     single = STDiT3(cfg).eval()  # eval: no caption dropout; gradients still flow
     par = STDiT3(cfg).eval()
     par.load_state_dict(single.state_dict())
-    enable_sequence_parallel(par)
-    calls = []
+    bp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    batch_group, seq_group = parallel_mesh(dist.get_world_size(), bp)
+    if batch_group is not None:
+        enable_batch_parallel(par, batch_group)
+    if seq_group is not None:
+        enable_sequence_parallel(par, seq_group)
+    calls, bp_calls = [], []
     sp_forward = par._forward_sequence_parallel
     par._forward_sequence_parallel = lambda *a, **k: calls.append(1) or sp_forward(*a, **k)
+    bp_forward = M.batch_parallel_forward
+    M.batch_parallel_forward = lambda *a, **k: bp_calls.append(1) or bp_forward(*a, **k)
 
     g = torch.Generator().manual_seed(1)
     B = 2
@@ -52,7 +65,9 @@ def main():
     out_p = par(xp, t, y, **args)
     (out_s * go).sum().backward()
     (out_p * go).sum().backward()
-    all_reduce_grads(par)
+    for q in par.parameters():  # each rank's gradients cover its own tokens / samples: their sum is the whole
+        if q.grad is not None:
+            dist.all_reduce(q.grad)
     dist.all_reduce(xp.grad)
     grad_err = max(
         (ps.grad - pp.grad).abs().max().item() / (ps.grad.abs().max().item() + 1e-30)
@@ -67,6 +82,7 @@ def main():
         "grad_rel_err": grad_err,
         "n_grads": sum(p.grad is not None for p in par.parameters()),
         "sp_calls": len(calls),
+        "bp_calls": len(bp_calls),
     }
     if rank == 0:
         with open(sys.argv[1], "w") as f:

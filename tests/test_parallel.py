@@ -1,6 +1,6 @@
-"""Sequence parallelism (opensora_fast.parallel): STDiT3 run over 2-3 CPU processes (gloo) equals the
-same model in one process, outputs and gradients, including uneven splits, an image (T = 1), a
-conditioning frame (x_mask) and the Triton kernels (interpreter)."""
+"""Sequence and batch parallelism (opensora_fast.parallel): STDiT3 run over 2-4 CPU processes (gloo)
+equals the same model in one process, outputs and gradients, including uneven splits, an image (T = 1), a
+conditioning frame (x_mask), the Triton kernels (interpreter) and a (batch 2 x sequence 2) mesh."""
 
 import json
 import os
@@ -23,23 +23,26 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    "nproc,size,path",
+    "nproc,size,path,bp",
     [
-        (2, "3,6,10", "reference"),  # T 3 over 2 ranks (a padded frame), S 15 (a padded position)
-        (3, "5,4,6", "reference"),  # 3 ranks: T 5 -> 2 + 2 + 1 padded, S 6 -> 2 each
-        (2, "1,6,10", "reference"),  # an image: rank 1 holds only a padding frame
-        (2, "3,6,10", "kernels"),  # the Triton kernels under the interpreter
+        (2, "3,6,10", "reference", 1),  # T 3 over 2 ranks (a padded frame), S 15 (a padded position)
+        (3, "5,4,6", "reference", 1),  # 3 ranks: T 5 -> 2 + 2 + 1 padded, S 6 -> 2 each
+        (2, "1,6,10", "reference", 1),  # an image: rank 1 holds only a padding frame
+        (2, "3,6,10", "kernels", 1),  # the Triton kernels under the interpreter
+        (2, "3,6,10", "reference", 2),  # batch parallel (the CFG pair split): no sequence parallelism
+        (4, "3,6,10", "reference", 2),  # batch 2 x sequence 2
     ],
 )
-def test_sequence_parallel_equals_one_process(tmp_path, nproc, size, path):
+def test_parallel_equals_one_process(tmp_path, nproc, size, path, bp):
     out = tmp_path / "sp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), WORKER, str(out), size, path]  # fmt: skip
+           str(_free_port()), WORKER, str(out), size, path, str(bp)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["world"] == nproc and res["sp_calls"] == 1  # the sequence-parallel path ran
+    # the parallel paths ran: batch-parallel once when bp > 1, sequence-parallel when nproc / bp > 1
+    assert res["world"] == nproc and res["bp_calls"] == int(bp > 1) and res["sp_calls"] == int(nproc > bp)
     assert res["out_err"] <= 1e-5 * res["out_scale"]
     assert res["dx_err"] <= 1e-5
     assert res["n_grads"] > 40 and res["grad_rel_err"] <= 1e-5  # all-reduced parameter gradients

@@ -36,7 +36,14 @@ from opensora_fast.models.layers import (
     cross_attention_forward,
     pos_embed_2d,
 )
-from opensora_fast.parallel import SeqLayout, frames_to_tokens, gather_tokens, split_frames, tokens_to_frames
+from opensora_fast.parallel import (
+    SeqLayout,
+    batch_parallel_forward,
+    frames_to_tokens,
+    gather_tokens,
+    split_frames,
+    tokens_to_frames,
+)
 
 
 @dataclass
@@ -387,11 +394,20 @@ class STDiT3(nn.Module):
         """Open-Sora 1.2's STDiT3.forward. ``velocity_only=True`` returns only the first
         ``in_channels`` output channels (the velocity), computing only those in the final linear.
         After ``opensora_fast.parallel.enable_sequence_parallel(model)`` the blocks run sequence-parallel
-        over the group (every rank passes the same inputs and gets the full output)."""
+        over the group, after ``enable_batch_parallel`` each rank of that group runs a share of the batch
+        (every rank passes the same inputs and gets the full output)."""
         if fps is None or height is None or width is None:
             raise ValueError(
                 "fps, height and width (pixel sizes, tensors (B,)) are required, as in Open-Sora"
             )
+        bp = getattr(self, "bp_group", None)
+        if bp is not None and dist.get_world_size(bp) > 1 and not getattr(self, "_bp_inner", False):
+            self._bp_inner = True
+            try:
+                return batch_parallel_forward(self.forward, bp, x, timestep, y, mask, x_mask, fps, height, width,
+                                              velocity_only=velocity_only, **kwargs)  # fmt: skip
+            finally:
+                self._bp_inner = False
         dtype = self.x_embedder.proj.weight.dtype
         B = x.shape[0]
         x, timestep, y = x.to(dtype), timestep.to(dtype), y.to(dtype)

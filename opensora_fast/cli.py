@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="under torchrun: sequence-parallel only (default with an even process count: the CFG pair over 2 "
         "groups of processes, each sequence-parallel)",
     )
+    s.add_argument(
+        "--sp-mode", default="dsp", choices=("dsp", "ulysses", "fastseq"), help="under torchrun: the sequence-"
+        "parallel scheme (dsp: a layout switch per block; ulysses: Open-Sora's; fastseq: OpenDiT's)"
+    )
     s.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     s.add_argument("--out-dir", default="samples")
     s.add_argument("--no-progress", action="store_true")
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--device", help="cuda / cpu (default: cuda when every local process gets a GPU, else cpu)"
     )
+    t.add_argument("--sp-mode", default="dsp", choices=("dsp", "ulysses", "fastseq"), help="with --sp > 1")
     t.add_argument(
         "--sp",
         type=int,
@@ -202,6 +207,7 @@ def _sample(args) -> int:
         reference=args.reference,
         reference_frames=args.reference_frames,
         cfg_parallel=not args.no_cfg_parallel,
+        sp_mode=args.sp_mode,
     )
     try:
         paths = generate(opts)

@@ -120,6 +120,90 @@ def tokens_to_frames(x: torch.Tensor, lay: SeqLayout, group=None) -> torch.Tenso
     return _TokensToFrames.apply(x, lay, group)
 
 
+# ---- Ulysses / FastSeq: tokens layout throughout, spatial attention over heads -------------------------
+
+
+def _seq_to_heads(x: torch.Tensor, lay: SeqLayout, group, parts: int) -> torch.Tensor:
+    """(B, T*Sp, parts*H*D) tokens layout, columns [part 0 heads | part 1 heads | ...] -> (B, T*S,
+    parts*(H/p)*D): all S positions for this rank's H/p heads of every part (one all-to-all)."""
+    B, _, W = x.shape
+    p, Sp = lay.world, lay.Sp
+    x = x.view(B, lay.T, Sp, parts, p, W // (parts * p))
+    x = _all_to_all(x.permute(4, 0, 1, 2, 3, 5), group)  # (p: source S chunk, B, T, Sp, parts, hd)
+    x = x.permute(1, 2, 0, 3, 4, 5).reshape(B, lay.T, p * Sp, W // p)[:, :, : lay.S]
+    return x.reshape(B, lay.T * lay.S, W // p)
+
+
+def _heads_to_seq(x: torch.Tensor, lay: SeqLayout, group, parts: int) -> torch.Tensor:
+    """The inverse of ``_seq_to_heads``: (B, T*S, parts*(H/p)*D) -> (B, T*Sp, parts*H*D)."""
+    B, _, w = x.shape
+    p, Sp = lay.world, lay.Sp
+    x = F.pad(x.view(B, lay.T, lay.S, w), (0, 0, 0, p * Sp - lay.S))
+    x = x.view(B, lay.T, p, Sp, parts, w // parts).permute(2, 0, 1, 3, 4, 5)  # (p: dest S chunk, ...)
+    x = _all_to_all(x, group)  # (p: source head group, B, T, Sp, parts, w / parts)
+    return x.permute(1, 2, 3, 4, 0, 5).reshape(B, lay.T * Sp, w * p)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lay, group, parts):
+        ctx.args = (lay, group, parts)
+        return _seq_to_heads(x, lay, group, parts)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _heads_to_seq(g.contiguous(), *ctx.args), None, None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lay, group, parts):
+        ctx.args = (lay, group, parts)
+        return _heads_to_seq(x, lay, group, parts)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _seq_to_heads(g.contiguous(), *ctx.args), None, None, None
+
+
+def seq_to_heads(x: torch.Tensor, lay: SeqLayout, group=None, parts: int = 1) -> torch.Tensor:
+    """Ulysses: this rank's token positions of all heads -> all positions of this rank's heads."""
+    return _SeqToHeads.apply(x, lay, group, parts)
+
+
+def heads_to_seq(x: torch.Tensor, lay: SeqLayout, group=None, parts: int = 1) -> torch.Tensor:
+    """Ulysses: all positions of this rank's heads -> this rank's token positions of all heads."""
+    return _HeadsToSeq.apply(x, lay, group, parts)
+
+
+class _AllGatherTokens(torch.autograd.Function):
+    """(B, T*Sp, C) -> (B, T*S, C) on every rank; backward: the sum of every rank's gradient for this
+    rank's positions (all-reduce, then keep this rank's part: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, lay, group):
+        ctx.lay, ctx.group = lay, group
+        return _GatherTokens.forward(ctx, x, lay, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return _GatherTokens.backward(ctx, g)[0], None, None
+
+
+def all_gather_tokens(x: torch.Tensor, lay: SeqLayout, group=None) -> torch.Tensor:
+    """FastSeq: every rank gets all tokens (B, T*S, C) of its (B, T*Sp, C) share; gradients summed back."""
+    return _AllGatherTokens.apply(x, lay, group)
+
+
+def split_tokens(x: torch.Tensor, lay: SeqLayout) -> torch.Tensor:
+    """A full (B, T*S, C) tensor every rank holds -> this rank's (B, T*Sp, C) token positions (padded)."""
+    B, _, C = x.shape
+    x = F.pad(x.view(B, lay.T, lay.S, C), (0, 0, 0, lay.world * lay.Sp - lay.S))
+    return x[:, :, lay.rank * lay.Sp : (lay.rank + 1) * lay.Sp].reshape(B, lay.T * lay.Sp, C)
+
+
 def split_frames(x: torch.Tensor, lay: SeqLayout) -> torch.Tensor:
     """A full (B, T*S, C) tensor every rank holds -> this rank's (B, Tp*S, C) frames (no communication;
     the backward puts the gradient of this rank's frames in place and zeros elsewhere)."""
@@ -206,12 +290,24 @@ def all_reduce_grads(module: torch.nn.Module, group=None) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-def enable_sequence_parallel(model, group=None):
+SP_MODES = ("dsp", "ulysses", "fastseq")
+
+
+def enable_sequence_parallel(model, group=None, mode: str = "dsp"):
     """Run ``model`` (an STDiT3) sequence-parallel over ``group`` (default: the world group); every rank
-    of the group must call the model with the same inputs. Returns the model."""
+    of the group must call the model with the same inputs. Returns the model.
+
+    ``mode``: "dsp" (default; the layout switch above: 2 activation all-to-alls per block pair);
+    "ulysses" (Open-Sora 1.2's scheme: tokens stay sharded by position, spatial attention runs over H/p
+    heads after an all-to-all of q, k, v and one of its output; needs heads divisible by p); "fastseq"
+    (OpenDiT's: all-gather the spatial attention input, q, k, v of this rank's heads only, one all-to-all
+    back)."""
     if not dist.is_initialized():
         raise RuntimeError("enable_sequence_parallel needs torch.distributed initialised (torchrun)")
+    if mode not in SP_MODES:
+        raise ValueError(f"mode must be one of {SP_MODES}, got {mode!r}")
     model.sp_group = group if group is not None else dist.group.WORLD
+    model.sp_mode = mode
     return model
 
 
@@ -248,6 +344,7 @@ __all__ = [
     "enable_batch_parallel",
     "enable_sequence_parallel",
     "parallel_mesh",
+    "SP_MODES",
     "frames_to_tokens",
     "gather_tokens",
     "split_frames",

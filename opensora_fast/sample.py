@@ -104,6 +104,7 @@ class SampleOptions:
     progress: bool = True
     reference: str | None = None  # image or video whose first frames every clip starts from
     cfg_parallel: bool = True  # under torchrun with an even world: the CFG pair over 2 rank groups
+    sp_mode: str = "dsp"  # sequence-parallel scheme under torchrun: "dsp" | "ulysses" | "fastseq"
     reference_frames: int = 1  # how many of its frames (pixel frames; an image has 1)
 
     def __post_init__(self):
@@ -221,9 +222,9 @@ def generate(opts: SampleOptions) -> list[str]:
         if batch_group is not None:
             enable_batch_parallel(model, batch_group)
         if seq_group is not None:
-            enable_sequence_parallel(model, seq_group)
-        say(f"STDiT3 over {world} processes ({device.type}): CFG-parallel {bp} x sequence-parallel {world // bp}",
-            flush=True)  # fmt: skip
+            enable_sequence_parallel(model, seq_group, mode=opts.sp_mode)
+        say(f"STDiT3 over {world} processes ({device.type}): CFG-parallel {bp} x sequence-parallel {world // bp}"
+            f" ({opts.sp_mode})", flush=True)  # fmt: skip
 
     H, W = opts.size()
     T = opts.frames()

@@ -60,6 +60,7 @@ class DiTTrainConfig:
     fsdp: bool | None = None  # None: when there is more than one data-parallel group
     fsdp_mode: str = "zero2"  # "zero2": reshard_after_forward=False; "zero3": True
     sp_size: int = 1  # sequence parallel: groups of sp_size ranks share each sample (opensora_fast.parallel)
+    sp_mode: str = "dsp"  # "dsp" | "ulysses" | "fastseq"
     cache_latents: bool = False  # encode each clip once with the posterior mode (no VAE sampling)
     sample_method: str = "logit-normal"
     use_timestep_transform: bool = True
@@ -81,6 +82,8 @@ class DiTTrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mask_ratios is not None:
             MaskGenerator(self.mask_ratios)  # raises ValueError naming a bad kind or ratio
+        if self.sp_mode not in ("dsp", "ulysses", "fastseq"):
+            raise ValueError(f"sp_mode must be 'dsp', 'ulysses' or 'fastseq', got {self.sp_mode!r}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up (Open-Sora's LinearWarmupLR): lr * (step + 1) / warmup for the first steps."""
@@ -334,7 +337,7 @@ def train_dit(
     if sp_group is not None:
         from opensora_fast.parallel import enable_sequence_parallel
 
-        enable_sequence_parallel(model, sp_group)
+        enable_sequence_parallel(model, sp_group, mode=cfg.sp_mode)
     if use_fsdp:
         shard_model(model, cfg.fsdp_mode, dp_mesh)
     ema = init_ema(model)
@@ -512,6 +515,7 @@ def run_train(args) -> int:
             fsdp=True if args.fsdp else None,
             fsdp_mode=args.fsdp_mode,
             sp_size=args.sp,
+            sp_mode=args.sp_mode,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -2,7 +2,8 @@
 sequence-parallel against the same model in one process, forward and backward; rank 0 writes the
 errors to the JSON file named by argv[1]. argv[2]: "T,H,W" latent size; argv[3]: "kernels" to run the
 Triton kernels (interpreter) instead of the PyTorch reference path; argv[4] (optional): the batch-parallel
-size (the batch of 2 split over that many ranks, sequence parallel over the rest)."""
+size (the batch of 2 split over that many ranks, sequence parallel over the rest); argv[5] (optional): the
+sequence-parallel mode (dsp, ulysses, fastseq)."""
 
 import json
 import os
@@ -18,6 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import opensora_fast.models.stdit3 as M  # noqa: E402
+import opensora_fast.parallel as P  # noqa: E402
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config  # noqa: E402
 from opensora_fast.parallel import (  # noqa: E402
     enable_batch_parallel,
@@ -41,12 +43,23 @@ def main():
     if batch_group is not None:
         enable_batch_parallel(par, batch_group)
     if seq_group is not None:
-        enable_sequence_parallel(par, seq_group)
+        enable_sequence_parallel(par, seq_group, mode=sys.argv[5] if len(sys.argv) > 5 else "dsp")
     calls, bp_calls = [], []
     sp_forward = par._forward_sequence_parallel
     par._forward_sequence_parallel = lambda *a, **k: calls.append(1) or sp_forward(*a, **k)
     bp_forward = M.batch_parallel_forward
     M.batch_parallel_forward = lambda *a, **k: bp_calls.append(1) or bp_forward(*a, **k)
+    head_calls = {"seq_to_heads": 0, "all_gather_tokens": 0}  # Ulysses / FastSeq entry points
+
+    def counted(name, fn):
+        def f(*a, **k):
+            head_calls[name] += 1
+            return fn(*a, **k)
+
+        return f
+
+    for name in head_calls:
+        setattr(P, name, counted(name, getattr(P, name)))
 
     g = torch.Generator().manual_seed(1)
     B = 2
@@ -83,6 +96,7 @@ def main():
         "n_grads": sum(p.grad is not None for p in par.parameters()),
         "sp_calls": len(calls),
         "bp_calls": len(bp_calls),
+        **head_calls,
     }
     if rank == 0:
         with open(sys.argv[1], "w") as f:

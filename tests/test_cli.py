@@ -210,8 +210,10 @@ def test_sample_under_torchrun_matches_one_process(weights, tmp_path):
     with av.open(str(tmp_path / "one" / "000_a_red_circle.mp4")) as c:
         one = [f.to_ndarray(format="rgb24").astype(np.int16) for f in c.decode(c.streams.video[0])]
     out, sp = torchrun("sp", "--no-cfg-parallel")
-    assert "CFG-parallel 1 x sequence-parallel 2" in out
+    assert "CFG-parallel 1 x sequence-parallel 2 (dsp)" in out
     assert len(sp) == 17 and all((a == b).all() for a, b in zip(one, sp))
+    out, fs = torchrun("fastseq", "--no-cfg-parallel", "--sp-mode", "fastseq")
+    assert "sequence-parallel 2 (fastseq)" in out and all((a == b).all() for a, b in zip(one, fs))
     out, cfgp = torchrun("cfg")
     assert "CFG-parallel 2 x sequence-parallel 1" in out
     diff = np.abs(np.stack(one) - np.stack(cfgp))

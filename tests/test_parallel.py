@@ -23,26 +23,30 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    "nproc,size,path,bp",
+    "nproc,size,path,bp,mode",
     [
-        (2, "3,6,10", "reference", 1),  # T 3 over 2 ranks (a padded frame), S 15 (a padded position)
-        (3, "5,4,6", "reference", 1),  # 3 ranks: T 5 -> 2 + 2 + 1 padded, S 6 -> 2 each
-        (2, "1,6,10", "reference", 1),  # an image: rank 1 holds only a padding frame
-        (2, "3,6,10", "kernels", 1),  # the Triton kernels under the interpreter
-        (2, "3,6,10", "reference", 2),  # batch parallel (the CFG pair split): no sequence parallelism
-        (4, "3,6,10", "reference", 2),  # batch 2 x sequence 2
+        (2, "3,6,10", "reference", 1, "dsp"),  # T 3 over 2 ranks (a padded frame), S 15 (a padded position)
+        (3, "5,4,6", "reference", 1, "dsp"),  # 3 ranks: T 5 -> 2 + 2 + 1 padded, S 6 -> 2 each
+        (2, "1,6,10", "reference", 1, "dsp"),  # an image: rank 1 holds only a padding frame
+        (2, "3,6,10", "kernels", 1, "dsp"),  # the Triton kernels under the interpreter
+        (2, "3,6,10", "reference", 1, "ulysses"),  # S 15 over 2 ranks: a padded position, cropped for attention
+        (2, "3,6,10", "reference", 1, "fastseq"),
+        (2, "3,6,10", "reference", 2, "dsp"),  # batch parallel (the CFG pair split): no sequence parallelism
+        (4, "3,6,10", "reference", 2, "ulysses"),  # batch 2 x sequence 2
     ],
 )
-def test_parallel_equals_one_process(tmp_path, nproc, size, path, bp):
+def test_parallel_equals_one_process(tmp_path, nproc, size, path, bp, mode):
     out = tmp_path / "sp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), WORKER, str(out), size, path, str(bp)]  # fmt: skip
+           str(_free_port()), WORKER, str(out), size, path, str(bp), mode]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     # the parallel paths ran: batch-parallel once when bp > 1, sequence-parallel when nproc / bp > 1
     assert res["world"] == nproc and res["bp_calls"] == int(bp > 1) and res["sp_calls"] == int(nproc > bp)
+    # the tiny STDiT3 has one spatial block: one Ulysses / FastSeq entry in its attention
+    assert (res["seq_to_heads"], res["all_gather_tokens"]) == (int(mode == "ulysses"), int(mode == "fastseq"))
     assert res["out_err"] <= 1e-5 * res["out_scale"]
     assert res["dx_err"] <= 1e-5
     assert res["n_grads"] > 40 and res["grad_rel_err"] <= 1e-5  # all-reduced parameter gradients

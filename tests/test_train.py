@@ -294,9 +294,10 @@ def test_torchrun_sequence_parallel_training(tmp_path):
     torchrun("--steps", "2", "--out-dir", f"{d}/split")
     torchrun("--steps", "3", "--out-dir", f"{d}/split", "--resume")
     assert losses("split") == losses("sp")
-    # 4 processes: 2 data-parallel groups (FSDP2 over them) x 2 sequence-parallel ranks == FSDP2 over 2
+    # 4 processes: 2 data-parallel groups (FSDP2 over them) x 2 sequence-parallel ranks (Ulysses) == FSDP2
+    # over 2
     torchrun("--steps", "3", "--out-dir", f"{d}/dp2", sp=1)
-    torchrun("--steps", "3", "--out-dir", f"{d}/dp2sp2", nproc=4)
+    torchrun("--steps", "3", "--out-dir", f"{d}/dp2sp2", "--sp-mode", "ulysses", nproc=4)
     assert losses("dp2sp2") == pytest.approx(losses("dp2"), rel=1e-4) and losses("dp2") != losses("one")
 
 

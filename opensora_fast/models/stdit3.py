@@ -42,6 +42,7 @@ from opensora_fast.parallel import (
     frames_to_tokens,
     gather_tokens,
     split_frames,
+    split_tokens,
     tokens_to_frames,
 )
 
@@ -138,6 +139,7 @@ def block_forward(
     kv=None,
     pending=None,
     defer=False,
+    sp=None,
 ):
     """STDiT3Block.forward on the kernels (§1.3); ``self`` is our block or Open-Sora's.
 
@@ -145,6 +147,8 @@ def block_forward(
     x_mask (B, T) bool (None: every frame uses t). ``kv``: precomputed text K/V (sum y_lens, 2C).
     ``pending`` = (m, gate, gate0): the previous block's MLP output, whose gated residual is fused
     with this block's first LayerNorm. ``defer=True`` returns (x, m, gate, gate0) instead of x.
+    ``sp`` = (mode, SeqLayout, group): a spatial block's attention over heads on this rank's token
+    positions (Ulysses / FastSeq, ``layers.attention_forward``).
     """
     eps = self.norm1.eps
     dt = x.dtype
@@ -163,7 +167,7 @@ def block_forward(
         x, h = K.add_layernorm_modulate(
             x, m, sa, ca, gate=g, eps=eps, shift0=sa0, scale0=ca0, gate0=g0, **sel
         )
-    a = attention_forward(self.attn, h, T, "temporal" if self.temporal else "spatial").to(dt)
+    a = attention_forward(self.attn, h, T, "temporal" if self.temporal else "spatial", sp=sp).to(dt)
     x = K.gated_residual(x, a, ga, gate0=ga0, **sel)
     c = cross_attention_forward(self.cross_attn, x, y, mask, kv=kv).to(dt)
     x, h = K.add_layernorm_modulate(x, c, sm, cm, eps=self.norm2.eps, shift0=sm0, scale0=cm0, **sel)
@@ -482,10 +486,22 @@ class STDiT3(nn.Module):
         return x.to(torch.float32)
 
     def _forward_sequence_parallel(self, x, y, t, t_mlp, y_lens, key, x_mask, t0, t0_mlp, T, S, rows, group):
-        """The blocks and final layer sequence-parallel (``opensora_fast.parallel``): spatial blocks on
-        this rank's frames, temporal blocks on its token positions, one all-to-all between them; the
-        final layer's output is all-gathered. x (B, T*S, C) full -> (B, T*S, out) full."""
+        """The blocks and final layer sequence-parallel (``opensora_fast.parallel``), x (B, T*S, C) full ->
+        (B, T*S, out) full (the final layer's output all-gathered). "dsp": spatial blocks on this rank's
+        frames, temporal blocks on its token positions, one all-to-all between them. "ulysses" /
+        "fastseq": every block on this rank's token positions, spatial attention over heads."""
         lay = SeqLayout(T, S, dist.get_world_size(group), dist.get_rank(group))
+        mode = getattr(self, "sp_mode", "dsp")
+        if mode != "dsp":
+            x, pending = split_tokens(x, lay), None
+            for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
+                for kind, blk in (("spatial", sb), ("temporal", tb)):
+                    kv = blk.cross_attn.text_kv(y, key) if key is not None else None
+                    sp = (mode, lay, group) if kind == "spatial" else None
+                    x, *pending = self._run(f"{kind}_block[{i}]", blk, x, y, t_mlp, y_lens, x_mask, t0_mlp, T,
+                                            lay.Sp, kv=kv, pending=pending, defer=True, sp=sp)  # fmt: skip
+            x = self._run("final_layer", self.final_layer, x, t, x_mask, t0, T, lay.Sp, pending=pending, rows=rows)
+            return gather_tokens(x, lay, group)
         x = split_frames(x, lay)
         frame_mask = lay.local_x_mask(x_mask)
         for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):

@@ -1,8 +1,8 @@
-"""Sequence parallelism for STDiT3 on torch.distributed: DSP-style layout switching.
+"""Sequence and batch parallelism for STDiT3 on torch.distributed.
 
-The p ranks of a group share one sample's tokens (B, T, S, C) (T latent frames, S tokens per frame).
-Every operation of an STDiT3 block except self-attention is token-wise, so a block only needs, locally,
-the whole sequence its attention runs over:
+Sequence parallelism: the p ranks of a group share one sample's tokens (B, T, S, C) (T latent frames, S
+tokens per frame). Every operation of an STDiT3 block except self-attention is token-wise, so a block only
+needs, locally, the whole sequence its attention runs over. Default mode "dsp":
 
 - spatial blocks run in the **frames** layout: rank r holds frames [r*Tp, (r+1)*Tp) with all S tokens
   of each (Tp = ceil(T / p); frames past T are padding);
@@ -13,7 +13,13 @@ Between the two, one all-to-all of the activation switches the layout (VideoSys'
 Parallel), so an STDiT3 spatial+temporal block pair costs two activation-sized all-to-alls and no
 attention-internal communication (Open-Sora 1.2's Ulysses path moves about six). Padding is harmless:
 padded frames are separate sequences of spatial attention and padded positions separate sequences of
-temporal attention, and both are dropped by the next switch.
+temporal attention, and both are dropped by the next switch. Modes "ulysses" (Open-Sora 1.2) and
+"fastseq" (OpenDiT) keep the tokens layout throughout and run spatial attention over H/p heads instead
+(``seq_to_heads`` / ``all_gather_tokens`` and ``heads_to_seq``, used by ``layers.attention_forward``).
+
+Batch parallelism (``enable_batch_parallel``): each rank of a group runs a share of the batch (the CFG
+(cond, uncond) pair over 2 ranks) and the outputs are all-gathered; on a (batch, seq) mesh it composes
+with sequence parallelism.
 
 Gradients: the switches' backward is the opposite switch. ``split_frames`` keeps this rank's frames of a
 full tensor every rank holds; ``gather_tokens`` all-gathers the final output (its backward keeps this
@@ -69,7 +75,7 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
 def _frames_to_tokens(x: torch.Tensor, lay: SeqLayout, group) -> torch.Tensor:
     B, C = x.shape[0], x.shape[-1]
     p, Tp, Sp = lay.world, lay.Tp, lay.Sp
-    x = x.view(B, Tp, lay.S, C)
+    x = x.reshape(B, Tp, lay.S, C)
     x = F.pad(x, (0, 0, 0, p * Sp - lay.S))  # pad S
     x = x.view(B, Tp, p, Sp, C).permute(2, 0, 1, 3, 4)  # (p: destination S chunk, B, Tp, Sp, C)
     x = _all_to_all(x, group)  # (p: source frame chunk, B, Tp, Sp, C)
@@ -80,7 +86,7 @@ def _frames_to_tokens(x: torch.Tensor, lay: SeqLayout, group) -> torch.Tensor:
 def _tokens_to_frames(x: torch.Tensor, lay: SeqLayout, group) -> torch.Tensor:
     B, C = x.shape[0], x.shape[-1]
     p, Tp, Sp = lay.world, lay.Tp, lay.Sp
-    x = x.view(B, lay.T, Sp, C)
+    x = x.reshape(B, lay.T, Sp, C)
     x = F.pad(x, (0, 0, 0, 0, 0, p * Tp - lay.T))  # pad T
     x = x.view(B, p, Tp, Sp, C).permute(1, 0, 2, 3, 4)  # (p: destination frame chunk, B, Tp, Sp, C)
     x = _all_to_all(x, group)  # (p: source S chunk, B, Tp, Sp, C)
@@ -128,7 +134,7 @@ def _seq_to_heads(x: torch.Tensor, lay: SeqLayout, group, parts: int) -> torch.T
     parts*(H/p)*D): all S positions for this rank's H/p heads of every part (one all-to-all)."""
     B, _, W = x.shape
     p, Sp = lay.world, lay.Sp
-    x = x.view(B, lay.T, Sp, parts, p, W // (parts * p))
+    x = x.reshape(B, lay.T, Sp, parts, p, W // (parts * p))
     x = _all_to_all(x.permute(4, 0, 1, 2, 3, 5), group)  # (p: source S chunk, B, T, Sp, parts, hd)
     x = x.permute(1, 2, 0, 3, 4, 5).reshape(B, lay.T, p * Sp, W // p)[:, :, : lay.S]
     return x.reshape(B, lay.T * lay.S, W // p)
@@ -138,7 +144,7 @@ def _heads_to_seq(x: torch.Tensor, lay: SeqLayout, group, parts: int) -> torch.T
     """The inverse of ``_seq_to_heads``: (B, T*S, parts*(H/p)*D) -> (B, T*Sp, parts*H*D)."""
     B, _, w = x.shape
     p, Sp = lay.world, lay.Sp
-    x = F.pad(x.view(B, lay.T, lay.S, w), (0, 0, 0, p * Sp - lay.S))
+    x = F.pad(x.reshape(B, lay.T, lay.S, w), (0, 0, 0, p * Sp - lay.S))
     x = x.view(B, lay.T, p, Sp, parts, w // parts).permute(2, 0, 1, 3, 4, 5)  # (p: dest S chunk, ...)
     x = _all_to_all(x, group)  # (p: source head group, B, T, Sp, parts, w / parts)
     return x.permute(1, 2, 3, 4, 0, 5).reshape(B, lay.T * Sp, w * p)

@@ -32,5 +32,5 @@ setup(
         "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4", "numpy<2", "av>=11", "pillow>=9", "matplotlib>=3.7"],
         "profile": ["nvtx>=0.2"],
     },
-    entry_points={"console_scripts": ["opensora-fast=opensora_fast.cli:main"]},
+    entry_points={"console_scripts": ["opensora-fast=opensora_fast.cli:entry"]},
 )

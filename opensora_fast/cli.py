@@ -7,6 +7,7 @@ without CUDA) before ``opensora_fast.kernels`` is first imported.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from opensora_fast.data import ASPECT_RATIOS, DURATIONS, RESOLUTIONS
@@ -256,5 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``opensora-fast`` console script and ``python -m opensora_fast.cli``. Under torchrun the process
+    ends with ``os._exit`` after the command has torn its process group down: on this machine 1 in 30-40
+    gloo runs otherwise aborted in interpreter finalisation ("terminate called without an active
+    exception", exit -6) after every rank had finished and destroyed its group, which torchrun reports as a
+    failed job."""
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -189,7 +189,6 @@ def generate(opts: SampleOptions) -> list[str]:
     over 2 groups of ranks (no activation traffic) and each group sequence-parallel over its world / 2
     ranks; otherwise sequence-parallel over all. Rank 0 decodes and writes the files (other ranks return
     an empty list)."""
-    from opensora_fast.io import write_video
     from opensora_fast.models.stdit3 import STDiT3
     from opensora_fast.rflow import RFlow
     from opensora_fast.text import T5TextEncoder, append_score, null_caption
@@ -244,7 +243,7 @@ def generate(opts: SampleOptions) -> list[str]:
         cond = dict(cond_mask=cond_mask)
         say(f"conditioning on {opts.reference!r}: {ref.shape[2]} of {lat[0]} latent frames", flush=True)
     os.makedirs(opts.out_dir, exist_ok=True)
-    paths = []
+    paths, pending = [], []  # under torchrun: latents kept until the process group is torn down
     for i, prompt in enumerate(opts.prompts):
         g = torch.Generator(device=device).manual_seed(opts.seed + i)
         z = torch.randn((1, vae.out_channels, *lat), generator=g, device=device, dtype=dtype)
@@ -267,16 +266,33 @@ def generate(opts: SampleOptions) -> list[str]:
             **size_args,
             **cond,
         )
-        if rank != 0:
-            continue
-        video = vae.decode(z.to(dtype), num_frames=T)[0]  # (3, T, H', W')
-        base = os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}")
-        if T == 1:
-            paths.append(write_image(base + ".png", video[:, 0]))
-        else:
-            paths.append(write_video(base + ".mp4", video, fps=opts.fps))
-        print(f"wrote {paths[-1]}", flush=True)
+        pending.append((i, prompt, z))
+        if world == 1:
+            paths.append(_write(vae, *pending.pop(), T, dtype, opts))
+    if world > 1:
+        # every rank is done with the model: leave the group together (a rank leaving while another still
+        # talks to it can abort under gloo), then rank 0 decodes alone
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank == 0:
+            paths = [_write(vae, i, prompt, z, T, dtype, opts) for i, prompt, z in pending]
     return paths
+
+
+def _write(vae, i: int, prompt: str, z: torch.Tensor, T: int, dtype, opts: SampleOptions) -> str:
+    """Decode one clip's latents and write its mp4 (png for an image); returns the path."""
+    from opensora_fast.io import write_video
+
+    video = vae.decode(z.to(dtype), num_frames=T)[0]  # (3, T, H', W')
+    base = os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}")
+    if T == 1:
+        path = write_image(base + ".png", video[:, 0])
+    else:
+        path = write_video(base + ".mp4", video, fps=opts.fps)
+    print(f"wrote {path}", flush=True)
+    return path
 
 
 __all__ = ["SampleOptions", "generate", "DURATIONS"]

@@ -572,5 +572,6 @@ def run_train(args) -> int:
         )
         print(f"log: {os.path.join(args.out_dir, 'log.jsonl')}")
     if _is_dist():
+        dist.barrier()  # leave together: a rank leaving while another still talks to it can abort under gloo
         dist.destroy_process_group()
     return 0

@@ -186,20 +186,15 @@ def test_sample_under_torchrun_matches_one_process(weights, tmp_path):
     """`torchrun --nproc_per_node 2 -m opensora_fast.cli sample` (CPU, gloo), rank 0 writing the clip:
     sequence-parallel (--no-cfg-parallel) gives the single-process clip frame for frame; CFG-parallel (the
     default with 2 processes) runs cond and uncond on one process each, the same up to float rounding."""
-    import socket
-
     import numpy as np
+    from _dist import torchrun as torchrun_cmd
 
     args = ["sample", "a red circle", *weight_args(weights), "--image-size", "16x16", "--num-frames", "17",
             "--steps", "3", "--seed", "3", "--no-progress", "--device", "cpu"]  # fmt: skip
     assert cli.main([*args, "--out-dir", str(tmp_path / "one")]) == 0
 
     def torchrun(out, *extra):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "opensora_fast.cli", *args, "--out-dir", str(tmp_path / out), *extra]  # fmt: skip
+        cmd = torchrun_cmd(2, "-m", "opensora_fast.cli", *args, "--out-dir", str(tmp_path / out), *extra)
         r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                            timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

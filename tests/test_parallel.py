@@ -4,22 +4,15 @@ conditioning frame (x_mask), the Triton kernels (interpreter) and a (batch 2 x s
 
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
+from _dist import torchrun
 
 from opensora_fast.parallel import SeqLayout, enable_sequence_parallel
 
 WORKER = os.path.join(os.path.dirname(__file__), "_sp_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -37,8 +30,7 @@ def _free_port() -> int:
 )
 def test_parallel_equals_one_process(tmp_path, nproc, size, path, bp, mode):
     out = tmp_path / "sp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), WORKER, str(out), size, path, str(bp), mode]  # fmt: skip
+    cmd = torchrun(nproc, WORKER, str(out), size, path, str(bp), mode)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -3,11 +3,12 @@ checkpointing, and the FSDP2 path in a one-process gloo group."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
+from _dist import free_port
+from _dist import torchrun as torchrun_cmd
 
 from opensora_fast import train as T
 from opensora_fast.data import VideoTextDataset, make_synthetic_dataset
@@ -127,17 +128,11 @@ def test_grad_checkpoint_same_losses(setup):
     assert b.losses == pytest.approx(a.losses, rel=1e-5)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_one_process_gloo(setup, tmp_path):
     """fully_shard runs on CPU with gloo: one-rank FSDP2 training matches the plain run, and its
     checkpoint (full tensors) resumes a plain run exactly."""
     plain = run(setup, cfg(steps=4, ckpt_every=100))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         sharded = run(setup, cfg(steps=2, fsdp=True, ckpt_every=2), ckpt_dir=str(tmp_path / "f"))
         from torch.distributed.tensor import DTensor
@@ -161,7 +156,6 @@ def test_torchrun_two_processes_fsdp2_exact_resume(tmp_path):
     """`torchrun --nproc_per_node 2 -m opensora_fast.cli train` on CPU (gloo, FSDP2 with two shards):
     3 steps straight == 2 steps + resume to 3, bit for bit."""
     import subprocess
-    import sys
 
 
     make_synthetic_dataset(str(tmp_path / "data"), 9, (16, 16), 8, colors=("red", "blue"))
@@ -193,20 +187,7 @@ def test_torchrun_two_processes_fsdp2_exact_resume(tmp_path):
     ]
 
     def torchrun(*extra):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "opensora_fast.cli",
-            "train",
-            *args,
-            *extra,
-        ]
+        cmd = torchrun_cmd(2, "-m", "opensora_fast.cli", "train", *args, *extra)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -264,7 +245,6 @@ def test_torchrun_sequence_parallel_training(tmp_path):
     resumed sequence-parallel run repeats the straight one bit for bit; with 4 processes and --sp 2 the
     two data-parallel groups (FSDP2) follow a plain 2-process FSDP2 run."""
     import subprocess
-    import sys
 
     from opensora_fast import cli
 
@@ -278,8 +258,7 @@ def test_torchrun_sequence_parallel_training(tmp_path):
             "--ckpt-every", "2", "--mask-ratios", "stage3", "--no-progress", "--device", "cpu"]  # fmt: skip
 
     def torchrun(*extra, nproc=2, sp=2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_free_port()), "-m", "opensora_fast.cli", *args, "--sp", str(sp), *extra]  # fmt: skip
+        cmd = torchrun_cmd(nproc, "-m", "opensora_fast.cli", *args, "--sp", str(sp), *extra)
         r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                            timeout=300)  # fmt: skip
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

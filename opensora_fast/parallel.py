@@ -289,11 +289,15 @@ def batch_parallel_forward(forward, group, x, timestep, y, mask=None, x_mask=Non
     return _GatherBatch.apply(out, group, r)
 
 
-def all_reduce_grads(module: torch.nn.Module, group=None) -> None:
-    """Sum every parameter gradient over the sequence-parallel group (see the module docstring)."""
-    for p in module.parameters():
+def all_reduce_grads(params, group=None) -> None:
+    """Sum the gradients of ``params`` (a module or an iterable of parameters) over ``group`` (see the
+    module docstring). FSDP2's sharded gradients (DTensor) are summed shard by shard."""
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(g, group=group)
 
 
 SP_MODES = ("dsp", "ulysses", "fastseq")

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from opensora_fast.checkpoint import resolve_resume, write_step_dir
 from opensora_fast.data import bucket_batches
 from opensora_fast.masks import MASK_RATIOS, STAGE1_MASK_RATIOS, MaskGenerator
+from opensora_fast.parallel import all_reduce_grads
 
 
 @dataclass
@@ -157,14 +158,6 @@ def parallel_groups(world: int, sp_size: int, device: torch.device):
 
     mesh = init_device_mesh(device.type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
     return mesh["dp"].get_local_rank(), world // sp_size, mesh["dp"], mesh["sp"].get_group()
-
-
-def _sum_grads(params, group) -> None:
-    """Sequence parallel: each rank's gradients cover its own tokens; their sum is the sample's."""
-    for p in params:
-        if p.grad is not None:
-            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            dist.all_reduce(g, group=group)
 
 
 def _is_dist() -> bool:
@@ -415,7 +408,7 @@ def train_dit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if sp_group is not None:
-                _sum_grads(params, sp_group)
+                all_reduce_grads(params, sp_group)  # each rank's gradients cover its own tokens
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
             optimizer.step()
             update_ema(ema, model, cfg.ema_decay)

@@ -22,6 +22,7 @@ import opensora_fast.models.stdit3 as M  # noqa: E402
 import opensora_fast.parallel as P  # noqa: E402
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config  # noqa: E402
 from opensora_fast.parallel import (  # noqa: E402
+    all_reduce_grads,
     enable_batch_parallel,
     enable_sequence_parallel,
     parallel_mesh,
@@ -78,9 +79,7 @@ def main():
     out_p = par(xp, t, y, **args)
     (out_s * go).sum().backward()
     (out_p * go).sum().backward()
-    for q in par.parameters():  # each rank's gradients cover its own tokens / samples: their sum is the whole
-        if q.grad is not None:
-            dist.all_reduce(q.grad)
+    all_reduce_grads(par)  # each rank's gradients cover its own tokens / samples: their sum is the whole
     dist.all_reduce(xp.grad)
     grad_err = max(
         (ps.grad - pp.grad).abs().max().item() / (ps.grad.abs().max().item() + 1e-30)

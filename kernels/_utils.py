@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import triton
+from opensora_fast.kernels._record import active as _recording
 
 BACKEND_ENV = "OPENSORA_FAST_BACKEND"
 
@@ -42,6 +43,8 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     one. Forcing Triton on CPU tensors needs the interpreter; without it this raises instead of
     silently falling back.
     """
+    if _recording() is not None:  # kernels._record: launches are recorded, never run
+        return True
     ts = [t for t in tensors if t is not None]
     on_cuda = bool(ts) and ts[0].is_cuda
     choice = backend()

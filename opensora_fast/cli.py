@@ -31,6 +31,20 @@ def _buckets(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help lines end with "(required)" for required options and "(default: X)" where there is a default."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if not action.option_strings or h == argparse.SUPPRESS:
+            return h
+        if action.required:
+            return h + " (required)"
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in h:
+            return h + " (default: %(default)s)"
+        return h
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="opensora-fast",
@@ -38,18 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{sample,train,demo,check}")
 
-    c = sub.add_parser("check", help="check every kernel against its PyTorch reference (fwd + bwd)")
+    c = sub.add_parser(
+        "check", help="check every kernel against its PyTorch reference (fwd + bwd)", formatter_class=_HelpFormatter
+    )
     c.set_defaults(func=_check)
 
-    s = sub.add_parser("sample", help="text to video from local Open-Sora 1.2 weights")
+    s = sub.add_parser("sample", help="text to video from local Open-Sora 1.2 weights", formatter_class=_HelpFormatter)
     s.add_argument("prompts", nargs="*", help="one clip per prompt")
-    s.add_argument(
-        "--prompt-file", help="a text file with one prompt per line (added to the positional ones)"
-    )
+    s.add_argument("--prompt-file", help="a text file with one prompt per line (added to the positional ones)")
     s.add_argument("--model", help="STDiT3 weights: a directory with config.json + safetensors (local only)")
     s.add_argument("--vae", help="OpenSoraVAE weights: a file or directory (local only)")
     s.add_argument("--t5", help="T5 encoder + tokenizer directory (local only)")
-    s.add_argument("--resolution", default="240p", choices=RESOLUTIONS)
+    s.add_argument("--resolution", default="240p", choices=RESOLUTIONS, help="Open-Sora resolution name")
     s.add_argument("--aspect-ratio", default="9:16", choices=ASPECT_RATIOS, help="H:W name, as Open-Sora's")
     s.add_argument(
         "--duration",
@@ -58,27 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="image=1, 2s=51, 4s=102, 8s=204, 16s=408 frames",
     )
     s.add_argument("--num-frames", type=int, help="a frame count instead of --duration")
-    s.add_argument(
-        "--image-size", type=_size, metavar="HxW", help="a size instead of --resolution/--aspect-ratio"
-    )
+    s.add_argument("--image-size", type=_size, metavar="HxW", help="a size instead of --resolution/--aspect-ratio")
     s.add_argument("--seed", type=int, default=42, help="prompt i uses seed + i")
     s.add_argument("--steps", type=int, default=30, help="sampling steps")
     s.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
-    s.add_argument(
-        "--fps", type=int, default=24, help="frame rate of the written mp4 (and the model's fps input)"
-    )
+    s.add_argument("--fps", type=int, default=24, help="frame rate of the written mp4 (and the model's fps input)")
     s.add_argument("--aes", type=float, default=6.5, help="aesthetic score appended to prompts; < 0 disables")
-    s.add_argument(
-        "--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on CUDA; the CPU runs fp32"
-    )
+    s.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on CUDA; the CPU runs fp32")
     s.add_argument(
         "--reference",
         metavar="PATH",
         help="an image or video every clip starts from (image-to-video, video continuation)",
     )
-    s.add_argument(
-        "--reference-frames", type=int, default=1, metavar="N", help="use the first N frames of --reference"
-    )
+    s.add_argument("--reference-frames", type=int, default=1, metavar="N", help="use the first N frames of --reference")
     s.add_argument(
         "--no-cfg-parallel",
         action="store_true",
@@ -86,22 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
         "groups of processes, each sequence-parallel)",
     )
     s.add_argument(
-        "--sp-mode", default="dsp", choices=("dsp", "ulysses", "fastseq"), help="under torchrun: the sequence-"
-        "parallel scheme (dsp: a layout switch per block; ulysses: Open-Sora's; fastseq: OpenDiT's)"
+        "--sp-mode",
+        default="dsp",
+        choices=("dsp", "ulysses", "fastseq"),
+        help="under torchrun: the sequence-"
+        "parallel scheme (dsp: a layout switch per block; ulysses: Open-Sora's; fastseq: OpenDiT's)",
     )
-    s.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    s.add_argument("--out-dir", default="samples")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    s.add_argument(
+        "--out-dir", default="samples", help="where the clips go (an existing name gets a -1, -2, ... suffix)"
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_sample)
 
     t = sub.add_parser(
-        "train", help="train STDiT3 on a CSV of (path, text) videos; torchrun for several GPUs"
+        "train",
+        help="train STDiT3 on a CSV of (path, text) videos; torchrun for several GPUs",
+        formatter_class=_HelpFormatter,
     )
     t.add_argument("--data", required=True, help="CSV with 'path' and 'text' columns")
     t.add_argument(
         "--buckets",
         type=_buckets,
-        default=[(51, 240, 426)],
+        default="51x240x426",
         metavar="TxHxW[,...]",
         help="frames x height x width buckets; a clip goes to the nearest aspect ratio that fits its length",
     )
@@ -118,16 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--out-dir", required=True, help="checkpoints, log.jsonl, config.json")
     t.add_argument(
-        "--resume", nargs="?", const="auto", help="a checkpoint, or (no value) the newest in --out-dir"
+        "--resume",
+        nargs="?",
+        const="auto",
+        help="a checkpoint, or (no value) the newest complete one in --out-dir; the run's options come from "
+        "the checkpoint (flags given here override them, with a warning)",
     )
-    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (else it is refused)")
+    t.add_argument("--steps", type=int, default=1000, help="train until this step (in total)")
     t.add_argument("--batch-size", type=int, default=1, help="per process")
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--warmup-steps", type=int, default=1000)
-    t.add_argument("--ema-decay", type=float, default=0.99)
-    t.add_argument("--grad-clip", type=float, default=1.0)
+    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
+    t.add_argument("--warmup-steps", type=int, default=1000, help="linear learning-rate warm-up")
+    t.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the weights (saved in ema/)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip; 0 disables")
     t.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast on CUDA")
-    t.add_argument("--grad-checkpoint", action="store_true")
+    t.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing per block")
     t.add_argument(
         "--cache-latents",
         action="store_true",
@@ -140,16 +158,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="frame masks for image/video conditioning: Open-Sora 1.2's ratios of that training stage "
         "(stage1/2: 20%% of samples, stage3: 25%%, mostly first-frame), or none",
     )
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--ckpt-every", type=int, default=200)
+    t.add_argument("--seed", type=int, default=42, help="data order and every random draw")
+    t.add_argument("--log-every", type=int, default=10, help="print a loss line every N steps")
+    t.add_argument("--ckpt-every", type=int, default=200, help="write a checkpoint every N steps (and at the end)")
+    t.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N checkpoints (default: keep all)")
     t.add_argument(
-        "--fsdp", action="store_true", help="FSDP2 even with one process (default: when WORLD_SIZE > 1)"
+        "--max-bad-clips",
+        type=int,
+        default=100,
+        metavar="N",
+        help="clips that cannot be read are skipped and logged; more than N stop training",
     )
-    t.add_argument("--fsdp-mode", default="zero2", choices=("zero2", "zero3"))
     t.add_argument(
-        "--device", help="cuda / cpu (default: cuda when every local process gets a GPU, else cpu)"
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="under torchrun: a rank that waits longer than S seconds for another fails the job",
     )
+    t.add_argument("--fsdp", action="store_true", help="FSDP2 even with one process (default: when WORLD_SIZE > 1)")
+    t.add_argument(
+        "--fsdp-mode", default="zero2", choices=("zero2", "zero3"), help="zero2: keep gathered weights to backward"
+    )
+    t.add_argument("--device", help="cuda or cpu (default: cuda when every local process gets a GPU, else cpu)")
     t.add_argument("--sp-mode", default="dsp", choices=("dsp", "ulysses", "fastseq"), help="with --sp > 1")
     t.add_argument(
         "--sp",
@@ -158,20 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="sequence parallel: groups of N ranks share each sample (world size / N data-parallel groups)",
     )
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
 
     d = sub.add_parser(
-        "demo", help="train tiny models on synthetic moving shapes and sample a clip (CPU: minutes)"
+        "demo",
+        help="train tiny models on synthetic moving shapes and sample a clip (CPU: minutes)",
+        formatter_class=_HelpFormatter,
     )
-    d.add_argument("--out-dir", default="opensora-fast-demo")
+    d.add_argument("--out-dir", default="opensora-fast-demo", help="data, weights, the clip and the loss plot")
     d.add_argument("--steps-vae", type=int, help="VAE training steps (default 120; --quick 12)")
     d.add_argument("--steps-dit", type=int, help="STDiT3 training steps (default 250; --quick 40)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument(
-        "--quick", action="store_true", help="an even smaller run (for tests / CI, < 1 min on CPU)"
-    )
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--seed", type=int, default=0, help="data, training and sampling seed")
+    d.add_argument("--quick", action="store_true", help="an even smaller run (for tests / CI, < 1 min on CPU)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
     return p
 
@@ -246,15 +277,33 @@ def _demo(args) -> int:
     return 0
 
 
+def explicit_options(argv: list[str]) -> set[str]:
+    """The destinations of the options given on the command line ``argv`` (not left at their defaults)."""
+    q = build_parser()
+    for action in q._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                for a in sp._actions:
+                    if a.dest != "help":
+                        a.default = argparse.SUPPRESS
+    return set(vars(q.parse_args(argv))) - {"command", "func"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv, args.explicit = argv, explicit_options(argv)
     from opensora_fast.sample import UsageError
+    from opensora_fast.train import DistributedFailure
 
     try:
         return int(args.func(args) or 0)
     except (UsageError, FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
         print(f"opensora-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except DistributedFailure as e:
+        print(f"opensora-fast {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def entry() -> None:

@@ -91,24 +91,42 @@ def parse_size(text: str) -> tuple[int, int]:
 # CSV + buckets
 
 
-def read_csv(path: str) -> list[tuple[str, str]]:
-    """Rows (video path, caption) of a CSV with a header naming ``path`` and ``text`` (or ``caption``)
-    columns, as Open-Sora's data CSVs do. Relative paths are taken from the CSV's directory."""
+def read_csv(path: str) -> list[tuple[str, str, int]]:
+    """Rows (video path, caption, CSV line number) of a UTF-8 CSV (a byte-order mark is fine) with a header
+    naming ``path`` and ``text`` (or ``caption``) columns, as Open-Sora's data CSVs do. Relative paths are
+    taken from the CSV's directory. A row without a path or a caption, or a file that is not UTF-8, is a
+    ValueError naming the file and the line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data CSV {path!r} not found")
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        text_col = "text" if "text" in cols else "caption" if "caption" in cols else None
-        if "path" not in cols or text_col is None:
-            raise ValueError(
-                f"{path!r} needs a header with 'path' and 'text' (or 'caption') columns, got {cols}"
-            )
-        rows = [(os.path.join(base, r["path"]), r[text_col]) for r in reader]
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            text_col = "text" if "text" in cols else "caption" if "caption" in cols else None
+            if "path" not in cols or text_col is None:
+                raise ValueError(f"{path!r} needs a header with 'path' and 'text' (or 'caption') columns, got {cols}")
+            for r in reader:
+                line = reader.line_num
+                if not r["path"]:
+                    raise ValueError(f"{path!r} line {line}: no video path")
+                if r[text_col] is None or not r[text_col].strip():
+                    raise ValueError(f"{path!r} line {line}: no {text_col!r} (every clip needs a caption)")
+                rows.append((os.path.join(base, r["path"]), r[text_col], line))
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    except csv.Error as e:
+        raise ValueError(f"{path!r}: {e}") from None
     if not rows:
         raise ValueError(f"{path!r} has no rows")
     return rows
+
+
+class BadClipError(ValueError):
+    """A video listed in the data CSV that cannot be read; the message names the file and the CSV line."""
 
 
 @dataclass(frozen=True)
@@ -120,16 +138,29 @@ class VideoInfo:
 
 
 def probe_video(path: str) -> VideoInfo:
-    """Frame count, size and frame rate from the container (decodes only if it gives no frame count)."""
+    """Frame count, size and frame rate from the container (decodes only if it gives no frame count).
+    A file PyAV cannot open, or one without a video stream, is a ValueError naming it."""
     import av
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video {path!r} (listed in the data CSV) not found")
-    with av.open(path) as c:
-        s = c.streams.video[0]
-        n = s.frames or sum(1 for _ in c.decode(s))
-        fps = float(s.average_rate or s.guessed_rate or 0) or 24.0
-        return VideoInfo(int(n), s.codec_context.height, s.codec_context.width, fps)
+    try:
+        with av.open(path) as c:
+            if not c.streams.video:
+                raise ValueError(f"{path!r} has no video stream")
+            s = c.streams.video[0]
+            n = s.frames or sum(1 for _ in c.decode(s))
+            fps = float(s.average_rate or s.guessed_rate or 0) or 24.0
+            h, w = s.codec_context.height, s.codec_context.width
+    except av.FFmpegError as e:
+        raise ValueError(f"{path!r} cannot be read: {_av_message(e)}") from None
+    if n < 1 or h < 1 or w < 1:
+        raise ValueError(f"{path!r} has no decodable frames ({n} frames of {h}x{w})")
+    return VideoInfo(int(n), h, w, fps)
+
+
+def _av_message(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)
 
 
 def parse_buckets(text: str) -> list[tuple[int, int, int]]:
@@ -151,21 +182,28 @@ class VideoTextDataset:
 
     A clip goes to the bucket whose H/W is nearest its own aspect ratio among those with T no longer
     than the clip (at ``fps`` when given), preferring more frames, then more pixels; clips shorter than
-    every bucket are dropped (``dropped`` lists them). Item i is {"video": (3, T, H, W) in [-1, 1],
-    "text": caption, "fps": frame rate}: the first T frames, resized to cover (H, W) and centre-cropped.
+    every bucket are dropped (``dropped`` lists them), and files that cannot be opened or have no video
+    stream are left out (``bad`` lists (path, CSV line, reason)). Item i is {"video": (3, T, H, W) in
+    [-1, 1], "text": caption, "fps": frame rate}: the first T frames, resized to cover (H, W) and
+    centre-cropped; a clip that fails to decode raises BadClipError naming the file and CSV line.
     """
 
     def __init__(self, csv_path: str, buckets: list[tuple[int, int, int]], fps: float | None = None):
         if not buckets:
             raise ValueError("at least one (T, H, W) bucket is needed")
         self.fps = fps
+        self.csv_path = csv_path
         self.items: list[tuple[str, str, tuple[int, int, int], float]] = []
+        self.lines: list[int] = []  # CSV line of each item
         self.dropped: list[str] = []
-        for path, text in read_csv(csv_path):
-            info = probe_video(path)
-            avail = (
-                info.frames if fps is None else int(math.floor((info.frames - 1) * fps / info.fps + 1e-6)) + 1
-            )
+        self.bad: list[tuple[str, int, str]] = []
+        for path, text, line in read_csv(csv_path):
+            try:
+                info = probe_video(path)
+            except ValueError as e:
+                self.bad.append((path, line, str(e)))
+                continue
+            avail = info.frames if fps is None else int(math.floor((info.frames - 1) * fps / info.fps + 1e-6)) + 1
             fits = [b for b in buckets if b[0] <= avail]
             if not fits:
                 self.dropped.append(path)
@@ -173,8 +211,10 @@ class VideoTextDataset:
             r = info.height / info.width
             best = min(fits, key=lambda b: (abs(b[1] / b[2] - r), -b[0], -b[1] * b[2]))
             self.items.append((path, text, best, float(fps or info.fps)))
+            self.lines.append(line)
         if not self.items:
-            raise ValueError(f"no clip in {csv_path!r} is long enough for any bucket {buckets}")
+            why = f" ({len(self.bad)} unreadable: {self.bad[0][2]} ...)" if self.bad else ""
+            raise ValueError(f"no clip in {csv_path!r} is long enough for any bucket {buckets}{why}")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -182,17 +222,23 @@ class VideoTextDataset:
     def bucket(self, i: int) -> tuple[int, int, int]:
         return self.items[i][2]
 
+    def describe(self, i: int) -> str:
+        return f"{self.items[i][0]!r} ({self.csv_path} line {self.lines[i]})"
+
     def __getitem__(self, i: int) -> dict:
+        import av
+
         from opensora_fast.io import read_video
 
         path, text, (t, h, w), fps = self.items[i]
-        video = read_video(path, num_frames=t, fps=self.fps, size=(h, w)).transpose(0, 1)
+        try:
+            video = read_video(path, num_frames=t, fps=self.fps, size=(h, w)).transpose(0, 1)
+        except (av.FFmpegError, ValueError, OSError) as e:
+            raise BadClipError(f"clip {self.describe(i)} failed to decode: {_av_message(e)}") from None
         return {"video": video, "text": text, "fps": fps}
 
 
-def bucket_batches(
-    dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-) -> Iterator[list[int]]:
+def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
     """Endless batches of dataset indices, every batch from one bucket (``dataset.bucket(i)``).
 
     Per epoch: each bucket's indices are shuffled and cut into full batches (the remainder waits for
@@ -216,8 +262,7 @@ def bucket_batches(
             idx = groups[key]
             perm = torch.randperm(len(idx), generator=g).tolist()
             batches += [
-                [idx[j] for j in perm[k : k + batch_size]]
-                for k in range(0, len(idx) - batch_size + 1, batch_size)
+                [idx[j] for j in perm[k : k + batch_size]] for k in range(0, len(idx) - batch_size + 1, batch_size)
             ]
         order = torch.randperm(len(batches), generator=g).tolist()
         rounds = len(order) // world_size
@@ -295,9 +340,7 @@ def make_synthetic_dataset(
             for d in directions:
                 for k, off in enumerate(offsets):
                     name = f"{c}_{sh}_{d}_{k}.mp4"
-                    write_video(
-                        os.path.join(vid_dir, name), synthetic_clip(c, sh, d, num_frames, size, off), fps
-                    )
+                    write_video(os.path.join(vid_dir, name), synthetic_clip(c, sh, d, num_frames, size, off), fps)
                     rows.append((os.path.join("videos", name), synthetic_caption(c, sh, d)))
     path = os.path.join(out_dir, "data.csv")
     with open(path, "w", newline="") as f:

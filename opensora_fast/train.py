@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,8 +36,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from opensora_fast.checkpoint import resolve_resume, write_step_dir
-from opensora_fast.data import bucket_batches
+from opensora_fast.checkpoint import (
+    CheckpointError,
+    has_checkpoint,
+    load_safetensors_checked,
+    load_torch_checked,
+    newest_checkpoint,
+    recover,
+    resolve_resume,
+    verify_checkpoint,
+    write_step_dir,
+)
+from opensora_fast.data import BadClipError, bucket_batches
 from opensora_fast.masks import MASK_RATIOS, STAGE1_MASK_RATIOS, MaskGenerator
 from opensora_fast.parallel import all_reduce_grads
 
@@ -67,6 +78,8 @@ class DiTTrainConfig:
     use_timestep_transform: bool = True
     # image/video conditioning: kind -> probability of a frame mask (opensora_fast.masks); None: never
     mask_ratios: dict | None = field(default_factory=lambda: dict(STAGE1_MASK_RATIOS))
+    max_bad_clips: int = 100  # clips that fail to decode are skipped and logged; more than this stops training
+    keep_last: int | None = None  # keep only the newest N checkpoints (None: all)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -85,6 +98,10 @@ class DiTTrainConfig:
             MaskGenerator(self.mask_ratios)  # raises ValueError naming a bad kind or ratio
         if self.sp_mode not in ("dsp", "ulysses", "fastseq"):
             raise ValueError(f"sp_mode must be 'dsp', 'ulysses' or 'fastseq', got {self.sp_mode!r}")
+        if self.max_bad_clips < 0:
+            raise ValueError(f"max_bad_clips must be >= 0, got {self.max_bad_clips}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up (Open-Sora's LinearWarmupLR): lr * (step + 1) / warmup for the first steps."""
@@ -106,9 +123,34 @@ class TrainResult:
 # distributed
 
 
-def init_distributed(backend: str | None = None, device: str | None = None) -> tuple[int, int, torch.device]:
+DIST_TIMEOUT_S = 600.0  # a collective that waits longer than this fails (PyTorch's default: 30 minutes)
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """UsageError for a device string that is not cpu / cuda[:N], or cuda on a machine without a GPU."""
+    from opensora_fast.sample import UsageError
+
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {device}: no CUDA GPU is available to this PyTorch; use {flag} cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def init_distributed(
+    backend: str | None = None, device: str | None = None, timeout: float | None = None
+) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's environment; starts the process group when
-    WORLD_SIZE is set and none is running (nccl on CUDA, gloo on CPU).
+    WORLD_SIZE is set and none is running (nccl on CUDA, gloo on CPU), with collectives that fail after
+    ``timeout`` seconds (default ``DIST_TIMEOUT_S``) instead of PyTorch's 30 minutes.
 
     ``device`` "cpu" or "cuda" forces the kind; by default CUDA (one GPU per local rank) when this node
     has a GPU for every local process, else the CPU for all of them (e.g. 2 processes on a 1-GPU
@@ -120,16 +162,26 @@ def init_distributed(backend: str | None = None, device: str | None = None) -> t
     if device is None:
         cuda = torch.cuda.is_available() and local_world <= torch.cuda.device_count()
     else:
+        from opensora_fast.sample import UsageError
+
+        check_device(device)
         cuda = torch.device(device).type == "cuda"
         if cuda and local_world > torch.cuda.device_count():
-            raise RuntimeError(
+            raise UsageError(
                 f"device={device!r}: {local_world} processes on this node but {torch.cuda.device_count()} GPU(s)"
             )
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=rank, world_size=world)
+        from datetime import timedelta
+
+        dist.init_process_group(
+            backend or ("nccl" if cuda else "gloo"),
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout or DIST_TIMEOUT_S),
+        )
     return rank, world, device
 
 
@@ -222,9 +274,20 @@ def load_ema(ema: dict, state: dict) -> None:
             v.copy_(src)
 
 
-def save_checkpoint(ckpt_dir: str, model, config, optimizer, ema: dict, step: int, rank: int = 0) -> str:
-    """Write ``ckpt_dir/step-XXXXXXXX`` atomically (rank 0) and point ``latest`` at it. Every rank
-    must call this (gathering the shards is collective)."""
+def save_checkpoint(
+    ckpt_dir: str,
+    model,
+    config,
+    optimizer,
+    ema: dict,
+    step: int,
+    rank: int = 0,
+    run: dict | None = None,
+    keep_last: int | None = None,
+) -> str:
+    """Write ``ckpt_dir/step-XXXXXXXX`` atomically (rank 0) with checksums, point ``latest`` at it and keep
+    the newest ``keep_last``. ``run`` (the training options) goes to ``run.json``. Every rank must call this
+    (gathering the shards is collective)."""
     from opensora_fast.sample import save_stdit3
 
     sd = model_state(model)
@@ -237,11 +300,37 @@ def save_checkpoint(ckpt_dir: str, model, config, optimizer, ema: dict, step: in
             save_stdit3(sd, config, tmp)
             save_stdit3(esd, config, os.path.join(tmp, "ema"))
             torch.save({"step": step, "optimizer": osd}, os.path.join(tmp, "train_state.pt"))
+            if run is not None:
+                with open(os.path.join(tmp, "run.json"), "w") as f:
+                    json.dump(run, f, indent=1, default=str)
 
-        write_step_dir(ckpt_dir, step, write)
+        write_step_dir(ckpt_dir, step, write, keep_last=keep_last)
     if _is_dist():
         dist.barrier()
     return final
+
+
+def read_checkpoint(path: str) -> dict:
+    """A training checkpoint directory, checksums verified: {"path", "step", "model", "ema", "train_state",
+    "run" (run.json or None)}. Missing, corrupt or unreadable files raise CheckpointError naming them."""
+    verify_checkpoint(path)
+    model_sd = load_safetensors_checked(os.path.join(path, "model.safetensors"))
+    ema_sd = load_safetensors_checked(os.path.join(path, "ema", "model.safetensors"))
+    train_state = load_torch_checked(os.path.join(path, "train_state.pt"))
+    if not isinstance(train_state, dict) or "step" not in train_state or "optimizer" not in train_state:
+        raise CheckpointError(f"checkpoint file {os.path.join(path, 'train_state.pt')!r} holds no step / optimizer")
+    run = None
+    if os.path.isfile(os.path.join(path, "run.json")):
+        with open(os.path.join(path, "run.json")) as f:
+            run = json.load(f)
+    return {
+        "path": path,
+        "step": int(train_state["step"]),
+        "model": model_sd,
+        "ema": ema_sd,
+        "train_state": train_state,
+        "run": run,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,15 +356,72 @@ class TextCache:
 
 
 def _truncate_log(path: str, step: int) -> None:
-    """Drop records after ``step`` (steps a crashed run logged after its last checkpoint)."""
+    """Drop records after ``step`` (steps a crashed run logged after its last checkpoint). A last line
+    without its newline was torn by a kill mid-write and is dropped; any other line that is not a JSON
+    record with a "step" is a ValueError naming the file and line."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline, else a record cut short
+    if torn.strip():
+        print(f"{path}: dropping a torn last line ({len(torn)} bytes, written when the run was killed)")
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            s = int(rec["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path} line {n} is not a log record ({type(e).__name__}: {e}); fix or remove that line to resume"
+            ) from None
+        if s <= step:
+            keep.append(line + b"\n")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "wb") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+class TooManyBadClips(ValueError):
+    """More clips failed to decode than ``max_bad_clips`` allows."""
+
+
+class ClipLoader:
+    """``dataset[i]`` with decode failures (BadClipError) skipped: a bad clip is reported once, remembered,
+    and replaced by the next readable clip of its bucket, so every batch keeps its size and every rank its
+    step. More than ``limit`` bad clips in all (those the scan left out included) raises TooManyBadClips."""
+
+    def __init__(self, dataset, limit: int, report: Callable[[str], None]):
+        self.dataset, self.limit, self.report = dataset, limit, report
+        self.bad: dict[int, str] = {}
+        self.scan_bad = len(getattr(dataset, "bad", ()))
+        self.groups: dict[tuple, list[int]] = {}
+        for i in range(len(dataset)):
+            self.groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
+
+    @property
+    def count(self) -> int:
+        return self.scan_bad + len(self.bad)
+
+    def __call__(self, i: int) -> tuple[int, dict]:
+        group = self.groups[tuple(self.dataset.bucket(i))]
+        k = group.index(i)
+        for j in group[k:] + group[:k]:
+            if j in self.bad:
+                continue
+            try:
+                return j, self.dataset[j]
+            except BadClipError as e:
+                self.bad[j] = str(e)
+                self.report(f"skipped: {e} ({self.count} bad clip(s), --max-bad-clips {self.limit})")
+                if self.count > self.limit:
+                    raise TooManyBadClips(
+                        f"{self.count} clips could not be read, more than --max-bad-clips {self.limit}; the last: {e}"
+                    ) from None
+        raise TooManyBadClips(f"every clip of bucket {tuple(self.dataset.bucket(i))} failed to decode")
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -290,7 +436,8 @@ def train_dit(
     text_encoder,
     *,
     ckpt_dir: str | None = None,
-    resume: str | None = None,
+    resume: str | dict | None = None,
+    run_meta: dict | None = None,
     log_path: str | None = None,
     device=None,
     progress: bool = True,
@@ -300,8 +447,10 @@ def train_dit(
 
     ``dataset``: ``data.VideoTextDataset``-like (``bucket(i)``, items {"video", "text", "fps"}).
     ``vae`` (frozen OpenSoraVAE) and ``text_encoder`` (``encode(list[str])`` -> {"y", "mask"}) stay
-    on ``device``. ``resume``: a checkpoint directory, a ``ckpt_dir`` with ``latest``, or ``"auto"``
-    (``ckpt_dir`` when it has one). Logs to stdout every ``cfg.log_every`` steps and every step to
+    on ``device``. ``resume``: a checkpoint directory, a ``ckpt_dir`` (its newest complete checkpoint),
+    ``"auto"`` (``ckpt_dir`` when it has one) or what ``read_checkpoint`` returned. Stale temporaries of
+    killed checkpoint writes in ``ckpt_dir`` are cleaned up first (``checkpoint.recover``). ``run_meta``
+    is saved with each checkpoint (``run.json``). Logs to stdout every ``cfg.log_every`` steps and every step to
     ``log_path`` (JSONL: step, loss, lr, grad_norm, samples_per_s, tokens_per_s)."""
     from opensora_fast.rflow import RFlow
 
@@ -313,17 +462,18 @@ def train_dit(
     if use_fsdp and not _is_dist():
         raise RuntimeError("fsdp=True needs a process group (run under torchrun, or init one first)")
 
+    if ckpt_dir and rank == 0:
+        for line in recover(ckpt_dir):
+            print(f"checkpoints: {line}")
+    if _is_dist():
+        dist.barrier()
     if resume == "auto":
-        resume = ckpt_dir if ckpt_dir and os.path.isfile(os.path.join(ckpt_dir, "latest")) else None
+        resume = ckpt_dir if ckpt_dir and has_checkpoint(ckpt_dir) else None
     start, train_state, ema_sd = 0, None, None
     if resume:
-        from opensora_fast.checkpoint import read_state_dict
-
-        path = resolve_resume(resume)
-        model.load_state_dict(read_state_dict(os.path.join(path, "model.safetensors")))
-        ema_sd = read_state_dict(os.path.join(path, "ema", "model.safetensors"))
-        train_state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
-        start = int(train_state["step"])
+        ck = resume if isinstance(resume, dict) else read_checkpoint(resolve_resume(resume))
+        _load_model_state(model, ck["model"], ck["path"])
+        ema_sd, train_state, start = ck["ema"], ck["train_state"], ck["step"]
 
     model.config.grad_checkpoint = cfg.grad_checkpoint
     model.to(dev).train()
@@ -337,9 +487,7 @@ def train_dit(
     if ema_sd is not None:
         load_ema(ema, ema_sd)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr_at(start), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr_at(start), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     if train_state is not None:
         load_optimizer_state(model, optimizer, train_state["optimizer"])
 
@@ -365,10 +513,10 @@ def train_dit(
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         _truncate_log(log_path, start)
     log = open(log_path, "a") if (log_path and rank == 0) else None
-    losses, last_ckpt = [], None
-    bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, desc="STDiT3", disable=not progress or rank
-    )
+    losses, last_ckpt = [], (ck["path"] if resume else None)
+    prefix = f"rank {rank}: " if _is_dist() else ""
+    load = ClipLoader(dataset, cfg.max_bad_clips, lambda msg: tqdm.write(prefix + msg, file=sys.stderr))
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="STDiT3", disable=not progress or rank)
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -380,13 +528,13 @@ def train_dit(
             if cfg.cache_latents:
                 for i in idx:
                     if i not in latents:
-                        it = dataset[i]
+                        _, it = load(i)
                         meta = {k: v for k, v in it.items() if k != "video"}
                         latents[i] = (encode(it["video"][None], False, None)[0].cpu(), meta)
                 items = [latents[i][1] for i in idx]
                 z = torch.stack([latents[i][0] for i in idx]).to(dev)
             else:
-                items = [dataset[i] for i in idx]
+                items = [load(i)[1] for i in idx]
                 z = encode(torch.stack([it["video"] for it in items]), True, g_dev)
             B = z.shape[0]
             T, H, W = dataset.bucket(idx[0])
@@ -428,6 +576,8 @@ def train_dit(
                 "tokens_per_s": tokens / dt,
                 "shape": [T, H, W],
             }
+            if load.count:
+                rec["bad_clips"] = load.count
             losses.append(rec["loss"])
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if log is not None:
@@ -443,12 +593,27 @@ def train_dit(
                 on_step(step, rec)
             done = step + 1
             if ckpt_dir and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-                last_ckpt = save_checkpoint(ckpt_dir, model, model.config, optimizer, ema, done, rank)
+                last_ckpt = save_checkpoint(
+                    ckpt_dir, model, model.config, optimizer, ema, done, rank, run_meta, cfg.keep_last
+                )
     finally:
         bar.close()
         if log is not None:
             log.close()
     return TrainResult(losses, start + len(losses), last_ckpt, model, ema)
+
+
+def _load_model_state(model, sd: dict, path: str) -> None:
+    """Load a checkpoint's weights; a mismatch is one line (counts and a few names), not a state-dict dump."""
+    from opensora_fast.checkpoint import check_state_dict, format_mismatch
+
+    missing, unexpected, shapes = check_state_dict(model, sd)
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint {path!r} does not fit this STDiT3 ({model.config.hidden_size} wide, depth "
+            f"{model.config.depth}): " + format_mismatch(missing, unexpected, shapes, limit=3)
+        )
+    model.load_state_dict(sd)
 
 
 def config_json(cfg: DiTTrainConfig) -> str:
@@ -460,7 +625,7 @@ def build_model(preset: str, init_from: str | None, in_channels: int, text_dim: 
     local STDiT3 directory. XL keeps Open-Sora's 4096-dim, 300-token captions and freezes y_embedder
     (stage 1)."""
     from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
-    from opensora_fast.sample import UsageError, require_path
+    from opensora_fast.sample import require_path
 
     if init_from:
         model = STDiT3.from_pretrained(require_path(init_from, "--init-from", "an STDiT3 checkpoint"))
@@ -473,23 +638,130 @@ def build_model(preset: str, init_from: str | None, in_channels: int, text_dim: 
                 kw["model_max_length"] = text_len
             config = getattr(STDiT3Config, preset)(**kw)
         model = STDiT3(config)
-    c = model.config
-    if c.in_channels != in_channels:
-        raise UsageError(f"the STDiT3 takes {c.in_channels} latent channels but the VAE makes {in_channels}")
-    if c.caption_channels != text_dim:
-        raise UsageError(
-            f"the STDiT3 takes {c.caption_channels}-dim captions but the T5 encoder gives {text_dim}"
-        )
+    check_model_inputs(model, in_channels, text_dim, f"--init-from {init_from!r}" if init_from else None)
     return model.float()
+
+
+def check_model_inputs(model, in_channels: int, text_dim: int, source: str | None) -> None:
+    """UsageError (one line, with what to change) when the STDiT3 does not take the VAE's latent channels or
+    the T5's caption width. ``source``: where the model came from (None: a fresh --model-config preset)."""
+    from opensora_fast.sample import UsageError
+
+    c = model.config
+    src = source or "the fresh STDiT3"
+    if c.in_channels != in_channels:
+        raise UsageError(f"{src} takes {c.in_channels} latent channels but the VAE makes {in_channels}")
+    if c.caption_channels != text_dim:
+        hint = (
+            "use --model-config tiny or small (sized to the given T5), or give --t5 the T5 with "
+            f"d_model {c.caption_channels} (STDiT3-XL: t5-v1_1-xxl, 4096)"
+            if source is None
+            else f"give --t5 the T5 it was trained with (d_model {c.caption_channels})"
+        )
+        raise UsageError(f"{src} takes {c.caption_channels}-dim captions but the T5 encoder gives {text_dim}: {hint}")
+
+
+# options of ``train`` that describe the run (saved with each checkpoint, taken from it on --resume)
+_NOT_RUN_OPTIONS = ("func", "resume", "overwrite", "out_dir", "no_progress", "device", "explicit", "argv")
+# options that cannot change on --resume (the weights in the checkpoint decide them)
+_FIXED_ON_RESUME = ("model_config", "init_from")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _apply_resume_options(args, run: dict, path: str) -> None:
+    """Take the run's options from the checkpoint's ``run.json``; a flag given on this command line that
+    differs is kept with a warning, except the model's (``_FIXED_ON_RESUME``: UsageError, one line)."""
+    from opensora_fast.sample import UsageError
+
+    explicit = getattr(args, "explicit", None)
+    explicit = set(vars(args)) if explicit is None else set(explicit)
+    for dest, old in run.items():
+        if dest in _NOT_RUN_OPTIONS or not hasattr(args, dest):
+            continue
+        new = getattr(args, dest)
+        same = json.dumps(new, default=str) == json.dumps(old, default=str)
+        if dest not in explicit:
+            if dest == "buckets" and old is not None:
+                old = [tuple(b) for b in old]
+            setattr(args, dest, old)
+        elif not same:
+            if dest in _FIXED_ON_RESUME:
+                raise UsageError(
+                    f"--resume: {_flag(dest)} {new} does not fit the checkpoint {path!r} (trained with "
+                    f"{_flag(dest)} {old}); leave {_flag(dest)} out to continue that run"
+                )
+            print(
+                f"warning: {_flag(dest)} {new} differs from the checkpoint's run ({old}); using {new}", file=sys.stderr
+            )
+
+
+def _check_out_dir(args) -> str:
+    """The run directory: must not be a file; a directory that already holds a run needs --resume or
+    --overwrite. Checked before anything is loaded."""
+    from opensora_fast.sample import UsageError
+
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out-dir {out!r} is a file; give a directory for the run")
+    if getattr(args, "overwrite", False) and args.resume:
+        raise UsageError("--resume and --overwrite exclude each other")
+    held = [n for n in ("log.jsonl", "config.json", "checkpoints") if os.path.exists(os.path.join(out, n))]
+    if held and not args.resume and not getattr(args, "overwrite", False):
+        raise UsageError(
+            f"--out-dir {out!r} already holds a run ({', '.join(held)}): add --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    return os.path.join(out, "checkpoints")
+
+
+def _resume_command(args) -> str:
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["opensora-fast", *argv])
+
+
+class DistributedFailure(RuntimeError):
+    """A collective failed or timed out: another rank died or stopped responding."""
 
 
 def run_train(args) -> int:
     """``opensora-fast train``: everything from local paths; writes ``out_dir/{config.json, log.jsonl,
     checkpoints/}``."""
+    import shutil
+
     from opensora_fast.data import VideoTextDataset
+    from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
     from opensora_fast.sample import UsageError, load_vae, require_path
     from opensora_fast.text import T5TextEncoder
 
+    ckpt_dir = _check_out_dir(args)
+    check_device(args.device)
+    rank, world, device = init_distributed(device=args.device, timeout=getattr(args, "dist_timeout", None))
+    ck = None
+    if args.resume:
+        if rank == 0:
+            for line in recover(ckpt_dir):
+                print(f"checkpoints: {line}")
+        if _is_dist():
+            dist.barrier()
+        resume = args.resume
+        if resume == "auto":
+            if not has_checkpoint(ckpt_dir):
+                raise UsageError(f"--resume: no checkpoint in {ckpt_dir!r}")
+            resume = ckpt_dir
+        ck = read_checkpoint(resolve_resume(resume))
+        run = ck["run"]
+        if run is None and os.path.isfile(os.path.join(args.out_dir, "config.json")):  # older checkpoints
+            with open(os.path.join(args.out_dir, "config.json")) as f:
+                run = json.load(f).get("args")
+        if run:
+            _apply_resume_options(args, run, ck["path"])
     try:
         cfg = DiTTrainConfig(
             steps=args.steps,
@@ -509,55 +781,97 @@ def run_train(args) -> int:
             fsdp_mode=args.fsdp_mode,
             sp_size=args.sp,
             sp_mode=args.sp_mode,
+            max_bad_clips=getattr(args, "max_bad_clips", 100),
+            keep_last=getattr(args, "keep_last", None),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    ckpt_dir = os.path.join(args.out_dir, "checkpoints")
-    resume = args.resume
-    if resume == "auto":
-        if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
-            raise UsageError(f"--resume: no checkpoint in {ckpt_dir!r}")
-        resume = ckpt_dir
-    rank, world, device = init_distributed(device=args.device)
-    dataset = VideoTextDataset(
-        require_path(args.data, "--data", "the data CSV"), args.buckets, fps=args.data_fps
-    )
+    dataset = VideoTextDataset(require_path(args.data, "--data", "the data CSV"), args.buckets, fps=args.data_fps)
     if rank == 0 and dataset.dropped:
         print(f"{len(dataset.dropped)} clip(s) shorter than every bucket were left out")
+    if rank == 0:
+        for _, line, why in dataset.bad:
+            print(f"skipped: {why} ({args.data} line {line})", file=sys.stderr)
+    if len(dataset.bad) > cfg.max_bad_clips:
+        raise UsageError(
+            f"{len(dataset.bad)} clips in {args.data!r} cannot be read, more than --max-bad-clips "
+            f"{cfg.max_bad_clips}; the first: {dataset.bad[0][2]} (line {dataset.bad[0][1]})"
+        )
     vae = load_vae(require_path(args.vae, "--vae", "the VAE weights"), device=device)
     t5_path = require_path(args.t5, "--t5", "the T5 encoder directory")
     from transformers import AutoConfig
 
     t5_cfg = AutoConfig.from_pretrained(t5_path, local_files_only=True)
     torch.manual_seed(cfg.seed)
-    model = build_model(args.model_config, args.init_from, vae.out_channels, t5_cfg.d_model, None)
+    if ck is not None:  # the model as the checkpoint describes it
+        with open(os.path.join(ck["path"], "config.json")) as f:
+            model = STDiT3(STDiT3Config.from_dict(json.load(f))).float()
+        check_model_inputs(model, vae.out_channels, t5_cfg.d_model, f"the checkpoint {ck['path']!r}")
+        _load_model_state(model, ck["model"], ck["path"])
+    else:
+        model = build_model(args.model_config, args.init_from, vae.out_channels, t5_cfg.d_model, None)
     text = T5TextEncoder(t5_path, model_max_length=model.config.model_max_length, device=device)
-    os.makedirs(args.out_dir, exist_ok=True)
-    if rank == 0:
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(
-                {"train": asdict(cfg), "args": {k: v for k, v in vars(args).items() if k != "func"}},
-                f,
-                indent=1,
-                default=str,
+    if ck is not None and ck["step"] >= cfg.steps:
+        if rank == 0:
+            print(
+                f"checkpoint {ck['path']} is at step {ck['step']} and --steps is {cfg.steps}: nothing left to do "
+                f"(raise --steps to train further)"
             )
+        return 0
+    run_meta = {k: v for k, v in vars(args).items() if k not in _NOT_RUN_OPTIONS}
+    if rank == 0:
+        if ck is None and getattr(args, "overwrite", False):  # validated: now replace the previous run
+            for name in ("checkpoints", "log.jsonl", "config.json"):
+                p = os.path.join(args.out_dir, name)
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.remove(p)
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump({"train": asdict(cfg), "args": run_meta}, f, indent=1, default=str)
         n = sum(p.numel() for p in model.parameters())
         print(
             f"STDiT3 {n / 1e6:.2f}M parameters, {len(dataset)} clips, world size {world} "
             f"(sequence parallel {cfg.sp_size}), device {device}"
         )
-    res = train_dit(
-        cfg,
-        dataset,
-        model,
-        vae,
-        text,
-        ckpt_dir=ckpt_dir,
-        resume=resume,
-        log_path=os.path.join(args.out_dir, "log.jsonl"),
-        device=device,
-        progress=not args.no_progress,
-    )
+        if ck is not None:
+            print(f"resuming from step {ck['step']} ({ck['path']})", flush=True)
+    progress = {"step": ck["step"] if ck else 0}
+    try:
+        res = train_dit(
+            cfg,
+            dataset,
+            model,
+            vae,
+            text,
+            ckpt_dir=ckpt_dir,
+            resume=ck,
+            run_meta=run_meta,
+            log_path=os.path.join(args.out_dir, "log.jsonl"),
+            device=device,
+            progress=not args.no_progress,
+            on_step=lambda step, rec: progress.update(step=step + 1),
+        )
+    except KeyboardInterrupt:
+        if rank == 0:
+            last = newest_checkpoint(ckpt_dir)
+            print(
+                f"\ninterrupted after step {progress['step']}; last checkpoint: {last or 'none'}; "
+                f"resume with: {_resume_command(args)}",
+                file=sys.stderr,
+            )
+        return 130
+    except TooManyBadClips:
+        raise
+    except (RuntimeError, dist.DistError) as e:
+        if not _is_dist() or isinstance(e, FloatingPointError):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedFailure(
+            f"rank {rank} of {world}: a collective failed at step {progress['step'] + 1} ({msg}); another rank "
+            f"died or did not answer within --dist-timeout {getattr(args, 'dist_timeout', None) or DIST_TIMEOUT_S:g} s"
+        ) from None
     if rank == 0:
         print(
             f"trained to step {res.step}; checkpoint {res.checkpoint} "

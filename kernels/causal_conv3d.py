@@ -28,6 +28,7 @@ import triton.language as tl
 from opensora_fast.kernels import reference
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, use_triton
+from opensora_fast.kernels.layernorm_modulate import needs_int64
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the first is also the interpreter's.
 _GEMM_CONFIGS = (
@@ -46,10 +47,7 @@ _DW_STRIDED_CONFIG = (128, 128, 32, 8, 3)
 
 def _configs(gemm=_GEMM_CONFIGS):
     return autotune_configs(
-        [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in gemm
-        ]
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in gemm]
     )
 
 
@@ -74,7 +72,7 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _load_rows(P, row, row_ok, ch, ch_ok, s_ch, FAST: tl.constexpr):
+def _load_rows(P, row, row_ok, ch, ch_ok, s_ch, FAST: tl.constexpr, I64: tl.constexpr):
     """Tile P[row[:, None] + ch[None, :] * s_ch] (rows x channels), masked rows read as 0.
 
     FAST: unit channel stride, every row start a multiple of 16 elements and every channel in range
@@ -84,23 +82,33 @@ def _load_rows(P, row, row_ok, ch, ch_ok, s_ch, FAST: tl.constexpr):
         ptrs = tl.multiple_of(tl.max_contiguous(ptrs, [1, 16]), [16, 16])
         t = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
+        if I64:
+            ch = ch.to(tl.int64)
         t = tl.load(P + row[:, None] + ch[None, :] * s_ch, mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
     return t
 
 
 @triton.jit
-def _store_rows(P, row, row_ok, ch, ch_ok, s_ch, val, FAST: tl.constexpr):
+def _store_rows(P, row, row_ok, ch, ch_ok, s_ch, val, FAST: tl.constexpr, I64: tl.constexpr):
     if FAST:
         ptrs = P + tl.multiple_of(row, 16)[:, None] + ch[None, :]
         ptrs = tl.multiple_of(tl.max_contiguous(ptrs, [1, 16]), [16, 16])
         tl.store(ptrs, val, mask=row_ok[:, None])
     else:
+        if I64:
+            ch = ch.to(tl.int64)
         tl.store(P + row[:, None] + ch[None, :] * s_ch, val, mask=row_ok[:, None] & ch_ok[None, :])
 
 
 @triton.jit
-def _offset(b, t, h, w, sb, st, sh, sw):
-    return b.to(tl.int64) * sb + t.to(tl.int64) * st + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+def _offset(b, t, h, w, sb, st, sh, sw, I64: tl.constexpr):
+    """Element offset of positions (b, t, h, w): int64 when I64, else int32 (the host proved every
+    offset of the tensors fits)."""
+    if I64:
+        off = b.to(tl.int64) * sb + t.to(tl.int64) * st + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+    else:
+        off = b * sb + t * st + h * sh + w * sw
+    return off
 
 
 _KEY = ["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T", "FAST"]
@@ -140,6 +148,7 @@ def _causal_conv3d_fwd_kernel(
     KW: tl.constexpr,
     STRIDE_T: tl.constexpr,
     FAST: tl.constexpr,  # X and Y channels-last with C_in, C_out multiples of 128 (see _load_rows)
+    I64: tl.constexpr,  # int64 offsets (a tensor spans >= 2**31 elements)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -168,13 +177,13 @@ def _causal_conv3d_fwd_kernel(
         hi = ho + (tap // KW) % KH - KH // 2
         wi = wo + tap % KW - KW // 2
         row_ok = m_ok & (ti >= 0) & (ti < t_in) & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        a = _load_rows(X, _offset(bb, ti, hi, wi, sxb, sxt, sxh, sxw), row_ok, ck, ck_ok, sxc, FAST)
-        b = _load_rows(Wp, (tap * c_in + ck) * c_out, ck_ok, offs_n, n_ok, 1, FAST)
+        a = _load_rows(X, _offset(bb, ti, hi, wi, sxb, sxt, sxh, sxw, I64), row_ok, ck, ck_ok, sxc, FAST, I64)
+        b = _load_rows(Wp, (tap * c_in + ck) * c_out, ck_ok, offs_n, n_ok, 1, FAST, I64)
         acc = _dot(a, b.to(a.dtype), acc)
     if has_bias != 0:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(Y.dtype.element_ty).to(tl.float32)[None, :]
-    y_row = _offset(bb, to, ho, wo, syb, syt, syh, syw)
-    _store_rows(Y, y_row, m_ok, offs_n, n_ok, syc, acc.to(Y.dtype.element_ty), FAST)
+    y_row = _offset(bb, to, ho, wo, syb, syt, syh, syw, I64)
+    _store_rows(Y, y_row, m_ok, offs_n, n_ok, syc, acc.to(Y.dtype.element_ty), FAST, I64)
 
 
 @triton.autotune(
@@ -209,6 +218,7 @@ def _causal_conv3d_bwd_dx_kernel(
     KW: tl.constexpr,
     STRIDE_T: tl.constexpr,
     FAST: tl.constexpr,  # DY and DX channels-last with C_in, C_out multiples of 128
+    I64: tl.constexpr,  # int64 offsets (a tensor spans >= 2**31 elements)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -240,11 +250,11 @@ def _causal_conv3d_bwd_dx_kernel(
         wo = w_ - tap % KW + KW // 2
         row_ok = m_ok & (num >= 0) & (num % STRIDE_T == 0) & (to < t_out)
         row_ok = row_ok & (ho >= 0) & (ho < height) & (wo >= 0) & (wo < width)
-        a = _load_rows(DY, _offset(bb, to, ho, wo, sdb, sdt, sdh, sdw), row_ok, ck, ck_ok, sdc, FAST)
-        b = _load_rows(Wp, (tap * c_out + ck) * c_in, ck_ok, offs_n, n_ok, 1, FAST)
+        a = _load_rows(DY, _offset(bb, to, ho, wo, sdb, sdt, sdh, sdw, I64), row_ok, ck, ck_ok, sdc, FAST, I64)
+        b = _load_rows(Wp, (tap * c_out + ck) * c_in, ck_ok, offs_n, n_ok, 1, FAST, I64)
         acc = _dot(a, b.to(a.dtype), acc)
-    x_row = _offset(bb, t_, h_, w_, sxb, sxt, sxh, sxw)
-    _store_rows(DX, x_row, m_ok, offs_n, n_ok, sxc, acc.to(DX.dtype.element_ty), FAST)
+    x_row = _offset(bb, t_, h_, w_, sxb, sxt, sxh, sxw, I64)
+    _store_rows(DX, x_row, m_ok, offs_n, n_ok, sxc, acc.to(DX.dtype.element_ty), FAST, I64)
 
 
 @triton.autotune(
@@ -282,6 +292,7 @@ def _causal_conv3d_bwd_dw_kernel(
     KW: tl.constexpr,
     STRIDE_T: tl.constexpr,
     FAST: tl.constexpr,  # X and DY channels-last with C_in, C_out multiples of 128
+    I64: tl.constexpr,  # int64 offsets (a tensor spans >= 2**31 elements)
     BLOCK_M: tl.constexpr,  # C_out tile
     BLOCK_N: tl.constexpr,  # C_in tile
     BLOCK_K: tl.constexpr,  # output positions per step
@@ -313,21 +324,16 @@ def _causal_conv3d_bwd_dw_kernel(
         ho = (offs_m // width) % height
         to = (offs_m // (width * height)) % t_out
         bb = offs_m // (width * height * t_out)
-        dy = _load_rows(DY, _offset(bb, to, ho, wo, sdb, sdt, sdh, sdw), m_ok, offs_co, co_ok, sdc, FAST)
+        dy = _load_rows(DY, _offset(bb, to, ho, wo, sdb, sdt, sdh, sdw, I64), m_ok, offs_co, co_ok, sdc, FAST, I64)
         ti = to * STRIDE_T + i - PAD_T
         hi = ho + j - KH // 2
         wi = wo + k - KW // 2
         row_ok = m_ok & (ti >= 0) & (ti < t_in) & (hi >= 0) & (hi < height) & (wi >= 0) & (wi < width)
-        xp = _load_rows(X, _offset(bb, ti, hi, wi, sxb, sxt, sxh, sxw), row_ok, offs_ci, ci_ok, sxc, FAST)
+        xp = _load_rows(X, _offset(bb, ti, hi, wi, sxb, sxt, sxh, sxw, I64), row_ok, offs_ci, ci_ok, sxc, FAST, I64)
         acc = _dot(tl.trans(dy), xp.to(dy.dtype), acc)
         if has_bias != 0:
             db += tl.sum(dy.to(tl.float32), axis=0)
-    dw_ptr = (
-        DW
-        + split.to(tl.int64) * c_out * c_in * TAPS
-        + offs_co[:, None] * (c_in * TAPS)
-        + offs_ci[None, :] * TAPS
-    )
+    dw_ptr = DW + split.to(tl.int64) * c_out * c_in * TAPS + offs_co[:, None] * (c_in * TAPS) + offs_ci[None, :] * TAPS
     tl.store(dw_ptr + tap, acc, mask=co_ok[:, None] & ci_ok[None, :])
     if has_bias != 0:
         if (tap == 0) & (pid_ci == 0):
@@ -371,9 +377,7 @@ def _fast(tensors, c_in: int, c_out: int) -> bool:
 
 
 @torch.library.custom_op("opensora_fast::causal_conv3d_fwd", mutates_args=())
-def causal_conv3d_fwd(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride_t: int
-) -> torch.Tensor:
+def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride_t: int) -> torch.Tensor:
     B, C_in, T, H, W = x.shape
     C_out, _, KT, KH, KW = weight.shape
     T_out = _t_out(T, KT, stride_t)
@@ -385,7 +389,7 @@ def causal_conv3d_fwd(
         x, wp, wp if bias is None else bias, y,
         C_in, C_out, T, T_out, H, W, M, int(bias is not None),
         *x.stride(), *y.stride(),
-        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((x, y), C_in, C_out),
+        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((x, y), C_in, C_out), I64=needs_int64(x, y),
     )  # fmt: skip
     return y
 
@@ -397,9 +401,7 @@ def _(x, weight, bias, stride_t):
 
 
 @torch.library.custom_op("opensora_fast::causal_conv3d_bwd_dx", mutates_args=())
-def causal_conv3d_bwd_dx(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride_t: int
-) -> torch.Tensor:
+def causal_conv3d_bwd_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride_t: int) -> torch.Tensor:
     B, C_in, T, H, W = x.shape
     C_out, _, KT, KH, KW = weight.shape
     T_out = dy.shape[2]
@@ -411,7 +413,7 @@ def causal_conv3d_bwd_dx(
         dy, wp, dx,
         C_in, C_out, T, T_out, H, W, M,
         *dy.stride(), *dx.stride(),
-        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((dy, dx), C_in, C_out),
+        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((dy, dx), C_in, C_out), I64=needs_int64(dy, dx),
     )  # fmt: skip
     return dx
 
@@ -454,7 +456,7 @@ def causal_conv3d_bwd_dw(
         x, dy, dw, db,
         C_in, C_out, T, T_out, H, W, M, m_chunk, int(has_bias),
         *x.stride(), *dy.stride(),
-        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((x, dy), C_in, C_out),
+        KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((x, dy), C_in, C_out), I64=needs_int64(x, dy, dw),
     )  # fmt: skip
     dw = dw.sum(0).reshape(C_out, C_in, KT, KH, KW).to(weight.dtype)
     db = db.sum(0).to(weight.dtype) if has_bias else dw.new_zeros(0)
@@ -498,9 +500,7 @@ def _check(x, weight, bias, stride, padding_mode):
     check_tensor(weight, "weight", shape=(None, x.shape[1], None, None, None), like=x)
     if bias is not None:
         check_tensor(bias, "bias", shape=(weight.shape[0],), like=x)
-    if not (
-        isinstance(stride, (tuple, list)) and len(stride) == 3 and all(isinstance(s, int) for s in stride)
-    ):
+    if not (isinstance(stride, (tuple, list)) and len(stride) == 3 and all(isinstance(s, int) for s in stride)):
         raise ValueError(f"stride must be a tuple of 3 ints (stride_t, 1, 1), got {stride!r}")
     if stride[0] < 1 or tuple(stride[1:]) != (1, 1):
         raise ValueError(f"stride must be (stride_t >= 1, 1, 1) (no spatial stride), got {tuple(stride)}")
@@ -554,7 +554,9 @@ def sm90_specs() -> list[KernelSpec]:
                     launches.append((kernels[2], _DW_STRIDED_CONFIG))
                 for (name, fn, ptrs), (bm, bn, bk, nw, ns) in launches:
                     jit = fn.fn  # the @triton.jit function under the autotuner
-                    cx = dict(KT=kt, KH=kh, KW=kw, STRIDE_T=st, FAST=fast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                    cx = dict(
+                        KT=kt, KH=kh, KW=kw, STRIDE_T=st, FAST=fast, I64=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk
+                    )
                     layout = "fast" if fast else "strided"
                     tag = f"{dt},k={kt}{kh}{kw},st={st},{layout},{bm}x{bn}x{bk},w{nw}s{ns}"
                     specs.append(

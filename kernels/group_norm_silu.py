@@ -25,6 +25,7 @@ import triton.language as tl
 from opensora_fast.kernels import reference
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, next_pow2, use_triton
+from opensora_fast.kernels.layernorm_modulate import needs_int64
 
 # (TILE elements per loop step, num_warps): the first is the interpreter's.
 _CONFIGS = ((4096, 8), (2048, 4))
@@ -54,12 +55,15 @@ def _spatial_offset(s, height, width, sxt, sxh, sxw):
 
 
 @triton.jit
-def _offsets(s, ch, height, width, sc, st, sh, sw, LAYOUT: tl.constexpr):
+def _offsets(s, ch, height, width, sc, st, sh, sw, LAYOUT: tl.constexpr, I64: tl.constexpr):
     """Element offsets (within a sample) of positions s (BLOCK_S,) x channels ch (GPP, CG_P).
 
     LAYOUT 1: channels-last packed (channel stride 1, position stride sw); 2: contiguous packed
-    (position stride 1, channel stride sc); both in int32 (the host checks C*S < 2**31). 0: any
-    strides, positions decomposed into (t, h, w), int64."""
+    (position stride 1, channel stride sc); both in int32 unless I64 (the host sets it when a tensor
+    spans >= 2**31 elements). 0: any strides, positions decomposed into (t, h, w), int64."""
+    if I64:
+        s = s.to(tl.int64)
+        ch = ch.to(tl.int64)
     if LAYOUT == 1:
         off = (s * sw)[:, None, None] + ch[None, :, :]
     elif LAYOUT == 2:
@@ -99,6 +103,7 @@ def _group_norm_silu_stats_kernel(
     sxw,  # fmt: skip
     GPP: tl.constexpr,  # groups per program (power of 2)
     LAYOUT: tl.constexpr,  # 0 any strides, 1 channels-last packed, 2 contiguous packed (see _offsets)
+    I64: tl.constexpr,  # int64 offsets (a tensor spans >= 2**31 elements)
     CG: tl.constexpr,  # channels per group
     CG_P: tl.constexpr,  # next_pow2(CG)
     TILE: tl.constexpr,
@@ -119,7 +124,7 @@ def _group_norm_silu_stats_kernel(
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
-        off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
+        off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
         x = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
         cnt = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
         tmean = tl.sum(tl.sum(x, axis=0), axis=1) / cnt
@@ -179,6 +184,7 @@ def _group_norm_silu_fwd_kernel(
     syw,  # fmt: skip
     GPP: tl.constexpr,
     LAYOUT: tl.constexpr,
+    I64: tl.constexpr,
     CG: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
@@ -206,10 +212,10 @@ def _group_norm_silu_fwd_kernel(
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
-        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
+        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
         y_off = x_off  # packed layouts: every tensor has x's strides
         if LAYOUT == 0:
-            y_off = _offsets(s, ch, height, width, syc, syt, syh, syw, LAYOUT)
+            y_off = _offsets(s, ch, height, width, syc, syt, syh, syw, LAYOUT, I64)
         x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
         z = x * scale[None, :, :] + shift[None, :, :]
         if silu != 0:
@@ -248,6 +254,7 @@ def _group_norm_silu_bwd_reduce_kernel(
     sdw,  # fmt: skip
     GPP: tl.constexpr,
     LAYOUT: tl.constexpr,
+    I64: tl.constexpr,
     CG: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
@@ -275,10 +282,10 @@ def _group_norm_silu_bwd_reduce_kernel(
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
-        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
+        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
         d_off = x_off
         if LAYOUT == 0:
-            d_off = _offsets(s, ch, height, width, sdc, sdt, sdh, sdw, LAYOUT)
+            d_off = _offsets(s, ch, height, width, sdc, sdt, sdh, sdw, LAYOUT, I64)
         x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(d_base + d_off, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean[None, :, None]) * rstd[None, :, None]
@@ -337,6 +344,7 @@ def _group_norm_silu_bwd_dx_kernel(
     sow,  # fmt: skip
     GPP: tl.constexpr,
     LAYOUT: tl.constexpr,
+    I64: tl.constexpr,
     CG: tl.constexpr,
     CG_P: tl.constexpr,
     TILE: tl.constexpr,
@@ -370,12 +378,12 @@ def _group_norm_silu_bwd_dx_kernel(
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
-        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT)
+        x_off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
         d_off = x_off
         o_off = x_off
         if LAYOUT == 0:
-            d_off = _offsets(s, ch, height, width, sdc, sdt, sdh, sdw, LAYOUT)
-            o_off = _offsets(s, ch, height, width, soc, sot, soh, sow, LAYOUT)
+            d_off = _offsets(s, ch, height, width, sdc, sdt, sdh, sdw, LAYOUT, I64)
+            o_off = _offsets(s, ch, height, width, soc, sot, soh, sow, LAYOUT, I64)
         x = tl.load(x_base + x_off, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(d_base + d_off, mask=mask, other=0.0).to(tl.float32)
         xhat = (x - mean[None, :, None]) * rstd[None, :, None]
@@ -414,8 +422,8 @@ def _geometry(x: torch.Tensor):
 
 def _layout(tensors) -> tuple[int, tuple]:
     """(LAYOUT, strides) for the kernels: 1 (channels-last packed) or 2 (contiguous packed) when every
-    tensor has the same strides, its positions (t, h, w) are one arithmetic run and C*S offsets fit
-    in int32; the strides passed are then (b, c, 0, 0, position stride). Else 0 with x's strides."""
+    tensor has the same strides and its positions (t, h, w) are one arithmetic run; the strides passed
+    are then (b, c, 0, 0, position stride). Else 0 with x's strides."""
     x = tensors[0]
     T, H, W, (sb, sc, st, sh, sw) = _geometry(x)
     C = x.shape[1]
@@ -424,8 +432,6 @@ def _layout(tensors) -> tuple[int, tuple]:
         return generic
     q = sw if W > 1 else (sh if H > 1 else st)
     if not ((W == 1 or sw == q) and (H == 1 or sh == W * q) and (T == 1 or st == H * W * q)):
-        return generic
-    if (T * H * W - 1) * q + (C - 1) * sc >= 2**31:
         return generic
     if sc == 1 and C > 1 and q >= C:
         return 1, (sb, sc, 0, 0, q)
@@ -462,11 +468,9 @@ def group_norm_silu_fwd(
     rstd = empty((B, num_groups), torch.float32, x.device)
     grid = (B, group_blocks, nsplit)
     dims = (C, num_groups, T * H * W, H, W, s_chunk, nsplit)
-    cx = dict(GPP=gpp, LAYOUT=layout, CG=C // num_groups, CG_P=cg_p)
+    cx = dict(GPP=gpp, LAYOUT=layout, I64=needs_int64(x, y), CG=C // num_groups, CG_P=cg_p)
     _group_norm_silu_stats_kernel[grid](x, partial, *dims, *sx, **cx)
-    _group_norm_silu_fwd_kernel[grid](
-        x, weight, bias, y, partial, mean, rstd, *dims, eps, int(silu), *sx, *sy, **cx
-    )
+    _group_norm_silu_fwd_kernel[grid](x, weight, bias, y, partial, mean, rstd, *dims, eps, int(silu), *sx, *sy, **cx)
     return y, mean, rstd
 
 
@@ -498,13 +502,11 @@ def group_norm_silu_bwd(
     partial_c = empty((B, nsplit, C, 2), torch.float32, x.device)
     grid = (B, group_blocks, nsplit)
     dims = (C, num_groups, T * H * W, H, W, s_chunk, nsplit, int(silu))
-    cx = dict(GPP=gpp, LAYOUT=layout, CG=C // num_groups, CG_P=cg_p)
+    cx = dict(GPP=gpp, LAYOUT=layout, I64=needs_int64(x, dy, dx), CG=C // num_groups, CG_P=cg_p)
     _group_norm_silu_bwd_reduce_kernel[grid](
         x, dy, weight, bias, mean, rstd, partial_g, partial_c, *dims, *sx, *sd, **cx
     )
-    _group_norm_silu_bwd_dx_kernel[grid](
-        x, dy, weight, bias, mean, rstd, partial_g, dx, *dims, *sx, *sd, *so, **cx
-    )
+    _group_norm_silu_bwd_dx_kernel[grid](x, dy, weight, bias, mean, rstd, partial_g, dx, *dims, *sx, *sd, *so, **cx)
     dweight = partial_c[..., 0].sum((0, 1)).to(weight.dtype)
     dbias = partial_c[..., 1].sum((0, 1)).to(bias.dtype)
     return dx, dweight, dbias
@@ -540,9 +542,7 @@ def _check(x, weight, bias, num_groups):
     check_tensor(weight, "weight", shape=(C,), like=x)
     check_tensor(bias, "bias", shape=(C,), like=x)
     if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
-        raise ValueError(
-            f"num_groups must be a positive int dividing the {C} channels of x, got {num_groups!r}"
-        )
+        raise ValueError(f"num_groups must be a positive int dividing the {C} channels of x, got {num_groups!r}")
 
 
 def group_norm_silu(x, weight, bias, num_groups, *, eps=1e-5, silu=True):
@@ -557,8 +557,7 @@ def group_norm_silu(x, weight, bias, num_groups, *, eps=1e-5, silu=True):
         raise ValueError(f"x must be fp32, fp16 or bf16 for the Triton kernels, got {x.dtype}")
     if x.shape[1] // num_groups > _MAX_GROUP_CHANNELS:
         raise ValueError(
-            f"C / num_groups must be <= {_MAX_GROUP_CHANNELS} for the Triton kernels, got "
-            f"{x.shape[1]} / {num_groups}"
+            f"C / num_groups must be <= {_MAX_GROUP_CHANNELS} for the Triton kernels, got {x.shape[1]} / {num_groups}"
         )
     if x.numel() == 0:
         raise ValueError(f"x must have positions to normalise, got shape {tuple(x.shape)}")
@@ -605,7 +604,7 @@ def sm90_specs() -> list[KernelSpec]:
                 for tile, nw in _CONFIGS if mode else _CONFIGS[:1]:
                     for name, fn, ptrs in kernels:
                         jit = fn.fn
-                        cx = dict(GPP=gpp, LAYOUT=mode, CG=cg_p, CG_P=cg_p, TILE=tile)
+                        cx = dict(GPP=gpp, LAYOUT=mode, I64=False, CG=cg_p, CG_P=cg_p, TILE=tile)
                         ptrs = {k: v.format(dt=dt) for k, v in ptrs.items()}
                         specs.append(
                             KernelSpec(

@@ -63,20 +63,44 @@ def _layernorm_modulate_fwd_kernel(
     Y,  # (B, N, C) branch output y (HAS_Y)
     R,  # (B, N, C) out: r = x + gate * y (HAS_Y, or the only output when not HAS_LN)
     H,  # (B, N, C) out: h = LN(r) * (1 + scale) + shift (HAS_LN)
-    Shift, Scale, Gate,  # (B, C) rows with batch stride stride_shift / stride_scale / stride_gate
-    Shift0, Scale0, Gate0,  # (B, C) t0 rows (HAS_MASK)
+    Shift,
+    Scale,
+    Gate,  # (B, C) rows with batch stride stride_shift / stride_scale / stride_gate
+    Shift0,
+    Scale0,
+    Gate0,  # (B, C) t0 rows (HAS_MASK)
     XMask,  # (B, T) bool (HAS_MASK)
-    Mean, Rstd,  # (B * N,) fp32 out: LayerNorm statistics of r (HAS_LN)
-    n_tok, n_ch, frame_len, rows_per_prog,  # tokens per sample, channels, tokens per frame, tokens per program
-    stride_xb, stride_xn, stride_yb, stride_yn,  # x / y strides (channel stride is 1)
-    stride_shift, stride_scale, stride_gate, stride_shift0, stride_scale0, stride_gate0,
-    stride_mb, stride_mt,  # x_mask strides
+    Mean,
+    Rstd,  # (B * N,) fp32 out: LayerNorm statistics of r (HAS_LN)
+    n_tok,
+    n_ch,
+    frame_len,
+    rows_per_prog,  # tokens per sample, channels, tokens per frame, tokens per program
+    stride_xb,
+    stride_xn,
+    stride_yb,
+    stride_yn,  # x / y strides (channel stride is 1)
+    stride_shift,
+    stride_scale,
+    stride_gate,
+    stride_shift0,
+    stride_scale0,
+    stride_gate0,
+    stride_mb,
+    stride_mt,  # x_mask strides
     eps,
-    HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LN: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_Y: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    I64: tl.constexpr,  # int64 element offsets (some tensor spans >= 2**31 elements)
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     b = tl.program_id(1)
+    if I64:
+        b = b.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < n_ch
     if HAS_LN:
@@ -88,6 +112,8 @@ def _layernorm_modulate_fwd_kernel(
     row_hi = tl.minimum(row_lo + rows_per_prog, n_tok)
     for start in range(row_lo, row_hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
+        if I64:
+            rows = rows.to(tl.int64)
         rmask = rows < row_hi
         m2 = rmask[:, None] & cmask[None, :]
         sel = rmask[:, None]
@@ -119,22 +145,44 @@ def _layernorm_modulate_bwd_kernel(
     DR,  # (B, N, C) grad of r (HAS_DR), contiguous
     R,  # (B, N, C) r saved by the forward (x itself when there is no y)
     Y,  # (B, N, C) y (HAS_Y)
-    Scale, Gate,  # (B, C) rows, batch strides stride_scale / stride_gate
-    Scale0, Gate0,  # (B, C) t0 rows (HAS_MASK)
+    Scale,
+    Gate,  # (B, C) rows, batch strides stride_scale / stride_gate
+    Scale0,
+    Gate0,  # (B, C) t0 rows (HAS_MASK)
     XMask,  # (B, T) bool (HAS_MASK)
-    Mean, Rstd,  # (B * N,) fp32 statistics from the forward (HAS_LN)
+    Mean,
+    Rstd,  # (B * N,) fp32 statistics from the forward (HAS_LN)
     DX,  # (B, N, C) out: grad of x
     DY,  # (B, N, C) out: grad of y (HAS_Y)
     DPart,  # (B, n_chunks, 6, n_ch) fp32 out: per-program partial sums of d{shift,scale,gate}{,0}
-    n_tok, n_ch, frame_len, rows_per_prog, n_chunks,
-    stride_rb, stride_rn, stride_yb, stride_yn,
-    stride_scale, stride_gate, stride_scale0, stride_gate0,
-    stride_mb, stride_mt,
-    HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LN: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    n_tok,
+    n_ch,
+    frame_len,
+    rows_per_prog,
+    n_chunks,
+    stride_rb,
+    stride_rn,
+    stride_yb,
+    stride_yn,
+    stride_scale,
+    stride_gate,
+    stride_scale0,
+    stride_gate0,
+    stride_mb,
+    stride_mt,
+    HAS_Y: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_LN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_DR: tl.constexpr,
+    I64: tl.constexpr,  # int64 element offsets (some tensor spans >= 2**31 elements)
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     b = tl.program_id(1)
+    if I64:
+        b = b.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < n_ch
     if HAS_LN:
@@ -151,6 +199,8 @@ def _layernorm_modulate_bwd_kernel(
     row_hi = tl.minimum(row_lo + rows_per_prog, n_tok)
     for start in range(row_lo, row_hi, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
+        if I64:
+            rows = rows.to(tl.int64)
         rmask = rows < row_hi
         m2 = rmask[:, None] & cmask[None, :]
         sel = rmask[:, None]
@@ -208,11 +258,36 @@ _bwd = triton.autotune(autotune_configs(_BWD_CONFIGS), key=_KEY + ["HAS_DR"])(_l
 # host launchers as torch custom ops
 
 
+INT32_LIMIT = 2**31  # element offsets at or past this need the int64 kernel variants (tests lower it)
+
+
+def max_offset(t: torch.Tensor | None) -> int:
+    """Largest element offset a kernel can form in t (from its sizes and strides), 0 for None/empty."""
+    if t is None or t.numel() == 0:
+        return 0
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+
+
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """True when an offset into one of the tensors may not fit in int32: the kernels' I64 constexpr.
+
+    Kernels index with int32 (cheaper address math) unless this holds for one of their tensors."""
+    return any(max_offset(t) + 1 >= INT32_LIMIT for t in tensors)
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (of the recorded target while kernels._record records),
+    None elsewhere (tests patch it to size GPU grids)."""
+    from opensora_fast.kernels._record import sm_count as _sms
+
+    return _sms(device)
+
+
 def _rows_per_prog(B: int, N: int, device: torch.device) -> int:
     """Tokens per program: enough programs to fill the GPU (~8 per SM), few under the interpreter."""
-    if device.type != "cuda":
+    sms = sm_count(device)
+    if sms is None:
         return max(N, 1)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     chunks = max(1, min(N, (8 * sms + B - 1) // B))
     return max(1, triton.cdiv(N, chunks))
 
@@ -225,8 +300,7 @@ def _none(t: torch.Tensor) -> torch.Tensor | None:
     return None if t.numel() == 0 else t
 
 
-@torch.library.custom_op("opensora_fast::layernorm_modulate_fwd", mutates_args=())
-def _fwd_op(
+def _fwd_impl(
     x: torch.Tensor,
     y: torch.Tensor | None,
     shift: torch.Tensor | None,
@@ -265,9 +339,12 @@ def _fwd_op(
         x_mask.stride(0) if x_mask is not None else 0, x_mask.stride(1) if x_mask is not None else 0,
         eps,
         HAS_Y=has_y, HAS_GATE=gate is not None, HAS_LN=has_ln, HAS_MASK=x_mask is not None,
-        BLOCK_C=next_pow2(C),
+        I64=needs_int64(x, y, r, h), BLOCK_C=next_pow2(C),
     )  # fmt: skip
     return r, h, mean, rstd
+
+
+_fwd_op = torch.library.custom_op("opensora_fast::layernorm_modulate_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd_op.register_fake
@@ -279,8 +356,7 @@ def _(x, y, shift, scale, gate, shift0, scale0, gate0, x_mask, eps, has_ln):
     return r, h, st, torch.empty_like(st)
 
 
-@torch.library.custom_op("opensora_fast::layernorm_modulate_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_impl(
     dh: torch.Tensor | None,
     dr: torch.Tensor | None,
     r: torch.Tensor,
@@ -320,9 +396,12 @@ def _bwd_op(
         _bstride(scale), _bstride(gate), _bstride(scale0), _bstride(gate0),
         x_mask.stride(0) if x_mask is not None else 0, x_mask.stride(1) if x_mask is not None else 0,
         HAS_Y=has_y, HAS_GATE=gate is not None, HAS_LN=has_ln, HAS_MASK=x_mask is not None,
-        HAS_DR=dr is not None, BLOCK_C=next_pow2(C),
+        HAS_DR=dr is not None, I64=needs_int64(dh, dr, r, y, dx, dy), BLOCK_C=next_pow2(C),
     )  # fmt: skip
     return dx, dy, part.sum(1).permute(1, 0, 2).contiguous()
+
+
+_bwd_op = torch.library.custom_op("opensora_fast::layernorm_modulate_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -468,17 +547,22 @@ def sm90_specs(C: int = 1152) -> list[KernelSpec]:
             bwd_dr = (True, False) if (hy and hl) else (not hl,)
             for kname, fn, extra, configs in (
                 ("fwd", _layernorm_modulate_fwd_kernel, {}, _CONFIGS),
-                *(("bwd" + ("" if dr else "-no-dr"), _layernorm_modulate_bwd_kernel, {"HAS_DR": dr}, _BWD_CONFIGS)
-                  for dr in bwd_dr),
+                *(
+                    ("bwd" + ("" if dr else "-no-dr"), _layernorm_modulate_bwd_kernel, {"HAS_DR": dr}, _BWD_CONFIGS)
+                    for dr in bwd_dr
+                ),
             ):
-                for cfg in configs:
+                for cfg, i64 in ((c, i) for c in configs for i in (False, True)):
                     bm, nw = cfg.kwargs["BLOCK_M"], cfg.num_warps
-                    flags = dict(HAS_Y=hy, HAS_GATE=hg, HAS_LN=hl, HAS_MASK=hm, BLOCK_M=bm, BLOCK_C=next_pow2(C))
+                    flags = dict(
+                        HAS_Y=hy, HAS_GATE=hg, HAS_LN=hl, HAS_MASK=hm, I64=i64, BLOCK_M=bm, BLOCK_C=next_pow2(C)
+                    )
                     cx = {**flags, **extra}
                     sig = signature(fn, ptrs, cx, scalars={"eps": "fp32"})
+                    tag = ",i64" if i64 else ""
                     specs.append(
                         KernelSpec(
-                            name=f"layernorm_modulate_{kname}[{vname},{dt},C={C},BM={bm},w={nw}]",
+                            name=f"layernorm_modulate_{kname}[{vname},{dt},C={C},BM={bm},w={nw}{tag}]",
                             fn=fn, signature=sig, constexprs=cx, num_warps=nw, num_stages=1,
                         )
                     )  # fmt: skip

@@ -17,6 +17,7 @@ import triton.language as tl
 from opensora_fast.kernels import reference
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, next_pow2, use_triton
+from opensora_fast.kernels.layernorm_modulate import needs_int64, sm_count
 
 _CONFIGS = [
     triton.Config({"BLOCK_R": 8}, num_warps=4),
@@ -44,6 +45,7 @@ def _qk_norm_rope_fwd_kernel(
     stride_cl,
     eps,
     HAS_ROPE: tl.constexpr,
+    I64: tl.constexpr,  # int64 element offsets (some tensor spans >= 2**31 elements)
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -58,6 +60,8 @@ def _qk_norm_rope_fwd_kernel(
     row_hi = tl.minimum(row_lo + rows_per_prog, n_rows)
     for start in range(row_lo, row_hi, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
+        if I64:
+            rows = rows.to(tl.int64)
         rmask = rows < row_hi
         m2 = rmask[:, None] & cmask[None, :]
         h = rows % n_heads
@@ -99,6 +103,7 @@ def _qk_norm_rope_bwd_kernel(
     stride_xh,
     stride_cl,
     HAS_ROPE: tl.constexpr,
+    I64: tl.constexpr,  # int64 element offsets (some tensor spans >= 2**31 elements)
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -113,6 +118,8 @@ def _qk_norm_rope_bwd_kernel(
     row_hi = tl.minimum(row_lo + rows_per_prog, n_rows)
     for start in range(row_lo, row_hi, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
+        if I64:
+            rows = rows.to(tl.int64)
         rmask = rows < row_hi
         m2 = rmask[:, None] & cmask[None, :]
         h = rows % n_heads
@@ -125,9 +132,7 @@ def _qk_norm_rope_bwd_kernel(
             sp = tl.load(Sin + pos[:, None] * stride_cl + partner[None, :], mask=m2, other=0.0).to(tl.float32)
             dp = tl.load(go + partner[None, :], mask=m2, other=0.0).to(tl.float32)
             dn = dn * c + sign[None, :] * dp * sp
-        x = tl.load(
-            X + (b * stride_xb + pos * stride_xl + h * stride_xh)[:, None] + cols[None, :], mask=m2, other=0.0
-        )
+        x = tl.load(X + (b * stride_xb + pos * stride_xl + h * stride_xh)[:, None] + cols[None, :], mask=m2, other=0.0)
         rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
         xhat = x.to(tl.float32) * rstd[:, None]
         dw += tl.sum(dn * xhat, axis=0)
@@ -143,14 +148,13 @@ _bwd = triton.autotune(autotune_configs(_CONFIGS), key=["head_dim", "HAS_ROPE"])
 
 
 def _rows_per_prog(n_rows: int, device: torch.device) -> int:
-    if device.type != "cuda":
+    sms = sm_count(device)
+    if sms is None:
         return max(n_rows, 1)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(64, triton.cdiv(n_rows, 8 * sms))
 
 
-@torch.library.custom_op("opensora_fast::qk_norm_rope_fwd", mutates_args=())
-def _fwd_op(
+def _fwd_impl(
     x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, L, H, D = x.shape
@@ -164,9 +168,12 @@ def _fwd_op(
     _fwd[(triton.cdiv(n_rows, rpp),)](
         x, w, cos if has_rope else w, sin if has_rope else w, out, rstd,
         n_rows, L, H, D, rpp, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0,
-        eps, HAS_ROPE=has_rope, BLOCK_D=next_pow2(D),
+        eps, HAS_ROPE=has_rope, I64=needs_int64(x, out), BLOCK_D=next_pow2(D),
     )  # fmt: skip
     return out, rstd
+
+
+_fwd_op = torch.library.custom_op("opensora_fast::qk_norm_rope_fwd", _fwd_impl, mutates_args=())
 
 
 @_fwd_op.register_fake
@@ -175,8 +182,7 @@ def _(x, w, cos, sin, eps):
     return x.new_empty((B, L, H, D)), x.new_empty((B * L * H,), dtype=torch.float32)
 
 
-@torch.library.custom_op("opensora_fast::qk_norm_rope_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_impl(
     dout: torch.Tensor, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
     rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -189,12 +195,16 @@ def _bwd_op(
     n_progs = triton.cdiv(n_rows, rpp)
     part = empty((n_progs, D), torch.float32, x.device)
     has_rope = cos is not None
+    dout = dout.contiguous()
     _bwd[(n_progs,)](
-        dout.contiguous(), x, w, cos if has_rope else w, sin if has_rope else w, rstd, dx, part,
+        dout, x, w, cos if has_rope else w, sin if has_rope else w, rstd, dx, part,
         n_rows, L, H, D, rpp, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0,
-        HAS_ROPE=has_rope, BLOCK_D=next_pow2(D),
+        HAS_ROPE=has_rope, I64=needs_int64(dout, x, dx), BLOCK_D=next_pow2(D),
     )  # fmt: skip
     return dx, part.sum(0).to(w.dtype)
+
+
+_bwd_op = torch.library.custom_op("opensora_fast::qk_norm_rope_bwd", _bwd_impl, mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -260,12 +270,17 @@ def sm90_specs() -> list[KernelSpec]:
             for dt in ("bf16", "fp16", "fp32"):
                 for cfg in _CONFIGS:
                     br, nw = cfg.kwargs["BLOCK_R"], cfg.num_warps
-                    for kname, fn in (("fwd", _qk_norm_rope_fwd_kernel), ("bwd", _qk_norm_rope_bwd_kernel)):
-                        cx = dict(HAS_ROPE=rope, BLOCK_R=br, BLOCK_D=next_pow2(D))
+                    for kname, fn, i64 in (
+                        (k, f, i)
+                        for k, f in (("fwd", _qk_norm_rope_fwd_kernel), ("bwd", _qk_norm_rope_bwd_kernel))
+                        for i in (False, True)
+                    ):
+                        cx = dict(HAS_ROPE=rope, I64=i64, BLOCK_R=br, BLOCK_D=next_pow2(D))
+                        tag = ",i64" if i64 else ""
                         ptrs = {"*": dt, "Rstd": "fp32", "DWPart": "fp32", "Cos": "fp32", "Sin": "fp32"}
                         specs.append(
                             KernelSpec(
-                                name=f"qk_norm_rope_{kname}[D={D},rope={rope},{dt},BR={br},w={nw}]",
+                                name=f"qk_norm_rope_{kname}[D={D},rope={rope},{dt},BR={br},w={nw}{tag}]",
                                 fn=fn, signature=signature(fn, ptrs, cx, scalars={"eps": "fp32"}),
                                 constexprs=cx, num_warps=nw, num_stages=1,
                             )

@@ -1,0 +1,261 @@
+"""Launch limits at real video sizes, without running anything: int64 offsets and CUDA grid limits.
+
+The host launchers of the norm / conv kernels are called on meta tensors (free at any size) with every
+Triton launch intercepted (``Autotuner.run`` / ``JITFunction.run``) instead of executed. At 720p 16 s
+(latent 120 x 45 x 80 tokens of 1152 channels; the temporal VAE's 408 2D-latent frames of 90 x 160)
+batch 2 fits int32 offsets and batch 5 does not: every launch whose tensors span >= 2**31 elements
+must have picked the int64 variant (``I64=True``), and every grid must be within CUDA's limits
+(x < 2**31, y and z <= 65535).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import pytest
+import torch
+import triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+try:  # under TRITON_INTERPRET=1 the @triton.jit objects are InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover
+    InterpretedFunction = None
+
+# the package re-exports each module's public function under the module's name: import the modules
+conv_mod = importlib.import_module("opensora_fast.kernels.causal_conv3d")
+gn_mod = importlib.import_module("opensora_fast.kernels.group_norm_silu")
+ln_mod = importlib.import_module("opensora_fast.kernels.layernorm_modulate")
+qk_mod = importlib.import_module("opensora_fast.kernels.qk_norm_rope")
+
+INT32_MAX = 2**31 - 1
+META = torch.device("meta")
+BF16 = torch.bfloat16
+
+# 720p 16 s: 408 frames -> 120 latent frames of 90 x 160 latents, patch 2 -> 45 x 80 = 3600 tokens
+T_LAT, S_TOK, HIDDEN, HEADS, HEAD_DIM = 120, 3600, 1152, 16, 72
+N_TOK = T_LAT * S_TOK
+VAE_FRAMES, VAE_H, VAE_W = 408, 90, 160  # 2D-VAE latents of the whole clip (temporal VAE input)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record every Triton launch (kernel name, named args, constexprs, grid per config) without running."""
+    launches = []
+
+    def _grid_dims(grid, named):
+        g = grid(named) if callable(grid) else grid
+        return tuple(g) + (1,) * (3 - len(g))
+
+    def autotuner_run(self, *args, **kwargs):
+        grid = kwargs.pop("grid")
+        kwargs.pop("warmup", None)
+        named = dict(zip(self.arg_names, args))
+        configs = self.configs
+        if self.early_config_prune and len(configs) > 1:  # as Autotuner.run: one config is never pruned
+            configs = self.early_config_prune(configs, named, **kwargs)
+        for cfg in configs:
+            full = {**named, **kwargs, **cfg.all_kwargs()}
+            launches.append((self.base_fn.__name__, full, _grid_dims(grid, full)))
+
+    def jit_run(self, *args, **kwargs):
+        grid = kwargs.pop("grid")
+        kwargs.pop("warmup", None)
+        full = {**dict(zip(self.arg_names, args)), **kwargs}
+        launches.append((getattr(self.fn, "__name__", "?"), full, _grid_dims(grid, full)))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Autotuner, "run", autotuner_run)
+    mp.setattr(JITFunction, "run", jit_run)
+    if InterpretedFunction is not None:
+        mp.setattr(InterpretedFunction, "run", jit_run)
+    mp.setattr(ln_mod, "sm_count", lambda device: 132)  # size grids as on an H200
+    mp.setattr(qk_mod, "sm_count", lambda device: 132)
+    try:
+        yield launches
+    finally:
+        mp.undo()
+
+
+def _check_launches(launches, expect_i64: bool | None):
+    assert launches, "no launch captured"
+    for name, args, grid in launches:
+        tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
+        big = [k for k, t in tensors.items() if _max_offset(t) >= INT32_MAX]
+        if big:
+            assert args.get("I64") is True, (
+                f"{name}: {big} span >= 2**31 elements but the launch uses int32 offsets (I64={args.get('I64')})"
+            )
+        if expect_i64 is not None:
+            assert bool(big) == expect_i64, f"{name}: expected int64-sized tensors={expect_i64}, got {big}"
+        assert 1 <= grid[0] < 2**31, f"{name}: grid x {grid[0]}"
+        assert 1 <= grid[1] <= 65535 and 1 <= grid[2] <= 65535, f"{name}: grid {grid}"
+
+
+def _meta(*shape, dtype=BF16):
+    return torch.empty(*shape, dtype=dtype, device=META)
+
+
+@pytest.mark.parametrize("B", [2, 5])
+@pytest.mark.parametrize("variant", ["layernorm_modulate", "add_layernorm_modulate+mask", "gated_residual"])
+def test_layernorm_modulate_720p_16s(B, variant):
+    x = _meta(B, N_TOK, HIDDEN)
+    y = _meta(B, N_TOK, HIDDEN) if variant != "layernorm_modulate" else None
+    mod = lambda: _meta(B, HIDDEN)  # noqa: E731
+    masked = variant.endswith("+mask")
+    has_ln = variant != "gated_residual"
+    gate = mod() if y is not None else None
+    shift, scale = (mod(), mod()) if has_ln else (None, None)
+    shift0, scale0 = (mod(), mod()) if (masked and has_ln) else (None, None)
+    gate0 = mod() if (masked and gate is not None) else None
+    x_mask = torch.empty(B, T_LAT, dtype=torch.bool, device=META) if masked else None
+    with capture_launches() as launches:
+        r, h, mean, rstd = ln_mod._fwd_impl(x, y, shift, scale, gate, shift0, scale0, gate0, x_mask, 1e-6, has_ln)
+        dh = _meta(B, N_TOK, HIDDEN) if has_ln else None
+        dr = _meta(B, N_TOK, HIDDEN) if y is not None else None
+        saved = r if (has_ln and y is not None) else x
+        ln_mod._bwd_impl(dh, dr, saved, y, scale, gate, scale0, gate0, x_mask, mean, rstd, has_ln)
+    assert len(launches) == 2
+    _check_launches(launches, expect_i64=B == 5)
+
+
+@pytest.mark.parametrize("B", [2, 5])
+@pytest.mark.parametrize("rope", [False, True])
+def test_qk_norm_rope_720p_16s(B, rope):
+    q = _meta(B, N_TOK, HEADS, HEAD_DIM)
+    w = _meta(HEAD_DIM)
+    cos = sin = _meta(N_TOK, HEAD_DIM, dtype=torch.float32) if rope else None
+    with capture_launches() as launches:
+        out, rstd = qk_mod._fwd_impl(q, w, cos, sin, 1e-6)
+        qk_mod._bwd_impl(out, q, w, cos, sin, rstd)
+    assert len(launches) == 2
+    _check_launches(launches, expect_i64=B == 5)
+
+
+def _vae_input(B, C, layout):
+    x = _meta(B, C, VAE_FRAMES, VAE_H, VAE_W)
+    return x.to(memory_format=torch.channels_last_3d) if layout == "channels_last" else x
+
+
+@pytest.mark.parametrize("B", [2, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_silu_720p_16s(B, layout):
+    x = _vae_input(B, 128, layout)
+    w, b = _meta(128), _meta(128)
+    with capture_launches() as launches:
+        y, mean, rstd = gn_mod.group_norm_silu_fwd._init_fn(x, w, b, 32, 1e-5, True)
+        gn_mod.group_norm_silu_bwd._init_fn(y, x, w, b, mean, rstd, 32, True)
+    assert len(launches) >= 4
+    _check_launches(launches, expect_i64=B == 5)
+
+
+@pytest.mark.parametrize("B", [2, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("stride_t", [1, 2])
+def test_causal_conv3d_720p_16s(B, layout, stride_t):
+    x = _vae_input(B, 128, layout)
+    w = _meta(128, 128, 3, 3, 3)
+    bias = _meta(128)
+    with capture_launches() as launches:
+        y = conv_mod.causal_conv3d_fwd._init_fn(x, w, bias, stride_t)
+        conv_mod.causal_conv3d_bwd_dx._init_fn(y, x, w, stride_t)
+        conv_mod.causal_conv3d_bwd_dw._init_fn(y, x, w, True, stride_t)
+    assert len(launches) >= 3
+    _check_launches(launches, expect_i64=B == 5)
+    assert any(a.get("FAST") for _, a, _ in launches) == (layout == "channels_last")
+
+
+def test_needs_int64_threshold():
+    """The host's int32 proof: the largest element offset, from sizes and strides (views included)."""
+    assert not ln_mod.needs_int64(_meta(2, N_TOK, HIDDEN))
+    assert ln_mod.needs_int64(_meta(5, N_TOK, HIDDEN))
+    assert ln_mod.needs_int64(_meta(1, 2**31))
+    assert not ln_mod.needs_int64(_meta(1, 2**31 - 1))
+    assert ln_mod.needs_int64(_meta(4, 2**30)[::3])  # a strided view spans more than it holds
+    assert not ln_mod.needs_int64(None, _meta(0, 2**40))
+    assert triton.cdiv(5 * N_TOK * HIDDEN, 1) > INT32_MAX  # the batch-5 case really is past int32
+
+
+# --------------------------------------------------------------------------------------------
+# the int64 variants compute the same results (forced on small shapes by lowering the threshold)
+
+
+def _fwd_bwd(fn, inputs, seed=0):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed)
+    dys = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    torch.autograd.backward(outs, dys)
+    return [o.detach() for o in outs] + [t.grad for t in leaves if t.grad is not None]
+
+
+def _int64_cases():
+    from _close import randn
+    from opensora_fast.kernels import add_layernorm_modulate, causal_conv3d, group_norm_silu, qk_norm_rope
+
+    B, T, S, C = 2, 3, 5, 40
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    cl = torch.channels_last_3d
+    return {
+        "add_layernorm_modulate+mask": (
+            lambda x, y, sh, sc, g, sh0, sc0, g0: add_layernorm_modulate(
+                x, y, sh, sc, gate=g, x_mask=mask, shift0=sh0, scale0=sc0, gate0=g0
+            ),
+            [randn(B, T * S, C, seed=1), randn(B, T * S, C, seed=2)] + [randn(B, C, seed=3 + i) for i in range(6)],
+        ),
+        "qk_norm_rope": (
+            lambda q, k, wq, wk, cos, sin: qk_norm_rope(q, k, wq, wk, cos=cos, sin=sin),
+            [
+                randn(2, 6, 3, 8, seed=10),
+                randn(2, 6, 3, 8, seed=11),
+                randn(8, seed=12),
+                randn(8, seed=13),
+                randn(6, 8, seed=14),
+                randn(6, 8, seed=15),
+            ],
+        ),
+        "group_norm_silu,channels_last": (
+            lambda x, w, b: group_norm_silu(x, w, b, 4),
+            [randn(2, 8, 3, 4, 5, seed=20).to(memory_format=cl), randn(8, seed=21), randn(8, seed=22)],
+        ),
+        "group_norm_silu,contiguous": (
+            lambda x, w, b: group_norm_silu(x, w, b, 4),
+            [randn(2, 8, 3, 4, 5, seed=23), randn(8, seed=24), randn(8, seed=25)],
+        ),
+        "causal_conv3d": (
+            lambda x, w, b: causal_conv3d(x, w, b, stride=(2, 1, 1)),
+            [randn(1, 5, 6, 3, 4, seed=30), randn(7, 5, 3, 3, 3, seed=31, scale=0.1), randn(7, seed=32)],
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_int64_cases()))
+def test_int64_variant_same_results(case, monkeypatch):
+    """Lowering the int32 limit makes every launch take its I64 variant: results are bit-identical."""
+    fn, inputs = _int64_cases()[case]
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "triton")
+    seen = []
+    real_run = Autotuner.run
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("I64"))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", spy)
+    base = _fwd_bwd(fn, inputs)
+    assert seen and not any(seen)
+    seen.clear()
+    monkeypatch.setattr(ln_mod, "INT32_LIMIT", 1)
+    forced = _fwd_bwd(fn, inputs)
+    assert seen and all(seen), seen
+    assert len(base) == len(forced)
+    for a, b in zip(base, forced):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

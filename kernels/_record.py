@@ -49,6 +49,7 @@ class Launch:
     options: dict  # num_warps, num_stages, ...
     grid: tuple
     autotuned: bool = False
+    call: int = 0  # one number per launch site call: the configs one autotuner call tries share it
     args: dict = field(default_factory=dict)  # arg name -> value (ints) or (dtype, shape) of tensors
 
     def key(self) -> tuple:
@@ -72,6 +73,7 @@ class Recorder:
     def __init__(self, sms: int = H200_SMS):
         self.launches: list[Launch] = []
         self.sms = sms
+        self.calls = 0
         self._backend = None
 
     @property
@@ -93,7 +95,7 @@ class Recorder:
                 out.append(launch)
         return out
 
-    def record(self, fn, args, kwargs, grid, autotuned: bool) -> None:
+    def record(self, fn, args, kwargs, grid, autotuned: bool, call: int) -> None:
         from triton.runtime.jit import create_function_from_signature
 
         binder = getattr(fn, "_osf_sm90_binder", None)
@@ -108,8 +110,8 @@ class Recorder:
         grid = tuple(int(g) for g in grid)
         desc = {}
         for name, v in bound_args.items():
-            if isinstance(v, torch.Tensor):
-                desc[name] = (str(v.dtype).replace("torch.", ""), tuple(v.shape))
+            if isinstance(v, torch.Tensor):  # (dtype, shape, identity: the same tensor passed twice)
+                desc[name] = (str(v.dtype).replace("torch.", ""), tuple(v.shape), id(v))
             elif isinstance(v, (int, float, bool)) or v is None:
                 desc[name] = v
         self.launches.append(
@@ -122,6 +124,7 @@ class Recorder:
                 options={k: v for k, v in opts.__dict__.items() if isinstance(v, (int, float, bool, str))},
                 grid=grid,
                 autotuned=autotuned,
+                call=call,
                 args=desc,
             )
         )
@@ -131,7 +134,10 @@ def _jit_run(self, *args, grid, warmup=False, **kwargs):
     rec = active()
     if rec is None:
         return _orig["jit_run"](self, *args, grid=grid, warmup=warmup, **kwargs)
-    rec.record(self, args, kwargs, grid, autotuned=getattr(_state, "in_autotune", False))
+    tuning = getattr(_state, "in_autotune", False)
+    if not tuning:
+        rec.calls += 1
+    rec.record(self, args, kwargs, grid, autotuned=tuning, call=rec.calls)
     return None
 
 
@@ -141,6 +147,7 @@ def _autotune_run(self, *args, **kwargs):
         return _orig["autotune_run"](self, *args, **kwargs)
     self.nargs = dict(zip(self.arg_names, args))
     configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+    rec.calls += 1
     _state.in_autotune = True
     try:
         for config in configs:  # every config the autotuner would benchmark

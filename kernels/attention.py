@@ -15,10 +15,10 @@ import torch
 import triton
 from opensora_fast.kernels import reference as ref
 from opensora_fast.kernels._attention_kernels import (
-    _attention_bwd_dkdv_kernel,
-    _attention_bwd_dq_kernel,
+    _attention_bwd_kernel,
     _attention_bwd_preprocess_kernel,
     _attention_fwd_kernel,
+    _dq_reduce_kernel,
     _qk_norm_rope_bwd_kernel,
     _qk_norm_rope_fwd_kernel,
 )
@@ -27,6 +27,7 @@ from opensora_fast.kernels._attention_temporal import (
     _temporal_attention_bwd_kernel,
     _temporal_attention_fwd_kernel,
 )
+from opensora_fast.kernels._record import sm_count
 from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import (
     autotune_configs,
@@ -49,24 +50,25 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 
 # Configs per head-dim class ("small": padded width <= 96, e.g. D = 72 -> 64 + 16; "large": up to 128),
-# each checked by the sm_90 gate (no spills; smaller tiles where the larger ones spilled).
+# each compiled for sm_90 from a real launch (no spills, shared memory <= 227 KiB).
 _FWD_TABLE = {
-    # (64, 64): a temporal sequence of up to 64 frames is one q tile and one K/V tile per program.
-    ("plain", "small"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
-    ("norm", "small"): [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3)],
-    ("plain", "large"): [_cfg(128, 64, 8, 3), _cfg(64, 64, 8, 3)],
-    ("norm", "large"): [_cfg(64, 32, 4, 3)],
+    "small": [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
+    "large": [_cfg(128, 64, 8, 3), _cfg(64, 64, 8, 3)],
 }
-_DKDV_TABLE = {"small": [_cfg(64, 64, 8, 2)], "large": [_cfg(32, 64, 8, 2)]}
-_DQ_TABLE = {
-    "small": [_cfg(128, 64, 8, 2), _cfg(64, 64, 8, 2)],
-    "large": [_cfg(64, 32, 4, 2), _cfg(64, 32, 8, 2)],
+# backward: BLOCK_M, BLOCK_N >= 64 so every main product is a >= 64-wide wgmma
+_BWD_TABLE = {
+    "small": [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(64, 128, 8, 2)],
+    "large": [_cfg(64, 64, 8, 2), _cfg(64, 64, 4, 2)],
 }
 # Under the interpreter: small blocks, so that tiny test shapes still run several blocks.
 _INTERP_CFG = [_cfg(16, 16, 4, 1)]
 _PRE_BLOCK_M = 64
 _ELEMWISE_BLOCK_M = 16  # head-rows per program of the q/k pre-pass and prologue-backward kernels
-_KEY = ["Lq", "Lk", "D", "causal", "varlen"]
+# Autotune keys. Lk is bucketed for varlen (next power of two of the longest text), so a new caption
+# length does not re-tune; n_split is part of the backward's problem.
+_FWD_KEY = ["Lq", "Lk", "causal", "D", "VARLEN", "ALIGNED"]
+_BWD_KEY = ["Lq", "Lk", "causal", "n_split", "D", "VARLEN", "ALIGNED"]
+_MAX_GRID_X = 2**31 - 1
 
 
 def _dclass(D: int) -> str:
@@ -79,13 +81,19 @@ def _configs(cfgs):
 
 
 @functools.cache
-def _tuned(kind: str, variant: str, dclass: str):
-    """The autotuned launcher of one kernel for one (variant, head-dim class)."""
+def _tuned(kind: str, dclass: str):
+    """The autotuned launcher of one kernel for one head-dim class. Autotune results are cached on disk
+    across processes (``cache_results=True``: Triton's cache dir, keyed by kernel source, GPU and key)."""
     if kind == "fwd":
-        return triton.autotune(_configs(_FWD_TABLE[(variant, dclass)]), key=_KEY)(_attention_fwd_kernel)
-    if kind == "dkdv":
-        return triton.autotune(_configs(_DKDV_TABLE[dclass]), key=_KEY)(_attention_bwd_dkdv_kernel)
-    return triton.autotune(_configs(_DQ_TABLE[dclass]), key=_KEY)(_attention_bwd_dq_kernel)
+        return triton.autotune(_configs(_FWD_TABLE[dclass]), key=_FWD_KEY, cache_results=True)(_attention_fwd_kernel)
+    return triton.autotune(_configs(_BWD_TABLE[dclass]), key=_BWD_KEY, cache_results=True)(_attention_bwd_kernel)
+
+
+def _grid_x(n: int) -> tuple[int]:
+    """A one-dimensional grid (CUDA: x < 2^31, no y/z limit of 65,535 involved)."""
+    if n > _MAX_GRID_X:
+        raise ValueError(f"attention problem too large: {n} programs > CUDA's grid limit {_MAX_GRID_X}")
+    return (n,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +120,7 @@ class Problem:
     Z2: int  # sequence z = (z // Z2, z % Z2) for the two outer strides
     H: int
     Lq: int
-    Lk: int  # keys per sequence (unused with varlen)
+    Lk: int  # keys per sequence (with varlen: the autotune bucket of the longest, unused by the kernels)
     D: int
     causal: bool = False
     varlen: bool = False
@@ -153,97 +161,122 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _is_aligned(*operands) -> bool:
+    """(tensor, Seq) pairs: every tensor 16-byte aligned and every stride a multiple of 8 elements, so the
+    kernels may take 16-byte vector loads (``ALIGNED``). Real tensors only (inside the custom ops)."""
+    return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in s.args()) for t, s in operands)
+
+
+def _cu_dummy(device) -> torch.Tensor:
+    """An int32 stand-in for CU_K without varlen (never read: VARLEN is a constexpr)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _qk_prepass(q, k, qs, ks, p: Problem, eps, qw, kw, cos, sin):
     """Transformed (RMSNorm [+ RoPE]) q and k as contiguous (Z, L, H, D) scratch, and their Seq."""
     qt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, q.device)
     kt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, q.device)
+    ts = Seq(p.Z2 * p.Lq * p.H * p.D, p.Lq * p.H * p.D, p.H * p.D, p.D)
     rope = cos is not None
-    grid = (triton.cdiv(p.Lq, _ELEMWISE_BLOCK_M), p.Z * p.H)
+    grid = _grid_x(triton.cdiv(p.Lq, _ELEMWISE_BLOCK_M) * p.Z * p.H)
     _qk_norm_rope_fwd_kernel[grid](
         q, k, qt, kt, qw, kw, cos if rope else qw, sin if rope else qw,
         p.Z2, *qs.args(), *ks.args(), p.H, p.Lq, p.D, cos.stride(0) if rope else 0, eps,
-        ROPE=rope, BLOCK_M=_ELEMWISE_BLOCK_M, num_warps=4, **DSplit.of(p.D).kwargs(),
+        ROPE=rope, ALIGNED=_is_aligned((q, qs), (k, ks)), BLOCK_M=_ELEMWISE_BLOCK_M, num_warps=4,
+        **DSplit.of(p.D).kwargs(),
     )  # fmt: skip
-    return qt, kt, Seq(p.Z2 * p.Lq * p.H * p.D, p.Lq * p.H * p.D, p.H * p.D, p.D)
+    return qt, kt, ts
 
 
 def _launch_fwd(q, k, v, o, qs, ks, vs, os_, p: Problem, scale, eps, qw=None, kw=None, cos=None, sin=None,
                 cu=None):  # fmt: skip
     lse = empty((p.Z * p.H, p.Lq), torch.float32, q.device)
-    dummy = lse
-    norm = qw is not None
-    rope = cos is not None
-    if rope:  # transformed q/k from the pre-pass, plain attention on them
+    if p.Z * p.H * p.Lq == 0:
+        return lse
+    if qw is not None:  # self-attention: q/k normalised (and rotated) once, into scratch
         q, k, ts = _qk_prepass(q, k, qs, ks, p, eps, qw, kw, cos, sin)
         qs = ks = ts
-        norm = False
-    grid = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
-    _tuned("fwd", "norm" if norm else "plain", _dclass(p.D))[grid](
-        q, k, v, o, lse, qw if norm else dummy, kw if norm else dummy, cu if p.varlen else dummy,
-        p.Z2, *qs.args(), *ks.args(), *vs.args(), *os_.args(),
-        p.H, p.Lq, p.Lk, p.D, int(p.causal), int(p.varlen), scale * LOG2E, eps,
-        NORM=norm, DOT_PREC=_dot_prec(q.dtype), **DSplit.of(p.D).kwargs(),
+    aligned = _is_aligned((q, qs), (k, ks), (v, vs), (o, os_))
+    grid = lambda META: _grid_x(triton.cdiv(p.Lq, META["BLOCK_M"]) * p.Z * p.H)
+    _tuned("fwd", _dclass(p.D))[grid](
+        q, k, v, o, lse, cu if p.varlen else _cu_dummy(q.device),
+        p.Z2, *qs.args(), *ks.args(), *vs.args(), *os_.args(), p.H, p.Lq, p.Lk, int(p.causal), scale * LOG2E,
+        D=p.D, VARLEN=p.varlen, ALIGNED=aligned, DOT_PREC=_dot_prec(q.dtype), **DSplit.of(p.D).kwargs(),
     )  # fmt: skip
     return lse
 
 
 def _num_programs(n_blocks: int, device: torch.device) -> int:
-    if device.type != "cuda":
+    sms = sm_count(device)
+    if sms is None:
         return max(1, min(n_blocks, 4))
-    return max(1, min(n_blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_blocks, 4 * sms))
+
+
+def _n_split(p: Problem, max_lk: int, device: torch.device) -> int:
+    """Key splits per (sequence, head) in the backward: enough programs for two waves on the GPU (each
+    split costs an fp32 dQ partial of the size of q); two under the interpreter, to test the reduction."""
+    blocks = max(1, triton.cdiv(max_lk, 64))
+    sms = sm_count(device)
+    if sms is None:
+        return min(2, blocks)
+    return max(1, min(blocks, triton.cdiv(2 * sms, p.Z * p.H)))
 
 
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks, dvs, p: Problem, scale, eps,
                 qw=None, kw=None, cos=None, sin=None, cu=None, max_lk=None):  # fmt: skip
     """Writes dq, dk, dv; returns (dqw, dkw) fp32 (None without norm).
 
-    With norm (self-attention): the preprocess kernel also writes the transformed q and k to scratch
-    (Z, L, H, D); the two gradient kernels read those and write the gradients w.r.t. the transformed
-    q / k (dq in place over the transformed q, which only its own program reads afterwards); the
-    prologue-backward kernel then maps them through RoPE^T and RMSNorm to dqkv and the weights."""
+    With norm (self-attention): the pre-pass writes the transformed q and k to scratch (Z, L, H, D); the
+    attention backward reads those and writes the gradients w.r.t. the transformed q / k to separate
+    scratch (no kernel reads what it writes: a launch repeated by the autotuner gives the same result);
+    the prologue-backward kernel then maps them through RoPE^T and RMSNorm to dqkv and the weights."""
     dev = q.device
     norm, rope = qw is not None, cos is not None
+    if p.Z * p.H * p.Lq == 0:
+        z = torch.zeros(p.D, dtype=torch.float32, device=dev)
+        return (z, z.clone()) if norm else (None, None)
     split = DSplit.of(p.D).kwargs()
     delta = empty((p.Z * p.H, p.Lq), torch.float32, dev)
-    dummy = delta
     stride_cs = cos.stride(0) if rope else 0
-    cs = (cos if rope else dummy, sin if rope else dummy)
-    pre_grid = (triton.cdiv(p.Lq, _PRE_BLOCK_M), p.Z * p.H)
-    _attention_bwd_preprocess_kernel[pre_grid](
-        o, do, delta, p.Z2, *os_.args(), *dos.args(), p.H, p.Lq, p.D, BLOCK_M=_PRE_BLOCK_M, **split,
+    cs = (cos if rope else delta, sin if rope else delta)
+    _attention_bwd_preprocess_kernel[_grid_x(triton.cdiv(p.Lq, _PRE_BLOCK_M) * p.Z * p.H)](
+        o, do, delta, p.Z2, *os_.args(), *dos.args(), p.H, p.Lq, p.D,
+        ALIGNED=_is_aligned((o, os_), (do, dos)), BLOCK_M=_PRE_BLOCK_M, **split,
     )  # fmt: skip
     if norm:
         qt, kt, ts = _qk_prepass(q, k, qs, ks, p, eps, qw, kw, cos, sin)
         lq, lqs, lk_, lks = qt, ts, kt, ts
+        dqt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, dev)
         dkt = empty((p.Z, p.Lq, p.H, p.D), q.dtype, dev)
-        gq, gqs, gk, gks = qt, ts, dkt, ts  # where the gradient kernels write
+        gq, gqs, gk, gks = dqt, ts, dkt, ts  # where the gradients w.r.t. the transformed q/k go
     else:
         lq, lqs, lk_, lks = q, qs, k, ks
         gq, gqs, gk, gks = dq, dqs, dk, dks
-    common = dict(DOT_PREC=_dot_prec(q.dtype), **split)
-    tail = (p.H, p.Lq, p.Lk, p.D, int(p.causal), int(p.varlen), scale * LOG2E, scale)
-    cu = cu if p.varlen else dummy
     lk = max_lk if p.varlen else p.Lk
-    grid_k = lambda META: (triton.cdiv(max(lk, 1), META["BLOCK_N"]), p.Z * p.H)
-    _tuned("dkdv", "", _dclass(p.D))[grid_k](
-        lq, lk_, v, do, gk, dv, lse, delta, cu,
-        p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gks.args(), *dvs.args(), *tail, **common,
+    n_split = _n_split(p, lk, dev)
+    dqp = empty((n_split, p.Z * p.H, p.Lq, p.D), torch.float32, dev)
+    aligned = _is_aligned((lq, lqs), (lk_, lks), (v, vs), (do, dos), (gk, gks), (dv, dvs))
+    _tuned("bwd", _dclass(p.D))[_grid_x(p.Z * p.H * n_split)](
+        lq, lk_, v, do, gk, dv, dqp, lse, delta, cu if p.varlen else _cu_dummy(dev),
+        p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gks.args(), *dvs.args(),
+        p.H, p.Lq, p.Lk, int(p.causal), scale * LOG2E, scale, n_split,
+        D=p.D, VARLEN=p.varlen, ALIGNED=aligned, DOT_PREC=_dot_prec(q.dtype), **split,
     )  # fmt: skip
-    grid_q = lambda META: (triton.cdiv(p.Lq, META["BLOCK_M"]), p.Z * p.H)
-    _tuned("dq", "", _dclass(p.D))[grid_q](
-        lq, lk_, v, do, gq, lse, delta, cu,
-        p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gqs.args(), *tail, **common,
+    _dq_reduce_kernel[_grid_x(triton.cdiv(p.Lq, _PRE_BLOCK_M) * p.Z * p.H)](
+        dqp, gq, p.Z2, *gqs.args(), p.H, p.Lq, p.Z * p.H, n_split, scale,
+        D=p.D, ALIGNED=_is_aligned((gq, gqs)), BLOCK_M=_PRE_BLOCK_M, num_warps=4, **split,
     )  # fmt: skip
     if not norm:
         return None, None
     n_rows = p.Z * p.Lq * p.H
     n_prog = _num_programs(triton.cdiv(n_rows, _ELEMWISE_BLOCK_M), dev)
     dws = []
-    for x, xs, g, dx, dxs, w in ((q, qs, qt, dq, dqs, qw), (k, ks, dkt, dk, dks, kw)):
+    for x, xs, g, dx, dxs, w in ((q, qs, dqt, dq, dqs, qw), (k, ks, dkt, dk, dks, kw)):
         part = empty((n_prog, p.D), torch.float32, dev)
         _qk_norm_rope_bwd_kernel[(n_prog,)](
             x, g, dx, part, w, *cs, p.Z2, *xs.args(), *dxs.args(), p.H, p.Lq, p.D, n_rows, stride_cs, eps,
-            ROPE=rope, BLOCK_M=_ELEMWISE_BLOCK_M, num_warps=4, **split,
+            ROPE=rope, ALIGNED=_is_aligned((x, xs), (dx, dxs)), BLOCK_M=_ELEMWISE_BLOCK_M, num_warps=4, **split,
         )  # fmt: skip
         dws.append(part.sum(0))
     return dws[0], dws[1]
@@ -477,8 +510,10 @@ def _temporal_fwd_op(
     B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
     qkv = _aligned(qkv)
     out = empty((B, N, C), qkv.dtype, qkv.device)
+    if n_prog == 0:  # B == 0
+        return out
     cs, sn, stride_cs, rope = _rope_args(cos, sin, q_weight)
-    _temporal_attention_fwd_kernel[(n_prog,)](
+    _temporal_attention_fwd_kernel[_grid_x(n_prog)](
         qkv, out, q_weight, k_weight, cs, sn, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, eps,
         D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, BLOCK_M=tile.BLOCK_M, DOT_PREC=_dot_prec(qkv.dtype),
@@ -508,6 +543,9 @@ def _temporal_bwd_op(
     if tile.split_bwd:
         lse = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
         delta = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
+    if n_prog == 0:  # B == 0
+        zero = torch.zeros_like(q_weight)
+        return dqkv, zero, zero.clone()
     cs, sn, stride_cs, rope = _rope_args(cos, sin, q_weight)
     args = (
         qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
@@ -515,12 +553,12 @@ def _temporal_bwd_op(
     )  # fmt: skip
     kw = dict(D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype), num_warps=tile.num_warps,
               num_stages=1, **DSplit.of(D).kwargs())  # fmt: skip
-    _temporal_attention_bwd_kernel[(n_prog,)](
+    _temporal_attention_bwd_kernel[_grid_x(n_prog)](
         qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, lse, delta, *args,
         BLOCK_M=tile.BLOCK_M_DKV, DQ=not tile.split_bwd, STATS=tile.split_bwd, **kw,
     )  # fmt: skip
     if tile.split_bwd:
-        _temporal_attention_bwd_dq_kernel[(n_prog * (tile.BLOCK // tile.BLOCK_M),)](
+        _temporal_attention_bwd_dq_kernel[_grid_x(n_prog * (tile.BLOCK // tile.BLOCK_M))](
             qkv, dout, dqkv, dwq, q_weight, k_weight, cs, sn, lse, delta, *args, BLOCK_M=tile.BLOCK_M, **kw
         )
     return dqkv, dwq.sum(0).to(q_weight.dtype), dwk.sum(0).to(k_weight.dtype)
@@ -554,6 +592,12 @@ class TemporalAttentionFunction(torch.autograd.Function):
 # custom ops: cross_attention
 
 
+def _lk_bucket(max_kv_len: int) -> int:
+    """The autotune key of a varlen problem's key length: the next power of two (>= 16) of the longest
+    text, so that new caption lengths reuse the tuned config."""
+    return max(16, next_pow2(max_kv_len))
+
+
 def _cross_seqs(q, kv, num_heads):
     B, N, C = q.shape
     D = C // num_heads
@@ -570,7 +614,7 @@ def _cross_fwd_op(
     B, N, C = q.shape
     sq, skv, C, D = _cross_seqs(q, kv, num_heads)
     out = empty((B, N, C), q.dtype, q.device)
-    p = Problem(B, 1, num_heads, N, max_kv_len, D, varlen=True)
+    p = Problem(B, 1, num_heads, N, _lk_bucket(max_kv_len), D, varlen=True)
     so = Seq(out.stride(0), 0, out.stride(1), D)
     lse = _launch_fwd(q, kv[:, :C], kv[:, C:], out, sq, skv, skv, so, p, softmax_scale, 0.0, cu=cu_seqlens)
     return out, lse
@@ -592,7 +636,7 @@ def _cross_bwd_op(
     sq, skv, C, D = _cross_seqs(q, kv, num_heads)
     dq = empty(q.shape, q.dtype, q.device)
     dkv = empty(kv.shape, kv.dtype, kv.device)
-    p = Problem(B, 1, num_heads, N, max_kv_len, D, varlen=True)
+    p = Problem(B, 1, num_heads, N, _lk_bucket(max_kv_len), D, varlen=True)
     so = Seq(out.stride(0), 0, out.stride(1), D)
     sdo = Seq(dout.stride(0), 0, dout.stride(1), D)
     sdq = Seq(dq.stride(0), 0, dq.stride(1), D)
@@ -762,11 +806,13 @@ def self_attention(
 
 def _lens(kv_lens, B: int, M: int) -> list[int]:
     if isinstance(kv_lens, torch.Tensor):
-        if kv_lens.dim() != 1 or kv_lens.is_floating_point() or kv_lens.is_complex():
+        if kv_lens.dim() != 1 or kv_lens.is_floating_point() or kv_lens.is_complex() or kv_lens.dtype == torch.bool:
             raise ValueError(f"kv_lens must be a 1-D integer tensor or a list of ints, got {kv_lens.dtype} "
                              f"{tuple(kv_lens.shape)}")  # fmt: skip
         lens = [int(n) for n in kv_lens.tolist()]
     else:
+        if isinstance(kv_lens, (str, bytes)) or any(isinstance(n, bool) for n in kv_lens):
+            raise ValueError(f"kv_lens must be a list of ints or an int tensor, got {kv_lens!r}")
         try:
             lens = [int(n) for n in kv_lens]
         except TypeError as exc:
@@ -805,24 +851,38 @@ def cross_attention(q, kv, kv_lens, *, num_heads, softmax_scale=None):
         return ref.cross_attention_ref(q, kv, lens, num_heads, scale)
     _check_last_contiguous(q, "q")
     _check_last_contiguous(kv, "kv")
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    cu_seqlens = torch.tensor(cu, dtype=torch.int32).to(q.device, non_blocking=True)
-    return CrossAttentionFunction.apply(q, kv, cu_seqlens, max(lens), num_heads, scale)
+    return CrossAttentionFunction.apply(q, kv, cu_seqlens(lens, q.device), max(lens, default=0), num_heads, scale)
+
+
+_CU_CACHE: dict = {}
+_CU_CACHE_SIZE = 64
+
+
+def cu_seqlens(lens, device) -> torch.Tensor:
+    """The (B + 1,) int32 cumulative lengths of ``lens`` on ``device``, cached by (lengths, device): the
+    text lengths of a sampling run are the same for all its steps and blocks, so the host->device copy
+    happens once per run (and never inside a CUDA graph capture once cached). Up to 64 entries."""
+    key = (tuple(int(n) for n in lens), torch.device(device))
+    t = _CU_CACHE.get(key)
+    if t is None:
+        cu = [0]
+        for n in key[0]:
+            cu.append(cu[-1] + n)
+        t = torch.tensor(cu, dtype=torch.int32).to(key[1])
+        if len(_CU_CACHE) >= _CU_CACHE_SIZE:
+            _CU_CACHE.pop(next(iter(_CU_CACHE)))
+        _CU_CACHE[key] = t
+    return t
 
 
 # --------------------------------------------------------------------------------------------
 # sm_90 compile gate
 
 
-_FWD_VARIANTS = {"plain": False, "norm": True}
-
-
 def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
-    """Every launchable config x {fp16, bf16} x head_dim: the forward per variant (plain / fused RMSNorm)
-    and autotune config; dK/dV and dQ per autotune config (they never see the prologue); the delta
-    preprocess and the q/k pre-pass and prologue-backward kernels (no tl.dot, with and without RoPE)."""
+    """Every launchable config x {fp16, bf16} x head_dim x VARLEN (aligned operands): the forward and the
+    backward per autotune config; the delta preprocess, dQ reduction, q/k pre-pass and prologue-backward
+    kernels (no tl.dot; the last two with and without RoPE). The temporal packed kernels follow."""
     specs = []
     ints = {a: "i32" for a in ("Z", "Z2", "H", "Lq", "Lk", "L")}  # upper-case scalars, not pointers
     scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "eps": "fp32", **ints}
@@ -836,34 +896,21 @@ def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
     for D in head_dims:
         split = dict(D=D, **DSplit.of(D).kwargs())
         for dt in ("bf16", "fp16"):
-            ptrs = {"*": dt, "LSE": "fp32", "DELTA": "fp32", "DWP": "fp32", "CU_K": "i32", "COS": "fp32",
-                    "SIN": "fp32"}  # fmt: skip
-            for vname, norm in _FWD_VARIANTS.items():
-                for cfg in _FWD_TABLE[(vname, _dclass(D))]:
-                    cx = dict(NORM=norm, DOT_PREC="tf32", **cfg.kwargs, **split)
-                    name = f"attention_fwd[{vname},{dt},D={D},{cfg_name(cfg)}]"
-                    add(name, _attention_fwd_kernel, ptrs, cx, cfg.num_warps, cfg.num_stages, True)
-            for kname, fn, cfgs in (
-                ("bwd_dkdv", _attention_bwd_dkdv_kernel, _DKDV_TABLE[_dclass(D)]),
-                ("bwd_dq", _attention_bwd_dq_kernel, _DQ_TABLE[_dclass(D)]),
-            ):
-                for cfg in cfgs:
-                    cx = dict(DOT_PREC="tf32", **cfg.kwargs, **split)
-                    add(f"attention_{kname}[{dt},D={D},{cfg_name(cfg)}]", fn, ptrs, cx, cfg.num_warps,
-                        cfg.num_stages, True)  # fmt: skip
-            cx = dict(BLOCK_M=_PRE_BLOCK_M, **split)
-            add(
-                f"attention_bwd_preprocess[{dt},D={D}]",
-                _attention_bwd_preprocess_kernel,
-                ptrs,
-                cx,
-                4,
-                1,
-                False,
-            )
+            ptrs = {"*": dt, "LSE": "fp32", "DELTA": "fp32", "DWP": "fp32", "DQP": "fp32", "CU_K": "i32",
+                    "COS": "fp32", "SIN": "fp32"}  # fmt: skip
+            for varlen in (False, True):
+                for kname, fn, table in (("fwd", _attention_fwd_kernel, _FWD_TABLE),
+                                         ("bwd", _attention_bwd_kernel, _BWD_TABLE)):  # fmt: skip
+                    for cfg in table[_dclass(D)]:
+                        cx = dict(VARLEN=varlen, ALIGNED=True, DOT_PREC="tf32", **cfg.kwargs, **split)
+                        name = f"attention_{kname}[varlen={varlen},{dt},D={D},{cfg_name(cfg)}]"
+                        add(name, fn, ptrs, cx, cfg.num_warps, cfg.num_stages, True)
+            for kname, fn in (("bwd_preprocess", _attention_bwd_preprocess_kernel), ("dq_reduce", _dq_reduce_kernel)):
+                cx = dict(ALIGNED=True, BLOCK_M=_PRE_BLOCK_M, **split)
+                add(f"attention_{kname}[{dt},D={D}]", fn, ptrs, cx, 4, 1, False)
             for rope in (False, True):
                 for kname, fn in (("fwd", _qk_norm_rope_fwd_kernel), ("bwd", _qk_norm_rope_bwd_kernel)):
-                    cx = dict(ROPE=rope, BLOCK_M=_ELEMWISE_BLOCK_M, **split)
+                    cx = dict(ROPE=rope, ALIGNED=True, BLOCK_M=_ELEMWISE_BLOCK_M, **split)
                     add(f"qk_norm_rope_{kname}[rope={rope},{dt},D={D}]", fn, ptrs, cx, 4, 1, False)
     specs += _temporal_specs(ints, scalars)
     return specs

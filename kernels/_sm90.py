@@ -113,11 +113,51 @@ def unit_of(op: str) -> str:
         return "mufu"
     if access_bytes(op) is not None or base in ("SHFL", "LDSM", "STSM", "UTMALDG", "UTMASTG", "MATCH"):
         return "lsu"
-    if base in ("FFMA", "FADD", "FMUL", "FMNMX", "FSEL", "FSETP", "FMNMX3", "HFMA2", "HADD2", "HMUL2", "FSWZADD",
-                "F2FP", "F2F", "HMNMX2", "FRND", "FCHK"):
+    if base in (
+        "FFMA",
+        "FADD",
+        "FMUL",
+        "FMNMX",
+        "FSEL",
+        "FSETP",
+        "FMNMX3",
+        "HFMA2",
+        "HADD2",
+        "HMUL2",
+        "FSWZADD",
+        "F2FP",
+        "F2F",
+        "HMNMX2",
+        "FRND",
+        "FCHK",
+    ):
         return "fp32"
-    if base in ("IMAD", "IADD3", "LOP3", "SHF", "LEA", "ISETP", "PRMT", "SEL", "IABS", "VIADD", "IMNMX", "LOP",
-                "SHL", "SHR", "I2F", "F2I", "IADD", "BMSK", "POPC", "FLO", "BREV", "IDP", "VIMNMX", "I2FP"):
+    if base in (
+        "IMAD",
+        "IADD3",
+        "LOP3",
+        "SHF",
+        "LEA",
+        "ISETP",
+        "PRMT",
+        "SEL",
+        "IABS",
+        "VIADD",
+        "IMNMX",
+        "LOP",
+        "SHL",
+        "SHR",
+        "I2F",
+        "F2I",
+        "IADD",
+        "BMSK",
+        "POPC",
+        "FLO",
+        "BREV",
+        "IDP",
+        "VIMNMX",
+        "I2FP",
+    ):
         return "alu"
     return "issue"
 
@@ -294,16 +334,20 @@ def judge(res: GateResult) -> None:
         else:
             wide = sum(w for k, w in work.items() if int(k.split("x")[1]) >= 64) / total
             if wide < WIDE_HGMMA_MIN:
-                res.failures.append(f"HGMMA narrower than N=64 carries {100 * (1 - wide):.0f}% of MMA work "
-                                    f"({', '.join(f'{k} x{n}' for k, n in sorted(st.hgmma.items()))})")
+                res.failures.append(
+                    f"HGMMA narrower than N=64 carries {100 * (1 - wide):.0f}% of MMA work "
+                    f"({', '.join(f'{k} x{n}' for k, n in sorted(st.hgmma.items()))})"
+                )
         if st.loop_hgmma_plain_ldg:
             res.failures.append("a loop feeds HGMMA from plain LDG (no LDGSTS / TMA async copies)")
     w = st.global_widths
     n_all = sum(w.values())
     narrow = sum(n for k, n in w.items() if int(k.split(".")[1]) <= 2)
     if n_all and narrow >= 8 and narrow / n_all > NARROW_SHARE_MAX:
-        res.failures.append(f"{narrow} of {n_all} global accesses are 16-bit or narrower "
-                            f"({', '.join(f'{k}B x{n}' for k, n in sorted(w.items()))})")
+        res.failures.append(
+            f"{narrow} of {n_all} global accesses are 16-bit or narrower "
+            f"({', '.join(f'{k}B x{n}' for k, n in sorted(w.items()))})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,8 +538,10 @@ def check_ratchet(table, path=RATCHET_FILE) -> list[str]:
         if row["est_s"] is None:
             bad.append(f"{row['case']}: no estimate now (was {prev['est_ms']:.3f} ms)")
         elif row["est_s"] * 1e3 > prev["est_ms"] * RATCHET_SLACK:
-            bad.append(f"{row['case']}: estimate {row['est_s'] * 1e3:.3f} ms > {RATCHET_SLACK:.2f} x committed "
-                       f"{prev['est_ms']:.3f} ms")
+            bad.append(
+                f"{row['case']}: estimate {row['est_s'] * 1e3:.3f} ms > {RATCHET_SLACK:.2f} x committed "
+                f"{prev['est_ms']:.3f} ms"
+            )
     return bad
 
 
@@ -554,8 +600,10 @@ def main(argv=None) -> int:
     failed_cases = [row for row in table if row["error"]]
     for row in failed_cases:
         print(f"CASE FAILED {row['case']}: {row['error']}")
-    print(f"\n{len(results)} launches compiled, {sum(bool(r.failures) for r in results)} failing; "
-          f"{len(table)} cases, {len(failed_cases)} not recorded")
+    print(
+        f"\n{len(results)} launches compiled, {sum(bool(r.failures) for r in results)} failing; "
+        f"{len(table)} cases, {len(failed_cases)} not recorded"
+    )
     if args.perf:
         print("\nStatic estimates (NOT measurements; model in kernels/_sm90.py):\n")
         print(perf_table(table))

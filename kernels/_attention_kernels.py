@@ -4,8 +4,11 @@ Every operand is addressed with strides, so one kernel serves ``flash_attn_func`
 ``self_attention`` (q/k/v read straight out of the qkv Linear output, spatial or temporal order) and
 ``cross_attention`` (queries (B, N, C), keys/values packed (sum(kv_lens), 2C) with cu_seqlens).
 Sequence ``z`` of an operand starts at ``(z // Z2) * s1 + (z % Z2) * s2``; row ``l`` of head ``h`` sits
-``l * sm + h * sh`` further; head columns are contiguous. With ``varlen`` the keys of sequence ``z``
-are rows ``CU_K[z] .. CU_K[z+1]`` of the packed operand instead.
+``l * sm + h * sh`` further; head columns are contiguous. With ``VARLEN`` (a constexpr) the keys of
+sequence ``z`` are rows ``CU_K[z] .. CU_K[z+1]`` of the packed operand instead (CU_K int32).
+
+Grids are one-dimensional (program ``pid`` -> (sequence-head ``zh``, block)), so no launch passes CUDA's
+65,535 limit on grid y/z; the host checks x < 2^31.
 
 head_dim split: the head is processed as two column pieces, a power-of-two piece of BD0 columns and,
 when D is not a power of two, a second piece of BD1 >= 16 columns (masked beyond D), and every product
@@ -13,24 +16,33 @@ issues one ``tl.dot`` per piece. For the model's D = 72 that is 64 + 16 (8 real)
 72 / 80 = 90% (one padded block would be 72 / 128 = 56%). Other D: 40 -> 32 + 16 (83%), 96 -> 64 + 32
 (100%), 120 -> 64 + 64 (94%), powers of two 100%.
 
-q/k prologue: per-head RMSNorm with fp32 statistics over the whole head (both pieces), cast back to
-the input dtype, times the (D,) weight; with RoPE then interleaved-pair rotary embedding
-x * cos + rotate_half(x) * sin, where rotate_half reads the pair-swapped columns with a second strided
-load (cols ^ 1, an L1 hit) and a sign vector. The forward fuses RMSNorm into its q prologue and its K
-loop (``NORM``: spatial attention). With RoPE (temporal attention) the transform runs in the
-``_qk_norm_rope_fwd_kernel`` pre-pass into contiguous q/k scratch and the forward reads that:
-fusing RoPE into the K loop spilled registers on sm_90 for every tile shape tried (64-1336 B stack).
-Backward: the pre-pass writes transformed q/k scratch, the dK/dV and dQ kernels (plain, no prologue)
-write the gradients w.r.t. the transformed q/k, and ``_qk_norm_rope_bwd_kernel`` maps them through
-RoPE^T (in registers: reshape + split/join) and the RMSNorm backward into dqkv, with per-program
-partial norm-weight gradients summed on the host (deterministic, no atomics).
+Alignment (``ALIGNED``, a constexpr the host sets when every operand is 16-byte aligned and all its
+strides are multiples of 8 elements): the sequence/head base offsets and row offsets carry
+``tl.multiple_of(.., 8)``, so a tile row is 16-byte vectors (``LDG.E.128``, and ``LDGSTS.E.BYPASS.128``
+async copies in the pipelined K loops) instead of 2-byte accesses: ``h * 72`` is not provably 16-byte
+aligned otherwise. Without it the same kernels run correctly on 2-byte accesses.
 
-Temporal attention with T' <= 128 (head_dim 64 or 72) does not come here: it runs the packed schedule of
-``_attention_temporal.py`` (whole sequences per program, RMSNorm and RoPE fused, no scratch). Longer
-temporal sequences, other head dims and unaligned qkv run these kernels with the RMSNorm + RoPE pre-pass.
+q/k prologue (self-attention): ``_qk_norm_rope_fwd_kernel`` normalises q and k once (per-head RMSNorm,
+fp32 statistics, cast back, times the (D,) weight; then, with RoPE, interleaved-pair rotary embedding
+x * cos + rotate_half(x) * sin, the pair swap done in registers) into contiguous scratch, and the
+attention kernels read that: each k row is normalised once instead of once per query block.
+Backward: the pre-pass writes the same scratch, the attention backward writes the gradients w.r.t. the
+transformed q/k, and ``_qk_norm_rope_bwd_kernel`` maps them through RoPE^T and the RMSNorm backward into
+dqkv, with per-program partial norm-weight gradients summed on the host (deterministic, no atomics).
+
+Backward: one kernel per (sequence-head, key-split) program, five matmuls per (key block, query block)
+pair as in FA2: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q, dQ_part += dS K. dQ is
+accumulated deterministically without atomics: program ``sp`` of ``n_split`` takes the key blocks
+sp, sp + n_split, ... and owns its own fp32 dQ partial (n_split, Z*H, Lq, D), which it overwrites on its
+first key block (read-modify-write after), so a launch repeated by the autotuner gives the same result;
+``_dq_reduce_kernel`` sums the partials in split order. No kernel reads memory it writes in the same
+launch except a program's own dQ partial rows.
 
 Softmax statistics are fp32 and kept in log2 units (``qk_scale = softmax_scale * log2(e)``); the
 forward stores lse2 = m + log2(l) per row (+inf for a row that sees no key, whose output is 0).
+
+Temporal attention with T' <= 128 (head_dim 64 or 72) does not come here: it runs the packed schedule of
+``_attention_temporal.py`` (whole sequences per program, RMSNorm and RoPE fused, no scratch).
 """
 
 from __future__ import annotations
@@ -40,36 +52,61 @@ import triton.language as tl
 
 
 @triton.jit
+def _hint(off, ALIGNED: tl.constexpr):
+    """off (elements) is a multiple of 8 when ALIGNED (host-checked): 16-byte vectors for 2-byte types."""
+    if ALIGNED:
+        off = tl.multiple_of(off, 8)
+    return off
+
+
+@triton.jit
 def _z_offset(z, Z2, s1, s2):
     return (z // Z2).to(tl.int64) * s1 + (z % Z2).to(tl.int64) * s2
 
 
 @triton.jit
-def _tile_ptrs(base, rows, stride_m, col0, BD: tl.constexpr):
-    cols = col0 + tl.arange(0, BD)
-    return base + rows.to(tl.int64)[:, None] * stride_m + cols[None, :]
+def _base(P, z, Z2, s1, s2, h, sh, ALIGNED: tl.constexpr):
+    """Pointer to head h of sequence z's first row."""
+    return P + _hint(_z_offset(z, Z2, s1, s2) + h.to(tl.int64) * sh, ALIGNED)
 
 
 @triton.jit
-def _load_piece(base, rows, stride_m, row_ok, col0, D, BD: tl.constexpr):
+def _ptrs(base, rows, stride_m, col0, BD: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers of a (rows, BD columns from col0) tile. With ALIGNED every row starts 16-byte aligned and
+    col0 is a multiple of 8, so each run of 8 columns is one 16-byte vector: the hint on the pointer
+    tensor says so (hints on the integer offsets do not survive Triton's canonicalisation)."""
+    ptrs = base + _hint(rows.to(tl.int64) * stride_m, ALIGNED)[:, None] + (col0 + tl.arange(0, BD))[None, :]
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, 8])
+    return ptrs
+
+
+@triton.jit
+def _vec(ptrs, ALIGNED: tl.constexpr):
+    if ALIGNED:
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, 8])
+    return ptrs
+
+
+@triton.jit
+def _load_piece(base, rows, stride_m, row_ok, col0, D, BD: tl.constexpr, ALIGNED: tl.constexpr):
     cols = col0 + tl.arange(0, BD)
     mask = row_ok[:, None] & (cols < D)[None, :]
-    return tl.load(_tile_ptrs(base, rows, stride_m, col0, BD), mask=mask, other=0.0)
+    return tl.load(_ptrs(base, rows, stride_m, col0, BD, ALIGNED), mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_piece(base, rows, stride_m, row_ok, col0, D, x, BD: tl.constexpr):
+def _store_piece(base, rows, stride_m, row_ok, col0, D, x, BD: tl.constexpr, ALIGNED: tl.constexpr):
     cols = col0 + tl.arange(0, BD)
     mask = row_ok[:, None] & (cols < D)[None, :]
-    tl.store(_tile_ptrs(base, rows, stride_m, col0, BD), x.to(base.dtype.element_ty), mask=mask)
+    tl.store(_ptrs(base, rows, stride_m, col0, BD, ALIGNED), x.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rot_t(y, BM: tl.constexpr, BD: tl.constexpr):
-    """Transpose of rotate_half over interleaved pairs ((x0, x1) -> (-x1, x0)): (y0, y1) -> (y1, -y0),
-    in registers by a (.., BD/2, 2) reshape + split/join."""
+def _pair_swap(y, BM: tl.constexpr, BD: tl.constexpr):
+    """(y0, y1) -> (y1, y0) over interleaved column pairs, in registers (reshape + split/join)."""
     a, b = tl.split(tl.reshape(y, (BM, BD // 2, 2)))
-    return tl.reshape(tl.join(b, -a), (BM, BD))
+    return tl.reshape(tl.join(b, a), (BM, BD))
 
 
 @triton.jit
@@ -83,79 +120,33 @@ def _cos_sin(COS, SIN, pos, pos_ok, stride_cs, col0, D, BD: tl.constexpr):
 
 
 @triton.jit
-def _norm_piece(x, rstd, W, col0, D, BD: tl.constexpr, COLS_XOR: tl.constexpr):
-    """RMSNorm of one piece: fp32 statistics, cast back to x's dtype, times the weight (columns
-    ``cols ^ COLS_XOR``: 1 gives the pair-swapped copy used by RoPE)."""
-    cols = (col0 + tl.arange(0, BD)) ^ COLS_XOR
-    w = tl.load(W + cols, mask=cols < D, other=0.0).to(x.dtype).to(tl.float32)
-    h = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * w[None, :]
-    return h.to(x.dtype).to(tl.float32)
-
-
-@triton.jit
-def _norm_rope_piece(x, xs, rstd, W, COS, SIN, pos, pos_ok, stride_cs, col0, D, ROPE: tl.constexpr,
+def _norm_rope_piece(x, rstd, W, COS, SIN, pos, pos_ok, stride_cs, col0, D, ROPE: tl.constexpr,
                      BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
-    """RMSNorm then optional RoPE of one piece; xs is the raw piece loaded at pair-swapped columns,
-    so rotate_half needs no register shuffle: rot(h)[d] = -h[d+1] (d even), h[d-1] (d odd)."""
-    h = _norm_piece(x, rstd, W, col0, D, BD, 0)
+    """RMSNorm (fp32 statistics, cast back, times the weight, cast back) then optional interleaved RoPE
+    h * cos + rotate_half(h) * sin, rotate_half(h)[2i] = -h[2i+1], [2i+1] = h[2i]."""
+    cols = col0 + tl.arange(0, BD)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(x.dtype).to(tl.float32)
+    h = ((x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * w[None, :]).to(x.dtype)
     if ROPE:
         c, s = _cos_sin(COS, SIN, pos, pos_ok, stride_cs, col0, D, BD)
+        hf = h.to(tl.float32)
         sign = tl.where((tl.arange(0, BD) % 2) == 0, -1.0, 1.0)
-        hs = _norm_piece(xs, rstd, W, col0, D, BD, 1)
-        h = h * c + hs * (s * sign[None, :])
-    return h.to(x.dtype)
-
-
-@triton.jit
-def _load_swapped(base, rows, stride_m, row_ok, col0, D, BD: tl.constexpr):
-    cols = (col0 + tl.arange(0, BD)) ^ 1
-    mask = row_ok[:, None] & (cols < D)[None, :]
-    return tl.load(base + rows.to(tl.int64)[:, None] * stride_m + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_qk(base, rows, stride_m, row_ok, pos, W, COS, SIN, stride_cs, D, eps,
-             NORM: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BD0: tl.constexpr,
-             BD1: tl.constexpr, HAS_D1: tl.constexpr):  # fmt: skip
-    """Load a (BM, D) q or k tile as pieces and apply the prologue. Returns (t0, t1, x0, x1, rstd):
-    transformed pieces, raw pieces, fp32 inverse RMS (t1/x1 are dummies without HAS_D1). Row i sits at
-    base + rows[i] * stride_m; pos[i] is its sequence position (the RoPE table row)."""
-    x0 = _load_piece(base, rows, stride_m, row_ok, 0, D, BD0)
-    x1 = x0
-    if HAS_D1:
-        x1 = _load_piece(base, rows, stride_m, row_ok, BD0, D, BD1)
-    t0 = x0
-    t1 = x1
-    rstd = tl.zeros([BM], dtype=tl.float32)
-    if NORM:
-        xf = x0.to(tl.float32)
-        ss = tl.sum(xf * xf, 1)
-        if HAS_D1:
-            xf1 = x1.to(tl.float32)
-            ss += tl.sum(xf1 * xf1, 1)
-        rstd = tl.rsqrt(ss / D + eps)
-        xs0 = x0
-        if ROPE:
-            xs0 = _load_swapped(base, rows, stride_m, row_ok, 0, D, BD0)
-        t0 = _norm_rope_piece(x0, xs0, rstd, W, COS, SIN, pos, row_ok, stride_cs, 0, D, ROPE, BM, BD0)
-        if HAS_D1:
-            xs1 = x1
-            if ROPE:
-                xs1 = _load_swapped(base, rows, stride_m, row_ok, BD0, D, BD1)
-            t1 = _norm_rope_piece(x1, xs1, rstd, W, COS, SIN, pos, row_ok, stride_cs, BD0, D, ROPE, BM, BD1)
-    return t0, t1, x0, x1, rstd
+        h = (hf * c + _pair_swap(hf, BM, BD) * (s * sign[None, :])).to(x.dtype)
+    return h
 
 
 @triton.jit
 def _norm_rope_bwd_a(g, x, rstd, W, COS, SIN, pos, pos_ok, stride_cs, col0, D, ROPE: tl.constexpr,
                      BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
     """First half of the prologue's backward for one piece: g (fp32) is the gradient w.r.t. the
-    transformed tile. Returns (dh, xhat, dw partial (BD,), rowsum(dh * xhat))."""
+    transformed tile. RoPE^T: g * cos + rotate_half^T(g * sin), rotate_half^T(y)[2i] = y[2i+1],
+    [2i+1] = -y[2i]. Returns (dh, xhat, dw partial (BD,), rowsum(dh * xhat))."""
     cols = col0 + tl.arange(0, BD)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(x.dtype).to(tl.float32)
     if ROPE:
         c, s = _cos_sin(COS, SIN, pos, pos_ok, stride_cs, col0, D, BD)
-        g = g * c + _rot_t(g * s, BM, BD)
+        sign = tl.where((tl.arange(0, BD) % 2) == 0, 1.0, -1.0)
+        g = g * c + _pair_swap(g * s, BM, BD) * sign[None, :]
     xhat = x.to(tl.float32) * rstd[:, None]
     hc = xhat.to(x.dtype).to(tl.float32)
     dw = tl.sum(g * hc, 0)
@@ -164,48 +155,52 @@ def _norm_rope_bwd_a(g, x, rstd, W, COS, SIN, pos, pos_ok, stride_cs, col0, D, R
 
 
 @triton.jit
-def _key_range(z, Z2, sk1, sk2, skm, sv1, sv2, svm, CU_K, Lk, varlen):
-    """(k offset, v offset, number of keys) of sequence z."""
+def _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN: tl.constexpr):
+    """(k offset, v offset, first packed row, number of keys) of sequence z; the offsets exclude the
+    row stride (the caller adds ``first * row stride`` when VARLEN)."""
     k_off = _z_offset(z, Z2, sk1, sk2)
     v_off = _z_offset(z, Z2, sv1, sv2)
+    start = (z * 0).to(tl.int64)
     n_k = Lk
-    if varlen != 0:
-        start = tl.load(CU_K + z)
-        n_k = tl.load(CU_K + z + 1) - start
-        k_off = start.to(tl.int64) * skm
-        v_off = start.to(tl.int64) * svm
-    return k_off, v_off, n_k
+    if VARLEN:
+        start = tl.load(CU_K + z).to(tl.int64)
+        n_k = tl.load(CU_K + z + 1) - tl.load(CU_K + z)
+        k_off = start * 0
+        v_off = start * 0
+    return k_off, v_off, start, n_k
 
 
 @triton.jit
 def _attention_fwd_kernel(
     Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh)
-    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh); packed (sum n_k, H, D) rows when varlen
-    V,  # like K
+    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh); packed (sum n_k, H, D) rows when VARLEN
+    V,  # like K through (sv1, sv2, svm, svh)
     O,  # (Z, Lq, H, D) through (so1, so2, som, soh)
     LSE,  # (Z * H, Lq) fp32, log2 units
-    QW,  # (D,) q RMSNorm weight (NORM)
-    KW,  # (D,) k RMSNorm weight (NORM)
-    CU_K,  # (Z + 1,) int32 cumulative key counts (varlen)
+    CU_K,  # (Z + 1,) int32 cumulative key counts (read only when VARLEN)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, so1, so2, som, soh,
-    H, Lq, Lk, D: tl.constexpr, causal, varlen, qk_scale, eps,
-    NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+    H, Lq, Lk, causal, qk_scale,
+    D: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    zh = tl.program_id(1)
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    zh = pid // n_m
+    pid_m = pid % n_m
     z = zh // H
     h = zh % H
-    k_off, v_off, n_k = _key_range(z, Z2, sk1, sk2, skm, sv1, sv2, svm, CU_K, Lk, varlen)
+    k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
     shift = n_k - Lq + (1 - causal) * (1 << 30)  # key j visible from query i iff j <= i + shift
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
-    q_base = Q + _z_offset(z, Z2, sq1, sq2) + h * sqh
-    q0, q1, _x0, _x1, _r = _load_qk(q_base, rows, sqm, row_ok, rows, QW, QW, QW, 0, D, eps,
-                                    NORM, False, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
-    k_base = K + k_off + h * skh
-    v_base = V + v_off + h * svh
+    q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
+    q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0, ALIGNED)
+    q1 = q0
+    if HAS_D1:
+        q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1, ALIGNED)
+    k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
+    v_base = V + _hint(v_off + start * svm + h * svh, ALIGNED)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -215,10 +210,10 @@ def _attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < n_k
-        k0, k1, _y0, _y1, _rk = _load_qk(k_base, keys, skm, key_ok, keys, KW, KW, KW, 0, D, eps,
-                                         NORM, False, BLOCK_N, BD0, BD1, HAS_D1)  # fmt: skip
+        k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         if HAS_D1:
+            k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1, ALIGNED)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         ok = key_ok[None, :] & (keys[None, :] <= rows[:, None] + shift)
         s = tl.where(ok, s * qk_scale, float("-inf"))
@@ -228,19 +223,19 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         pv = p.to(V.dtype.element_ty)
-        v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0)
-        acc0 = acc0 * alpha[:, None] + tl.dot(pv, v0, input_precision=DOT_PREC)
+        v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
+        acc0 = tl.dot(pv, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if HAS_D1:
-            v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1)
-            acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=DOT_PREC)
+            v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1, ALIGNED)
+            acc1 = tl.dot(pv, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
     seen = l_i > 0.0
     inv = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
-    o_base = O + _z_offset(z, Z2, so1, so2) + h * soh
-    _store_piece(o_base, rows, som, row_ok, 0, D, acc0 * inv[:, None], BD0)
+    o_base = _base(O, z, Z2, so1, so2, h, soh, ALIGNED)
+    _store_piece(o_base, rows, som, row_ok, 0, D, acc0 * inv[:, None], BD0, ALIGNED)
     if HAS_D1:
-        _store_piece(o_base, rows, som, row_ok, BD0, D, acc1 * inv[:, None], BD1)
+        _store_piece(o_base, rows, som, row_ok, BD0, D, acc1 * inv[:, None], BD1, ALIGNED)
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     tl.store(LSE + zh.to(tl.int64) * Lq + rows, lse, mask=row_ok)
 
@@ -251,22 +246,24 @@ def _attention_bwd_preprocess_kernel(
     DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
     DELTA,  # (Z * H, Lq) fp32: rowsum(dO * O)
     Z2, so1, so2, som, soh, sd1, sd2, sdm, sdh, H, Lq, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    zh = tl.program_id(1)
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    zh = pid // n_m
+    pid_m = pid % n_m
     z = zh // H
     h = zh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
-    o_base = O + _z_offset(z, Z2, so1, so2) + h * soh
-    do_base = DO + _z_offset(z, Z2, sd1, sd2) + h * sdh
-    o = _load_piece(o_base, rows, som, row_ok, 0, D, BD0).to(tl.float32)
-    do = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0).to(tl.float32)
+    o_base = _base(O, z, Z2, so1, so2, h, soh, ALIGNED)
+    do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
+    o = _load_piece(o_base, rows, som, row_ok, 0, D, BD0, ALIGNED).to(tl.float32)
+    do = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0, ALIGNED).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_D1:
-        o1 = _load_piece(o_base, rows, som, row_ok, BD0, D, BD1).to(tl.float32)
-        do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1).to(tl.float32)
+        o1 = _load_piece(o_base, rows, som, row_ok, BD0, D, BD1, ALIGNED).to(tl.float32)
+        do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1, ALIGNED).to(tl.float32)
         delta += tl.sum(o1 * do1, 1)
     tl.store(DELTA + zh.to(tl.int64) * Lq + rows, delta, mask=row_ok)
 
@@ -282,174 +279,183 @@ def _qk_norm_rope_fwd_kernel(
     COS,  # (L, D) rows strided by stride_cs (ROPE)
     SIN,  # (L, D) (ROPE)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, H, L, D: tl.constexpr, stride_cs, eps,
-    ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
+    ROPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+    HAS_D1: tl.constexpr,
 ):  # fmt: skip
-    """RMSNorm (+ RoPE) of q and k into contiguous scratch: the q/k every backward kernel reads, and the
-    forward's input when RoPE is on (RoPE inside the attention loop spilled registers on sm_90)."""
-    pid_m = tl.program_id(0)
-    zh = tl.program_id(1)
+    """RMSNorm (+ RoPE) of q and k into contiguous scratch: the q/k every attention kernel of
+    self-attention reads (each row normalised once)."""
+    n_m = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    zh = pid // n_m
+    pid_m = pid % n_m
     z = zh // H
     h = zh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < L
     t_base = z.to(tl.int64) * L * H * D + h * D
-    qx_base = QX + _z_offset(z, Z2, sq1, sq2) + h * sqh
-    q0, q1, _a, _b, _c = _load_qk(qx_base, rows, sqm, row_ok, rows, QW, COS, SIN, stride_cs, D, eps, True,
-                                  ROPE, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
-    _store_piece(QT + t_base, rows, H * D, row_ok, 0, D, q0, BD0)
-    if HAS_D1:
-        _store_piece(QT + t_base, rows, H * D, row_ok, BD0, D, q1, BD1)
-    kx_base = KX + _z_offset(z, Z2, sk1, sk2) + h * skh
-    k0, k1, _d, _e, _f = _load_qk(kx_base, rows, skm, row_ok, rows, KW, COS, SIN, stride_cs, D, eps, True,
-                                  ROPE, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
-    _store_piece(KT + t_base, rows, H * D, row_ok, 0, D, k0, BD0)
-    if HAS_D1:
-        _store_piece(KT + t_base, rows, H * D, row_ok, BD0, D, k1, BD1)
+    for which in tl.static_range(2):
+        if which == 0:
+            xb = _base(QX, z, Z2, sq1, sq2, h, sqh, ALIGNED)
+            sm = sqm
+            W = QW
+            tb = QT + t_base
+        else:
+            xb = _base(KX, z, Z2, sk1, sk2, h, skh, ALIGNED)
+            sm = skm
+            W = KW
+            tb = KT + t_base
+        x0 = _load_piece(xb, rows, sm, row_ok, 0, D, BD0, ALIGNED)
+        xf = x0.to(tl.float32)
+        ss = tl.sum(xf * xf, 1)
+        x1 = x0
+        if HAS_D1:
+            x1 = _load_piece(xb, rows, sm, row_ok, BD0, D, BD1, ALIGNED)
+            xf1 = x1.to(tl.float32)
+            ss += tl.sum(xf1 * xf1, 1)
+        rstd = tl.rsqrt(ss / D + eps)
+        t0 = _norm_rope_piece(x0, rstd, W, COS, SIN, rows, row_ok, stride_cs, 0, D, ROPE, BLOCK_M, BD0)
+        _store_piece(tb, rows, H * D, row_ok, 0, D, t0, BD0, True)
+        if HAS_D1:
+            t1 = _norm_rope_piece(x1, rstd, W, COS, SIN, rows, row_ok, stride_cs, BD0, D, ROPE, BLOCK_M, BD1)
+            _store_piece(tb, rows, H * D, row_ok, BD0, D, t1, BD1, True)
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
-    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh): q as attended (transformed when NORM)
-    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh): k as attended (packed rows when varlen)
+def _attention_bwd_kernel(
+    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh): q as attended (transformed for self-attention)
+    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh): k as attended (packed rows when VARLEN)
     V,  # like K through (sv1, sv2, svm, svh)
     DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
     DK,  # like K through (sdk1, sdk2, sdkm, sdkh): gradient w.r.t. k as attended
     DV,  # like V through (sdv1, sdv2, sdvm, sdvh)
+    DQP,  # (n_split, Z * H, Lq, D) fp32 contiguous: this program's dQ partial (unscaled)
     LSE,  # (Z * H, Lq) fp32 log2 units
     DELTA,  # (Z * H, Lq) fp32
-    CU_K,  # (Z + 1,) int32 (varlen)
+    CU_K,  # (Z + 1,) int32 (read only when VARLEN)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
     sdk1, sdk2, sdkm, sdkh, sdv1, sdv2, sdvm, sdvh,
-    H, Lq, Lk, D: tl.constexpr, causal, varlen, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+    H, Lq, Lk, causal, qk_scale, sm_scale, n_split,
+    D: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    zh = tl.program_id(1)
+    """dK, dV of key blocks sp, sp + n_split, ... of one (sequence, head) and this split's dQ partial."""
+    pid = tl.program_id(0)
+    n_zh = tl.num_programs(0) // n_split
+    zh = pid // n_split
+    sp = pid % n_split
     z = zh // H
     h = zh % H
-    k_off, v_off, n_k = _key_range(z, Z2, sk1, sk2, skm, sv1, sv2, svm, CU_K, Lk, varlen)
+    k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
     shift = n_k - Lq + (1 - causal) * (1 << 30)
-    start_n = pid_n * BLOCK_N
-    keys = start_n + tl.arange(0, BLOCK_N)
-    key_ok = keys < n_k
-    k_base = K + k_off + h * skh
-    v_base = V + v_off + h * svh
-    k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0)
-    v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0)
-    k1 = k0
-    v1 = v0
-    if HAS_D1:
-        k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1)
-        v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1)
-    q_base = Q + _z_offset(z, Z2, sq1, sq2) + h * sqh
-    do_base = DO + _z_offset(z, Z2, sd1, sd2) + h * sdh
-    dk0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
-    dk1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
-    dv1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
-    lo = (tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M
-    hi = tl.where(start_n < n_k, Lq, 0)
-    for start_m in range(lo, hi, BLOCK_M):
+    q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
+    do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
+    k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
+    v_base = V + _hint(v_off + start * svm + h * svh, ALIGNED)
+    if VARLEN:
+        dk_base = DK + _hint(start * sdkm + h * sdkh, ALIGNED)
+        dv_base = DV + _hint(start * sdvm + h * sdvh, ALIGNED)
+    else:
+        dk_base = _base(DK, z, Z2, sdk1, sdk2, h, sdkh, ALIGNED)
+        dv_base = _base(DV, z, Z2, sdv1, sdv2, h, sdvh, ALIGNED)
+    dq_base = DQP + (sp * n_zh + zh).to(tl.int64) * Lq * D
+    stat = zh.to(tl.int64) * Lq
+    first_n = sp * BLOCK_N
+    for start_n in range(first_n, n_k, n_split * BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < n_k
+        k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
+        v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
+        k1 = k0
+        v1 = v0
+        if HAS_D1:
+            k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1, ALIGNED)
+            v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1, ALIGNED)
+        dk0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
+        dk1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
+        dv0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
+        lo = tl.minimum((tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M, Lq)
+        # the split's first key block owns its dQ partial rows: query blocks it skips (causal) are zeroed
+        for start_m in range(0, tl.where(start_n == first_n, lo, 0), BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            zero = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
+            _store_piece(dq_base, rows, D, rows < Lq, 0, D, zero, BD0, True)
+            if HAS_D1:
+                _store_piece(dq_base, rows, D, rows < Lq, BD0, D, tl.zeros([BLOCK_M, BD1], tl.float32), BD1, True)
+        for start_m in range(lo, Lq, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < Lq
+            q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0, ALIGNED)
+            do0 = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0, ALIGNED)
+            lse = tl.load(LSE + stat + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + stat + rows, mask=row_ok, other=0.0)
+            s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # 1: S^T = K Q^T
+            if HAS_D1:
+                q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1, ALIGNED)
+                s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
+            ok = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= rows[None, :] + shift)
+            p_t = tl.where(ok, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+            pl = p_t.to(DO.dtype.element_ty)
+            dv0 = tl.dot(pl, do0, dv0, input_precision=DOT_PREC)  # 2: dV += P^T dO
+            dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)  # 3: dP^T = V dO^T
+            if HAS_D1:
+                do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1, ALIGNED)
+                dv1 = tl.dot(pl, do1, dv1, input_precision=DOT_PREC)
+                dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
+            dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PREC)  # 4: dK += dS^T Q
+            if HAS_D1:
+                dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
+            ds = tl.trans(ds_t)
+            again = row_ok & (start_n != first_n)  # read-modify-write after the split's first key block
+            prev0 = _load_piece(dq_base, rows, D, again, 0, D, BD0, True)
+            dq0 = tl.dot(ds, k0, prev0, input_precision=DOT_PREC)  # 5: dQ += dS K
+            _store_piece(dq_base, rows, D, row_ok, 0, D, dq0, BD0, True)
+            if HAS_D1:
+                prev1 = _load_piece(dq_base, rows, D, again, BD0, D, BD1, True)
+                dq1 = tl.dot(ds, k1, prev1, input_precision=DOT_PREC)
+                _store_piece(dq_base, rows, D, row_ok, BD0, D, dq1, BD1, True)
+        _store_piece(dv_base, keys, sdvm, key_ok, 0, D, dv0, BD0, ALIGNED)
+        _store_piece(dk_base, keys, sdkm, key_ok, 0, D, dk0 * sm_scale, BD0, ALIGNED)
+        if HAS_D1:
+            _store_piece(dv_base, keys, sdvm, key_ok, BD0, D, dv1, BD1, ALIGNED)
+            _store_piece(dk_base, keys, sdkm, key_ok, BD0, D, dk1 * sm_scale, BD1, ALIGNED)
+    # a split without any key block (n_k <= sp * BLOCK_N) still owns zeros in its dQ partial
+    for start_m in range(0, tl.where(first_n < n_k, 0, Lq), BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        row_ok = rows < Lq
-        q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0)
-        do0 = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0)
-        lse = tl.load(LSE + zh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + zh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
-        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
+        _store_piece(dq_base, rows, D, rows < Lq, 0, D, tl.zeros([BLOCK_M, BD0], tl.float32), BD0, True)
         if HAS_D1:
-            q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1)
-            s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
-        ok = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= rows[None, :] + shift)
-        p_t = tl.where(ok, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
-        pl = p_t.to(DO.dtype.element_ty)
-        dv0 += tl.dot(pl, do0, input_precision=DOT_PREC)
-        dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
-        if HAS_D1:
-            do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1)
-            dv1 += tl.dot(pl, do1, input_precision=DOT_PREC)
-            dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
-        dk0 += tl.dot(ds_t, q0, input_precision=DOT_PREC)
-        if HAS_D1:
-            dk1 += tl.dot(ds_t, q1, input_precision=DOT_PREC)
-
-    dv_base = DV + _z_offset(z, Z2, sdv1, sdv2) + h * sdvh
-    dk_base = DK + _z_offset(z, Z2, sdk1, sdk2) + h * sdkh
-    if varlen != 0:
-        dv_base = DV + (v_off // svm) * sdvm + h * sdvh
-        dk_base = DK + (k_off // skm) * sdkm + h * sdkh
-    _store_piece(dv_base, keys, sdvm, key_ok, 0, D, dv0, BD0)
-    _store_piece(dk_base, keys, sdkm, key_ok, 0, D, dk0 * sm_scale, BD0)
-    if HAS_D1:
-        _store_piece(dv_base, keys, sdvm, key_ok, BD0, D, dv1, BD1)
-        _store_piece(dk_base, keys, sdkm, key_ok, BD0, D, dk1 * sm_scale, BD1)
+            _store_piece(dq_base, rows, D, rows < Lq, BD0, D, tl.zeros([BLOCK_M, BD1], tl.float32), BD1, True)
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(
-    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh): q as attended (transformed when NORM)
-    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh): k as attended (packed rows when varlen)
-    V,  # like K through (sv1, sv2, svm, svh)
-    DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
-    DQ,  # like Q through (sdq1, sdq2, sdqm, sdqh): gradient w.r.t. q as attended
-    LSE,  # (Z * H, Lq) fp32 log2 units
-    DELTA,  # (Z * H, Lq) fp32
-    CU_K,  # (Z + 1,) int32 (varlen)
-    Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
-    sdq1, sdq2, sdqm, sdqh,
-    H, Lq, Lk, D: tl.constexpr, causal, varlen, qk_scale, sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+def _dq_reduce_kernel(
+    DQP,  # (n_split, Z * H, Lq, D) fp32 partials
+    DQ,  # (Z, Lq, H, D) through (sdq1, sdq2, sdqm, sdqh)
+    Z2, sdq1, sdq2, sdqm, sdqh, H, Lq, n_zh, n_split, sm_scale,
+    D: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+    HAS_D1: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    zh = tl.program_id(1)
+    """dq = sm_scale * sum over splits (in split order) of the dQ partials."""
+    n_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    zh = pid // n_m
+    pid_m = pid % n_m
     z = zh // H
     h = zh % H
-    k_off, v_off, n_k = _key_range(z, Z2, sk1, sk2, skm, sv1, sv2, svm, CU_K, Lk, varlen)
-    shift = n_k - Lq + (1 - causal) * (1 << 30)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
-    q_base = Q + _z_offset(z, Z2, sq1, sq2) + h * sqh
-    do_base = DO + _z_offset(z, Z2, sd1, sd2) + h * sdh
-    q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0)
-    do0 = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0)
-    q1 = q0
-    do1 = do0
-    if HAS_D1:
-        q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1)
-        do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1)
-    lse = tl.load(LSE + zh.to(tl.int64) * Lq + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + zh.to(tl.int64) * Lq + rows, mask=row_ok, other=0.0)
-    k_base = K + k_off + h * skh
-    v_base = V + v_off + h * svh
-    dq0 = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
-    dq1 = tl.zeros([BLOCK_M, BD1], dtype=tl.float32)
-    hi = tl.maximum(tl.minimum(n_k, (pid_m + 1) * BLOCK_M + shift), 0)
-    for start_n in range(0, hi, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < n_k
-        k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0)
-        v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0)
-        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
-        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+    acc0 = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BD1], dtype=tl.float32)
+    for sp in range(n_split):
+        pb = DQP + (sp * n_zh + zh).to(tl.int64) * Lq * D
+        acc0 += _load_piece(pb, rows, D, row_ok, 0, D, BD0, True)
         if HAS_D1:
-            k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1)
-            v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1)
-            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
-        ok = key_ok[None, :] & row_ok[:, None] & (keys[None, :] <= rows[:, None] + shift)
-        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-        ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
-        dq0 += tl.dot(ds, k0, input_precision=DOT_PREC)
-        if HAS_D1:
-            dq1 += tl.dot(ds, k1, input_precision=DOT_PREC)
-
-    dq_base = DQ + _z_offset(z, Z2, sdq1, sdq2) + h * sdqh
-    _store_piece(dq_base, rows, sdqm, row_ok, 0, D, dq0 * sm_scale, BD0)
+            acc1 += _load_piece(pb, rows, D, row_ok, BD0, D, BD1, True)
+    dq_base = _base(DQ, z, Z2, sdq1, sdq2, h, sdqh, ALIGNED)
+    _store_piece(dq_base, rows, sdqm, row_ok, 0, D, acc0 * sm_scale, BD0, ALIGNED)
     if HAS_D1:
-        _store_piece(dq_base, rows, sdqm, row_ok, BD0, D, dq1 * sm_scale, BD1)
+        _store_piece(dq_base, rows, sdqm, row_ok, BD0, D, acc1 * sm_scale, BD1, ALIGNED)
 
 
 @triton.jit
@@ -462,7 +468,8 @@ def _qk_norm_rope_bwd_kernel(
     COS,  # (L, D) (ROPE)
     SIN,  # (L, D) (ROPE)
     Z2, sx1, sx2, sxm, sxh, sdx1, sdx2, sdxm, sdxh, H, L, D: tl.constexpr, n_rows, stride_cs, eps,
-    ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
+    ROPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+    HAS_D1: tl.constexpr,
 ):  # fmt: skip
     """Backward of the q/k prologue (RoPE^T then RMSNorm backward) over head-rows r = (z * L + l) * H + h;
     program p takes row blocks p, p + P, ... and writes one (D,) partial weight gradient."""
@@ -478,18 +485,18 @@ def _qk_norm_rope_bwd_kernel(
         h = r % H
         l = (r // H) % L
         z = r // (H * L)
-        x_row = _z_offset(z, Z2, sx1, sx2) + l.to(tl.int64) * sxm + h * sxh
-        dx_row = _z_offset(z, Z2, sdx1, sdx2) + l.to(tl.int64) * sdxm + h * sdxh
-        g_row = r.to(tl.int64) * D
+        x_row = _hint(_z_offset(z, Z2, sx1, sx2) + l.to(tl.int64) * sxm + h * sxh, ALIGNED)
+        dx_row = _hint(_z_offset(z, Z2, sdx1, sdx2) + l.to(tl.int64) * sdxm + h * sdxh, ALIGNED)
+        g_row = tl.multiple_of(r.to(tl.int64) * D, 8)
         m0 = ok[:, None] & (c0 < D)[None, :]
-        x0 = tl.load(X + x_row[:, None] + c0[None, :], mask=m0, other=0.0)
-        g0 = tl.load(G + g_row[:, None] + c0[None, :], mask=m0, other=0.0).to(tl.float32)
+        x0 = tl.load(_vec(X + x_row[:, None] + c0[None, :], ALIGNED), mask=m0, other=0.0)
+        g0 = tl.load(_vec(G + g_row[:, None] + c0[None, :], True), mask=m0, other=0.0).to(tl.float32)
         xf = x0.to(tl.float32)
         ss = tl.sum(xf * xf, 1)
         if HAS_D1:
             m1 = ok[:, None] & (c1 < D)[None, :]
-            x1 = tl.load(X + x_row[:, None] + c1[None, :], mask=m1, other=0.0)
-            g1 = tl.load(G + g_row[:, None] + c1[None, :], mask=m1, other=0.0).to(tl.float32)
+            x1 = tl.load(_vec(X + x_row[:, None] + c1[None, :], ALIGNED), mask=m1, other=0.0)
+            g1 = tl.load(_vec(G + g_row[:, None] + c1[None, :], True), mask=m1, other=0.0).to(tl.float32)
             xf1 = x1.to(tl.float32)
             ss += tl.sum(xf1 * xf1, 1)
         rstd = tl.rsqrt(ss / D + eps)
@@ -503,10 +510,10 @@ def _qk_norm_rope_bwd_kernel(
             dot += dot1
         mean = dot / D
         dx0 = rstd[:, None] * (dh0 - xh0 * mean[:, None])
-        tl.store(DX + dx_row[:, None] + c0[None, :], dx0.to(DX.dtype.element_ty), mask=m0)
+        tl.store(_vec(DX + dx_row[:, None] + c0[None, :], ALIGNED), dx0.to(DX.dtype.element_ty), mask=m0)
         if HAS_D1:
             dx1 = rstd[:, None] * (dh1 - xh1 * mean[:, None])
-            tl.store(DX + dx_row[:, None] + c1[None, :], dx1.to(DX.dtype.element_ty), mask=m1)
+            tl.store(_vec(DX + dx_row[:, None] + c1[None, :], ALIGNED), dx1.to(DX.dtype.element_ty), mask=m1)
     tl.store(DWP + pid * D + c0, dw0, mask=c0 < D)
     if HAS_D1:
         tl.store(DWP + pid * D + c1, dw1, mask=c1 < D)

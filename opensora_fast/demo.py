@@ -124,6 +124,10 @@ def set_latent_stats(vae, dataset, device, sample: bool = False) -> None:
 
 def run_demo(o: DemoOptions) -> dict:
     """Run the four stages; returns the paths written and the loss averages."""
+    from opensora_fast.sample import UsageError
+
+    if os.path.exists(o.out_dir) and not os.path.isdir(o.out_dir):
+        raise UsageError(f"--out-dir {o.out_dir!r} is a file; give a directory for the demo")
     if torch.cuda.is_available():
         return _run(o)
     # tiny CPU shapes: one intra-op thread is several times faster than two contending ones

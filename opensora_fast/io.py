@@ -129,6 +129,9 @@ def write_video(path: str, video: torch.Tensor, fps: float, *, crf: int = 18) ->
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
+        from opensora_fast.checkpoint import honour_umask
+
+        honour_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

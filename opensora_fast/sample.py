@@ -116,6 +116,11 @@ class SampleOptions:
             raise UsageError(f"--fps must be >= 1, got {self.fps}")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise UsageError(f"--dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise UsageError(f"--out-dir {self.out_dir!r} is a file; give a directory for the clips")
+        from opensora_fast.train import check_device
+
+        check_device(self.device)
         if self.reference is not None:
             if not os.path.isfile(self.reference):
                 raise UsageError(f"--reference {self.reference!r} does not exist")
@@ -147,6 +152,16 @@ def read_prompt_file(path: str) -> list[str]:
 
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "sample"
+
+
+def free_name(base: str, ext: str) -> str:
+    """``base + ext``, or ``base-1 + ext``, ``base-2 + ext``, ... the first that does not exist yet (an
+    earlier sample into the same directory is never overwritten)."""
+    path, n = base + ext, 0
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}{ext}"
+    return path
 
 
 def write_image(path: str, frame: torch.Tensor) -> str:
@@ -228,6 +243,10 @@ def generate(opts: SampleOptions) -> list[str]:
     H, W = opts.size()
     T = opts.frames()
     lat = vae.get_latent_size((T, H, W))
+    f = vae.cfg.spatial.downsample
+    if (lat[1] * f, lat[2] * f) != (H, W):
+        say(f"note: {H}x{W} is not a multiple of the VAE's {f}x{f} spatial downsampling: the clip will be "
+            f"{lat[1] * f}x{lat[2] * f}", flush=True)  # fmt: skip
     fps = IMAGE_FPS if T == 1 else opts.fps
     scheduler = RFlow(num_sampling_steps=opts.steps, cfg_scale=opts.cfg, use_timestep_transform=True)
     size_args = {
@@ -286,11 +305,11 @@ def _write(vae, i: int, prompt: str, z: torch.Tensor, T: int, dtype, opts: Sampl
     from opensora_fast.io import write_video
 
     video = vae.decode(z.to(dtype), num_frames=T)[0]  # (3, T, H', W')
-    base = os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}")
+    path = free_name(os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}"), ".png" if T == 1 else ".mp4")
     if T == 1:
-        path = write_image(base + ".png", video[:, 0])
+        path = write_image(path, video[:, 0])
     else:
-        path = write_video(base + ".mp4", video, fps=opts.fps)
+        path = write_video(path, video, fps=opts.fps)
     print(f"wrote {path}", flush=True)
     return path
 

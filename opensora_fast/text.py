@@ -34,6 +34,12 @@ class T5TextEncoder:
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"T5 directory {path!r} not found (only local paths are supported)")
+        tokenizer_files = ("tokenizer.json", "spiece.model", "tokenizer.model")
+        if not any(os.path.isfile(os.path.join(path, n)) for n in tokenizer_files):
+            raise FileNotFoundError(
+                f"T5 directory {path!r} has no tokenizer files ({', '.join(tokenizer_files)}): copy them in from "
+                "the T5 release (DeepFloyd/t5-v1_1-xxl has spiece.model and tokenizer_config.json)"
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         self.model.to(device).eval().requires_grad_(False)

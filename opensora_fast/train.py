@@ -637,17 +637,17 @@ def build_model(preset: str, init_from: str | None, in_channels: int, text_dim: 
             if text_len:
                 kw["model_max_length"] = text_len
             config = getattr(STDiT3Config, preset)(**kw)
+        check_model_inputs(config, in_channels, text_dim, None)  # before building (XL: 1.1B parameters)
         model = STDiT3(config)
-    check_model_inputs(model, in_channels, text_dim, f"--init-from {init_from!r}" if init_from else None)
+    check_model_inputs(model.config, in_channels, text_dim, f"--init-from {init_from!r}" if init_from else None)
     return model.float()
 
 
-def check_model_inputs(model, in_channels: int, text_dim: int, source: str | None) -> None:
-    """UsageError (one line, with what to change) when the STDiT3 does not take the VAE's latent channels or
-    the T5's caption width. ``source``: where the model came from (None: a fresh --model-config preset)."""
+def check_model_inputs(c, in_channels: int, text_dim: int, source: str | None) -> None:
+    """UsageError (one line, with what to change) when the STDiT3 config ``c`` does not take the VAE's latent
+    channels or the T5's caption width. ``source``: where the model came from (None: a --model-config preset)."""
     from opensora_fast.sample import UsageError
 
-    c = model.config
     src = source or "the fresh STDiT3"
     if c.in_channels != in_channels:
         raise UsageError(f"{src} takes {c.in_channels} latent channels but the VAE makes {in_channels}")
@@ -805,8 +805,9 @@ def run_train(args) -> int:
     torch.manual_seed(cfg.seed)
     if ck is not None:  # the model as the checkpoint describes it
         with open(os.path.join(ck["path"], "config.json")) as f:
-            model = STDiT3(STDiT3Config.from_dict(json.load(f))).float()
-        check_model_inputs(model, vae.out_channels, t5_cfg.d_model, f"the checkpoint {ck['path']!r}")
+            config = STDiT3Config.from_dict(json.load(f))
+        check_model_inputs(config, vae.out_channels, t5_cfg.d_model, f"the checkpoint {ck['path']!r}")
+        model = STDiT3(config).float()
         _load_model_state(model, ck["model"], ck["path"])
     else:
         model = build_model(args.model_config, args.init_from, vae.out_channels, t5_cfg.d_model, None)

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from opensora_fast.checkpoint import resolve_resume, write_step_dir
+from opensora_fast.checkpoint import (
+    has_checkpoint,
+    honour_umask,
+    load_safetensors_checked,
+    load_torch_checked,
+    resolve_resume,
+    verify_checkpoint,
+    write_step_dir,
+)
 from opensora_fast.models.vae import (
     OpenSoraVAE,
     OpenSoraVAEConfig,
@@ -68,13 +76,10 @@ class VAETrainConfig:
     def __post_init__(self):
         if self.mixed_strategy not in (None, "mixed_video_image", "mixed_video_random"):
             raise ValueError(
-                "mixed_strategy must be None, 'mixed_video_image' or 'mixed_video_random', "
-                f"got {self.mixed_strategy!r}"
+                f"mixed_strategy must be None, 'mixed_video_image' or 'mixed_video_random', got {self.mixed_strategy!r}"
             )
         if not (self.use_real_rec_loss or self.use_z_rec_loss or self.use_image_identity_loss):
-            raise ValueError(
-                "at least one of use_real_rec_loss, use_z_rec_loss, use_image_identity_loss is needed"
-            )
+            raise ValueError("at least one of use_real_rec_loss, use_z_rec_loss, use_image_identity_loss is needed")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be 'bf16', 'fp16' or 'fp32', got {self.dtype!r}")
 
@@ -95,9 +100,7 @@ def rec_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).abs().sum() / (a.shape[0] * a.shape[2])
 
 
-def vae_loss(
-    cfg: VAETrainConfig, model: OpenSoraVAE, x: torch.Tensor, generator=None
-) -> tuple[torch.Tensor, dict]:
+def vae_loss(cfg: VAETrainConfig, model: OpenSoraVAE, x: torch.Tensor, generator=None) -> tuple[torch.Tensor, dict]:
     """The stage's loss on one batch x (B, 3, T, H, W) in [-1, 1]; returns (loss, logged parts)."""
     out = model(x, generator=generator, decode_pixels=cfg.use_real_rec_loss)
     loss = torch.zeros((), device=x.device)
@@ -162,6 +165,7 @@ def _atomic_torch_save(obj, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
     os.close(fd)
     torch.save(obj, tmp)
+    honour_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -176,12 +180,14 @@ def save_checkpoint(ckpt_dir: str, model: OpenSoraVAE, optimizer: torch.optim.Op
 
 
 def load_checkpoint(path: str, model: OpenSoraVAE, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights and optimizer from a checkpoint directory; returns its step."""
+    """Restore weights and optimizer from a checkpoint directory (or the newest complete one in a
+    ``ckpt_dir``), its checksums verified; returns its step."""
     path = resolve_resume(path)
-    state = load_state_dict_file(os.path.join(path, "model.safetensors"))
+    verify_checkpoint(path)
+    state = load_safetensors_checked(os.path.join(path, "model.safetensors"))
     check_state_dict(model, state)
     model.load_state_dict(state)
-    train_state = torch.load(os.path.join(path, "train_state.pt"), map_location="cpu", weights_only=True)
+    train_state = load_torch_checked(os.path.join(path, "train_state.pt"))
     optimizer.load_state_dict(train_state["optimizer"])
     return int(train_state["step"])
 
@@ -238,7 +244,7 @@ def train_vae(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
     if resume == "auto":
-        resume = ckpt_dir if ckpt_dir and os.path.isfile(os.path.join(ckpt_dir, "latest")) else None
+        resume = ckpt_dir if ckpt_dir and has_checkpoint(ckpt_dir) else None
     start = load_checkpoint(resume, model, optimizer) if resume else 0
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.dtype]
@@ -248,9 +254,7 @@ def train_vae(
         next(it)
 
     losses, last_ckpt = [], None
-    bar = tqdm(
-        range(start, total), initial=start, total=total, desc=f"VAE stage {cfg.stage}", disable=not progress
-    )
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"VAE stage {cfg.stage}", disable=not progress)
     for step in bar:
         try:
             x = next(it)

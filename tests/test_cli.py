@@ -403,3 +403,221 @@ def test_load_vae_ignores_a_foreign_config_json(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="missing"):  # built as the release VAE, so the keys do not match
         load_vae(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13: faults, checkpoints, programs
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory):
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("data")), 9, (16, 16), 8, colors=("red", "blue"))
+
+
+def train_argv(w, csv_path, out, steps, *extra):
+    return ["train", "--data", csv_path, "--vae", w["vae"], "--t5", w["t5"], "--model-config", "tiny", "--buckets",
+            "9x16x16", "--steps", str(steps), "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2",
+            "--ckpt-every", "1", "--out-dir", str(out), "--no-progress", *extra]  # fmt: skip
+
+
+def log_steps(out):
+    return [json.loads(line)["step"] for line in open(out / "log.jsonl")]
+
+
+def one_line(err):
+    """The error in stderr, which must be a single line (warnings and library progress bars aside)."""
+    noise = ("warning:", "skipped:", "checkpoints:", "Loading weights")
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith(noise)]
+    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("opensora-fast"), err
+    return lines[0]
+
+
+def test_resume_finds_the_newest_complete_checkpoint(weights, data_csv, tmp_path, capsys):
+    """A kill after a step directory was renamed into place but before ``latest`` was written, plus stale
+    temporaries of killed writes: --resume continues from the newest complete step and removes them."""
+    out = tmp_path / "run"
+    assert cli.main(train_argv(weights, data_csv, out, 2)) == 0
+    ck = out / "checkpoints"
+    (ck / "latest").unlink()  # killed before the first `latest` was written
+    for k in range(3):
+        (ck / f".tmp-step-00000003-x{k}").mkdir()
+        (ck / f".tmp-step-00000003-x{k}" / "model.safetensors").write_bytes(b"partial")
+    capsys.readouterr()
+    assert cli.main(train_argv(weights, data_csv, out, 3, "--resume")) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert log_steps(out) == [1, 2, 3]
+    assert sorted(os.listdir(ck)) == ["latest", "step-00000001", "step-00000002", "step-00000003"]
+    # --keep-last prunes the older ones
+    assert cli.main(train_argv(weights, data_csv, out, 4, "--resume", "--keep-last", "2")) == 0
+    assert sorted(os.listdir(ck)) == ["latest", "step-00000003", "step-00000004"]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "train_state.pt", "ema/model.safetensors"])
+def test_resume_refuses_a_corrupt_checkpoint_file(weights, data_csv, tmp_path, capsys, name):
+    out = tmp_path / "run"
+    assert cli.main(train_argv(weights, data_csv, out, 1)) == 0
+    p = out / "checkpoints" / "step-00000001" / name
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x04  # one flipped bit inside the payload
+    p.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(train_argv(weights, data_csv, out, 2, "--resume")) == 2
+    line = one_line(capsys.readouterr().err)
+    assert name in line and "corrupt" in line
+    p.write_bytes(bytes(data[:100]))  # truncated
+    assert cli.main(train_argv(weights, data_csv, out, 2, "--resume")) == 2
+    assert name in one_line(capsys.readouterr().err)
+    (p.parent.parent if "/" in name else p.parent).joinpath("checksums.json").unlink()  # no checksums to compare
+    assert cli.main(train_argv(weights, data_csv, out, 2, "--resume")) == 2
+    line = one_line(capsys.readouterr().err)
+    assert name.split("/")[-1] in line and "unreadable" in line
+
+
+def test_resume_drops_a_torn_log_line(weights, data_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(train_argv(weights, data_csv, out, 2)) == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.12')  # killed mid-write
+    assert cli.main(train_argv(weights, data_csv, out, 3, "--resume")) == 0
+    assert log_steps(out) == [1, 2, 3]
+    # anything else that is not a record: a clear error naming the file and line
+    lines = (out / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert cli.main(train_argv(weights, data_csv, out, 4, "--resume")) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "log.jsonl line 2" in line
+
+
+def test_train_into_an_existing_run_and_resume_options(weights, data_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(train_argv(weights, data_csv, out, 2)) == 0
+    before = (out / "log.jsonl").read_text()
+    capsys.readouterr()
+    # a second run into the same directory: refused, nothing touched
+    assert cli.main(train_argv(weights, data_csv, out, 1)) == 2
+    assert "already holds a run" in one_line(capsys.readouterr().err)
+    assert (out / "log.jsonl").read_text() == before
+    # --resume takes the options from the checkpoint: no --model-config / --lr / --buckets needed
+    argv = ["train", "--data", data_csv, "--vae", weights["vae"], "--t5", weights["t5"], "--out-dir", str(out),
+            "--no-progress", "--resume"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "nothing left to do" in capsys.readouterr().out  # --steps 2 from the checkpoint, already reached
+    assert cli.main([*argv, "--steps", "3", "--lr", "5e-4"]) == 0
+    cap = capsys.readouterr()
+    assert "resuming from step 2" in cap.out
+    assert "--lr 0.0005 differs" in cap.err and "--steps 3 differs" in cap.err
+    assert log_steps(out) == [1, 2, 3] and json.loads((out / "log.jsonl").read_text().splitlines()[-1])["lr"] == 5e-4
+    cfg_before = (out / "config.json").read_text()
+    # an incompatible model: one line, config.json untouched
+    assert cli.main([*argv, "--steps", "4", "--model-config", "small"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--model-config small" in line and "tiny" in line
+    assert (out / "config.json").read_text() == cfg_before
+    # --overwrite replaces the run
+    assert cli.main(train_argv(weights, data_csv, out, 1, "--overwrite")) == 0
+    assert log_steps(out) == [1] and sorted(os.listdir(out / "checkpoints")) == ["latest", "step-00000001"]
+
+
+def test_train_one_line_errors(weights, data_csv, tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    # --out-dir a file: refused before anything is loaded (the --vae path does not even exist)
+    argv = train_argv({**weights, "vae": str(tmp_path / "no_vae")}, data_csv, f, 1)
+    assert cli.main(argv) == 2
+    assert "is a file" in one_line(capsys.readouterr().err)
+    for dev, msg in (("cuda", "no CUDA GPU"), ("tpu", "expected cpu, cuda or cuda:N")):
+        if dev == "cuda" and torch.cuda.is_available():
+            continue
+        assert cli.main(train_argv(weights, data_csv, tmp_path / dev, 1, "--device", dev)) == 2
+        assert msg in one_line(capsys.readouterr().err)
+        assert cli.main(["sample", "x", *weight_args(weights), "--device", dev, "--out-dir", str(tmp_path)]) == 2
+        assert msg in one_line(capsys.readouterr().err)
+    # --model-config xl needs 4096-dim captions: the tiny T5 gives 64; say what to use
+    assert cli.main([*train_argv(weights, data_csv, tmp_path / "xl", 1), "--model-config", "xl"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "4096-dim captions" in line and "--model-config tiny or small" in line
+    # a T5 directory without its tokenizer files
+    import shutil
+
+    t5 = tmp_path / "t5"
+    shutil.copytree(weights["t5"], t5)
+    for n in os.listdir(t5):
+        if n.startswith(("tokenizer", "special_tokens", "spiece")):
+            os.remove(t5 / n)
+    assert cli.main(train_argv({**weights, "t5": str(t5)}, data_csv, tmp_path / "t5run", 1)) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "no tokenizer files" in line and "sentencepiece" not in line.lower()
+
+
+def test_train_ctrl_c_prints_the_resume_command(weights, data_csv, tmp_path, monkeypatch, capsys):
+    from opensora_fast import train as T
+
+    real = T.update_ema
+
+    def interrupt(ema, model, decay, _n=[0]):
+        _n[0] += 1
+        if _n[0] == 3:
+            raise KeyboardInterrupt
+        real(ema, model, decay)
+
+    monkeypatch.setattr(T, "update_ema", interrupt)
+    out = tmp_path / "run"
+    try:
+        rc = cli.main(train_argv(weights, data_csv, out, 5))
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped the command (a traceback, no resume hint)")
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted after step 2" in err
+    assert str(out / "checkpoints" / "step-00000002") in err
+    assert "resume with: opensora-fast train" in err and err.rstrip().endswith("--resume")
+    monkeypatch.setattr(T, "update_ema", real)
+    assert cli.main(train_argv(weights, data_csv, out, 3, "--resume")) == 0
+    assert log_steps(out) == [1, 2, 3]
+
+
+def test_sample_numbers_instead_of_overwriting_and_honours_the_umask(weights, tmp_path, capsys):
+    argv = ["sample", "a red circle", *weight_args(weights), "--out-dir", str(tmp_path), "--image-size", "16x16",
+            "--num-frames", "5", "--steps", "1", "--no-progress"]  # fmt: skip
+    old = os.umask(0o022)
+    try:
+        assert cli.main(argv) == 0 and cli.main(argv) == 0
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["000_a_red_circle-1.mp4", "000_a_red_circle.mp4"]
+    assert all(os.stat(tmp_path / n).st_mode & 0o777 == 0o644 for n in os.listdir(tmp_path))
+
+
+def test_sample_says_when_the_size_changes(weights, tmp_path, capsys):
+    """A size the VAE cannot produce exactly is said, not silently changed (the tiny VAE downsamples 2x)."""
+    argv = ["sample", "a red circle", *weight_args(weights), "--out-dir", str(tmp_path), "--image-size", "33x31",
+            "--num-frames", "5", "--steps", "1", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "33x31 is not a multiple of the VAE's 2x2 spatial downsampling: the clip will be 32x30" in (
+        capsys.readouterr().out
+    )
+
+
+def test_help_shows_defaults_and_required(capsys):
+    for cmd in ("train", "sample", "demo"):
+        with pytest.raises(SystemExit):
+            cli.main([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        if cmd == "train":
+            assert "(required)" in out and "(default: 1000)" in out and "(default: 51x240x426)" in out
+            assert "--keep-last N" in out and "--max-bad-clips N" in out and "--dist-timeout S" in out
+        if cmd == "sample":
+            assert "(default: 240p)" in out and "(default: samples)" in out
+        if cmd == "demo":
+            assert "(default: opensora-fast-demo)" in out
+
+
+def test_gitignore_covers_the_default_output_folders():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    for path in ("samples/000_x.mp4", "opensora-fast-demo/losses.png"):
+        r = subprocess.run(["git", "check-ignore", "-q", path], cwd=root, timeout=60)
+        assert r.returncode == 0, path

@@ -152,3 +152,59 @@ def test_csv_errors(tmp_path):
     p.write_text("path,caption\nmissing.mp4,x\n")
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         D.VideoTextDataset(str(p), [(1, 8, 8)])
+
+
+def corrupt_stream(path):
+    """Overwrite the first NAL length in mdat: the container (and the scan) still reads, decoding fails with
+    "Invalid data found when processing input"."""
+    data = bytearray(open(path, "rb").read())
+    i = data.find(b"mdat")
+    assert i > 0
+    data[i + 4 : i + 8] = b"\xff\xff\xff\xff"
+    open(path, "wb").write(bytes(data))
+
+
+def write_audio_only(path):
+    import numpy as np
+
+    av = pytest.importorskip("av")
+    with av.open(path, "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=16000)
+        for k in range(4):
+            fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            fr.sample_rate, fr.pts = 16000, k * 1024
+            for p in s.encode(fr):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_csv_encodings_and_missing_text(tmp_path):
+    p = tmp_path / "bom.csv"
+    p.write_bytes("path,text\na.mp4,un café\n".encode("utf-8-sig"))
+    assert D.read_csv(str(p)) == [(str(tmp_path / "a.mp4"), "un café", 2)]
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("path,text\na.mp4,un café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv.*not UTF-8"):
+        D.read_csv(str(p))
+    p = tmp_path / "short.csv"
+    p.write_text("path,text\na.mp4,fine\nb.mp4\n")
+    with pytest.raises(ValueError, match=r"short\.csv.* line 3: no 'text'"):
+        D.read_csv(str(p))
+
+
+def test_unreadable_clips_are_named_and_left_out(tmp_path):
+    """moov lost (truncated) and audio-only files are left out at the scan, each named with its CSV line; a
+    clip corrupt inside its stream passes the scan and fails at decode with BadClipError naming file and line."""
+    path = _write_csv(tmp_path, [(f"c{i}", 9, 16, 16) for i in range(4)])
+    data = open(tmp_path / "c1.mp4", "rb").read()
+    open(tmp_path / "c1.mp4", "wb").write(data[: data.find(b"moov") - 4])  # truncated: moov lost
+    write_audio_only(str(tmp_path / "c2.mp4"))
+    corrupt_stream(str(tmp_path / "c3.mp4"))
+    ds = D.VideoTextDataset(path, [(9, 16, 16)])
+    assert [os.path.basename(p) for p, *_ in ds.items] == ["c0.mp4", "c3.mp4"]
+    assert [(os.path.basename(p), line) for p, line, _ in ds.bad] == [("c1.mp4", 3), ("c2.mp4", 4)]
+    assert "cannot be read" in ds.bad[0][2] and "no video stream" in ds.bad[1][2]
+    assert ds[0]["video"].shape == (3, 9, 16, 16)
+    with pytest.raises(D.BadClipError, match=r"c3\.mp4.*d\.csv line 5.*Invalid data"):
+        ds[1]

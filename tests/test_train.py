@@ -2,6 +2,7 @@
 checkpointing, and the FSDP2 path in a one-process gloo group."""
 
 import json
+import math
 import os
 
 import pytest
@@ -295,3 +296,25 @@ def test_init_distributed_device_choice(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert T.init_distributed()[2] == torch.device("cuda:0")
+
+
+def test_bad_clips_are_skipped_counted_and_limited(setup, tmp_path, capsys):
+    """A clip corrupt inside its stream passes the scan; at its step it is skipped and reported (file and CSV
+    line), replaced by another clip of its bucket, counted in the log; past max_bad_clips training stops."""
+    from test_data import corrupt_stream
+
+    csv_path = make_synthetic_dataset(str(tmp_path / "data"), 9, (16, 16), 8, colors=("red", "blue"))
+    corrupt_stream(str(tmp_path / "data" / "videos" / "blue_circle_up_0.mp4"))
+    ds = VideoTextDataset(csv_path, [(9, 16, 16)])
+    assert len(ds) == 16 and not getattr(ds, "bad", None)  # the scan cannot see it
+    log = tmp_path / "log.jsonl"
+    # 4 steps of 4 clips = one epoch: every clip is drawn once
+    res = T.train_dit(cfg(steps=4, ckpt_every=100), ds, tiny_model(), setup["vae"], setup["text"], device="cpu",
+                      progress=False, log_path=str(log))  # fmt: skip
+    assert len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses)
+    err = capsys.readouterr().err
+    assert err.count("skipped: clip") == 1 and "blue_circle_up_0.mp4" in err and "data.csv line 17" in err
+    assert json.loads(log.read_text().splitlines()[-1])["bad_clips"] == 1
+    with pytest.raises(T.TooManyBadClips, match=r"more than --max-bad-clips 0.*blue_circle_up_0\.mp4"):
+        T.train_dit(cfg(steps=4, ckpt_every=100, max_bad_clips=0), ds, tiny_model(), setup["vae"], setup["text"],
+                    device="cpu", progress=False)  # fmt: skip

@@ -220,7 +220,7 @@ class GateResult:
     uses_dot: bool = False
     error: str = ""
     failures: list = field(default_factory=list)
-    cycles_per_cta: dict = field(default_factory=dict)  # unit -> cycles at the case's trip count (set later)
+    waived: list = field(default_factory=list)
     loop_profile: list = field(default_factory=list)  # [(straight counts by unit), (loop counts by unit)]
 
 
@@ -300,7 +300,7 @@ def compile_launch(launch) -> GateResult:
     except Exception as exc:  # a compile failure is a gate failure, reported by name
         msg = str(exc).strip().splitlines()
         res.error = f"{type(exc).__name__}: {' '.join(msg[-3:])[:400] if msg else ''}"
-        res.failures.append("does not compile for sm_90 as launched")
+        res.failures.append("[compile] does not compile for sm_90 as launched")
         return res
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])
@@ -315,37 +315,59 @@ def compile_launch(launch) -> GateResult:
     res.sass = st
     res.loop_profile = _profile(instrs)
     judge(res)
+    apply_waivers(res)
     return res
+
+
+# Accepted findings, each with its reason: (kernel, rule) -> why. A waiver that no longer matches a
+# finding fails the gate too (tests/test_sm90_gate.py), so this list only shrinks with the kernels.
+WAIVERS: dict[tuple[str, str], str] = {}
+
+
+def rule_of(failure: str) -> str:
+    m = re.match(r"\[(\w+)\]", failure)
+    return m.group(1) if m else ""
+
+
+def apply_waivers(res: GateResult) -> None:
+    keep = []
+    for f in res.failures:
+        why = WAIVERS.get((res.kernel, rule_of(f)))
+        if why:
+            res.waived.append(f"{f} -- waived: {why}")
+        else:
+            keep.append(f)
+    res.failures = keep
 
 
 def judge(res: GateResult) -> None:
     st = res.sass
     if st.stack > 0 or st.local_accesses:
-        res.failures.append(f"spills: stack {st.stack} B, {st.local_accesses} LDL/STL")
+        res.failures.append(f"[spill] stack {st.stack} B, {st.local_accesses} LDL/STL")
     if st.shared > SM90_MAX_SHARED:
-        res.failures.append(f"shared memory {st.shared} B > {SM90_MAX_SHARED} B")
+        res.failures.append(f"[smem] shared memory {st.shared} B > {SM90_MAX_SHARED} B")
     if res.uses_dot:
         if st.hmma:
-            res.failures.append(f"{st.hmma} HMMA (pre-Hopper mma) instead of HGMMA")
+            res.failures.append(f"[hmma] {st.hmma} HMMA (pre-Hopper mma.sync) instead of HGMMA")
         work = {k: int(k.split("x")[1]) * n for k, n in st.hgmma.items()}
         total = sum(work.values())
         if not total:
-            res.failures.append("tl.dot kernel without HGMMA (no wgmma)")
+            res.failures.append("[no_hgmma] tl.dot kernel without HGMMA (no wgmma)")
         else:
             wide = sum(w for k, w in work.items() if int(k.split("x")[1]) >= 64) / total
             if wide < WIDE_HGMMA_MIN:
                 res.failures.append(
-                    f"HGMMA narrower than N=64 carries {100 * (1 - wide):.0f}% of MMA work "
+                    f"[narrow_hgmma] HGMMA narrower than N=64 carries {100 * (1 - wide):.0f}% of MMA work "
                     f"({', '.join(f'{k} x{n}' for k, n in sorted(st.hgmma.items()))})"
                 )
         if st.loop_hgmma_plain_ldg:
-            res.failures.append("a loop feeds HGMMA from plain LDG (no LDGSTS / TMA async copies)")
+            res.failures.append("[plain_ldg_loop] a loop feeds HGMMA from plain LDG (no LDGSTS / TMA async copies)")
     w = st.global_widths
     n_all = sum(w.values())
     narrow = sum(n for k, n in w.items() if int(k.split(".")[1]) <= 2)
     if n_all and narrow >= 8 and narrow / n_all > NARROW_SHARE_MAX:
         res.failures.append(
-            f"{narrow} of {n_all} global accesses are 16-bit or narrower "
+            f"[narrow_global] {narrow} of {n_all} global accesses are 16-bit or narrower "
             f"({', '.join(f'{k}B x{n}' for k, n in sorted(w.items()))})"
         )
 
@@ -379,6 +401,8 @@ def trip_count(launch) -> int | None:
             return _cdiv(a["s_chunk"], a["TILE"] // (a["GPP"] * a["CG_P"]))
         if "m_chunk" in a:
             return _cdiv(a["m_chunk"], a["BLOCK_K"])
+        if "K" in a and "BLOCK_K" in a:  # a GEMM's reduction loop
+            return _cdiv(a["K"], a["BLOCK_K"])
         if "KT" in a and "c_in" in a:
             red = a["c_out"] if "dx" in k else a["c_in"]
             return a["KT"] * a["KH"] * a["KW"] * _cdiv(red, a["BLOCK_K"])
@@ -404,7 +428,7 @@ def _launch_bytes(launch) -> float:
 
 def estimate_launch(launch, res: GateResult) -> dict:
     """Static time estimate of one launch (seconds) and what bounds it."""
-    if res.failures and "does not compile" in " ".join(res.failures):
+    if res.error:
         return {"s": None, "bound": "no compile"}
     trips = trip_count(launch)
     straight, looped = res.loop_profile if res.loop_profile else ({}, {})
@@ -596,6 +620,8 @@ def main(argv=None) -> int:
           f"{'smem':>6s}  status")  # fmt: skip
     for r in results:
         status = "ok" if not r.failures else "FAIL: " + "; ".join(r.failures) + (f" [{r.error}]" if r.error else "")
+        if r.waived:
+            status += " (" + "; ".join(r.waived) + ")"
         print(f"{r.name[:110]:110s} {r.sass.registers:4d} {r.sass.stack:3d} {r.sass.shared:6d}  {status}")
     failed_cases = [row for row in table if row["error"]]
     for row in failed_cases:

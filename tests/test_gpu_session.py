@@ -1,0 +1,183 @@
+"""bench/gpu_session.sh in its dry mode (CPU, tiny shapes): every planned case gets a line in results.jsonl,
+written as it is measured, so a run killed half-way keeps what it measured and ``--summarize`` rebuilds the
+table; a group past its deadline is recorded as timeout and the next group still runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import session
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_session.sh"
+
+
+def _env(out: Path, **extra) -> dict:
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, PYTHONUNBUFFERED="1", **extra)
+    for k in ("DRY", "SESSION_DEADLINE_S", "SESSION_GROUP_DEADLINES", "SESSION_GROUPS", session.STALL_ENV,
+              session.INTERPRET_ENV):  # fmt: skip
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def _lines(out: Path) -> list[dict]:
+    """Every line of results.jsonl, each required to be one valid JSON object."""
+    text = (out / session.RESULTS).read_text()
+    assert text.endswith("\n"), "results.jsonl ends in a partial line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _planned(dry: bool = True) -> list[tuple[str, str, str]]:
+    proc = subprocess.run([sys.executable, "-m", "bench.session", "--list"] + (["--dry"] if dry else []), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=_env(Path("/nonexistent")))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [tuple(part.strip() for part in line.split("|")[:3]) for line in proc.stdout.splitlines()]
+
+
+def test_dry_run_writes_one_line_per_planned_case_and_the_summary(tmp_path):
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry"], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env=_env(tmp_path))  # fmt: skip
+    wall = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    planned = _planned()
+    groups = {g for g, _, _ in planned}
+    assert groups == set(session.GROUP_DEADLINES_S), "every group of the real run is planned in the dry run"
+    recs = _lines(tmp_path)
+    got = [(r["group"], r["case"], r["impl"]) for r in recs]
+    assert sorted(got) == sorted(planned), "one line per planned case"
+    for r in recs:
+        assert set(session.FIELDS) <= set(r), f"missing fields in {r}"
+        assert r["ok"] is True and r["error"] is None, r
+        assert r["dry"] is True
+        if r["group"] != "correctness":
+            assert r["ms"] > 0 and r["first_call_ms"] > 0
+            assert (r["tflops"] or 0) > 0 or (r["gbps"] or 0) > 0 or r["group"] == "vae_decode"
+    checks = [r for r in recs if r["group"] == "correctness"]
+    assert len(checks) >= 13 and all(r["detail"]["repeat_equal"] for r in checks)
+    # ceilings measured first, then every timed case relative to them
+    assert [r["group"] for r in recs[:2]] == ["ceilings", "ceilings"]
+    assert all(r["pct_of_ceiling"] > 0 for r in recs if r["group"] not in ("correctness", "vae_decode"))
+    summary = (tmp_path / session.SUMMARY).read_text()
+    assert f"{len(recs)} lines, {len(recs)} ok" in summary and "dry run" in summary
+    for _, case, _impl in planned:
+        assert f"| {case} |" in summary
+    # the table is printed last
+    assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
+    assert (tmp_path / "gpu.txt").read_text().startswith("dry run")
+    print(f"dry run: {len(recs)} cases in {wall:.1f} s")
+
+
+def test_run_killed_half_way_keeps_its_results_and_summarizes(tmp_path):
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--dry"], cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    results = tmp_path / session.RESULTS
+    want = 4  # both ceilings and the first correctness lines
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if results.exists() and results.read_text().count("\n") >= want:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the dry run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the script, the runner and (through PDEATHSIG) its worker
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(2.0)
+    n_then = len(_lines(tmp_path))
+    time.sleep(3.0)
+    recs = _lines(tmp_path)
+    assert len(recs) == n_then, "a worker outlived the killed runner and kept writing"
+    planned = _planned()
+    assert want <= len(recs) < len(planned)
+    assert all(r["ok"] for r in recs) and recs[0]["group"] == "ceilings"
+    assert not (tmp_path / session.SUMMARY).exists()
+    proc = subprocess.run([sys.executable, "-m", "bench.session", "--summarize", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=_env(tmp_path))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = (tmp_path / session.SUMMARY).read_text()
+    assert proc.stdout == summary
+    assert f"{len(recs)} lines" in summary and f"{len(planned) - len(recs)} without a line" in summary
+    assert "## planned but without a line" in summary and "vae_decode / " in summary
+
+
+def test_group_past_its_deadline_is_recorded_as_timeout_and_the_next_group_runs(tmp_path):
+    # the ceilings worker writes its first line, then hangs; its deadline kills it
+    env = _env(tmp_path, **{session.STALL_ENV: "ceilings:1"})
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bench.session", "--dry", "--out", str(tmp_path), "--groups",
+                           "ceilings,add_layernorm_modulate", "--group-deadline", "ceilings=25"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    wall = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # not every case ok
+    recs = _lines(tmp_path)
+    by = {(r["group"], r["case"]): r for r in recs}
+    assert by[("ceilings", "copy d2d")]["ok"] is True, "the line written before the hang is kept"
+    hung = by[("ceilings", "matmul 256^3")]
+    assert hung["ok"] is False and hung["error"].startswith("timeout") and hung["ms"] is None
+    nxt = [r for r in recs if r["group"] == "add_layernorm_modulate"]
+    assert len(nxt) == 6 and all(r["ok"] for r in nxt), "the next group ran in full"
+    assert len(recs) == 8
+    assert wall < 25 + 200
+    summary = (tmp_path / session.SUMMARY).read_text()
+    assert "timeout: group killed at its deadline of 25 s" in summary
+
+
+def test_global_deadline_skips_the_remaining_groups(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.session", "--dry", "--out", str(tmp_path), "--deadline", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env(tmp_path))  # fmt: skip
+    assert proc.returncode == 1
+    recs = _lines(tmp_path)
+    assert len(recs) == len(_planned())
+    assert all(not r["ok"] and r["error"].startswith("skipped: global deadline") for r in recs)
+
+
+def test_summarize_skips_unreadable_lines_and_marks_failures(tmp_path):
+    good = session.base_record("attention_spatial", "fwd B*T'=30 S=3600", "opensora_fast", "s", "bf16", False)
+    good.update(ok=True, ms=2.0, tflops=400.0, pct_of_ceiling=50.0, first_call_ms=900.0, est_ms=1.5)
+    base = dict(good, impl="sdpa-flash", ms=3.0)
+    oom = session.base_record("stdit3", "step", "opensora_fast", "s", "bf16", False)
+    oom.update(error="OOM: out of memory")
+    for r in (good, base, oom):
+        session.append_result(tmp_path, r)
+    with open(tmp_path / session.RESULTS, "a") as f:
+        f.write('{"group": "cut off mid-li')  # a line a kill cut short
+    text = session.summarize(tmp_path)
+    assert "3 lines, 2 ok" in text and "1 unreadable lines" in text
+    assert "| 1.50x |" in text, "the baseline's row shows how much faster ours is"
+    assert "| 1.5 |" in text, "the static estimate sits beside the measured time"
+    assert "OOM: out of memory" in text
+
+
+def test_estimates_table_formats(tmp_path, monkeypatch):
+    p = tmp_path / "est.json"
+    monkeypatch.setenv("SESSION_ESTIMATES", str(p))
+    p.write_text(json.dumps({"attention_spatial/fwd B*T'=30 S=3600": 2.5, "x": {"est_ms": 1.0}}))
+    t = session.load_estimates(tmp_path)
+    assert session.estimate_for(t, "attention_spatial", "fwd B*T'=30 S=3600", "opensora_fast") == 2.5
+    assert session.estimate_for(t, "attention_spatial", "fwd B*T'=30 S=3600", "sdpa-flash") is None
+    p.write_text(json.dumps({"cases": [{"case": "fwd rows=524288", "ms": 0.9}]}))
+    t = session.load_estimates(tmp_path)
+    assert session.estimate_for(t, "add_layernorm_modulate", "fwd rows=524288", "opensora_fast") == 0.9
+    p.write_text("not json")
+    assert session.load_estimates(tmp_path) == {}
+
+
+def test_bad_group_deadline_names_the_argument():
+    with pytest.raises(ValueError, match="GROUP=SECONDS"):
+        session.parse_group_deadlines(["stdit3"])
+    with pytest.raises(ValueError, match="unknown groups"):
+        session.main(["--dry", "--group-deadline", "nosuch=3", "--out", "/nonexistent"])
+    with pytest.raises(ValueError, match="--groups"):
+        session.main(["--dry", "--groups", "nosuch", "--out", "/nonexistent"])

@@ -4,6 +4,8 @@ validation, torch.compile tracing, and bf16 real shapes on a GPU."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from opensora_fast.kernels import cross_attention, flash_attn_func, self_attention
@@ -38,6 +40,114 @@ def _check(kernel_fn, ref_fn, inputs, dtype, names, device, grad_mask=None):
     for n, a, b, c in zip(names, grads, grads_l, grads_h):
         assert a.dtype == dtype, n
         assert_close_to_fp64(a, b, c, name=n)
+
+
+# --------------------------------------------------------------------------------------------
+# sm_90 compile of the launches a real call makes (no GPU): the launch arguments are captured at
+# JITFunction.run / Autotuner.run (nothing executes) and typed by Triton's own runtime binder.
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Inside the block, Triton kernel launches are recorded instead of run. Yields a list of
+    ``Launch(fn, args, kwargs, grid)``: one per launch, one per autotune config for autotuned kernels
+    (``kwargs`` then include the config's meta-parameters and num_warps / num_stages). Works with the
+    interpreter (InterpretedFunction) and without it (JITFunction)."""
+    from triton.runtime import autotuner, interpreter, jit
+
+    launches = []
+
+    def fake_run(self, *args, grid, warmup=False, **kwargs):
+        launches.append(Launch(self, args, kwargs, grid))
+
+    def fake_tune(self, *args, **kwargs):
+        for cfg in self.configs:
+            fake_run(self.fn, *args, **kwargs, **cfg.all_kwargs())
+
+    saved = (jit.JITFunction.run, interpreter.InterpretedFunction.run, autotuner.Autotuner.run)
+    jit.JITFunction.run = interpreter.InterpretedFunction.run = fake_run
+    autotuner.Autotuner.run = fake_tune
+    try:
+        yield launches
+    finally:
+        jit.JITFunction.run, interpreter.InterpretedFunction.run, autotuner.Autotuner.run = saved
+
+
+class Launch:
+    def __init__(self, fn, args, kwargs, grid):
+        self.fn, self.args, self.kwargs, self.grid = fn, args, kwargs, grid
+
+    @property
+    def name(self) -> str:
+        return self.fn.fn.__name__ if hasattr(self.fn, "fn") else self.fn.__name__
+
+    def named_args(self) -> dict:
+        names = self.jit().arg_names
+        return {**dict(zip(names, self.args)), **self.kwargs}
+
+    def grid_dims(self) -> tuple[int, int, int]:
+        g = self.grid(self.named_args()) if callable(self.grid) else self.grid
+        g = tuple(g) + (1,) * (3 - len(g))
+        return tuple(int(x) for x in g)
+
+    def jit(self):
+        from triton.runtime.jit import JITFunction
+
+        return self.fn if isinstance(self.fn, JITFunction) else JITFunction(self.fn.fn)
+
+    def bind(self, arch: int = 90):
+        """(signature, constexprs, attrs, options) as Triton's runtime binder derives them from the real
+        arguments for a CUDA sm_<arch> target (what JITFunction.run would compile)."""
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        jf = self.jit()
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        binder = create_function_from_signature(jf.signature, jf.params, backend)
+        kwargs = {k: v for k, v in self.kwargs.items()}
+        bound, spec, _ = binder(*self.args, **kwargs)
+        options, signature, constexprs, attrs = jf._pack_args(backend, kwargs, bound, spec, None)
+        return signature, constexprs, attrs, options
+
+    def compile(self, arch: int = 90):
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        signature, constexprs, attrs, options = self.bind(arch)
+        src = ASTSource(fn=self.jit(), signature=signature, constexprs=constexprs, attrs=attrs)
+        opts = {k: getattr(options, k) for k in ("num_warps", "num_stages")}
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def sass_stats(ck) -> dict:
+    """Registers, stack, shared memory and instruction counts of a compiled kernel (cuobjdump)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+        path = f.name
+    try:
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    count = lambda pat: len(re.findall(pat, sass))
+    hgmma = sorted(set(re.findall(r"HGMMA\.(\d+x\d+x\d+)", sass)))
+    return {
+        "regs": int(m.group(1)) if m else -1, "stack": int(m.group(2)) if m else -1,
+        "smem": int(ck.metadata.shared), "LDG.128": count(r"LDG\.E\.128"), "STG.128": count(r"STG\.E\.128"),
+        "LDGSTS.128": count(r"LDGSTS\.E\.BYPASS\.128"), "LDGSTS": count(r"LDGSTS"),
+        "U16": count(r"(?:LDG|STG|STS|LDS)\.(?:E\.)?U16"), "HGMMA": count(r"HGMMA\."), "hgmma_shapes": hgmma,
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,3 +601,226 @@ def test_temporal_long_sequence_uses_generic_path(triton_backend, monkeypatch):
         [qkv, qw, kw], torch.float32, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
     )  # fmt: skip
     assert fwd.n == 0
+
+
+# --------------------------------------------------------------------------------------------
+# launches as compiled: pointer types, 16-byte alignment, grid limits (captured, nothing runs)
+
+_INT_POINTERS = {"CU_K"}  # pointer arguments the kernels load integers from
+
+
+def _spatial_args(B=1, T=2, S=40, H=2, D=72, dtype=torch.float16):
+    qkv = randn(B, T * S, 3 * H * D, dtype=dtype, seed=1)
+    w = randn(D, dtype=dtype, seed=2)
+    return qkv, w
+
+
+def _capture_all_ops(dtype=torch.float16, D=72):
+    """Launches of the forward and backward custom ops of spatial self-attention, flash_attn_func and
+    cross-attention at the model's layout (qkv Linear output, head_dim 72), captured without running."""
+    from opensora_fast.kernels import attention as A
+
+    H, T, S = 2, 2, 40
+    qkv, w = _spatial_args(T=T, S=S, H=H, D=D, dtype=dtype)
+    out = randn(1, T * S, H * D, dtype=dtype, seed=3)
+    lse = randn(T * H, S, seed=4)
+    q4 = randn(2, 40, H, D, dtype=dtype, seed=5)
+    q3 = randn(2, 40, H * D, dtype=dtype, seed=6)
+    kv = randn(30, 2 * H * D, dtype=dtype, seed=7)
+    cu = torch.tensor([0, 10, 30], dtype=torch.int32)
+    scale = D**-0.5
+    with capture_launches() as launches:
+        A._self_fwd_op(qkv, w, w, None, None, H, T, "spatial", 1e-6, scale)
+        A._self_bwd_op(out, qkv, w, w, None, None, out, lse, H, T, "spatial", 1e-6, scale)
+        A._flash_fwd_op(q4, q4, q4, scale, False)
+        A._flash_bwd_op(q4, q4, q4, q4, q4, randn(4, 40, seed=8), scale, False)
+        A._cross_fwd_op(q3, kv, cu, 20, H, scale)
+        A._cross_bwd_op(q3, q3, kv, cu, q3, randn(4, 40, seed=9), 20, H, scale)
+    return launches
+
+
+def test_launches_type_integer_pointers_as_integers():
+    """Triton's runtime binder, given the real launch arguments, types every pointer a kernel loads
+    integers from (CU_K) as an integer pointer: an fp32 dummy made the non-varlen forward and backward
+    (spatial self-attention, flash_attn_func) fail to compile for sm_90 ("initial value for n_k is of
+    type int32 but the then block redefines it as fp32")."""
+    launches = _capture_all_ops()
+    assert launches
+    seen = 0
+    for launch in launches:
+        sig = launch.bind()[0]
+        for name in _INT_POINTERS & set(sig):
+            seen += 1
+            assert sig[name] in ("*i32", "*i64"), f"{launch.name}: {name} bound as {sig[name]}"
+    assert seen >= 6
+
+
+def test_model_layout_launches_are_16_byte_aligned():
+    """At the model's layout (qkv Linear output, head_dim 72) every generic attention kernel launches with
+    ALIGNED=True (16-byte vector loads); a qkv view 8 bytes off a 16-byte boundary gets ALIGNED=False."""
+    launches = _capture_all_ops()
+    flags = {(lc.name, lc.named_args().get("ALIGNED")) for lc in launches if "ALIGNED" in lc.named_args()}
+    assert flags and all(a is True for _, a in flags), flags
+    from opensora_fast.kernels import attention as A
+
+    wide = randn(1, 80, 3 * 144 + 8, dtype=torch.float16, seed=1)
+    qkv = wide[..., 4 : 4 + 3 * 144]
+    w = randn(72, dtype=torch.float16, seed=2)
+    with capture_launches() as launches:
+        A._self_fwd_op(qkv, w, w, None, None, 2, 2, "spatial", 1e-6, 72**-0.5)
+    assert [lc.named_args()["ALIGNED"] for lc in launches if lc.name == "_qk_norm_rope_fwd_kernel"] == [False]
+
+
+@pytest.mark.slow
+def test_spatial_attention_sm90_vectorised():
+    """Compiled for sm_90 from the captured launches (Triton's binder, not a hand-typed signature): the
+    forward and backward at head_dim 72 use 16-byte global accesses and async copies, no 2-byte global
+    accesses, no spills (needs TRITON_INTERPRET unset: run in a subprocess)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, torch\n"
+        "from tests.test_attention import _capture_all_ops, sass_stats\n"
+        "res = [dict(name=lc.name, **sass_stats(lc.compile())) for lc in _capture_all_ops(torch.bfloat16)\n"
+        "       if lc.name in ('_attention_fwd_kernel', '_attention_bwd_kernel')][:2]\n"
+        "print(json.dumps(res))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert r["U16"] == 0 and r["LDG.128"] + r["LDGSTS.128"] > 0 and r["stack"] == 0, r
+
+
+def _expanded_empty(shape, dtype, device):
+    """Stand-in for kernels._utils.empty at 720p: stride-0 views of one element (nothing runs)."""
+    return torch.zeros(1, dtype=dtype, device=device).expand(*shape) if len(shape) else torch.zeros((), dtype=dtype)
+
+
+@pytest.mark.parametrize("layout,T", [("spatial", 120), ("temporal", 120), ("temporal", 129)])
+def test_grids_within_cuda_limits_at_720p(monkeypatch, layout, T):
+    """720p 16 s (T' = 120 latent frames, S = 3600 tokens per frame), batch 2, 16 heads of 72: every launch
+    of the self-attention forward and backward (spatial; temporal packed; the generic temporal fallback
+    for T > 128) and of cross-attention over all 120 * 3600 tokens keeps x < 2^31 and y, z <= 65535."""
+    from opensora_fast.kernels import attention as A
+
+    monkeypatch.setattr(A, "empty", _expanded_empty)
+    B, S, H, D = 2, 3600, 16, 72
+    C = H * D
+    qkv = torch.zeros(1, 1, 3 * C, dtype=torch.bfloat16).expand(B, T * S, 3 * C)
+    out = torch.zeros(1, 1, C, dtype=torch.bfloat16).expand(B, T * S, C)
+    w = torch.ones(D, dtype=torch.bfloat16)
+    cos = sin = torch.ones(T, D)
+    L, Z = (S, B * T) if layout == "spatial" else (T, B * S)
+    lse = torch.zeros(1, 1).expand(Z * H, L)
+    scale = D**-0.5
+    with capture_launches() as launches:
+        if layout == "temporal" and A.temporal_supported(qkv, T, D):
+            A._temporal_fwd_op(qkv, w, w, cos, sin, H, T, 1e-6, scale)
+            A._temporal_bwd_op(out, qkv, w, w, cos, sin, H, T, 1e-6, scale)
+        else:
+            rope = (cos, sin) if layout == "temporal" else (None, None)
+            A._self_fwd_op(qkv, w, w, *rope, H, T, layout, 1e-6, scale)
+            A._self_bwd_op(out, qkv, w, w, *rope, out, lse, H, T, layout, 1e-6, scale)
+        if layout == "spatial":
+            kv = torch.zeros(1, 2 * C, dtype=torch.bfloat16).expand(600, 2 * C)
+            cu = torch.tensor([0, 300, 600], dtype=torch.int32)
+            A._cross_fwd_op(out, kv, cu, 300, H, scale)
+            A._cross_bwd_op(out, out, kv, cu, out, torch.zeros(1, 1).expand(B * H, T * S), 300, H, scale)
+    assert launches
+    for launch in launches:
+        x, y, z = launch.grid_dims()
+        assert 0 < x < 2**31 and y <= 65535 and z <= 65535, (launch.name, (x, y, z))
+
+
+# --------------------------------------------------------------------------------------------
+# cross-attention: autotune key bucket, cached cu_seqlens, stride-0 kv, empty batches
+
+
+def test_cross_attention_autotune_key_is_bucketed():
+    """Caption lengths 117 and 120 (same power-of-two bucket) give the same autotune key values."""
+    from opensora_fast.kernels import attention as A
+
+    H, D = 2, 72
+    q = randn(2, 40, H * D, dtype=torch.float16, seed=1)
+    keys = []
+    for lens in ([117, 3], [120, 0]):
+        kv = randn(sum(lens), 2 * H * D, dtype=torch.float16, seed=2)
+        with capture_launches() as launches:
+            A._cross_fwd_op(q, kv, A.cu_seqlens(lens, "cpu"), max(lens), H, D**-0.5)
+        args = [lc.named_args() for lc in launches if lc.name == "_attention_fwd_kernel"][0]
+        keys.append(tuple(args[k] for k in A._FWD_KEY))
+    assert keys[0] == keys[1]
+    assert A._lk_bucket(117) == A._lk_bucket(128) == 128 and A._lk_bucket(129) == 256
+
+
+def test_cross_attention_cu_seqlens_cached(monkeypatch, triton_backend):
+    """The cumulative lengths are built once per (lengths, device) and reused: no new host->device tensor
+    on later calls with the same lengths."""
+    from opensora_fast.kernels import attention as A
+
+    A._CU_CACHE.clear()
+    made = []
+    real = torch.tensor
+
+    def counting_tensor(*args, **kwargs):
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+    a = A.cu_seqlens([3, 0, 5], "cpu")
+    b = A.cu_seqlens((3, 0, 5), torch.device("cpu"))
+    assert a is b and len(made) == 1 and a.dtype == torch.int32 and a.tolist() == [0, 3, 3, 8]
+    assert A.cu_seqlens([3, 1, 5], "cpu").tolist() == [0, 3, 4, 9] and len(made) == 2
+
+
+def test_cross_attention_expanded_kv(triton_backend):
+    """kv as a stride-0 expansion of one row: d(kv) lands in the right rows (was indexed by row // 0)."""
+    H, D = 2, 16
+    C = H * D
+    lens = [3, 4]
+    q = randn(2, 5, C, dtype=torch.float64, seed=1)
+    row = randn(1, 2 * C, dtype=torch.float64, seed=2)
+    g = randn(2, 5, C, dtype=torch.float64, seed=3)
+
+    def grads(fn, dtype):
+        ql, rl = q.to(dtype).requires_grad_(), row.to(dtype).requires_grad_()
+        fn(ql, rl.expand(sum(lens), 2 * C)).backward(g.to(dtype))
+        return ql.grad, rl.grad
+
+    kern = grads(lambda q, kv: cross_attention(q, kv, lens, num_heads=H), torch.float32)
+    lowp = grads(lambda q, kv: R.cross_attention_ref(q, kv, lens, H), torch.float32)
+    hi = grads(lambda q, kv: R.cross_attention_ref(q, kv, lens, H), torch.float64)
+    for n, a, b, c in zip(("dq", "dkv"), kern, lowp, hi):
+        assert_close_to_fp64(a, b, c, name=n)
+
+
+def test_empty_batch_triton_path(triton_backend):
+    """B = 0: empty outputs and empty (or zero) gradients, no crash: spatial, temporal, cross."""
+    H, D, T, S = 2, 16, 3, 4
+    w = randn(D, seed=1).requires_grad_()
+    for layout in ("spatial", "temporal"):
+        qkv = torch.zeros(0, T * S, 3 * H * D).requires_grad_()
+        out = self_attention(qkv, w, w, num_heads=H, num_frames=T, layout=layout)
+        assert out.shape == (0, T * S, H * D)
+        out.sum().backward()
+        assert qkv.grad.shape == qkv.shape and torch.equal(w.grad, torch.zeros(D))
+    q = torch.zeros(0, 5, H * D).requires_grad_()
+    kv = torch.zeros(0, 2 * H * D).requires_grad_()
+    out = cross_attention(q, kv, [], num_heads=H)
+    assert out.shape == (0, 5, H * D)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and kv.grad.shape == kv.shape
+
+
+def test_bool_kv_lens_refused():
+    q, kv = torch.randn(2, 5, 32), torch.randn(1, 64)
+    with pytest.raises(ValueError, match="kv_lens"):
+        cross_attention(q, kv, torch.tensor([True, False]), num_heads=2)
+    with pytest.raises(ValueError, match="kv_lens"):
+        cross_attention(q, kv, [True, False], num_heads=2)

@@ -730,6 +730,51 @@ class DistributedFailure(RuntimeError):
     """A collective failed or timed out: another rank died or stopped responding."""
 
 
+class Heartbeat:
+    """Each rank bumps a counter in torchrun's TCPStore (MASTER_ADDR:MASTER_PORT, held by the torchrun agent, so
+    it outlives the ranks) every ``interval`` seconds from a daemon thread. After a failed collective,
+    ``silent()`` names the ranks whose counter stopped moving (dead, stopped or hung in the interpreter)."""
+
+    def __init__(self, rank: int, world: int, interval: float = 1.0):
+        import threading
+        from datetime import timedelta
+
+        self.rank, self.world, self.interval = rank, world, interval
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        self.store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="opensora-fast-heartbeat")
+        self._thread.start()
+
+    def _key(self, r: int) -> str:
+        return f"opensora_fast/heartbeat/{r}"
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.store.add(self._key(self.rank), 1)
+            except Exception:  # noqa: BLE001 (the store is gone: the job is ending)
+                return
+            if self._stop.wait(self.interval):
+                return
+
+    def _counts(self) -> dict[int, int]:
+        return {r: self.store.add(self._key(r), 0) for r in range(self.world) if r != self.rank}
+
+    def silent(self) -> list[int]:
+        """The other ranks whose heartbeat did not move over 3 intervals (waits that long)."""
+        try:
+            before = self._counts()
+            time.sleep(3 * self.interval)
+            after = self._counts()
+        except Exception:  # noqa: BLE001
+            return []
+        return [r for r in before if after[r] == before[r]]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def run_train(args) -> int:
     """``opensora-fast train``: everything from local paths; writes ``out_dir/{config.json, log.jsonl,
     checkpoints/}``."""
@@ -743,6 +788,7 @@ def run_train(args) -> int:
     ckpt_dir = _check_out_dir(args)
     check_device(args.device)
     rank, world, device = init_distributed(device=args.device, timeout=getattr(args, "dist_timeout", None))
+    heartbeat = Heartbeat(rank, world) if _is_dist() and "MASTER_PORT" in os.environ else None
     ck = None
     if args.resume:
         if rank == 0:
@@ -869,10 +915,20 @@ def run_train(args) -> int:
         if not _is_dist() or isinstance(e, FloatingPointError):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        silent = heartbeat.silent() if heartbeat is not None else []
+        who = (
+            f"rank(s) {', '.join(map(str, silent))} stopped responding (no heartbeat)"
+            if silent
+            else "another rank died or did not answer"
+        )
+        timeout = getattr(args, "dist_timeout", None) or DIST_TIMEOUT_S
         raise DistributedFailure(
-            f"rank {rank} of {world}: a collective failed at step {progress['step'] + 1} ({msg}); another rank "
-            f"died or did not answer within --dist-timeout {getattr(args, 'dist_timeout', None) or DIST_TIMEOUT_S:g} s"
+            f"rank {rank} of {world}: a collective failed at step {progress['step'] + 1}: {who} "
+            f"(--dist-timeout {timeout:g} s; {msg})"
         ) from None
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
     if rank == 0:
         print(
             f"trained to step {res.step}; checkpoint {res.checkpoint} "

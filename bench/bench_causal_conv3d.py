@@ -1,6 +1,7 @@
 """causal_conv3d at the temporal VAE's shapes (opensora-v1.2.md §3.3): Triton implicit GEMM with the
-causal padding fused into its loads vs cuDNN (F.pad + F.conv3d, channels_last_3d) and eager
-contiguous. flops = 2*M*N*K (x3 for forward + backward: dx and dweight are GEMMs of the same size).
+causal padding fused into its loads, on channels_last_3d tensors as the temporal VAE runs it (FAST path:
+C_in, C_out multiples of 128), vs cuDNN (F.pad + F.conv3d, channels_last_3d) and eager contiguous.
+flops = 2*M*N*K (x3 for forward + backward: dx and dweight are GEMMs of the same size).
 ``test_peak_memory`` reports the forward's extra memory above inputs and output (on GPU): the
 padded copy F.pad makes is the difference this kernel removes."""
 

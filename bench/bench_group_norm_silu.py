@@ -1,4 +1,4 @@
-"""group_norm_silu at the temporal VAE's shapes (GroupNorm 32 + SiLU, opensora-v1.2.md §3.3) vs eager
+"""group_norm_silu at the VAE's shapes (GroupNorm 32 + SiLU, opensora-v1.2.md §3.3; temporal and 2D) vs eager
 F.group_norm + F.silu and torch.compile of the same. bytes = read x + write y + params (forward);
 forward + backward adds read x, dy and write dx."""
 
@@ -9,8 +9,19 @@ from opensora_fast.kernels import group_norm_silu, reference
 
 from bench.harness import Case, compiled, fwd_bwd, ours, run_case_with_benchmark, suite_params
 
-REAL_SHAPES = [(1, 128, 17, 90, 160), (1, 256, 17, 90, 160), (1, 512, 5, 90, 160), (1, 512, 5, 45, 80)]
-TINY_SHAPES = [(1, 8, 3, 6, 10)]
+# temporal VAE (5-D, channels_last_3d in the model) and the 2D VAE decoder's ResNet blocks at 720p (4-D
+# micro-batches of 4 frames, contiguous NCHW in the model: diffusers' layout)
+REAL_SHAPES = [
+    (1, 128, 17, 90, 160),
+    (1, 256, 17, 90, 160),
+    (1, 512, 5, 90, 160),
+    (1, 512, 5, 45, 80),
+    (4, 512, 90, 160),
+    (4, 512, 180, 320),
+    (4, 256, 360, 640),
+    (4, 128, 720, 1280),
+]
+TINY_SHAPES = [(1, 8, 3, 6, 10), (2, 8, 6, 10)]
 GROUPS = 32
 TINY_GROUPS = 4
 
@@ -63,7 +74,8 @@ def cases(device, dtype, tiny) -> list[Case]:
         for d in shape:
             n *= d
         params = 2 * shape[1] * elem
-        for layout in ("channels_last", "contiguous"):
+        # the model's layout first: channels_last_3d for the temporal VAE, NCHW for the 2D VAE
+        for layout in ("channels_last", "contiguous") if len(shape) == 5 else ("contiguous",):
             name = f"{'x'.join(map(str, shape))} G={groups} {layout}"
             for provider, (_, gpu_only) in PROVIDERS.items():
                 for mode in ("fwd", "fwd+bwd"):

@@ -5,11 +5,14 @@ Shapes: 720p 2 s, latents (4, 15, 90, 160) -> 51 frames of 720x1280 (output on t
 16 s, latents (4, 120, 90, 160) -> 408 frames with ``out_device="cpu"`` (the video does not sit on the
 GPU; the GPU holds one temporal chunk at a time).
 
-Providers: ``opensora_fast`` (the temporal VAE's causal_conv3d and group_norm_silu kernels;
+Providers: ``opensora_fast`` (the temporal VAE's causal_conv3d and group_norm_silu kernels on
+channels_last_3d activations, so its 128-multiple-channel convs run the FAST path, and the 2D VAE's ResNet
+GroupNorm + SiLU pairs on group_norm_silu;
 ``OPENSORA_FAST_BACKEND`` unset on CUDA, forced to "triton" on CPU where the interpreter runs them) and
 ``reference`` (the same model and weights with ``OPENSORA_FAST_BACKEND=reference``: eager PyTorch).
 The variable is set while the model is built and on every call, so the providers cannot leak.
-The 2D VAE is diffusers' ``AutoencoderKL`` on both paths (opensora_fast has no kernels there).
+The 2D VAE is diffusers' ``AutoencoderKL`` on both paths; on ``opensora_fast`` its GroupNorm + SiLU
+pairs run on group_norm_silu (its convolutions and attention stay cuDNN / SDPA).
 
 Peak memory: ``make`` resets the CUDA peak after building the model, so
 ``torch.cuda.max_memory_allocated()`` after the timed calls is a decode's peak including the resident
@@ -19,7 +22,7 @@ a CUDA OOM into a skip whose reason starts "OOM".
 flops (``decode_flops``): the convolution / matmul / attention flops of the decode as
 ``torch.utils.flop_counter.FlopCounterMode`` counts them on the meta device (reference path, one
 temporal chunk at a time, summed over the clip's chunks). At 720p a 17-frame chunk is 190 TFLOP, of
-which the temporal VAE is 18%: the rest is the 2D VAE, which has no opensora_fast kernels.
+which the temporal VAE is 18%: the rest is the 2D VAE, whose convolutions are not opensora_fast kernels.
 """
 
 from __future__ import annotations

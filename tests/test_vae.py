@@ -109,8 +109,6 @@ def tiny_vae(seed=0, **kw) -> OpenSoraVAE:
     return model
 
 
-
-
 @pytest.fixture(scope="module")
 def mp4_clip(tmp_path_factory):
     """A real 20-frame 16x16 mp4 written and read back with PyAV, as (1, 3, T, H, W)."""
@@ -270,9 +268,7 @@ def test_temporal_vae_shapes_and_causal_conv():
 def micro_vae(seed=0) -> OpenSoraVAE:
     torch.manual_seed(seed)
     cfg = OpenSoraVAEConfig(
-        spatial=SpatialVAEConfig(
-            block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2, sample_size=16
-        ),
+        spatial=SpatialVAEConfig(block_out_channels=(4, 8), layers_per_block=1, norm_num_groups=2, sample_size=16),
         temporal=TemporalVAEConfig(filters=4, num_res_blocks=1, num_groups=2),
     )
     return OpenSoraVAE(cfg).eval()
@@ -349,3 +345,112 @@ def test_mismatch_message_is_bounded(tmp_path):
     with pytest.raises(StateDictMismatchError, match=r"more\)") as info:
         OpenSoraVAE.from_pretrained(str(tmp_path / "v"), OpenSoraVAEConfig.tiny(filters=8, num_res_blocks=2))
     assert len(str(info.value)) < 20000
+
+
+# ------------------------------------------------------------------ which kernel variants the model runs
+
+
+class _LaunchSpy:
+    """Records (kernel name, named args) of every autotuned Triton launch, then runs it."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime.autotuner import Autotuner
+
+        self.launches = []
+        real = Autotuner.run
+
+        def run(tuner, *args, **kwargs):
+            named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+            self.launches.append((tuner.base_fn.__name__, named))
+            return real(tuner, *args, **kwargs)
+
+        monkeypatch.setattr(Autotuner, "run", run)
+
+    def of(self, prefix):
+        return [a for name, a in self.launches if name.startswith(prefix)]
+
+
+def _interpreter_or_cuda():
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or the Triton interpreter")
+
+
+def test_temporal_vae_runs_channels_last_fast_path(monkeypatch):
+    """The temporal VAE keeps its activations channels_last_3d: every conv whose channels are multiples of
+    128 runs causal_conv3d's FAST variant (forward) and every GroupNorm+SiLU the packed channels-last
+    layout, including the stride-2 downsampling conv and the conv before depth-to-time; encode and decode
+    give the reference path's outputs (fp32 kernels vs fp32 reference, both judged against fp64)."""
+    _interpreter_or_cuda()
+    torch.manual_seed(0)
+    cfg = TemporalVAEConfig(filters=128, num_res_blocks=1, channel_multipliers=(1, 2), temporal_downsample=(True,))
+    tv = VAE_Temporal_SD(cfg).eval()
+    with torch.no_grad():
+        for name, p in tv.named_parameters():
+            if "norm" in name:  # GroupNorm weight/bias away from the (1, 0) initialisation
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    x = torch.randn(1, 4, 3, 3, 4, dtype=torch.float64)  # 3 frames: front-padded to 4, 2 latent frames
+
+    def run(backend, dtype, z_in=None):
+        """Posterior mean of x, and the decode of z_in (of that mean when None) on one path."""
+        monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+        m = tv.to(dtype)
+        with torch.no_grad():
+            z = m.encode(x.to(dtype)).mean
+            return z, m.decode((z if z_in is None else z_in).to(dtype), x.shape[2])
+
+    z_64, v_64 = run("reference", torch.float64)  # each path decodes the fp64 latents: its own error only
+    spy = _LaunchSpy(monkeypatch)
+    z_k, v_k = run("triton", torch.float32, z_64)
+    z_r, v_r = run("reference", torch.float32, z_64)
+    convs = spy.of("_causal_conv3d_fwd")
+    wide = [a for a in convs if a["c_in"] % 128 == 0 and a["c_out"] % 128 == 0]
+    assert len(wide) >= 8 and any(a["STRIDE_T"] == 2 for a in wide)
+    assert all(a["FAST"] for a in wide), [(a["c_in"], a["c_out"], a["STRIDE_T"]) for a in wide if not a["FAST"]]
+    norms = spy.of("_group_norm_silu_fwd")
+    assert len(norms) >= 6 and all(a["LAYOUT"] == 1 for a in norms), [a["LAYOUT"] for a in norms]
+    assert_close_to_fp64(z_k, z_r, z_64, name="latent mean")
+    assert_close_to_fp64(v_k, v_r, v_64, name="decoded")
+    assert z_k.is_contiguous() and v_k.is_contiguous()
+
+
+def test_spatial_vae_group_norm_silu_matches_diffusers(monkeypatch):
+    """The 2D VAE's ResNet GroupNorm + SiLU pairs run on group_norm_silu: encode and decode equal diffusers'
+    own AutoencoderKL (same config, same small random weights) in fp32, on the reference path exactly and
+    on the kernels within the fp64-judged tolerance; every fused norm launches the kernel."""
+    from diffusers.models import AutoencoderKL
+
+    from opensora_fast.models.vae import SpatialVAE
+    from opensora_fast.models.vae_temporal import GroupNorm
+
+    _interpreter_or_cuda()
+    torch.manual_seed(0)
+    cfg = SpatialVAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=16)
+    ours = SpatialVAE(cfg).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    n = 2 * (2 * 2 + 2) + 1  # decoder: 2 up blocks x 2 ResNets + 2 in the mid block, 2 norms each; conv_norm_out
+    assert sum(isinstance(m, GroupNorm) for m in ours.module.decoder.modules()) == n
+    theirs = AutoencoderKL(**{k: v for k, v in ours.module.config.items() if not k.startswith("_")}).eval()
+    assert theirs.load_state_dict(ours.module.state_dict(), strict=True)
+    assert not any(isinstance(m, GroupNorm) for m in theirs.modules())
+    x = torch.randn(2, 3, 16, 12, dtype=torch.float64)
+    z = torch.randn(2, 4, 8, 6, dtype=torch.float64)
+
+    def run(model, dtype):
+        m = model.to(dtype)
+        with torch.no_grad():
+            return m.encode(x.to(dtype)).latent_dist.mode(), m.decode(z.to(dtype)).sample
+
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "reference")
+    want_64, want_32 = run(theirs, torch.float64), run(theirs, torch.float32)
+    got_ref = run(ours.module, torch.float32)
+    for g, w in zip(got_ref, want_32):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "triton")
+    spy = _LaunchSpy(monkeypatch)
+    got = run(ours.module, torch.float32)
+    assert len(spy.of("_group_norm_silu_fwd")) == ours.fused_norms
+    for name, g, w32, w64 in zip(("latent mode", "decoded"), got, want_32, want_64):
+        assert_close_to_fp64(g, w32, w64, name=name)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from diffusers.models import AutoencoderKL
 
-from opensora_fast.models.vae_temporal import DiagonalGaussian, TemporalVAEConfig, VAE_Temporal_SD
+from opensora_fast.models.vae_temporal import DiagonalGaussian, GroupNorm, TemporalVAEConfig, VAE_Temporal_SD
 
 SD_SCALING_FACTOR = 0.18215  # Open-Sora hard-codes SD's factor (the SDXL config says 0.13025)
 
@@ -66,9 +66,7 @@ class OpenSoraVAEConfig:
     def tiny(cls, filters: int = 8, num_res_blocks: int = 1) -> OpenSoraVAEConfig:
         """A few-thousand-parameter model for CPU tests: 2x spatial, 4x temporal compression."""
         return cls(
-            spatial=SpatialVAEConfig(
-                block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32
-            ),
+            spatial=SpatialVAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=32),
             temporal=TemporalVAEConfig(filters=filters, num_res_blocks=num_res_blocks, num_groups=4),
         )
 
@@ -97,6 +95,46 @@ class OpenSoraVAEConfig:
         return cls.from_dict(d) if "spatial" in d and "temporal" in d else None
 
 
+def _fused_norm(norm: nn.GroupNorm) -> GroupNorm:
+    """Our GroupNorm (group_norm_silu, SiLU fused) holding the same weight/bias Parameters as ``norm``."""
+    fused = GroupNorm(norm.num_groups, norm.num_channels, norm.eps)
+    fused.weight, fused.bias = norm.weight, norm.bias
+    return fused
+
+
+def fuse_group_norm_silu(module: nn.Module) -> int:
+    """Run the GroupNorm + SiLU pairs of a diffusers AutoencoderKL on ``group_norm_silu``, in place.
+
+    Every ``ResnetBlock2D`` without a time embedding (all of the VAE's) gets fused ``norm1`` / ``norm2``
+    and an identity ``nonlinearity`` (its only uses follow those two norms); the encoder's and decoder's
+    ``conv_norm_out`` + ``conv_act`` likewise. Parameter names and values are unchanged, so state dicts
+    load as before. The attention blocks' GroupNorm (no SiLU) stays diffusers'. Returns the number of
+    fused norms."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    count = 0
+    for m in module.modules():
+        if (
+            isinstance(m, ResnetBlock2D)
+            and m.time_emb_proj is None
+            and isinstance(m.nonlinearity, nn.SiLU)
+            and isinstance(m.norm1, nn.GroupNorm)
+            and isinstance(m.norm2, nn.GroupNorm)
+            and m.norm1.affine
+            and m.norm2.affine
+        ):
+            m.norm1, m.norm2, m.nonlinearity = _fused_norm(m.norm1), _fused_norm(m.norm2), nn.Identity()
+            count += 2
+        elif (
+            isinstance(getattr(m, "conv_norm_out", None), nn.GroupNorm)
+            and isinstance(getattr(m, "conv_act", None), nn.SiLU)
+            and m.conv_norm_out.affine
+        ):
+            m.conv_norm_out, m.conv_act = _fused_norm(m.conv_norm_out), nn.Identity()
+            count += 1
+    return count
+
+
 class SpatialVAE(nn.Module):
     """Per-frame 2D VAE; ``.module`` is the diffusers AutoencoderKL (names ``spatial_vae.module.*``)."""
 
@@ -115,6 +153,8 @@ class SpatialVAE(nn.Module):
             norm_num_groups=cfg.norm_num_groups,
             sample_size=cfg.sample_size,
         )
+        # the ResNet blocks' GroupNorm + SiLU pairs (most of the 2D VAE's non-conv time) on our kernel
+        self.fused_norms = fuse_group_norm_silu(self.module)
 
     def encode_frames(self, x: torch.Tensor, sample: bool, generator=None) -> torch.Tensor:
         """x (N, 3, H, W) -> scaled latents (N, 4, H/f, W/f)."""
@@ -209,9 +249,7 @@ class OpenSoraVAE(nn.Module):
         B, _, T = x.shape[:3]
         frames = x.transpose(1, 2).flatten(0, 1)
         bs = self.cfg.spatial.micro_batch_size
-        z = [
-            self.spatial_vae.encode_frames(frames[i : i + bs], sample, generator) for i in range(0, B * T, bs)
-        ]
+        z = [self.spatial_vae.encode_frames(frames[i : i + bs], sample, generator) for i in range(0, B * T, bs)]
         return torch.cat(z).unflatten(0, (B, T)).transpose(1, 2)
 
     def _spatial_decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
@@ -224,11 +262,7 @@ class OpenSoraVAE(nn.Module):
     # ------------------------------------------------------------------ inference
 
     def _check_video(self, video: torch.Tensor) -> None:
-        if (
-            not isinstance(video, torch.Tensor)
-            or video.dim() != 5
-            or video.shape[1] != self.cfg.spatial.in_channels
-        ):
+        if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != self.cfg.spatial.in_channels:
             shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
             raise ValueError(f"video must be (B, {self.cfg.spatial.in_channels}, T, H, W), got {shape}")
         f = self.cfg.spatial.downsample
@@ -236,9 +270,7 @@ class OpenSoraVAE(nn.Module):
             raise ValueError(f"video height and width must be multiples of {f}, got {tuple(video.shape[3:])}")
 
     @torch.no_grad()
-    def encode(
-        self, video: torch.Tensor, sample: bool = True, generator=None, out_device=None
-    ) -> torch.Tensor:
+    def encode(self, video: torch.Tensor, sample: bool = True, generator=None, out_device=None) -> torch.Tensor:
         """video (B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 4, t, H/8, W/8).
 
         ``sample=False`` takes the posterior means of both VAEs. The video may live on another
@@ -303,11 +335,7 @@ class OpenSoraVAE(nn.Module):
         return out
 
     def _check_latents(self, latents: torch.Tensor, num_frames: int) -> None:
-        if (
-            not isinstance(latents, torch.Tensor)
-            or latents.dim() != 5
-            or latents.shape[1] != self.out_channels
-        ):
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or latents.shape[1] != self.out_channels:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"latents must be (B, {self.out_channels}, t, h, w), got {shape}")
         if num_frames < 1 or self.latent_frames(num_frames) != latents.shape[2]:

@@ -3,7 +3,10 @@ compresses the 2D VAE's latents 4x in time (17 frames -> 5), MAGVIT-v2 style.
 
 Parameter names and shapes are the release's (``encoder.conv_in.conv.weight``, ``decoder.conv_out.conv.bias``,
 ...), so its state dict loads as is. The convolutions and GroupNorm+SiLU pairs run through the fused kernels
-``causal_conv3d`` and ``group_norm_silu`` (Triton on CUDA, the PyTorch reference on CPU).
+``causal_conv3d`` and ``group_norm_silu`` (Triton on CUDA, the PyTorch reference on CPU). Activations are
+channels_last_3d from the encoder's and decoder's first conv to their last (convs, GroupNorm+SiLU, residual
+adds, the stride-2 downsampling conv and depth-to-time keep the format), so every conv with 128-multiple
+channels takes causal_conv3d's FAST path; encode / decode return contiguous tensors as before.
 """
 
 from __future__ import annotations
@@ -120,10 +123,26 @@ def _run_blocks(blocks, x: torch.Tensor, grad_checkpoint: bool) -> torch.Tensor:
     return x
 
 
+CL = torch.channels_last_3d
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x in channels_last_3d (NDHWC in memory), the format every temporal-VAE kernel runs fastest in
+    (causal_conv3d's FAST path, group_norm_silu's packed channels-last tiles); no copy when it already is."""
+    return x.contiguous(memory_format=CL)
+
+
 def depth_to_time(x: torch.Tensor, ts: int) -> torch.Tensor:
-    """``B (C ts) T H W -> B C (T ts) H W``: channel c*ts + k becomes frame t*ts + k of channel c."""
+    """``B (C ts) T H W -> B C (T ts) H W``: channel c*ts + k becomes frame t*ts + k of channel c.
+
+    One copy; the result is channels_last_3d when x is (the temporal VAE's layout), else contiguous."""
     B, Cts, T, H, W = x.shape
-    return x.reshape(B, Cts // ts, ts, T, H, W).transpose(2, 3).reshape(B, Cts // ts, T * ts, H, W)
+    C = Cts // ts
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=CL):
+        # memory (B, T, H, W, C, ts) -> (B, T, ts, H, W, C), seen as (B, C, T*ts, H, W)
+        y = x.permute(0, 2, 3, 4, 1).reshape(B, T, H, W, C, ts).permute(0, 1, 5, 2, 3, 4)
+        return y.reshape(B, T * ts, H, W, C).permute(0, 4, 1, 2, 3)
+    return x.reshape(B, C, ts, T, H, W).transpose(2, 3).reshape(B, C, T * ts, H, W)
 
 
 class Encoder(nn.Module):
@@ -154,7 +173,7 @@ class Encoder(nn.Module):
         self.grad_checkpoint = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        x = self.conv_in(channels_last(x))
         for i, blocks in enumerate(self.block_res_blocks):
             x = _run_blocks(blocks, x, self.grad_checkpoint)
             if i < len(self.conv_blocks):
@@ -178,9 +197,7 @@ class Decoder(nn.Module):
         prev = top
         for i in reversed(range(levels)):
             cur = f * cfg.channel_multipliers[i]
-            blocks[i] = nn.ModuleList(
-                ResBlock(prev if j == 0 else cur, cur, g) for j in range(cfg.num_res_blocks)
-            )
+            blocks[i] = nn.ModuleList(ResBlock(prev if j == 0 else cur, cur, g) for j in range(cfg.num_res_blocks))
             prev = cur
             if i > 0:
                 up = cfg.temporal_downsample[i - 1]
@@ -193,7 +210,7 @@ class Decoder(nn.Module):
         self.grad_checkpoint = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(z)
+        x = self.conv1(channels_last(z))
         x = _run_blocks(self.res_blocks, x, self.grad_checkpoint)
         for i in reversed(range(len(self.block_res_blocks))):
             x = _run_blocks(self.block_res_blocks[i], x, self.grad_checkpoint)
@@ -261,12 +278,13 @@ class VAE_Temporal_SD(nn.Module):  # noqa: N801 (the release's class name)
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, C, T, h, w): zero-pad time at the front to a multiple of 4, encode, quant_conv."""
         x = F.pad(x, (0, 0, 0, 0, self.time_padding(x.shape[2]), 0))
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)).to(x.dtype))
+        moments = self.quant_conv(self.encoder(x)).to(x.dtype)
+        return DiagonalGaussian(moments.contiguous())  # 2 * embed_dim channels: a cheap copy
 
     def decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
         """z (B, C, t, h, w) -> (B, C, num_frames, h, w): the first time_padding frames are dropped."""
-        x = self.decoder(self.post_quant_conv(z))
-        return x[:, :, self.time_padding(num_frames) :]
+        x = self.decoder(self.post_quant_conv(channels_last(z)))
+        return x[:, :, self.time_padding(num_frames) :].contiguous()  # in_out_channels: a cheap copy
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator=None):
         posterior = self.encode(x)

@@ -525,6 +525,8 @@ def causal_conv3d(x, weight, bias=None, *, stride=(1, 1, 1), padding_mode="zeros
         return reference.causal_conv3d_ref(x, weight, bias, stride, padding_mode)
     if x.dtype not in _TL_DTYPE:
         raise ValueError(f"x must be fp32, fp16 or bf16 for the Triton kernels, got {x.dtype}")
+    # the kernels read bias with unit stride (the weight is repacked anyway): copy any other (C_out,) view
+    bias = None if bias is None else bias.contiguous()
     return _CausalConv3dFunction.apply(x, weight, bias, stride[0])
 
 

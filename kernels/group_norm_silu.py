@@ -561,6 +561,8 @@ def group_norm_silu(x, weight, bias, num_groups, *, eps=1e-5, silu=True):
         )
     if x.numel() == 0:
         raise ValueError(f"x must have positions to normalise, got shape {tuple(x.shape)}")
+    # the kernels read weight / bias with unit stride: copy other (C,) views (gradients flow back through)
+    weight, bias = weight.contiguous(), bias.contiguous()
     return _GroupNormSiLUFunction.apply(x, weight, bias, num_groups, float(eps), bool(silu))
 
 

@@ -31,7 +31,7 @@ def _qk_norm_rope_fwd_kernel(
     X,  # (B, L, H, D) q or k, strides stride_xb / stride_xl / stride_xh, unit stride along D
     W,  # (D,) RMSNorm weight
     Cos,
-    Sin,  # (L, D) RoPE tables, row stride stride_cl (HAS_ROPE)
+    Sin,  # (L, D) RoPE tables, row strides stride_cl / stride_sl (0 when broadcast), unit stride along D
     Out,  # (B, L, H, D) contiguous out
     Rstd,  # (B * L * H,) fp32 out: 1 / rms of each head row
     n_rows,
@@ -43,6 +43,7 @@ def _qk_norm_rope_fwd_kernel(
     stride_xl,
     stride_xh,
     stride_cl,
+    stride_sl,
     eps,
     HAS_ROPE: tl.constexpr,
     I64: tl.constexpr,  # int64 element offsets (some tensor spans >= 2**31 elements)
@@ -77,7 +78,7 @@ def _qk_norm_rope_fwd_kernel(
             xp = tl.load(base[:, None] + partner[None, :], mask=m2, other=0.0)
             npart = (xp.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * wp[None, :]
             c = tl.load(Cos + pos[:, None] * stride_cl + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            s = tl.load(Sin + pos[:, None] * stride_cl + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            s = tl.load(Sin + pos[:, None] * stride_sl + cols[None, :], mask=m2, other=0.0).to(tl.float32)
             n = n * c + sign[None, :] * npart * s
         tl.store(Out + rows[:, None] * head_dim + cols[None, :], n.to(Out.dtype.element_ty), mask=m2)
         tl.store(Rstd + rows, rstd, mask=rmask)
@@ -89,7 +90,7 @@ def _qk_norm_rope_bwd_kernel(
     X,  # (B, L, H, D) the forward input, strides as in the forward
     W,  # (D,) RMSNorm weight
     Cos,
-    Sin,  # (L, D) RoPE tables (HAS_ROPE)
+    Sin,  # (L, D) RoPE tables, row strides stride_cl / stride_sl (HAS_ROPE)
     Rstd,  # (B * L * H,) fp32 from the forward
     DX,  # (B, L, H, D) contiguous out: grad of x
     DWPart,  # (n_progs, D) fp32 out: per-program partial grad of the weight
@@ -102,6 +103,7 @@ def _qk_norm_rope_bwd_kernel(
     stride_xl,
     stride_xh,
     stride_cl,
+    stride_sl,
     HAS_ROPE: tl.constexpr,
     I64: tl.constexpr,  # int64 element offsets (some tensor spans >= 2**31 elements)
     BLOCK_R: tl.constexpr,
@@ -129,7 +131,7 @@ def _qk_norm_rope_bwd_kernel(
         dn = tl.load(go + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_ROPE:
             c = tl.load(Cos + pos[:, None] * stride_cl + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            sp = tl.load(Sin + pos[:, None] * stride_cl + partner[None, :], mask=m2, other=0.0).to(tl.float32)
+            sp = tl.load(Sin + pos[:, None] * stride_sl + partner[None, :], mask=m2, other=0.0).to(tl.float32)
             dp = tl.load(go + partner[None, :], mask=m2, other=0.0).to(tl.float32)
             dn = dn * c + sign[None, :] * dp * sp
         x = tl.load(X + (b * stride_xb + pos * stride_xl + h * stride_xh)[:, None] + cols[None, :], mask=m2, other=0.0)
@@ -168,6 +170,7 @@ def _fwd_impl(
     _fwd[(triton.cdiv(n_rows, rpp),)](
         x, w, cos if has_rope else w, sin if has_rope else w, out, rstd,
         n_rows, L, H, D, rpp, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0,
+        sin.stride(0) if has_rope else 0,
         eps, HAS_ROPE=has_rope, I64=needs_int64(x, out), BLOCK_D=next_pow2(D),
     )  # fmt: skip
     return out, rstd
@@ -199,6 +202,7 @@ def _bwd_impl(
     _bwd[(n_progs,)](
         dout, x, w, cos if has_rope else w, sin if has_rope else w, rstd, dx, part,
         n_rows, L, H, D, rpp, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0,
+        sin.stride(0) if has_rope else 0,
         HAS_ROPE=has_rope, I64=needs_int64(dout, x, dx), BLOCK_D=next_pow2(D),
     )  # fmt: skip
     return dx, part.sum(0).to(w.dtype)
@@ -233,7 +237,8 @@ def qk_norm_rope(q, k, q_weight, k_weight, *, eps=1e-6, cos=None, sin=None):
 
     q, k: (batch, N, heads, head_dim), unit stride along head_dim (head_dim even when RoPE is used);
     q_weight, k_weight: (head_dim,); cos, sin: (N, head_dim), each frequency repeated for its pair,
-    broadcast over batch and heads. Returns (q_out, k_out), contiguous, in q's dtype.
+    broadcast over batch and heads, any strides. Returns (q_out, k_out), contiguous, each in its own
+    input's dtype (q_out in q's, k_out in k's), on both backends.
     """
     check_tensor(q, "q", ndim=4)
     B, N, H, D = q.shape
@@ -249,14 +254,19 @@ def qk_norm_rope(q, k, q_weight, k_weight, *, eps=1e-6, cos=None, sin=None):
             raise ValueError(f"RoPE needs an even head_dim, got {D}")
         for name, t in (("cos", cos), ("sin", sin)):
             check_tensor(t, name, shape=(N, D), like=q)
-            if t.stride(-1) != 1:
-                raise ValueError(f"{name} must have unit stride along head_dim")
         if k.shape[1] != N:
             raise ValueError(f"with RoPE, k must have the same length N={N} as q, got {k.shape[1]}")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and k must have unit stride along head_dim (the last dimension)")
     if not use_triton(q, k):
         return reference.qk_norm_rope_ref(q, k, q_weight, k_weight, eps, cos, sin)
+    # the kernels read the (D,) weights with unit stride and cos/sin through their own row strides
+    # (0 for a broadcast table) with unit stride along D: small, so copy whatever else arrives (autograd
+    # maps a weight's gradient back to its own shape and strides through the copy)
+    q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+    if cos is not None:
+        cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+        sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     return (
         QKNormRopeFunction.apply(q, q_weight, cos, sin, eps),
         QKNormRopeFunction.apply(k, k_weight, cos, sin, eps),

@@ -177,3 +177,23 @@ def test_causal_conv3d_configs_pruned_by_layout():
         fast = [module._config_tuple(c) for c in module._prune(configs, {}, FAST=True)]
         generic = [module._config_tuple(c) for c in module._prune(configs, {}, FAST=False)]
         assert fast == list(module._GEMM_CONFIGS) and generic == [strided]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_strided_bias(layout, monkeypatch):
+    """Issue 13: bias a stride-2 view: read through its stride (the old kernel read it as contiguous),
+    its gradient back in the base's shape."""
+    x_b, w_b, b_b = randn(1, 5, 4, 3, 4, seed=1), randn(6, 5, 3, 3, 3, seed=2, scale=0.1), randn(12, seed=3)
+    dy = randn(1, 6, 4, 3, 4, seed=4)
+
+    def run(backend, dt):
+        monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x_b, w_b, b_b)]
+        x = leaves[0].to(memory_format=CL) if layout == "channels_last" else leaves[0]
+        y = causal_conv3d(x, leaves[1], leaves[2][::2])
+        return (y, *torch.autograd.grad(y, leaves, dy.to(dt)))
+
+    got, lowp, ref = run("triton", torch.float32), run("reference", torch.float32), run("reference", torch.float64)
+    for name, g, lp, r in zip(("out", "dx", "dweight", "dbias_base"), got, lowp, ref):
+        assert g.shape == r.shape, name
+        assert_close_to_fp64(g, lp, r, name=name)

@@ -100,9 +100,7 @@ def test_group_norm_silu_rejects_bad_weight(device):
 def test_group_norm_silu_torch_compile_fullgraph(triton_backend, device):
     x = randn(2, 8, 3, 4, 5, device=device).to(memory_format=torch.channels_last_3d).requires_grad_()
     w, b = randn(8, device=device).requires_grad_(), randn(8, device=device).requires_grad_()
-    fn = torch.compile(
-        lambda x, w, b: group_norm_silu(x, w, b, 4).square().sum(), fullgraph=True, backend="aot_eager"
-    )
+    fn = torch.compile(lambda x, w, b: group_norm_silu(x, w, b, 4).square().sum(), fullgraph=True, backend="aot_eager")
     fn(x, w, b).backward()
     grads = [t.grad for t in (x, w, b)]
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
@@ -121,9 +119,7 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "shape, layout", GPU_CASES, ids=[f"{'x'.join(map(str, s))}-{l}" for s, l in GPU_CASES]
-)
+@pytest.mark.parametrize("shape, layout", GPU_CASES, ids=[f"{'x'.join(map(str, s))}-{l}" for s, l in GPU_CASES])
 def test_group_norm_silu_bf16_real_shapes(triton_backend, shape, layout):
     _run(shape, 32, layout, True, torch.bfloat16, "cuda", offset=0.5, dy_layout=layout)
 
@@ -149,3 +145,23 @@ def test_group_norm_silu_configs_pruned_by_layout():
     assert module._prune(configs, {}, LAYOUT=1) == configs
     assert module._prune(configs, {}, LAYOUT=2) == configs
     assert module._prune(configs, {}, LAYOUT=0) == ["a"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_strided_weight_and_bias(layout, monkeypatch):
+    """Issue 13: weight a stride-2 view, bias an expanded scalar: read through their strides (the old
+    kernels read both as contiguous), gradients back in their bases' shapes."""
+    C = 8
+    x_b, w_b, b_b = randn(2, C, 3, 4, 5, seed=1, scale=2.0), randn(2 * C, seed=2), randn(1, seed=3)
+    dy = randn(2, C, 3, 4, 5, seed=4)
+
+    def run(backend, dt):
+        monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x_b, w_b, b_b)]
+        y = group_norm_silu(_layout(leaves[0], layout), leaves[1][::2], leaves[2].expand(C), 4)
+        return (y, *torch.autograd.grad(y, leaves, dy.to(dt)))
+
+    got, lowp, ref = run("triton", torch.float32), run("reference", torch.float32), run("reference", torch.float64)
+    for name, g, lp, r in zip(("out", "dx", "dweight_base", "dbias_base"), got, lowp, ref):
+        assert g.shape == r.shape, name
+        assert_close_to_fp64(g, lp, r, name=name, atol=1e-4)

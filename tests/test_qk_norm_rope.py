@@ -106,3 +106,55 @@ def test_gpu_bf16_real_shapes(rope, monkeypatch):
         assert_close_to_fp64(o, lp, r)
     for g, lp, r in zip(grads, grads_lp, grads_64):
         assert_close_to_fp64(g, lp, r)
+
+
+def _run_views(make, bases, dtype, backend, monkeypatch):
+    """make(*leaves) -> outputs, with leaves the bases cast to dtype: outputs and the gradients of the
+    first four bases (q, k and the two weight bases; the RoPE tables get none)."""
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    leaves = [b.detach().to(dtype).requires_grad_(i < 4) for i, b in enumerate(bases)]  # not cos / sin
+    outs = make(*leaves)
+    g = torch.Generator().manual_seed(5)
+    gouts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype) for o in outs]
+    need = [t for t in leaves if t.requires_grad]
+    return outs, torch.autograd.grad(outs, need, gouts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_weights_and_rope_tables(dtype, monkeypatch):
+    """Issue 13: q_weight a stride-2 view, k_weight an expanded scalar, sin broadcast over positions
+    (stride (0, 1)) beside a dense cos (stride (D, 1)): the kernels read each through its own strides
+    (the old kernel read weights as contiguous and sin with cos's row stride, past sin's storage) and the
+    weights' gradients come back in their bases' shapes."""
+    B, N, H, D = 2, 5, 3, 8
+    bases = [
+        randn(B, N, H, D, seed=1),
+        randn(B, N, H, D, seed=2),
+        randn(2 * D, seed=3),  # q_weight = base[::2]
+        randn(1, seed=4),  # k_weight = base.expand(D)
+        randn(N, D, seed=5),  # cos
+        randn(1, D, seed=6),  # sin = base.expand(N, D)
+    ]
+
+    def make(q, k, wq2, wk1, cos, sin1):
+        return qk_norm_rope(q, k, wq2[::2], wk1.expand(D), cos=cos, sin=sin1.expand(N, D))
+
+    outs, grads = _run_views(make, bases, dtype, "triton", monkeypatch)
+    outs_lp, grads_lp = _run_views(make, bases, dtype, "reference", monkeypatch)
+    outs_64, grads_64 = _run_views(make, bases, torch.float64, "reference", monkeypatch)
+    for name, o, lp, r in zip("qk", outs, outs_lp, outs_64):
+        assert_close_to_fp64(o, lp, r, name=f"{name} out")
+    names = ("dq", "dk", "dq_weight_base", "dk_weight_base")
+    for name, g, lp, r in zip(names, grads, grads_lp, grads_64):
+        assert g.shape == r.shape, name
+        assert_close_to_fp64(g, lp, r, name=name, atol=None if "weight" not in name else 1e-4)
+
+
+def test_output_dtypes_follow_their_inputs(monkeypatch):
+    """Issue 13: q_out in q's dtype and k_out in k's, as the docstring says, on both backends."""
+    q, k, w = randn(1, 3, 2, 8), randn(1, 3, 2, 8, dtype=torch.float16), randn(8)
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+        qo, ko = qk_norm_rope(q, k, w, w)
+        assert (qo.dtype, ko.dtype) == (torch.float32, torch.float16), backend
+    assert "k_out in k's" in qk_norm_rope.__doc__

@@ -115,7 +115,9 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, key_mask=None):
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]
     s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    # rows that see no key are all -inf (softmax NaN): zero only those, so NaN / inf in q, k or the
+    # weights still propagates as on the Triton path
+    p = torch.softmax(s, dim=-1).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     if q.dtype == torch.float64:
         p = p.double()
     return torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)

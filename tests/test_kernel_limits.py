@@ -259,3 +259,47 @@ def test_int64_variant_same_results(case, monkeypatch):
     for a, b in zip(base, forced):
         assert not torch.isnan(a).any()
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite input and edge cases (issue 13)
+
+
+def _nan_at(t, idx):
+    t = t.clone()
+    t[idx] = float("nan")
+    return t
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_attention_propagates_nan_only_masked_rows_zero(backend, monkeypatch):
+    """NaN in q, k or the norm weights reaches the output (the reference used to zero it with
+    nan_to_num); only rows that see no key are zero."""
+    from _close import randn
+    from opensora_fast.kernels import cross_attention, flash_attn_func, reference, self_attention
+
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    q, k, v = (randn(1, 4, 2, 8, seed=s) for s in (1, 2, 3))
+    out = flash_attn_func(_nan_at(q, (0, 1, 0, 3)), k, v)
+    assert out[0, 1, 0].isnan().all() and not out[0, [0, 2, 3]].isnan().any() and not out[0, :, 1].isnan().any()
+    out = flash_attn_func(q, _nan_at(k, (0, 2, 1, 0)), v)
+    assert out[:, :, 1].isnan().all() and not out[:, :, 0].isnan().any()
+    # causal with more queries than keys (bottom-right aligned): the first rows see no key -> zeros
+    ref = reference.attention_ref(q, k[:, :2], v[:, :2], causal=True)
+    assert ref[0, :2].eq(0).all() and not ref.isnan().any()
+    ref = reference.attention_ref(_nan_at(q, (0, 3, 0, 0)), k[:, :2], v[:, :2], causal=True)
+    assert ref[0, :2].eq(0).all() and ref[0, 3, 0].isnan().all() and not ref[0, 2].isnan().any()
+    # norm weights: a NaN weight entry poisons every head's q rows
+    qkv = randn(1, 6, 3 * 16, seed=4)
+    wq, wk = randn(8, seed=5), randn(8, seed=6)
+    out = self_attention(qkv, _nan_at(wq, (2,)), wk, num_heads=2, num_frames=2, layout="spatial")
+    assert out.isnan().all()
+    out = self_attention(qkv, wq, wk, num_heads=2, num_frames=2, layout="spatial")
+    assert not out.isnan().any()
+    # cross attention: NaN in one sample's kv reaches that sample only; an empty caption gives zeros
+    qc, kv = randn(2, 3, 16, seed=7), randn(5, 32, seed=8)
+    lens = torch.tensor([2, 3])
+    out = cross_attention(qc, _nan_at(kv, (0, 0)), lens, num_heads=2)
+    assert out[0, :, :8].isnan().all() and not out[1].isnan().any()
+    out = cross_attention(qc, kv[:3], torch.tensor([0, 3]), num_heads=2)
+    assert out[0].eq(0).all() and not out[1].isnan().any()

@@ -94,7 +94,9 @@ def test_exact_resume_stage3(tmp_path):
     first = vt.train_vae(cfg, clips, steps=2, ckpt_dir=ckpt, progress=False)
     assert first.checkpoint == os.path.join(ckpt, "step-00000002")
     assert sorted(os.listdir(ckpt)) == ["latest", "step-00000002"]  # no temporaries left
-    assert sorted(os.listdir(first.checkpoint)) == ["config.json", "model.safetensors", "train_state.pt"]
+    assert sorted(os.listdir(first.checkpoint)) == [
+        "checksums.json", "config.json", "model.safetensors", "train_state.pt"
+    ]  # fmt: skip
     resumed = vt.train_vae(cfg, clips, steps=4, ckpt_dir=ckpt, resume="auto", progress=False)
     assert resumed.step == 4
     assert first.losses + resumed.losses == straight.losses  # bit-exact
@@ -103,8 +105,15 @@ def test_exact_resume_stage3(tmp_path):
     assert sorted(os.listdir(ckpt)) == ["latest", "step-00000002", "step-00000004"]
     with open(os.path.join(ckpt, "latest")) as f:
         assert f.read().strip() == "step-00000004"
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no training checkpoint"):
         vt.resolve_resume(str(tmp_path))
+    # a flipped bit in the weights is refused on resume, naming the file
+    p = os.path.join(first.checkpoint, "model.safetensors")
+    data = bytearray(open(p, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(p, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=r"step-00000002/model\.safetensors.*corrupt"):
+        vt.train_vae(cfg, clips, steps=4, resume=first.checkpoint, progress=False)
 
 
 def test_grad_checkpointing_changes_nothing():

@@ -4,11 +4,12 @@
 # fwd+bwd on the GPU, attention / add_layernorm_modulate / causal_conv3d vs their vendor baselines, one
 # STDiT3-XL/2 720p denoising step and one 720p VAE chunk. Every result is appended to $OUT/results.jsonl the
 # moment it is measured; each group runs in its own process with a deadline; $OUT/summary.md is printed last.
-# Prepare here first (the GPU image lacks av, diffusers, nvtx; it has torch 2.11 / triton 3.6):
+# Prepare here first (the GPU image lacks diffusers and its importlib_metadata, which opensora_fast.models
+# imports; av and nvtx too, which this session does not need; it has torch 2.11 / triton 3.6):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl av diffusers nvtx
+#     -d .whl diffusers importlib_metadata
 # then call the device tool with carry [".whl"], timeout_s 600 and the command `bash bench/gpu_session.sh`.
 # Results land in $OUT (gpu.txt, plan.json, results.jsonl, summary.md, session.log, install.log): copy them into
 # bench/results/session-<gpu>-<date>/ and commit. A run cut short still leaves every line measured so far;
@@ -47,6 +48,10 @@ else
   fi
   $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv >"$OUT/gpu.txt" 2>&1
+  # fresh compile caches: each first_call_ms includes the compiles its process is the first to need (groups
+  # run in order share these caches, so a kernel compiled by the correctness group is a cache hit later)
+  export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$(mktemp -d /tmp/triton-cache.XXXXXX)}
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d /tmp/inductor-cache.XXXXXX)}
 fi
 $PY -c "import torch, triton, platform; print('torch', torch.__version__, 'triton', triton.__version__,
 'python', platform.python_version(), 'cuda', torch.version.cuda)" >>"$OUT/gpu.txt" 2>&1

@@ -38,18 +38,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS, PLAN, SUMMARY, LOG = "results.jsonl", "plan.json", "summary.md", "session.log"
 DEFAULT_DEADLINE_S, DRY_DEADLINE_S = 480.0, 150.0
 # seconds per group on the H200 (estimates: process start + CUDA init ~5 s, first-call compiles, timing)
+# (sum 485: the global deadline trims the last group when every group runs to its own deadline)
 GROUP_DEADLINES_S = {
-    "ceilings": 25, "correctness": 110, "attention_spatial": 45, "attention_temporal": 50,
-    "add_layernorm_modulate": 50, "causal_conv3d": 40, "stdit3": 90, "vae_decode": 60,
+    "ceilings": 25, "correctness": 100, "attention_spatial": 45, "attention_temporal": 55,
+    "add_layernorm_modulate": 75, "causal_conv3d": 45, "stdit3": 80, "vae_decode": 60,
 }  # fmt: skip
 DRY_GROUP_DEADLINE_S = 60.0
 RESERVE_S = 3.0  # kept back from the global deadline for the summary
 INTERPRET_ENV = "SESSION_INTERPRET"  # 1: a dry run takes opensora_fast through the Triton interpreter (slow)
 STALL_ENV = "SESSION_TEST_STALL"
+RUNNER_PID_ENV = "SESSION_RUNNER_PID"
 MIN_GROUP_S = 2.0  # a group with less time left than this is recorded as skipped
 FIELDS = ("group", "case", "impl", "shape", "dtype", "ms", "tflops", "gbps", "pct_of_ceiling", "first_call_ms",
           "est_ms", "ok", "error")  # fmt: skip
-ESTIMATE_FILES = ("bench/sm90_estimates.json", "kernels/sm90_perf.json", "bench/results/sm90_estimates.json")
+# the sm_90 gate's committed table (kernels/_sm90.py --write-ratchet: {"cases": {name: {"est_ms": ..}}}) first
+ESTIMATE_FILES = ("kernels/sm90_estimates.json", "bench/sm90_estimates.json", "kernels/sm90_perf.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,9 +105,9 @@ def _finite(v):
 
 def load_estimates(root: Path = ROOT) -> dict[str, float]:
     """Static per-case estimates (ms), if a table exists: ``$SESSION_ESTIMATES`` or the first of
-    ESTIMATE_FILES. Accepted: {"<key>": ms | {"est_ms"|"ms": ms}} or a list (or {"cases"|"results"|"estimates":
-    list}) of {"key"|"case"|"name"|"id": .., "est_ms"|"ms": ..}. Keys are matched as "group/case/impl",
-    "group/case" or "case" (see :func:`estimate_for`). Unreadable tables give {}."""
+    ESTIMATE_FILES. Accepted: {"<name>": ms | {"est_ms"|"ms": ms}}, optionally under "cases", "results" or
+    "estimates", or a list of {"key"|"case"|"name"|"id": .., "est_ms"|"ms": ..}. Names are matched as in
+    :func:`estimate_for`. Unreadable tables give {}."""
     paths = [os.environ["SESSION_ESTIMATES"]] if os.environ.get("SESSION_ESTIMATES") else []
     paths += [str(root / p) for p in ESTIMATE_FILES]
     for p in paths:
@@ -114,8 +117,8 @@ def load_estimates(root: Path = ROOT) -> dict[str, float]:
             continue
         rows = data
         if isinstance(data, dict):
-            lists = [data[k] for k in ("cases", "results", "estimates") if isinstance(data.get(k), list)]
-            rows = lists[0] if lists else data
+            inner = [data[k] for k in ("cases", "results", "estimates") if isinstance(data.get(k), (list, dict))]
+            rows = inner[0] if inner else data
         table: dict[str, float] = {}
         if isinstance(rows, dict):
             for k, v in rows.items():
@@ -135,11 +138,13 @@ def load_estimates(root: Path = ROOT) -> dict[str, float]:
     return {}
 
 
-def estimate_for(table: dict[str, float], group: str, case: str, impl: str) -> float | None:
+def estimate_for(table: dict[str, float], group: str, case: str, impl: str, est_case: str | None = None):
+    """The static estimate (ms) of an opensora_fast result: by the spec's ``est_case`` (a case name of
+    kernels/_sm90_cases.py), else by "group/case/impl", "group/case" or "case"; None for other impls."""
     if not impl.startswith("opensora_fast"):
         return None
-    for k in (f"{group}/{case}/{impl}", f"{group}/{case}", case):
-        if k in table:
+    for k in (est_case, f"{group}/{case}/{impl}", f"{group}/{case}", case):
+        if k is not None and k in table:
             return table[k]
     return None
 
@@ -166,6 +171,7 @@ def _stall_point(group: str) -> int | None:
 
 
 def worker_main(group: str, out: Path, dry: bool) -> int:
+    _die_with_runner()
     if dry:  # before torch / triton are imported
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -189,6 +195,7 @@ def worker_main(group: str, out: Path, dry: bool) -> int:
             time.sleep(3600)
         rec = base_record(spec.group, spec.case, spec.impl, spec.shape, spec.dtype, dry)
         rec["note"] = spec.note or None
+        rec["est_case"] = spec.est_case
         t0 = time.perf_counter()
         try:
             rec.update(spec.run(ctx))
@@ -213,7 +220,7 @@ def worker_main(group: str, out: Path, dry: bool) -> int:
 
 
 def _clean(rec: dict, t0: float, estimates: dict) -> dict:
-    rec["est_ms"] = estimate_for(estimates, rec["group"], rec["case"], rec["impl"])
+    rec["est_ms"] = estimate_for(estimates, rec["group"], rec["case"], rec["impl"], rec.get("est_case"))
     rec["wall_s"] = time.perf_counter() - t0
     rec["t"] = time.time()
     for k, v in list(rec.items()):
@@ -236,22 +243,29 @@ def _planned(dry: bool, groups) -> dict[str, list[dict]]:
     }
 
 
-def _child_setup() -> None:  # pragma: no cover - runs in the forked child
-    """Own process group (killed as one at the deadline) and die with the runner (PR_SET_PDEATHSIG)."""
-    os.setpgid(0, 0)
+def _die_with_runner() -> None:
+    """In a worker: SIGKILL when the runner that started it dies (Linux PR_SET_PDEATHSIG), so a killed
+    session leaves no worker writing on. The runner's pid comes in RUNNER_PID_ENV; if it is already gone,
+    exit at once."""
+    runner = os.environ.get(RUNNER_PID_ENV)
+    if not runner:
+        return
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
         pass
+    if os.getppid() != int(runner):
+        os._exit(4)
 
 
 def run_worker(group: str, out: Path, dry: bool, limit_s: float, log) -> tuple[int | None, bool]:
     """(exit code or None, timed out) of one worker run under a deadline of limit_s seconds."""
     cmd = [sys.executable, "-m", "bench.session", "--worker", group, "--out", str(out)] + (["--dry"] if dry else [])
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{RUNNER_PID_ENV: str(os.getpid())})
+    # its own process group: killed as one at the deadline (torch.compile's helper processes too)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
     try:
         return proc.wait(timeout=max(0.1, limit_s)), False
     except subprocess.TimeoutExpired:

@@ -170,6 +170,15 @@ def test_estimates_table_formats(tmp_path, monkeypatch):
     p.write_text(json.dumps({"cases": [{"case": "fwd rows=524288", "ms": 0.9}]}))
     t = session.load_estimates(tmp_path)
     assert session.estimate_for(t, "add_layernorm_modulate", "fwd rows=524288", "opensora_fast") == 0.9
+    # the sm_90 gate's ratchet format, matched through the spec's est_case
+    p.write_text(json.dumps({"what": "..", "cases": {"spatial attention fwd 720p-2s": {"est_ms": 3.25, "bound": "x"}}}))
+    t = session.load_estimates(tmp_path)
+    assert session.estimate_for(t, "attention_spatial", "fwd", "opensora_fast", "spatial attention fwd 720p-2s") == 3.25
+    from bench import session_cases
+
+    real = [s for specs in session_cases.plan(False).values() for s in specs]
+    named = {s.est_case for s in real if s.est_case}
+    assert len(named) >= 8 and all(s.impl.startswith("opensora_fast") for s in real if s.est_case)
     p.write_text("not json")
     assert session.load_estimates(tmp_path) == {}
 
@@ -181,3 +190,15 @@ def test_bad_group_deadline_names_the_argument():
         session.main(["--dry", "--group-deadline", "nosuch=3", "--out", "/nonexistent"])
     with pytest.raises(ValueError, match="--groups"):
         session.main(["--dry", "--groups", "nosuch", "--out", "/nonexistent"])
+
+
+def test_every_static_estimate_name_is_a_case_of_the_sm90_gate():
+    """est_case names the gate's case whose estimate sits beside the measured time: a renamed gate case
+    must not silently leave est_ms empty."""
+    from opensora_fast.kernels import _sm90_cases
+
+    from bench import session_cases
+
+    gate = {c.name for c in _sm90_cases.cases()}
+    named = {s.est_case for specs in session_cases.plan(False).values() for s in specs if s.est_case}
+    assert named and named <= gate, sorted(named - gate)

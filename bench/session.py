@@ -61,7 +61,7 @@ ESTIMATE_FILES = ("kernels/sm90_estimates.json", "bench/sm90_estimates.json", "k
 
 def append_result(out: Path, rec: dict) -> None:
     """One JSON line, flushed and fsynced before returning (a kill afterwards cannot lose it)."""
-    line = json.dumps(rec, default=str, allow_nan=False) + "\n"
+    line = json.dumps(_finite(rec), default=str, allow_nan=False) + "\n"
     with open(out / RESULTS, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
@@ -96,7 +96,14 @@ def base_record(group: str, case: str, impl: str, shape: str, dtype: str, dry: b
 
 
 def _finite(v):
-    return v if not isinstance(v, float) or math.isfinite(v) else None
+    """v with every non-finite float (at any depth) replaced by None: each line stays strict JSON."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +230,7 @@ def _clean(rec: dict, t0: float, estimates: dict) -> dict:
     rec["est_ms"] = estimate_for(estimates, rec["group"], rec["case"], rec["impl"], rec.get("est_case"))
     rec["wall_s"] = time.perf_counter() - t0
     rec["t"] = time.time()
-    for k, v in list(rec.items()):
-        rec[k] = _finite(v)
-    if isinstance(rec.get("detail"), dict):
-        rec["detail"] = {k: _finite(v) for k, v in rec["detail"].items()}
-    return rec
+    return _finite(rec)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,3 +202,17 @@ def test_every_static_estimate_name_is_a_case_of_the_sm90_gate():
     gate = {c.name for c in _sm90_cases.cases()}
     named = {s.est_case for specs in session_cases.plan(False).values() for s in specs if s.est_case}
     assert named and named <= gate, sorted(named - gate)
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    """A NaN error (e.g. a gradient the kernel did not produce) must not break the line or the JSON."""
+    rec = session.base_record("correctness", "k", "opensora_fast", "s", "bf16", False)
+    rec.update(ms=float("nan"), detail={"bwd_err": float("inf"), "repeat_equal": False, "errs": [1.0, float("nan")]})
+    session.append_result(tmp_path, rec)
+
+    def strict(const):
+        raise AssertionError(f"non-standard JSON constant {const}")
+
+    (line,) = (tmp_path / session.RESULTS).read_text().splitlines()
+    d = json.loads(line, parse_constant=strict)
+    assert d["ms"] is None and d["detail"]["bwd_err"] is None and d["detail"]["errs"] == [1.0, None]

@@ -498,6 +498,11 @@ class _CausalConv3dFunction(torch.autograd.Function):
 def _check(x, weight, bias, stride, padding_mode):
     check_tensor(x, "x", ndim=5)
     check_tensor(weight, "weight", shape=(None, x.shape[1], None, None, None), like=x)
+    if x.shape[1] == 0:
+        raise ValueError(
+            f"x and weight must have at least one input channel (C_in >= 1), got x {tuple(x.shape)} and "
+            f"weight {tuple(weight.shape)}"
+        )
     if bias is not None:
         check_tensor(bias, "bias", shape=(weight.shape[0],), like=x)
     if not (isinstance(stride, (tuple, list)) and len(stride) == 3 and all(isinstance(s, int) for s in stride)):

@@ -58,6 +58,26 @@ def _pick(p, p0, sel, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(r, m2, n_ch, eps):
+    """LayerNorm statistics of the rows of r (BLOCK_M, BLOCK_C) fp32 (m2: valid elements): (mean, rstd,
+    xhat = (r - mean) * rstd), each row computed on r * 2**-e with 2**e <= max|r| (rows with max|r| < 1
+    unscaled). Scaling by a power of two is exact, so the results equal the unscaled two-pass formula,
+    but the sums cannot overflow before r itself does (unscaled, |r| >= ~1e19 overflowed the variance,
+    rstd became 0 and the output silently equalled shift)."""
+    amax = tl.max(tl.where(m2, tl.abs(r), 0.0), axis=1)
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(amax, 1.0))), 0.0)
+    s = tl.exp2(-e)  # in (0, 1]; 0 for an infinite row, whose statistics are then NaN as they should be
+    rs = r * s[:, None]
+    mean_s = tl.sum(rs, axis=1) / n_ch
+    ds = tl.where(m2, rs - mean_s[:, None], 0.0)
+    var_s = tl.sum(ds * ds, axis=1) / n_ch
+    # 1 / sqrt(var + eps) in scaled units; capped so a constant huge row (eps * s^2 underflows) stays finite
+    inv_s = tl.minimum(1.0 / tl.sqrt(var_s + eps * s * s), 3.0e38)
+    rstd = tl.minimum(inv_s * s, 1.0 / tl.sqrt(eps))
+    return mean_s / s, rstd, ds * inv_s[:, None]
+
+
+@triton.jit
 def _layernorm_modulate_fwd_kernel(
     X,  # (B, N, C) input x
     Y,  # (B, N, C) branch output y (HAS_Y)
@@ -130,10 +150,8 @@ def _layernorm_modulate_fwd_kernel(
                 r += y.to(tl.float32)
             tl.store(R + out_off, r.to(R.dtype.element_ty), mask=m2)
         if HAS_LN:
-            mean = tl.sum(r, axis=1) / n_ch
-            d = tl.where(m2, r - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_ch + eps)
-            h = d * rstd[:, None] * (1.0 + _pick(scale, scale0, sel, HAS_MASK)) + _pick(shift, shift0, sel, HAS_MASK)
+            mean, rstd, xhat = _row_stats(r, m2, n_ch, eps)
+            h = xhat * (1.0 + _pick(scale, scale0, sel, HAS_MASK)) + _pick(shift, shift0, sel, HAS_MASK)
             tl.store(H + out_off, h.to(H.dtype.element_ty), mask=m2)
             tl.store(Mean + b * n_tok + rows, mean, mask=rmask)
             tl.store(Rstd + b * n_tok + rows, rstd, mask=rmask)
@@ -469,9 +487,9 @@ def _check(x, y=None, x_mask=None, **mods) -> None:
             )
     if x_mask is not None:
         check_tensor(x_mask, "x_mask", ndim=2, floating=False, like=x)
-        if x_mask.dtype != torch.bool or x_mask.shape[0] != B or N % x_mask.shape[1] != 0:
+        if x_mask.dtype != torch.bool or x_mask.shape[0] != B or x_mask.shape[1] == 0 or N % x_mask.shape[1] != 0:
             raise ValueError(
-                f"x_mask must be a bool tensor of shape ({B}, T) with T dividing N={N}, "
+                f"x_mask must be a bool tensor of shape ({B}, T) with T >= 1 dividing N={N}, "
                 f"got {x_mask.dtype} {tuple(x_mask.shape)}"
             )
         for name, t in mods.items():

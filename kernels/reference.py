@@ -28,8 +28,12 @@ def _per_token(v: torch.Tensor, v0: torch.Tensor | None, x_mask: torch.Tensor | 
 
 
 def layernorm_modulate_ref(x, shift, scale, eps=1e-6, x_mask=None, shift0=None, scale0=None):
-    """LN(x) * (1 + scale) + shift, LayerNorm without affine."""
+    """LN(x) * (1 + scale) + shift, LayerNorm without affine. ``1 + scale`` is formed in the wider of
+    x's and scale's dtypes (an fp16 scale beside fp32 x is not rounded to fp16 after adding 1), as the
+    Triton path does in fp32."""
     h = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    dt = torch.promote_types(x.dtype, scale.dtype)
+    scale, scale0 = scale.to(dt), None if scale0 is None else scale0.to(dt)
     return h * (1 + _per_token(scale, scale0, x_mask, x)) + _per_token(shift, shift0, x_mask, x)
 
 

@@ -303,3 +303,23 @@ def test_attention_propagates_nan_only_masked_rows_zero(backend, monkeypatch):
     assert out[0, :, :8].isnan().all() and not out[1].isnan().any()
     out = cross_attention(qc, kv[:3], torch.tensor([0, 3]), num_heads=2)
     assert out[0].eq(0).all() and not out[1].isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_x_mask_and_zero_input_channels_raise_value_error(backend, monkeypatch):
+    """Issue 13: x_mask of shape (B, 0) raised ZeroDivisionError; causal_conv3d with C_in = 0 crashed (Triton)
+    or returned C_out = 0 channels (reference). Both are ValueErrors naming the argument now."""
+    from _close import randn
+    from opensora_fast.kernels import add_layernorm_modulate, causal_conv3d, gated_residual, layernorm_modulate
+
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    x, mod = randn(2, 6, 8), randn(2, 8)
+    empty_mask = torch.zeros(2, 0, dtype=torch.bool)
+    with pytest.raises(ValueError, match="x_mask"):
+        layernorm_modulate(x, mod, mod, x_mask=empty_mask, shift0=mod, scale0=mod)
+    with pytest.raises(ValueError, match="x_mask"):
+        gated_residual(x, x, mod, x_mask=empty_mask, gate0=mod)
+    with pytest.raises(ValueError, match="x_mask"):
+        add_layernorm_modulate(x, x, mod, mod, x_mask=empty_mask, shift0=mod, scale0=mod)
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv3d(torch.randn(1, 0, 3, 4, 4), torch.randn(5, 0, 3, 3, 3), torch.randn(5))

@@ -394,7 +394,7 @@ def summarize(out: Path) -> str:
                   " ok |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in timed:
             mine = ours_ms.get((r.get("group"), r.get("case")))
-            speed = f"{r['ms'] / mine:.2f}x" if mine and r.get("ms") and not _ours(r.get("impl")) else ""
+            speed = f"{r['ms'] / mine:.3g}x" if mine and r.get("ms") and not _ours(r.get("impl")) else ""
             ok = "ok" if r.get("ok") else (r.get("error") or "FAIL")[:70]
             cells = [r.get("group"), r.get("case"), r.get("impl"), _f(r.get("ms"), ".4g"), _f(r.get("tflops"), ".4g"),
                      _f(r.get("gbps"), ".4g"), _f(r.get("pct_of_ceiling")), _f(r.get("first_call_ms"), ".0f"),

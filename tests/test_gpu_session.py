@@ -155,7 +155,7 @@ def test_summarize_skips_unreadable_lines_and_marks_failures(tmp_path):
         f.write('{"group": "cut off mid-li')  # a line a kill cut short
     text = session.summarize(tmp_path)
     assert "3 lines, 2 ok" in text and "1 unreadable lines" in text
-    assert "| 1.50x |" in text, "the baseline's row shows how much faster ours is"
+    assert "| 1.5x |" in text, "the baseline's row shows how much faster ours is"
     assert "| 1.5 |" in text, "the static estimate sits beside the measured time"
     assert "OOM: out of memory" in text
 

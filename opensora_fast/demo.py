@@ -94,9 +94,7 @@ def plot_losses(path: str, curves: dict[str, list[float]]) -> str:
     for ax, (name, ys) in zip(axes, curves.items()):
         ax.plot(range(1, len(ys) + 1), ys, lw=0.8, alpha=0.5, label="per step")
         k = max(1, len(ys) // 20)
-        smooth = [
-            sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))
-        ]
+        smooth = [sum(ys[max(0, i - k + 1) : i + 1]) / len(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
         ax.plot(range(1, len(ys) + 1), smooth, lw=1.5, label=f"mean of {k}")
         ax.set_title(name)
         ax.set_xlabel("step")

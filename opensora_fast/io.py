@@ -71,9 +71,7 @@ def read_video(path: str, num_frames: int | None = None, fps: float | None = Non
     if not frames:
         raise ValueError(f"no frames decoded from {path!r}")
     if num_frames is not None and len(frames) < num_frames:
-        raise ValueError(
-            f"{path!r} gives {len(frames)} frames at fps={fps}, fewer than num_frames={num_frames}"
-        )
+        raise ValueError(f"{path!r} gives {len(frames)} frames at fps={fps}, fewer than num_frames={num_frames}")
     return torch.stack(frames)
 
 

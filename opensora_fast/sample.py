@@ -27,9 +27,7 @@ class UsageError(ValueError):
 
 def require_path(path: str | None, flag: str, what: str) -> str:
     if not path:
-        raise UsageError(
-            f"{flag} is required: the local path of {what} (opensora-fast never downloads weights)"
-        )
+        raise UsageError(f"{flag} is required: the local path of {what} (opensora-fast never downloads weights)")
     if not os.path.exists(path):
         raise UsageError(f"{flag} {path!r} does not exist; give the local path of {what} (no downloads)")
     return path
@@ -69,13 +67,9 @@ def save_stdit3(state_dict: dict, config, path: str) -> str:
 def check_compatible(model, vae, text_dim: int | None = None) -> None:
     c = model.config
     if c.in_channels != vae.out_channels:
-        raise UsageError(
-            f"the STDiT3 takes {c.in_channels} latent channels but the VAE makes {vae.out_channels}"
-        )
+        raise UsageError(f"the STDiT3 takes {c.in_channels} latent channels but the VAE makes {vae.out_channels}")
     if text_dim is not None and c.caption_channels != text_dim:
-        raise UsageError(
-            f"the STDiT3 takes {c.caption_channels}-dim captions but the T5 encoder gives {text_dim}"
-        )
+        raise UsageError(f"the STDiT3 takes {c.caption_channels}-dim captions but the T5 encoder gives {text_dim}")
 
 
 # ---------------------------------------------------------------------------------------------

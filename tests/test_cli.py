@@ -68,9 +68,7 @@ def test_sample_video_and_image(weights, tmp_path, capsys):
         "--out-dir",
         str(out),
     ]
-    rc = cli.main(
-        [*args, "--image-size", "16x16", "--num-frames", "9", "--steps", "3", "--fps", "8", "--no-progress"]
-    )
+    rc = cli.main([*args, "--image-size", "16x16", "--num-frames", "9", "--steps", "3", "--fps", "8", "--no-progress"])
     assert rc == 0
     files = sorted(os.listdir(out))
     assert files == ["000_a_red_square_moving_right.mp4", "001_a_blue_circle.mp4"]
@@ -220,16 +218,10 @@ def test_sample_missing_weights_are_clear_errors(weights, tmp_path, capsys):
     base = ["sample", "a cat", "--out-dir", str(tmp_path)]
     assert cli.main([*base, "--vae", weights["vae"], "--t5", weights["t5"]]) == 2
     assert "--model is required" in capsys.readouterr().err
-    assert (
-        cli.main([*base, "--model", str(tmp_path / "nope"), "--vae", weights["vae"], "--t5", weights["t5"]])
-        == 2
-    )
+    assert cli.main([*base, "--model", str(tmp_path / "nope"), "--vae", weights["vae"], "--t5", weights["t5"]]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "does not exist" in err and "no downloads" in err
-    assert (
-        cli.main([*base, "--model", weights["model"], "--vae", weights["vae"], "--t5", str(tmp_path / "t")])
-        == 2
-    )
+    assert cli.main([*base, "--model", weights["model"], "--vae", weights["vae"], "--t5", str(tmp_path / "t")]) == 2
     assert "--t5" in capsys.readouterr().err
     assert not any(p.suffix == ".mp4" for p in tmp_path.iterdir())
 
@@ -310,9 +302,7 @@ def test_train_and_resume(weights, tmp_path, capsys):
     train(tmp_path / "split", 4, "--resume")
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     train(tmp_path / "cached", 4, "--cache-latents")
-    assert len(losses(tmp_path / "cached")) == 4 and losses(tmp_path / "cached") != losses(
-        tmp_path / "straight"
-    )
+    assert len(losses(tmp_path / "cached")) == 4 and losses(tmp_path / "cached") != losses(tmp_path / "straight")
     out = capsys.readouterr().out
     assert "sample with --model" in out and "step 4/4 loss" in out
     cfg = json.load(open(tmp_path / "split" / "config.json"))
@@ -397,9 +387,7 @@ def test_load_vae_ignores_a_foreign_config_json(tmp_path):
     """The release's VAE directory has Open-Sora's own config.json: it must not be read as ours."""
     from opensora_fast.sample import load_vae
 
-    (tmp_path / "config.json").write_text(
-        '{"architectures": ["VideoAutoencoderPipeline"], "micro_frame_size": 17}'
-    )
+    (tmp_path / "config.json").write_text('{"architectures": ["VideoAutoencoderPipeline"], "micro_frame_size": 17}')
     torch.save({"x": torch.zeros(1)}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="missing"):  # built as the release VAE, so the keys do not match
         load_vae(str(tmp_path))
@@ -555,10 +543,11 @@ def test_train_ctrl_c_prints_the_resume_command(weights, data_csv, tmp_path, mon
     from opensora_fast import train as T
 
     real = T.update_ema
+    calls = [0]
 
-    def interrupt(ema, model, decay, _n=[0]):
-        _n[0] += 1
-        if _n[0] == 3:
+    def interrupt(ema, model, decay):
+        calls[0] += 1
+        if calls[0] == 3:
             raise KeyboardInterrupt
         real(ema, model, decay)
 

@@ -56,9 +56,7 @@ def _centroid(clip):
     return (w * ys).sum((1, 2)) / n, (w * xs).sum((1, 2)) / n
 
 
-@pytest.mark.parametrize(
-    "direction,axis,sign", [("right", 1, 1), ("left", 1, -1), ("down", 0, 1), ("up", 0, -1)]
-)
+@pytest.mark.parametrize("direction,axis,sign", [("right", 1, 1), ("left", 1, -1), ("down", 0, 1), ("up", 0, -1)])
 def test_synthetic_clip_moves_as_captioned(direction, axis, sign):
     clip = D.synthetic_clip("red", "square", direction, 9, (24, 32))
     assert clip.shape == (3, 9, 24, 32) and clip.min() >= -1 and clip.max() <= 1
@@ -85,9 +83,7 @@ def test_circle_and_square_areas():
 
 
 def test_synthetic_dataset_files(tmp_path):
-    path = D.make_synthetic_dataset(
-        str(tmp_path), 9, (16, 16), 8, colors=("red", "green"), directions=("up",)
-    )
+    path = D.make_synthetic_dataset(str(tmp_path), 9, (16, 16), 8, colors=("red", "green"), directions=("up",))
     rows = D.read_csv(path)
     assert len(rows) == 4 and {r[1] for r in rows} == {
         "a red square moving up",

@@ -158,7 +158,6 @@ def test_torchrun_two_processes_fsdp2_exact_resume(tmp_path):
     3 steps straight == 2 steps + resume to 3, bit for bit."""
     import subprocess
 
-
     make_synthetic_dataset(str(tmp_path / "data"), 9, (16, 16), 8, colors=("red", "blue"))
     build_tiny_t5(str(tmp_path / "t5"), extra_text="square circle moving right left up down")
     torch.manual_seed(0)

@@ -51,9 +51,7 @@ def test_losses_and_stage1_freezing():
     frozen = {k: v.clone() for k, v in model.spatial_vae.state_dict().items()}
     temporal = {k: v.clone() for k, v in model.temporal_vae.state_dict().items()}
     seen = []
-    res = vt.train_vae(
-        cfg, clips, steps=2, model=model, progress=False, on_step=lambda s, l, p: seen.append(p)
-    )
+    res = vt.train_vae(cfg, clips, steps=2, model=model, progress=False, on_step=lambda s, l, p: seen.append(p))
     assert len(res.losses) == 2 and res.step == 2
     assert set(seen[0]) == {"z_rec", "identity"}  # the identity loss is on for one-frame batches
     assert res.losses[0] == pytest.approx(seen[0]["z_rec"] + seen[0]["identity"], rel=1e-6)
@@ -118,9 +116,7 @@ def test_exact_resume_stage3(tmp_path):
 
 def test_grad_checkpointing_changes_nothing():
     clips = smooth_clips(2, 5, 8, 8, seed=2)
-    runs = [
-        vt.train_vae(cv.tiny(3, grad_checkpoint=gc), clips, steps=2, progress=False) for gc in (False, True)
-    ]
+    runs = [vt.train_vae(cv.tiny(3, grad_checkpoint=gc), clips, steps=2, progress=False) for gc in (False, True)]
     assert runs[1].losses == pytest.approx(runs[0].losses, rel=1e-6)
     a, b = runs[0].model.state_dict(), runs[1].model.state_dict()
     for k in a:

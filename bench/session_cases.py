@@ -2,8 +2,7 @@
 
 Each group is a list of :class:`Spec`; the runner reads the list to plan (names only: building a Spec
 allocates nothing and imports nothing heavy) and a worker process runs one group's specs in order.
-Real shapes (a GPU, bf16) and dry shapes (CPU, fp32, Triton interpreter, reference stand-ins for the
-GPU-only baselines) go through the same code.
+Real shapes (a GPU, bf16) and dry shapes (CPU, fp32) go through the same code.
 
 Groups (in run order):
 
@@ -15,19 +14,23 @@ Groups (in run order):
   plus atol 1.6e-2 x max(1, max|ref|) (tests/_close.py's rule), no NaN; each kernel is launched twice on
   the same inputs at a shape this process has not seen (the first call autotunes) and the second call's
   outputs and gradients must equal the first's bit for bit. Outputs NaN-poisoned (OPENSORA_FAST_POISON=1).
-- ``attention_spatial``: self_attention spatial (B*T' = 30 frames of S = 3600, 16 x 72) vs the same
-  prologue with SDPA forced onto the flash and the cuDNN backend; fwd and fwd+bwd.
-- ``attention_temporal``: T' = 30 and 120 (S = 3600) vs Open-Sora 1.2's temporal path (reshape,
-  RMSNorm, RoPE, explicit (q*scale) @ k^T with an fp32 softmax: ``bench_attention._explicit``).
-- ``add_layernorm_modulate``: 524,288 rows x 1152 vs eager and one ``torch.compile`` of the eager function
-  (one compiled object for both modes; its first calls include the compile).
-- ``causal_conv3d``: the temporal VAE decoder's convolutions at a 720p chunk (90x160, contiguous NCDHW as the
-  VAE feeds them) vs cuDNN (F.pad + F.conv3d, same layout, and channels_last_3d).
+- ``attention_spatial``: self_attention spatial, 720p 2 s with CFG (2 x 15 frames of S = 3600, 16 x 72) vs the
+  same prologue with SDPA forced onto the flash and the cuDNN backend; fwd and fwd+bwd.
+- ``attention_temporal``: T' = 30 (480p 4 s, B = 2, S = 1590) and T' = 120 (720p 16 s, B = 1, S = 3600) vs
+  Open-Sora 1.2's temporal path (reshape, RMSNorm, RoPE, then, as v1.2 does for N = T' <= B*S, the explicit
+  (q*scale) @ k^T with an fp32 softmax: ``bench_attention._explicit``) and the same prologue on SDPA flash.
+- ``add_layernorm_modulate``: 720p 2 s with CFG (108,000 rows x 1152) vs eager and one ``torch.compile`` of
+  the eager function: fwd+bwd first (its first call holds the one compile), then its forward on the same
+  graph (inputs require grad).
+- ``causal_conv3d``: the temporal VAE decoder's convolutions at a 720p chunk (90x160: 512 channels x 5 frames,
+  128 x 20) vs cuDNN (F.pad + F.conv3d) in the same layout: channels_last_3d, and contiguous NCDHW at the
+  512-channel shape.
 - ``stdit3``: one STDiT3-XL/2 denoising step, 720p 2 s (latent 4x15x90x160: 51 frames -> 15 latent frames),
   CFG batch 2, random weights, bf16, text-KV cache warm: our kernels vs OPENSORA_FAST_BACKEND=reference.
 - ``vae_decode``: one 720p temporal chunk (latent 4x5x90x160 -> 17 frames of 720x1280), ours vs reference.
 
-Dry mode: tiny shapes, fp32 on CPU, ``torch.compile`` / SDPA backends replaced by their eager forms (the
+Dry mode: tiny shapes, fp32 on CPU; opensora_fast on the reference backend (``Ctx.interpret``: through the
+Triton interpreter instead), ``torch.compile`` replaced by eager and SDPA backends by SDPA's math backend (each
 record's ``note`` says so); the timings only prove the runner.
 """
 
@@ -531,7 +534,7 @@ def _attention_temporal(dry: bool) -> list[Spec]:
         )  # fmt: skip
         for B, T, S, tag in shapes
         for mode in ("fwd", "fwd+bwd")
-        for impl in ("opensora_fast", "opensora-v1.2")
+        for impl in ("opensora_fast", "opensora-v1.2", "sdpa-flash")
     ]
 
 
@@ -548,7 +551,9 @@ def _add_ln(dry: bool) -> list[Spec]:
     specs = []
     units_of = {"fwd": 4, "fwd+bwd": 10}  # activations moved, in units of B*N*C elements
     order = [(m, i) for i in ("opensora_fast", "eager") for m in units_of]
-    order += [(m, "torch.compile") for m in units_of]  # last: a compile past the deadline loses only these
+    # last, so a compile past the deadline loses only these; fwd+bwd first: its one compile (the joint
+    # training graph) also serves the fwd case, whose inputs therefore require grad too
+    order += [("fwd+bwd", "torch.compile"), ("fwd", "torch.compile")]
     for mode, impl in order:
         units = units_of[mode]
 
@@ -572,15 +577,17 @@ def _add_ln(dry: bool) -> list[Spec]:
                 x, y = _randn((B, N, Cc), ctx, 31), _randn((B, N, Cc), ctx, 32)
                 m = [_randn((B, 1, Cc), ctx, s, 0.5) for s in (33, 34, 35)]
                 call = lambda: fn(x, y, *m)  # noqa: E731
-                if mode == "fwd":
+                if mode == "fwd" and impl != "torch.compile":
                     return call
                 for t in (x, y, *m):
                     t.requires_grad_()
-                return lazy_fwd_bwd(call, [x, y, *m])
+                return call if mode == "fwd" else lazy_fwd_bwd(call, [x, y, *m])
 
             return timed(make, nbytes=units * B * N * Cc * elem)(ctx)
 
-        note = "dry: eager stand-in for torch.compile" if dry and impl == "torch.compile" else ""
+        note = "training-graph forward (inputs require grad)" if impl == "torch.compile" and mode == "fwd" else ""
+        if dry and impl == "torch.compile":
+            note = "; ".join(filter(None, [note, "dry: eager stand-in for torch.compile"]))
         est = f"add_layernorm_modulate {mode} 720p-2s" if impl == "opensora_fast" else None
         specs.append(Spec("add_layernorm_modulate", f"{mode} rows={B * N}", impl, f"x ({B},{N},{Cc}) gate",
                           _dt(dry), run, note, est))  # fmt: skip

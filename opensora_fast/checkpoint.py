@@ -278,7 +278,23 @@ def recover(ckpt_dir: str) -> list[str]:
             else:
                 os.remove(path)
             done.append(f"removed the stale temporary {path!r}")
+    newest = newest_checkpoint(ckpt_dir)
+    latest = os.path.join(ckpt_dir, "latest")
+    if newest is not None:
+        name = os.path.basename(newest)
+        current = open(latest).read().strip() if os.path.isfile(latest) else None
+        if current != name:
+            _write_latest(ckpt_dir, name)
+            done.append(f"pointed 'latest' at {name} (it named {current!r})")
     return done
+
+
+def _write_latest(ckpt_dir: str, name: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-latest-", dir=ckpt_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(name + "\n")
+    honour_umask(tmp)
+    os.replace(tmp, os.path.join(ckpt_dir, "latest"))
 
 
 def newest_checkpoint(ckpt_dir: str) -> str | None:
@@ -323,11 +339,7 @@ def write_step_dir(ckpt_dir: str, step: int, write: Callable[[str], None], keep_
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fd, tmp_latest = tempfile.mkstemp(prefix=".tmp-latest-", dir=ckpt_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(name + "\n")
-    honour_umask(tmp_latest)
-    os.replace(tmp_latest, os.path.join(ckpt_dir, "latest"))
+    _write_latest(ckpt_dir, name)
     if keep_last is not None:
         prune(ckpt_dir, keep_last)
     return final

@@ -32,6 +32,7 @@ from opensora_fast.checkpoint import (
     honour_umask,
     load_safetensors_checked,
     load_torch_checked,
+    recover,
     resolve_resume,
     verify_checkpoint,
     write_step_dir,
@@ -243,6 +244,9 @@ def train_vae(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
+    if ckpt_dir:
+        for line in recover(ckpt_dir):  # what killed checkpoint writes left behind
+            print(f"checkpoints: {line}")
     if resume == "auto":
         resume = ckpt_dir if ckpt_dir and has_checkpoint(ckpt_dir) else None
     start = load_checkpoint(resume, model, optimizer) if resume else 0

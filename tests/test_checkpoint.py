@@ -88,6 +88,7 @@ def test_kill_after_the_rename_before_latest(tmp_path, first):
     assert (ck / "latest").exists() != first
     assert C.resolve_resume(str(ck)) == str(ck / "step-00000004")
     assert not any(n.startswith(".tmp-") for n in _names(ck))
+    assert (ck / "latest").read_text().strip() == "step-00000004"  # the pointer is repaired too
 
 
 def test_keep_last(tmp_path):

@@ -610,3 +610,35 @@ def test_gitignore_covers_the_default_output_folders():
     for path in ("samples/000_x.mp4", "opensora-fast-demo/losses.png"):
         r = subprocess.run(["git", "check-ignore", "-q", path], cwd=root, timeout=60)
         assert r.returncode == 0, path
+
+
+def test_train_skips_unreadable_clips_and_names_them(weights, tmp_path, capsys):
+    """An audio-only file is left out at the scan and a clip corrupt inside its stream is skipped at its step,
+    each named with its CSV line; --resume passes the same step again; --max-bad-clips 0 stops with one line."""
+    from test_data import corrupt_stream, write_audio_only
+
+    csv_path = make_synthetic_dataset(str(tmp_path / "data"), 9, (16, 16), 8, colors=("red", "blue"))
+    write_audio_only(str(tmp_path / "data" / "videos" / "red_square_right_0.mp4"))  # CSV line 2
+    corrupt_stream(str(tmp_path / "data" / "videos" / "blue_circle_up_0.mp4"))  # CSV line 17
+    out = tmp_path / "run"
+    assert cli.main(train_argv(weights, csv_path, out, 4)) == 0  # 15 readable clips, 4 per step: all drawn
+    err = capsys.readouterr().err
+    assert "red_square_right_0.mp4' has no video stream" in err and "data.csv line 2" in err
+    assert "blue_circle_up_0.mp4" in err and "data.csv line 17) failed to decode: Invalid data" in err
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["bad_clips"] == 2
+    assert cli.main(train_argv(weights, csv_path, out, 5, "--resume", "--ckpt-every", "1")) == 0
+    import shutil
+
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert cli.main(train_argv(weights, csv_path, out, 4, "--max-bad-clips", "0")) == 2
+    assert "more than --max-bad-clips 0" in one_line(capsys.readouterr().err)
+
+
+def test_sample_and_demo_refuse_an_out_dir_that_is_a_file(weights, tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    assert cli.main(["sample", "x", *weight_args(weights), "--out-dir", str(f)]) == 2
+    assert "is a file" in one_line(capsys.readouterr().err)
+    assert cli.main(["demo", "--quick", "--out-dir", str(f), "--no-progress"]) == 2
+    assert "is a file" in one_line(capsys.readouterr().err)

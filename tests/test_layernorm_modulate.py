@@ -210,3 +210,16 @@ def test_fp16_modulation_beside_fp32_x(backend, monkeypatch):
     assert got.dtype == torch.float32
     err = (got.double() - want).abs().max().item()
     assert err <= 2e-5 * want.abs().max().item(), err
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_row_gives_nan_row_only(backend, bad, monkeypatch):
+    """NaN or inf in one token makes that token's output NaN (its statistics are NaN), no other token's."""
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+    x, mod = randn(2, 6, 40, seed=1), randn(2, 40, seed=2, scale=0.5)
+    x[1, 3, 7] = bad
+    h = layernorm_modulate(x, mod, mod)
+    assert h[1, 3].isnan().all()
+    h[1, 3] = 0.0
+    assert h.isfinite().all()

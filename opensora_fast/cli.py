@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     except DistributedFailure as e:
         print(f"opensora-fast {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside the training loop (which prints its own resume hint)
+        print(f"\nopensora-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def entry() -> None:

@@ -788,7 +788,12 @@ def run_train(args) -> int:
     ckpt_dir = _check_out_dir(args)
     check_device(args.device)
     rank, world, device = init_distributed(device=args.device, timeout=getattr(args, "dist_timeout", None))
-    heartbeat = Heartbeat(rank, world) if _is_dist() and "MASTER_PORT" in os.environ else None
+    heartbeat = None
+    if _is_dist() and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        try:
+            heartbeat = Heartbeat(rank, world)
+        except Exception as e:  # noqa: BLE001 (only a better error message is lost)
+            print(f"rank {rank}: no heartbeat ({type(e).__name__}: {e})", file=sys.stderr)
     ck = None
     if args.resume:
         if rank == 0:

@@ -18,7 +18,8 @@
 # Options / environment:
 #   --dry or DRY=1             tiny shapes on CPU (reference backend; add --interpret for the Triton interpreter),
 #                              no install: what CI runs (tests/test_gpu_session.py)
-#   SESSION_DEADLINE_S=480     global deadline of the runner (dry: 150)
+#   SESSION_TOTAL_S=480        wall-time budget of this script; the runner's deadline is what is left of it after
+#                              the install (dry: 150); SESSION_DEADLINE_S sets the runner's deadline directly
 #   SESSION_GROUP_DEADLINES="stdit3=120,vae_decode=30"   per-group deadlines (defaults in bench/session.py)
 #   SESSION_GROUPS="ceilings,stdit3"                     a subset of the groups
 set -uo pipefail
@@ -33,15 +34,19 @@ for arg in "$@"; do
   esac
 done
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
+if [ -s "$OUT/results.jsonl" ]; then
+  echo "gpu_session.sh: $OUT already holds results.jsonl; give OUT an empty folder" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 if [ "$DRY" != "0" ]; then
   EXTRA+=(--dry)
-  DEADLINE=${SESSION_DEADLINE_S:-150}
+  TOTAL=${SESSION_TOTAL_S:-150}
   echo "dry run: no GPU, no install" >"$OUT/gpu.txt"
 else
-  DEADLINE=${SESSION_DEADLINE_S:-480}
+  TOTAL=${SESSION_TOTAL_S:-480}
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       >"$OUT/install.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -57,6 +62,9 @@ $PY -c "import torch, triton, platform; print('torch', torch.__version__, 'trito
 'python', platform.python_version(), 'cuda', torch.version.cuda)" >>"$OUT/gpu.txt" 2>&1
 git rev-parse --short HEAD >>"$OUT/gpu.txt" 2>/dev/null
 cat "$OUT/gpu.txt"
+DEADLINE=${SESSION_DEADLINE_S:-$((TOTAL - SECONDS - 5))}
+[ "${DEADLINE%.*}" -lt 10 ] && DEADLINE=10
+echo "set-up took ${SECONDS} s; runner deadline ${DEADLINE} s"
 GROUPS_ARG=()
 [ -n "${SESSION_GROUPS:-}" ] && GROUPS_ARG=(--groups "$SESSION_GROUPS")
 # the runner stops starting groups at the deadline; the outer kill is only a backstop (--foreground: the

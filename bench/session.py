@@ -299,6 +299,8 @@ def parse_group_deadlines(items) -> dict[str, float]:
 def run_session(out: Path, dry: bool, deadline_s: float, group_deadlines: dict, groups=None) -> int:
     start = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
+    if (out / RESULTS).exists() and (out / RESULTS).stat().st_size:
+        raise ValueError(f"--out {out} already holds {RESULTS}; give the session an empty folder")
     planned = _planned(dry, groups)
     plan_doc = {"dry": dry, "deadline_s": deadline_s, "started": time.time(), "groups": planned,
                 "group_deadlines_s": {g: group_deadlines.get(g) for g in planned}}  # fmt: skip

@@ -183,6 +183,17 @@ def test_estimates_table_formats(tmp_path, monkeypatch):
     assert session.load_estimates(tmp_path) == {}
 
 
+def test_an_out_folder_with_results_is_refused(tmp_path):
+    """A second run into the same folder would mix two sessions' lines: refused before anything runs."""
+    session.append_result(tmp_path, session.base_record("ceilings", "copy d2d", "torch", "s", "bf16", False))
+    with pytest.raises(ValueError, match="already holds results.jsonl"):
+        session.main(["--dry", "--groups", "ceilings", "--out", str(tmp_path)])
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=_env(tmp_path))  # fmt: skip
+    assert proc.returncode == 2 and "already holds results.jsonl" in proc.stderr
+    assert len(_lines(tmp_path)) == 1
+
+
 def test_bad_group_deadline_names_the_argument():
     with pytest.raises(ValueError, match="GROUP=SECONDS"):
         session.parse_group_deadlines(["stdit3"])

@@ -40,7 +40,8 @@ class _HelpFormatter(argparse.HelpFormatter):
             return h
         if action.required:
             return h + " (required)"
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in h:
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and "%(default)" not in h:
             return h + " (default: %(default)s)"
         return h
 
@@ -60,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="text to video from local Open-Sora 1.2 weights", formatter_class=_HelpFormatter)
     s.add_argument("prompts", nargs="*", help="one clip per prompt")
     s.add_argument("--prompt-file", help="a text file with one prompt per line (added to the positional ones)")
-    s.add_argument("--model", help="STDiT3 weights: a directory with config.json + safetensors (local only)")
-    s.add_argument("--vae", help="OpenSoraVAE weights: a file or directory (local only)")
-    s.add_argument("--t5", help="T5 encoder + tokenizer directory (local only)")
+    s.add_argument("--model", help="STDiT3 weights: a directory with config.json + safetensors, local only (required)")
+    s.add_argument("--vae", help="OpenSoraVAE weights: a file or directory, local only (required)")
+    s.add_argument("--t5", help="T5 encoder + tokenizer directory, local only (required)")
     s.add_argument("--resolution", default="240p", choices=RESOLUTIONS, help="Open-Sora resolution name")
     s.add_argument("--aspect-ratio", default="9:16", choices=ASPECT_RATIOS, help="H:W name, as Open-Sora's")
     s.add_argument(

@@ -599,8 +599,9 @@ def test_help_shows_defaults_and_required(capsys):
             assert "--keep-last N" in out and "--max-bad-clips N" in out and "--dist-timeout S" in out
         if cmd == "sample":
             assert "(default: 240p)" in out and "(default: samples)" in out
+            assert "local only (required)" in out  # --model / --vae / --t5: checked with a clearer message
         if cmd == "demo":
-            assert "(default: opensora-fast-demo)" in out
+            assert "(default: opensora-fast-demo)" in out and "seed (default: 0)" in out
 
 
 def test_gitignore_covers_the_default_output_folders():

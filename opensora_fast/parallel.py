@@ -30,11 +30,15 @@ single-process gradient; ``all_reduce_grads`` does that.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+import types
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -126,28 +130,162 @@ def tokens_to_frames(x: torch.Tensor, lay: SeqLayout, group=None) -> torch.Tenso
     return _TokensToFrames.apply(x, lay, group)
 
 
+# ---- schedule recording (tests, bench) and NVTX ranges (nsys) ------------------------------------------
+
+_RECORDERS: list[list] = []
+
+
+@contextlib.contextmanager
+def record_schedule():
+    """Record ("issue" | "wait" | "compute", name) events of the overlapped collectives, in program order
+    (forward and backward), into the yielded list. Used by the schedule tests and bench/bench_parallel.py."""
+    events: list = []
+    _RECORDERS.append(events)
+    try:
+        yield events
+    finally:
+        _RECORDERS.remove(events)
+
+
+def _trace(kind: str, name: str) -> None:
+    for ev in _RECORDERS:
+        ev.append((kind, name, time.perf_counter()))
+
+
+@contextlib.contextmanager
+def _compute(name: str, t: torch.Tensor):
+    """One chunk of compute between an issue and its wait: recorded, and an NVTX range on CUDA."""
+    _trace("compute", name)
+    nvtx = t.is_cuda
+    if nvtx:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        if nvtx:
+            torch.cuda.nvtx.range_pop()
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose backward records ("compute", name): marks where a chunk's backward starts."""
+
+    @staticmethod
+    def forward(ctx, x, name):
+        ctx.name = name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _trace("compute", ctx.name)
+        return g, None
+
+
+def _mark(x: torch.Tensor, name: str) -> torch.Tensor:
+    return _Mark.apply(x, name) if _RECORDERS and x.requires_grad else x
+
+
+# ---- asynchronous all-to-all as an autograd pair: issue ... (independent work) ... wait ------------------
+
+
+class _Flight:
+    """One all-to-all in flight: the forward's work handle and, in the backward, the reverse one's."""
+
+    __slots__ = ("name", "work", "bwork", "bout")
+
+    def __init__(self, name: str):
+        self.name, self.work, self.bwork, self.bout = name, None, None, None
+
+
+class _A2AIssue(torch.autograd.Function):
+    """Issue an equal-split all-to-all of x (p, ...) (async, work in ``fl``); returns the receive buffer,
+    valid only after ``_A2AWait``. Backward: wait for the reverse all-to-all that ``_A2AWait.backward``
+    issued (the all-to-all is its own adjoint)."""
+
+    @staticmethod
+    def forward(ctx, x, fl, group):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        fl.work = dist.all_to_all_single(out, x, group=group, async_op=True)
+        _trace("issue", fl.name)
+        ctx.fl = fl
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        fl = ctx.fl
+        fl.bwork.wait()
+        _trace("wait", fl.name + ".bwd")
+        out, fl.bout, fl.bwork = fl.bout, None, None
+        return out, None, None
+
+
+class _A2AWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buf, fl, group):
+        fl.work.wait()
+        fl.work = None
+        _trace("wait", fl.name)
+        ctx.fl, ctx.group = fl, group
+        return buf.view_as(buf)
+
+    @staticmethod
+    def backward(ctx, g):
+        fl = ctx.fl
+        g = g.contiguous()
+        fl.bout = torch.empty_like(g)
+        fl.bwork = dist.all_to_all_single(fl.bout, g, group=ctx.group, async_op=True)
+        _trace("issue", fl.name + ".bwd")
+        return g, None, None  # a placeholder: _A2AIssue.backward returns the received gradient
+
+
+def _a2a_start(x: torch.Tensor, group, name: str):
+    fl = _Flight(name)
+    return _A2AIssue.apply(x, fl, group), fl
+
+
+def _a2a_finish(buf: torch.Tensor, fl: _Flight, group) -> torch.Tensor:
+    return _A2AWait.apply(buf, fl, group)
+
+
 # ---- Ulysses / FastSeq: tokens layout throughout, spatial attention over heads -------------------------
+
+
+def _s2h_send(x: torch.Tensor, T: int, Sp: int, parts: int, p: int) -> torch.Tensor:
+    """(B, T*Sp, parts*p*w) columns [part][dest rank][w] -> (p: dest rank, B, T, Sp, parts, w)."""
+    B, _, W = x.shape
+    return x.reshape(B, T, Sp, parts, p, W // (parts * p)).permute(4, 0, 1, 2, 3, 5)
+
+
+def _s2h_recv(x: torch.Tensor, lay: SeqLayout, T: int) -> torch.Tensor:
+    """(p: source S chunk, B, T, Sp, parts, w) -> (B, T*S, parts*w) (padded positions cropped)."""
+    p, B, _, Sp, parts, w = x.shape
+    x = x.permute(1, 2, 0, 3, 4, 5).reshape(B, T, p * Sp, parts * w)[:, :, : lay.S]
+    return x.reshape(B, T * lay.S, parts * w)
+
+
+def _h2s_send(x: torch.Tensor, lay: SeqLayout, T: int, parts: int) -> torch.Tensor:
+    """(B, T*S, parts*w) -> (p: dest S chunk, B, T, Sp, parts, w) (positions padded to p*Sp)."""
+    B, _, W = x.shape
+    p, Sp = lay.world, lay.Sp
+    x = F.pad(x.reshape(B, T, lay.S, W), (0, 0, 0, p * Sp - lay.S))
+    return x.view(B, T, p, Sp, parts, W // parts).permute(2, 0, 1, 3, 4, 5)
+
+
+def _h2s_recv(x: torch.Tensor) -> torch.Tensor:
+    """(p: source head group, B, T, Sp, parts, w) -> (B, T*Sp, parts*p*w) columns [part][source][w]."""
+    p, B, T, Sp, parts, w = x.shape
+    return x.permute(1, 2, 3, 4, 0, 5).reshape(B, T * Sp, parts * p * w)
 
 
 def _seq_to_heads(x: torch.Tensor, lay: SeqLayout, group, parts: int) -> torch.Tensor:
     """(B, T*Sp, parts*H*D) tokens layout, columns [part 0 heads | part 1 heads | ...] -> (B, T*S,
     parts*(H/p)*D): all S positions for this rank's H/p heads of every part (one all-to-all)."""
-    B, _, W = x.shape
-    p, Sp = lay.world, lay.Sp
-    x = x.reshape(B, lay.T, Sp, parts, p, W // (parts * p))
-    x = _all_to_all(x.permute(4, 0, 1, 2, 3, 5), group)  # (p: source S chunk, B, T, Sp, parts, hd)
-    x = x.permute(1, 2, 0, 3, 4, 5).reshape(B, lay.T, p * Sp, W // p)[:, :, : lay.S]
-    return x.reshape(B, lay.T * lay.S, W // p)
+    return _s2h_recv(_all_to_all(_s2h_send(x, lay.T, lay.Sp, parts, lay.world), group), lay, lay.T)
 
 
 def _heads_to_seq(x: torch.Tensor, lay: SeqLayout, group, parts: int) -> torch.Tensor:
     """The inverse of ``_seq_to_heads``: (B, T*S, parts*(H/p)*D) -> (B, T*Sp, parts*H*D)."""
-    B, _, w = x.shape
-    p, Sp = lay.world, lay.Sp
-    x = F.pad(x.reshape(B, lay.T, lay.S, w), (0, 0, 0, p * Sp - lay.S))
-    x = x.view(B, lay.T, p, Sp, parts, w // parts).permute(2, 0, 1, 3, 4, 5)  # (p: dest S chunk, ...)
-    x = _all_to_all(x, group)  # (p: source head group, B, T, Sp, parts, w / parts)
-    return x.permute(1, 2, 3, 4, 0, 5).reshape(B, lay.T * Sp, w * p)
+    return _h2s_recv(_all_to_all(_h2s_send(x, lay, lay.T, parts), group))
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -183,8 +321,8 @@ def heads_to_seq(x: torch.Tensor, lay: SeqLayout, group=None, parts: int = 1) ->
 
 
 class _AllGatherTokens(torch.autograd.Function):
-    """(B, T*Sp, C) -> (B, T*S, C) on every rank; backward: the sum of every rank's gradient for this
-    rank's positions (all-reduce, then keep this rank's part: gloo has no reduce-scatter)."""
+    """(B, T*Sp, C) -> (B, T*S, C) on every rank; backward: the sum over ranks of the gradient of this
+    rank's positions (one reduce-scatter)."""
 
     @staticmethod
     def forward(ctx, x, lay, group):
@@ -193,14 +331,185 @@ class _AllGatherTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return _GatherTokens.backward(ctx, g)[0], None, None
+        lay = ctx.lay
+        B, _, C = g.shape
+        gp = F.pad(g.reshape(B, lay.T, lay.S, C), (0, 0, 0, lay.world * lay.Sp - lay.S))
+        gp = gp.view(B, lay.T, lay.world, lay.Sp, C).permute(2, 0, 1, 3, 4).contiguous()
+        out = g.new_empty(B, lay.T, lay.Sp, C)
+        dist.reduce_scatter_tensor(out.view(-1), gp.view(-1), group=ctx.group)  # 1-D: gloo checks dim 0
+        return out.view(B, lay.T * lay.Sp, C), None, None
 
 
 def all_gather_tokens(x: torch.Tensor, lay: SeqLayout, group=None) -> torch.Tensor:
     """FastSeq: every rank gets all tokens (B, T*S, C) of its (B, T*Sp, C) share; gradients summed back."""
     return _AllGatherTokens.apply(x, lay, group)
+
+
+class _GatherProject(torch.autograd.Function):
+    """FastSeq's overlapped q, k, v projection: F.linear(all_gather_tokens(x), weight, bias) where the
+    all-gather runs as one broadcast per source rank, all issued at once, and each rank's chunk of tokens is
+    projected as soon as it has arrived while the later ones are still in flight (any p). Backward: the input
+    gradient of every rank's tokens, reduce-scattered (async) while the weight-gradient GEMM runs.
+
+    x (B, T*Sp, C) this rank's token positions; weight (R, C), bias (R,) or None -> (B, T*S, R)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lay, group):
+        p, Sp, T, S = lay.world, lay.Sp, lay.T, lay.S
+        B, _, C = x.shape
+        R = weight.shape[0]
+        full = x.new_empty(p, B, T, Sp, C)  # every rank's tokens, one contiguous chunk per source rank
+        full[lay.rank].copy_(x.reshape(B, T, Sp, C))
+        works = []
+        for j in range(p):  # the same issue order on every rank
+            works.append(dist.broadcast(full[j], src=dist.get_global_rank(group, j), group=group, async_op=True))
+            _trace("issue", f"fastseq.gather[{j}]")
+        out = x.new_empty(p, B, T, Sp, R)
+        for i in range(p):
+            j = (lay.rank + i) % p  # own chunk first: it needs no communication
+            if j != lay.rank:
+                works[j].wait()
+                _trace("wait", f"fastseq.gather[{j}]")
+            with _compute(f"fastseq.qkv[{j}]", x):
+                a, o = full[j].view(-1, C), out[j].view(-1, R)
+                torch.addmm(bias, a, weight.t(), out=o) if bias is not None else torch.mm(a, weight.t(), out=o)
+        works[lay.rank].wait()
+        ctx.save_for_backward(full, weight)
+        ctx.lay, ctx.group, ctx.has_bias = lay, group, bias is not None
+        qkv = out.permute(1, 2, 0, 3, 4).reshape(B, T, p * Sp, R)[:, :, :S]
+        return qkv.reshape(B, T * S, R)
+
+    @staticmethod
+    def backward(ctx, g):
+        full, weight = ctx.saved_tensors
+        lay = ctx.lay
+        p, B, T, Sp, C = full.shape
+        R = weight.shape[0]
+        gp = F.pad(g.reshape(B, T, lay.S, R), (0, 0, 0, p * Sp - lay.S))
+        gp = gp.view(B, T, p, Sp, R).permute(2, 0, 1, 3, 4).contiguous().view(-1, R)
+        with _compute("fastseq.dx", g):
+            dfull = (gp @ weight).view(p, B, T, Sp, C)  # gradient of every rank's tokens from this rank's heads
+        dx = g.new_empty(B, T, Sp, C)
+        work = dist.reduce_scatter_tensor(dx.view(-1), dfull.view(-1), group=ctx.group, async_op=True)
+        _trace("issue", "fastseq.reduce_scatter")
+        with _compute("fastseq.dW", g):
+            dw = gp.t() @ full.view(-1, C) if ctx.needs_input_grad[1] else None
+            db = gp.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        work.wait()
+        _trace("wait", "fastseq.reduce_scatter")
+        return dx.view(B, T * Sp, C), dw, db, None, None
+
+
+def _qkv_rows(attn: nn.Module, heads: torch.Tensor) -> torch.Tensor:
+    """Row indices of attn.qkv for q, k, v of ``heads`` (index tensor): [q rows | k rows | v rows]."""
+    C = attn.qkv.in_features
+    D = C // attn.num_heads
+    cols = (heads[..., None] * D + torch.arange(D, device=heads.device)).reshape(-1)
+    return torch.cat([cols, cols + C, cols + 2 * C])
+
+
+def _head_cols(attn: nn.Module, heads: torch.Tensor) -> torch.Tensor:
+    D = attn.qkv.in_features // attn.num_heads
+    return (heads[..., None] * D + torch.arange(D, device=heads.device)).reshape(-1)
+
+
+def _self_attention(attn, qkv, heads: int, num_frames: int):
+    from opensora_fast import kernels as K
+
+    return K.self_attention(qkv, attn.q_norm.weight, attn.k_norm.weight, num_heads=heads, num_frames=num_frames,
+                            layout="spatial", eps=attn.q_norm.variance_epsilon, rope=None)  # fmt: skip
+
+
+def _chunks(n: int, k: int) -> list[tuple[int, int]]:
+    """n items in min(k, n) near-equal contiguous (start, size) pieces."""
+    k = max(1, min(k, n))
+    sizes = [n // k + (i < n % k) for i in range(k)]
+    return [(sum(sizes[:i]), s) for i, s in enumerate(sizes)]
+
+
+def ulysses_attention(attn, x, lay: SeqLayout, group, *, overlap: bool = True, chunks: int = 2):
+    """Open-Sora 1.2's spatial self-attention under Ulysses on this rank's token positions x (B, T*Sp, C).
+
+    overlap=False: q, k, v all-to-all (heads <-> positions), attention over H/p heads, output all-to-all,
+    proj, each collective blocking. overlap=True: the work is cut into ``chunks`` head groups (or frame
+    groups when a rank has one head): the q, k, v projection of group k+1 and its all-to-all run while
+    group k's is in flight, the attention of group k while group k+1's all-to-all and group k-1's output
+    all-to-all fly, and ``proj`` of group k-1's output (a partial sum over its heads) likewise."""
+    H, p = attn.num_heads, lay.world
+    if H % p:
+        raise ValueError(f"ulysses sequence parallelism needs num_heads ({H}) divisible by {p} ranks")
+    h, T, Sp = H // p, lay.T, lay.Sp
+    if not overlap:
+        qkv = seq_to_heads(attn.qkv(x), lay, group, parts=3)
+        o = heads_to_seq(_self_attention(attn, qkv, h, T).to(x.dtype), lay, group)
+        return attn.proj(o)
+    B, _, C = x.shape
+    dev = x.device
+    by_heads = h > 1 or T == 1
+    pieces = _chunks(h, chunks) if by_heads else _chunks(T, chunks)
+    W, bias = attn.qkv.weight, attn.qkv.bias
+    xs = x.reshape(B, T, Sp, C)
+
+    def start(k):
+        s, n = pieces[k]
+        heads = torch.arange(p, device=dev)[:, None] * h + (torch.arange(n, device=dev) + s if by_heads else
+                                                             torch.arange(h, device=dev))  # fmt: skip
+        nh, Tc = (n, T) if by_heads else (h, n)
+        xin = x if by_heads else xs[:, s : s + n].reshape(B, n * Sp, C)
+        rows = _qkv_rows(attn, heads)
+        with _compute(f"ulysses.qkv[{k}]", x):
+            qkv = F.linear(xin, W[rows], bias[rows] if bias is not None else None)
+        buf, fl = _a2a_start(_s2h_send(qkv, Tc, Sp, 3, p), group, f"ulysses.qkv_a2a[{k}]")
+        return buf, fl, heads, nh, Tc
+
+    outs, parts = [None] * len(pieces), []
+    nxt = start(0)
+    for k in range(len(pieces)):
+        buf, fl, heads, nh, Tc = nxt
+        if k + 1 < len(pieces):
+            nxt = start(k + 1)
+        qkv = _s2h_recv(_a2a_finish(buf, fl, group), SeqLayout(Tc, lay.S, p, lay.rank), Tc)
+        with _compute(f"ulysses.attn[{k}]", x):
+            o = _mark(_self_attention(attn, qkv, nh, Tc).to(x.dtype), f"ulysses.attn[{k}].bwd")
+        obuf, ofl = _a2a_start(_h2s_send(o, SeqLayout(Tc, lay.S, p, lay.rank), Tc, 1), group,
+                               f"ulysses.out_a2a[{k}]")  # fmt: skip
+        outs[k] = (obuf, ofl, heads)
+        if k > 0:
+            parts.append(_finish_proj(attn, outs[k - 1], group, k - 1, x))
+    parts.append(_finish_proj(attn, outs[-1], group, len(pieces) - 1, x))
+    if by_heads:
+        out = parts[0]
+        for q in parts[1:]:
+            out = out + q
+        return out + attn.proj.bias if attn.proj.bias is not None else out
+    out = torch.cat([q.reshape(B, -1, Sp, C) for q in parts], dim=1).reshape(B, T * Sp, C)
+    return out + attn.proj.bias if attn.proj.bias is not None else out
+
+
+def _finish_proj(attn, out, group, k, x):
+    obuf, ofl, heads = out
+    o = _h2s_recv(_a2a_finish(obuf, ofl, group))  # (B, Tc*Sp, p*n*D), columns [source rank][head][d]
+    with _compute(f"ulysses.proj[{k}]", x):
+        return _mark(F.linear(o, attn.proj.weight[:, _head_cols(attn, heads)]), f"ulysses.proj[{k}].bwd")
+
+
+def fastseq_attention(attn, x, lay: SeqLayout, group, *, overlap: bool = True):
+    """OpenDiT's FastSeq spatial self-attention on this rank's token positions x (B, T*Sp, C): all-gather x,
+    q, k, v of this rank's H/p heads only (overlapped with the gather when ``overlap``), attention, one
+    all-to-all back, proj."""
+    H, p = attn.num_heads, lay.world
+    if H % p:
+        raise ValueError(f"fastseq sequence parallelism needs num_heads ({H}) divisible by {p} ranks")
+    h = H // p
+    rows = _qkv_rows(attn, torch.arange(h, device=x.device) + lay.rank * h)
+    w = attn.qkv.weight[rows]
+    b = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
+    if overlap:
+        qkv = _GatherProject.apply(x, w, b, lay, group)
+    else:
+        qkv = F.linear(all_gather_tokens(x, lay, group), w, b)
+    o = _self_attention(attn, qkv, h, lay.T).to(x.dtype)
+    return attn.proj(heads_to_seq(o, lay, group))
 
 
 def split_tokens(x: torch.Tensor, lay: SeqLayout) -> torch.Tensor:
@@ -291,7 +600,8 @@ def batch_parallel_forward(forward, group, x, timestep, y, mask=None, x_mask=Non
 
 def all_reduce_grads(params, group=None) -> None:
     """Sum the gradients of ``params`` (a module or an iterable of parameters) over ``group`` (see the
-    module docstring). FSDP2's sharded gradients (DTensor) are summed shard by shard."""
+    module docstring), blocking, after the backward. FSDP2's sharded gradients (DTensor) are summed shard by
+    shard. ``GradSync`` does the same bucketed and overlapped with the backward."""
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
     for p in params:
@@ -300,25 +610,326 @@ def all_reduce_grads(params, group=None) -> None:
             dist.all_reduce(g, group=group)
 
 
+class GradSync:
+    """The sequence-parallel gradient sum, bucketed and overlapped with the backward (as DDP does it).
+
+    Buckets of about ``bucket_mb`` MiB are filled in reverse parameter order (about the order in which the
+    backward produces gradients); a post-accumulate-grad hook on every parameter launches a bucket's
+    asynchronous all-reduce (one flat tensor) as soon as all its gradients exist, while the backward goes on
+    with earlier layers; a callback at the end of the backward waits for them and writes the sums back.
+    Buckets with gradients missing this step are summed there (over the gradients present, the same set
+    on every rank). One backward per optimizer step (no gradient accumulation across backwards while
+    enabled: set ``enabled = False`` for all but the last). ``remove()`` takes the hooks off."""
+
+    def __init__(self, params, group=None, bucket_mb: float = 25.0):
+        if isinstance(params, torch.nn.Module):
+            params = params.parameters()
+        params = [p for p in params if p.requires_grad]
+        if bucket_mb <= 0:
+            raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        self.group, self.enabled = group, True
+        cap, self.buckets, cur, size = bucket_mb * 2**20, [], [], 0
+        for p in reversed(params):
+            cur.append(p)
+            size += p.numel() * p.element_size()
+            if size >= cap:
+                self.buckets.append(cur)
+                cur, size = [], 0
+        if cur:
+            self.buckets.append(cur)
+        self._bucket = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self._ready: list[list] = [[] for _ in self.buckets]
+        self._inflight: list = []
+        self._queued = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _hook(self, p) -> None:
+        if not self.enabled:
+            return
+        if not self._queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            self._queued = True
+        i = self._bucket[id(p)]
+        self._ready[i].append(p)
+        if len(self._ready[i]) == len(self.buckets[i]):
+            self._launch(i)
+
+    def _launch(self, i: int) -> None:
+        ps, self._ready[i] = self._ready[i], []
+        flat = torch.cat([p.grad.reshape(-1) for p in ps])
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        _trace("issue", f"grad_sync[{i}]")
+        self._inflight.append((i, ps, flat, work))
+
+    def _finish(self) -> None:
+        for i in range(len(self.buckets)):
+            if self._ready[i]:
+                self._launch(i)
+        for i, ps, flat, work in self._inflight:
+            work.wait()
+            _trace("wait", f"grad_sync[{i}]")
+            off = 0
+            for p in ps:
+                n = p.grad.numel()
+                p.grad.copy_(flat[off : off + n].view_as(p.grad))
+                off += n
+        self._inflight, self._queued = [], False
+
+
 SP_MODES = ("dsp", "ulysses", "fastseq")
 
 
-def enable_sequence_parallel(model, group=None, mode: str = "dsp"):
-    """Run ``model`` (an STDiT3) sequence-parallel over ``group`` (default: the world group); every rank
-    of the group must call the model with the same inputs. Returns the model.
+# ---- installing a strategy on a model from outside --------------------------------------------------------
 
-    ``mode``: "dsp" (default; the layout switch above: 2 activation all-to-alls per block pair);
-    "ulysses" (Open-Sora 1.2's scheme: tokens stay sharded by position, spatial attention runs over H/p
-    heads after an all-to-all of q, k, v and one of its output; needs heads divisible by p); "fastseq"
-    (OpenDiT's: all-gather the spatial attention input, q, k, v of this rank's heads only, one all-to-all
-    back)."""
+
+class _Strategy:
+    """Sequence parallelism over ``group``: the mode, the overlap switch and the chunk count."""
+
+    def __init__(self, group, mode: str, overlap: bool, chunks: int):
+        self.group, self.mode, self.overlap, self.chunks = group, mode, overlap, chunks
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+
+    def layout(self, T: int, S: int) -> SeqLayout:
+        return SeqLayout(T, S, self.world, self.rank)
+
+    def attention(self, lay: SeqLayout):
+        """The spatial self-attention of Ulysses / FastSeq as ``block_forward``'s ``attn`` argument."""
+        if self.mode == "ulysses":
+            return lambda a, h, T, layout: ulysses_attention(a, h, lay, self.group, overlap=self.overlap,
+                                                             chunks=self.chunks)  # fmt: skip
+        return lambda a, h, T, layout: fastseq_attention(a, h, lay, self.group, overlap=self.overlap)
+
+
+class _ParallelBlock:
+    """A block's ``forward`` under a ``_Strategy`` (bound to the block with ``types.MethodType``). The model
+    calls it with the full-sequence T, S; what layout its x arrives in follows from the block's place: the
+    first spatial block gets the full tokens (split here, no communication), a DSP spatial block the tokens
+    layout of the temporal block before it, a DSP temporal block the frames layout (switched here, one
+    all-to-all, chunked and pipelined with this block's compute when overlapping); Ulysses / FastSeq keep
+    the tokens layout and swap in their spatial attention."""
+
+    def __init__(self, strat: _Strategy, first: bool):
+        self.strat, self.first = strat, first
+
+    def __call__(self, blk, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None, *, kv=None, pending=None,
+                 defer=False):  # fmt: skip
+        from opensora_fast import kernels as K
+        from opensora_fast.models.stdit3 import block_forward
+
+        st = self.strat
+        lay = st.layout(T, S)
+        if st.mode == "dsp":
+            want = "tokens" if blk.temporal else "frames"
+            have = "full" if self.first else ("frames" if blk.temporal else "tokens")
+        else:
+            want, have = "tokens", ("full" if self.first else "tokens")
+        fm = lay.local_x_mask(x_mask)
+        if have == "full":
+            x = split_frames(x, lay) if want == "frames" else split_tokens(x, lay)
+        elif have != want:
+            if pending is not None:  # the previous MLP's gated residual, before x moves
+                m, g, g0 = pending
+                x = K.gated_residual(x, m, g, gate0=g0, x_mask=fm if have == "frames" else x_mask)
+                pending = None
+            if st.overlap and st.chunks > 1:
+                return self._pipelined(blk, x, y, t, mask, x_mask, t0, lay, want, kv, defer)
+            x = frames_to_tokens(x, lay, st.group) if want == "tokens" else tokens_to_frames(x, lay, st.group)
+        xm, Tl, Sl = (fm, lay.Tp, S) if want == "frames" else (x_mask, T, lay.Sp)
+        attn = st.attention(lay) if st.mode != "dsp" and not blk.temporal else None
+        return block_forward(blk, x, y, t, mask, xm, t0, Tl, Sl, kv=kv, pending=pending, defer=defer, attn=attn)
+
+    def _pipelined(self, blk, x, y, t, mask, x_mask, t0, lay, want, kv, defer):
+        """DSP's layout switch cut into pieces (token blocks before a temporal block, frames before a
+        spatial one: the pieces are independent sequences of its attention), all issued at once; the block
+        runs on each piece as it arrives while the later ones are in flight. Backward: the reverse."""
+        from opensora_fast.models.stdit3 import block_forward
+
+        st, p = self.strat, lay.world
+        B, C = x.shape[0], x.shape[-1]
+        if want == "tokens":  # x (B, Tp*S, C) frames layout -> pieces of the Sp positions
+            xv = F.pad(x.reshape(B, lay.Tp, lay.S, C), (0, 0, 0, p * lay.Sp - lay.S)).view(B, lay.Tp, p, lay.Sp, C)
+            pieces = _chunks(lay.Sp, st.chunks)
+            sends = [xv[:, :, :, a : a + n].permute(2, 0, 1, 3, 4) for a, n in pieces]
+        else:  # x (B, T*Sp, C) tokens layout -> pieces of the Tp frames
+            xv = F.pad(x.reshape(B, lay.T, lay.Sp, C), (0, 0, 0, 0, 0, p * lay.Tp - lay.T))
+            xv = xv.view(B, p, lay.Tp, lay.Sp, C)
+            pieces = _chunks(lay.Tp, st.chunks)
+            sends = [xv[:, :, a : a + n].permute(1, 0, 2, 3, 4) for a, n in pieces]
+        flights = [_a2a_start(s, st.group, f"dsp.to_{want}[{k}]") for k, s in enumerate(sends)]
+        fm = lay.local_x_mask(x_mask)
+        outs = []
+        for k, ((a, n), (buf, fl)) in enumerate(zip(pieces, flights)):
+            r = _a2a_finish(buf, fl, st.group)
+            if want == "tokens":  # (p: source frame chunk, B, Tp, n, C)
+                xc = r.permute(1, 0, 2, 3, 4).reshape(B, p * lay.Tp, n, C)[:, : lay.T].reshape(B, lay.T * n, C)
+                xm, Tl, Sl = x_mask, lay.T, n
+            else:  # (p: source position chunk, B, n, Sp, C)
+                xc = r.permute(1, 2, 0, 3, 4).reshape(B, n, p * lay.Sp, C)[:, :, : lay.S].reshape(B, n * lay.S, C)
+                xm, Tl, Sl = (fm[:, a : a + n] if fm is not None else None), n, lay.S
+            with _compute(f"dsp.block[{k}]", x):
+                o = block_forward(blk, xc, y, t, mask, xm, t0, Tl, Sl, kv=kv, defer=defer)
+            o = list(o) if defer else [o]
+            o[0] = _mark(o[0], f"dsp.block[{k}].bwd")
+            outs.append(o)
+
+        def cat(ts):
+            if want == "tokens":
+                return torch.cat([v.reshape(B, lay.T, n, C) for v, (_, n) in zip(ts, pieces)], 2).reshape(B, -1, C)
+            return torch.cat([v.reshape(B, n, lay.S, C) for v, (_, n) in zip(ts, pieces)], 1).reshape(B, -1, C)
+
+        xo = cat([o[0] for o in outs])
+        if not defer:
+            return xo
+        return xo, cat([o[1] for o in outs]), outs[0][2], outs[0][3]
+
+
+class _ParallelFinal:
+    """The final layer's ``forward`` under a ``_Strategy``: on this rank's token positions, then one
+    all-gather of its output."""
+
+    def __init__(self, strat: _Strategy):
+        self.strat = strat
+
+    def __call__(self, fl, x, t, x_mask=None, t0=None, T=None, S=None, *, pending=None, rows=None):
+        from opensora_fast.models.stdit3 import final_layer_forward
+
+        lay = self.strat.layout(T, S)
+        out = final_layer_forward(fl, x, t, x_mask, t0, T, lay.Sp, pending=pending, rows=rows)
+        return gather_tokens(out, lay, self.strat.group)
+
+
+class _BatchParallelForward:
+    """A model's ``forward`` split over the batch (``batch_parallel_forward``)."""
+
+    def __init__(self, group, inner):
+        self.group, self.inner = group, inner
+
+    def __call__(self, model, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None, **kw):
+        def fwd(*a, **k):
+            return self.inner(model, *a, **k)
+
+        return batch_parallel_forward(fwd, self.group, x, timestep, y, mask, x_mask, fps, height, width, **kw)
+
+
+class _OpenSoraSPBlock:
+    """An Open-Sora 1.2 spatial block built with ``enable_sequence_parallelism`` (its model's forward splits
+    the S tokens of every frame evenly over the sequence-parallel group and gathers them before the final
+    layer): our block computation with Ulysses spatial attention over that group. Its cross-attention
+    runs locally (it is token-wise; Open-Sora's all-to-alls there move nothing the math needs)."""
+
+    def __init__(self, group, overlap: bool, chunks: int):
+        self.group, self.overlap, self.chunks = group, overlap, chunks
+
+    def __call__(self, blk, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None, **kw):
+        from opensora_fast.models.stdit3 import block_forward
+
+        p, r = dist.get_world_size(self.group), dist.get_rank(self.group)
+        lay = SeqLayout(T, S * p, p, r)
+
+        def attn(a, h, nf, layout):
+            return ulysses_attention(a, h, lay, self.group, overlap=self.overlap, chunks=self.chunks)
+
+        return block_forward(blk, x, y, t, mask, x_mask, t0, T, S, attn=attn, **kw)
+
+
+def opensora_sp_group(group=None):
+    """The group of an Open-Sora model built with ``enable_sequence_parallelism``: ``group``, else Open-Sora's
+    own registry (``opensora.acceleration.parallel_states``) when importable, else the world group (what
+    Open-Sora's inference sets when the world size is above 1)."""
+    if group is not None:
+        return group
+    try:
+        from opensora.acceleration.parallel_states import get_sequence_parallel_group
+
+        g = get_sequence_parallel_group()
+        if g is not None:
+            return g
+    except ImportError:
+        pass
+    return dist.group.WORLD
+
+
+def _groups_of(mesh, cfg_parallel):
+    """(cfg_group, seq_group) from parallelize()'s ``mesh`` / ``cfg_parallel`` (either None if size 1)."""
+    if mesh is None or isinstance(mesh, dist.ProcessGroup):
+        group = mesh if mesh is not None else dist.group.WORLD
+        world = dist.get_world_size(group)
+        if cfg_parallel:
+            if group is not dist.group.WORLD:
+                raise ValueError("cfg_parallel=True with a process group: pass a (cfg, seq) DeviceMesh instead")
+            return parallel_mesh(world, 2)
+        return None, (group if world > 1 else None)
+    names = mesh.mesh_dim_names or ()
+    cfg_dim = next((n for n in ("cfg", "batch") if n in names), None)
+    seq_dim = next((n for n in ("seq", "sp") if n in names), None)
+    if seq_dim is None and cfg_dim is None:
+        if mesh.ndim != 1:
+            raise ValueError(f"mesh: expected dims named 'cfg'/'batch' and 'seq'/'sp', got {names}")
+        seq_dim = names[0] if names else 0
+    if cfg_parallel is False:
+        cfg_dim = None
+    elif cfg_parallel and cfg_dim is None:
+        raise ValueError(f"cfg_parallel=True needs a mesh dim named 'cfg' or 'batch', got {names}")
+
+    def grp(d):
+        if d is None:
+            return None
+        g = mesh.get_group(d) if isinstance(d, str) else mesh.get_group()
+        return g if dist.get_world_size(g) > 1 else None
+
+    return grp(cfg_dim), grp(seq_dim)
+
+
+def parallelize(model, mesh=None, *, sp_mode: str = "dsp", cfg_parallel: bool | None = None,
+                overlap: bool = True, chunks: int = 2):  # fmt: skip
+    """Install sequence (and CFG / batch) parallelism on ``model``, an STDiT3 (ours, or Open-Sora's after
+    ``opensora_fast.apply``), from outside: the model's forward keeps its one block loop and knows nothing
+    of ranks; each block's and the final layer's ``forward`` are replaced (per instance) by the strategy.
+    Every rank of the mesh calls the model with the same inputs and gets the full output. Returns ``model``.
+
+    ``mesh``: None (the world group), a ProcessGroup, or a DeviceMesh (``build_mesh``) whose dims named
+    "cfg" (or "batch") split the batch and "seq" (or "sp") the tokens. ``sp_mode``: "dsp" (layout switch,
+    2 all-to-alls per block pair), "ulysses" (all-to-alls of q, k, v and of the attention output in every
+    spatial block), "fastseq" (all-gather of the spatial attention input, q, k, v of this rank's heads,
+    one all-to-all back). ``cfg_parallel``: None follows the mesh; True with mesh None builds a (2,
+    world / 2) mesh. ``overlap``: asynchronous collectives in ``chunks`` pieces pipelined with compute
+    (``overlap=False``: one blocking collective each). Gradients: each rank's parameter gradients are its
+    tokens' share; sum them over the sequence group (``GradSync`` or ``all_reduce_grads``)."""
+    from opensora_fast.patch import check_blocks
+
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize needs torch.distributed initialised (torchrun)")
+    if sp_mode not in SP_MODES:
+        raise ValueError(f"sp_mode must be one of {SP_MODES}, got {sp_mode!r}")
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
+    blocks = check_blocks(model)
+    if any(getattr(b, "enable_sequence_parallelism", False) for _, b in blocks):
+        raise ValueError("model: built with enable_sequence_parallelism (its forward splits the tokens itself); "
+                         "use opensora_fast.apply(model) for it, or build it without and parallelize()")  # fmt: skip
+    cfg_group, seq_group = _groups_of(mesh, cfg_parallel)
+    if seq_group is not None:
+        strat = _Strategy(seq_group, sp_mode, overlap, chunks)
+        for i, blk in enumerate(model.spatial_blocks):
+            blk.forward = types.MethodType(_ParallelBlock(strat, first=i == 0), blk)
+        for blk in model.temporal_blocks:
+            blk.forward = types.MethodType(_ParallelBlock(strat, first=False), blk)
+        model.final_layer.forward = types.MethodType(_ParallelFinal(strat), model.final_layer)
+    if cfg_group is not None:
+        model.forward = types.MethodType(_BatchParallelForward(cfg_group, type(model).forward), model)
+    return model
+
+
+def enable_sequence_parallel(model, group=None, mode: str = "dsp", overlap: bool = True):
+    """``parallelize(model, group, sp_mode=mode, cfg_parallel=False)`` (kept for callers of the old API)."""
     if not dist.is_initialized():
         raise RuntimeError("enable_sequence_parallel needs torch.distributed initialised (torchrun)")
-    if mode not in SP_MODES:
-        raise ValueError(f"mode must be one of {SP_MODES}, got {mode!r}")
-    model.sp_group = group if group is not None else dist.group.WORLD
-    model.sp_mode = mode
-    return model
+    return parallelize(model, group, sp_mode=mode, cfg_parallel=False, overlap=overlap)
 
 
 def enable_batch_parallel(model, group=None):
@@ -327,8 +938,21 @@ def enable_batch_parallel(model, group=None):
     group (a (batch, sequence) mesh). Every rank of the group passes the same inputs. Returns the model."""
     if not dist.is_initialized():
         raise RuntimeError("enable_batch_parallel needs torch.distributed initialised (torchrun)")
-    model.bp_group = group if group is not None else dist.group.WORLD
+    group = group if group is not None else dist.group.WORLD
+    if dist.get_world_size(group) > 1:
+        model.forward = types.MethodType(_BatchParallelForward(group, type(model).forward), model)
     return model
+
+
+def build_mesh(world: int | None = None, cfg: int = 1, device: str | None = None):
+    """A (cfg, seq) DeviceMesh over the world group (``cfg`` 2 for CFG-parallel sampling)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = world or dist.get_world_size()
+    if cfg < 1 or world % cfg:
+        raise ValueError(f"cfg: the CFG-parallel size {cfg} must divide the world size {world}")
+    dev = device or ("cuda" if dist.get_backend() == "nccl" else "cpu")
+    return init_device_mesh(dev, (cfg, world // cfg), mesh_dim_names=("cfg", "seq"))
 
 
 def parallel_mesh(world: int, batch: int = 1):
@@ -340,23 +964,26 @@ def parallel_mesh(world: int, batch: int = 1):
         return None, (dist.group.WORLD if world > 1 else None)
     if batch == world:
         return dist.group.WORLD, None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(dev, (batch, world // batch), mesh_dim_names=("batch", "seq"))
-    return mesh["batch"].get_group(), mesh["seq"].get_group()
+    mesh = build_mesh(world, batch)
+    return mesh["cfg"].get_group(), mesh["seq"].get_group()
 
 
 __all__ = [
+    "GradSync",
+    "SP_MODES",
     "SeqLayout",
     "all_reduce_grads",
     "batch_parallel_forward",
+    "build_mesh",
     "enable_batch_parallel",
     "enable_sequence_parallel",
-    "parallel_mesh",
-    "SP_MODES",
+    "fastseq_attention",
     "frames_to_tokens",
     "gather_tokens",
+    "parallel_mesh",
+    "parallelize",
+    "record_schedule",
     "split_frames",
     "tokens_to_frames",
+    "ulysses_attention",
 ]

@@ -273,9 +273,49 @@ def pos_embed(dim, h, w, scale, base_size, device, dtype):
     return torch.cat([sc(a), sc(b)], dim=-1).unsqueeze(0).to(dtype)
 
 
+class _SplitS(torch.autograd.Function):
+    """Open-Sora's split_forward_gather_backward(x, sp group, dim=2, grad_scale="down")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        p, r = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        return x.chunk(p, dim=2)[r].contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        parts = [torch.empty_like(g) for _ in range(torch.distributed.get_world_size(ctx.group))]
+        torch.distributed.all_gather(parts, g.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=2) / len(parts), None
+
+
+class _GatherS(torch.autograd.Function):
+    """Open-Sora's gather_forward_split_backward(x, sp group, dim=2, grad_scale="up")."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, g):
+        p, r = torch.distributed.get_world_size(ctx.group), torch.distributed.get_rank(ctx.group)
+        return g.chunk(p, dim=2)[r] * p, None
+
+
 class STDiT3(nn.Module):
-    def __init__(self, hidden_size=48, depth=1, num_heads=2, in_channels=4, caption_channels=64, token_num=8):
+    """``enable_sequence_parallelism``: Open-Sora 1.2's SP forward over ``sp_group`` (default: the world
+    group): x split over the S tokens of every frame (S % p == 0, as Open-Sora asserts), blocks on S / p,
+    gathered before the final layer, the blocks flagged. Its spatial attention is left un-parallel here
+    (Open-Sora's SeqParallelAttention has the same attributes): only ``opensora_fast.apply`` makes it right."""
+
+    def __init__(self, hidden_size=48, depth=1, num_heads=2, in_channels=4, caption_channels=64, token_num=8,
+                 enable_sequence_parallelism=False, sp_group=None):  # fmt: skip
         super().__init__()
+        self.enable_sequence_parallelism = enable_sequence_parallelism
+        self.sp_group = sp_group
         C = hidden_size
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels
@@ -296,6 +336,8 @@ class STDiT3(nn.Module):
             ]
         )
         self.final_layer = T2IFinalLayer(C, 4, self.out_channels)
+        for blk in [*self.spatial_blocks, *self.temporal_blocks]:
+            blk.enable_sequence_parallelism = enable_sequence_parallelism
 
     def encode_text(self, y, mask):
         y = self.y_embedder(y, self.training)
@@ -323,10 +365,19 @@ class STDiT3(nn.Module):
             t0_mlp = self.t_block(t0)
         y, y_lens = self.encode_text(y, mask)
         x = self.x_embedder(x)
-        x = (x.view(B, T, S, -1) + pe).view(B, T * S, -1)
+        x = x.view(B, T, S, -1) + pe
+        Sl = S
+        if self.enable_sequence_parallelism:
+            group = self.sp_group or torch.distributed.group.WORLD
+            assert S % torch.distributed.get_world_size(group) == 0
+            x = _SplitS.apply(x, group)
+            Sl = x.shape[2]
+        x = x.reshape(B, T * Sl, -1)
         for sb, tb in zip(self.spatial_blocks, self.temporal_blocks):
-            x = sb(x, y, t_mlp, y_lens, x_mask, t0_mlp, T, S)
-            x = tb(x, y, t_mlp, y_lens, x_mask, t0_mlp, T, S)
+            x = sb(x, y, t_mlp, y_lens, x_mask, t0_mlp, T, Sl)
+            x = tb(x, y, t_mlp, y_lens, x_mask, t0_mlp, T, Sl)
+        if self.enable_sequence_parallelism:
+            x = _GatherS.apply(x.view(B, T, Sl, -1), group).reshape(B, T * S, -1)
         x = self.final_layer(x, t, x_mask, t0, T, S)
         # B (Nt Nh Nw) (Tp Hp Wp Cout) -> B Cout (Nt Tp) (Nh Hp) (Nw Wp)
         x = x.view(B, T, H, W, 1, 2, 2, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)

@@ -1,13 +1,20 @@
-"""Run by tests/test_parallel.py under ``torchrun --nproc_per_node P`` (CPU, gloo): a tiny STDiT3 run
-sequence-parallel against the same model in one process, forward and backward; rank 0 writes the
-errors to the JSON file named by argv[1]. argv[2]: "T,H,W" latent size; argv[3]: "kernels" to run the
-Triton kernels (interpreter) instead of the PyTorch reference path; argv[4] (optional): the batch-parallel
-size (the batch of 2 split over that many ranks, sequence parallel over the rest); argv[5] (optional): the
-sequence-parallel mode (dsp, ulysses, fastseq)."""
+"""Run by tests/test_parallel.py under ``torchrun --nproc_per_node P`` (CPU, gloo). Rank 0 writes a JSON
+file of errors and schedules to argv[1].
+
+argv[2] "T,H,W" latent size; argv[3] "kernels" (Triton interpreter) or "reference"; argv[4] the CFG /
+batch-parallel size (the batch of 2 split over that many ranks, sequence parallel over the rest);
+argv[5] the sequence-parallel mode (dsp, ulysses, fastseq) or "opensora" (a module tree of Open-Sora's
+structure built with enable_sequence_parallelism, run through opensora_fast.apply, against the same tree
+in one process).
+
+Our STDiT3 is run three ways on the same inputs: in one process, ``parallelize(overlap=True)`` with
+``GradSync`` (bucketed, overlapped gradient sum) and ``parallelize(overlap=False)`` with
+``all_reduce_grads``; forward and backward of the overlapped one are recorded with ``record_schedule``."""
 
 import json
 import os
 import sys
+import types
 
 if len(sys.argv) > 3 and sys.argv[3] == "kernels":
     os.environ["TRITON_INTERPRET"] = "1"
@@ -18,50 +25,33 @@ else:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import opensora_fast.models.stdit3 as M  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+import opensora_fast  # noqa: E402
 import opensora_fast.parallel as P  # noqa: E402
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config  # noqa: E402
-from opensora_fast.parallel import (  # noqa: E402
-    all_reduce_grads,
-    enable_batch_parallel,
-    enable_sequence_parallel,
-    parallel_mesh,
-)
 
 
-def main():
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
-    rank = dist.get_rank()
-    T, H, W = (int(v) for v in sys.argv[2].split(","))
-    torch.manual_seed(0)
-    cfg = STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8)
-    single = STDiT3(cfg).eval()  # eval: no caption dropout; gradients still flow
-    par = STDiT3(cfg).eval()
-    par.load_state_dict(single.state_dict())
-    bp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    batch_group, seq_group = parallel_mesh(dist.get_world_size(), bp)
-    if batch_group is not None:
-        enable_batch_parallel(par, batch_group)
-    if seq_group is not None:
-        enable_sequence_parallel(par, seq_group, mode=sys.argv[5] if len(sys.argv) > 5 else "dsp")
-    calls, bp_calls = [], []
-    sp_forward = par._forward_sequence_parallel
-    par._forward_sequence_parallel = lambda *a, **k: calls.append(1) or sp_forward(*a, **k)
-    bp_forward = M.batch_parallel_forward
-    M.batch_parallel_forward = lambda *a, **k: bp_calls.append(1) or bp_forward(*a, **k)
-    head_calls = {"seq_to_heads": 0, "all_gather_tokens": 0}  # Ulysses / FastSeq entry points
+def overlaps(events):
+    """{collective: True when some compute event lies between its issue and its wait} (program order)."""
+    res, open_ = {}, {}
+    for i, (kind, name, _) in enumerate(events):
+        if kind == "issue":
+            open_[name] = i
+        elif kind == "wait" and name in open_:
+            a = open_.pop(name)
+            res[name] = any(k == "compute" for k, _, _ in events[a + 1 : i])
+    return res
 
-    def counted(name, fn):
-        def f(*a, **k):
-            head_calls[name] += 1
-            return fn(*a, **k)
 
-        return f
+def grad_rel_err(ref, other, scale=1.0):
+    return max(
+        (ps.grad - pp.grad * scale).abs().max().item() / (ps.grad.abs().max().item() + 1e-30)
+        for ps, pp in zip(ref.parameters(), other.parameters())
+        if ps.grad is not None
+    )
 
-    for name in head_calls:
-        setattr(P, name, counted(name, getattr(P, name)))
 
+def inputs(T, H, W, with_x_mask=True):
     g = torch.Generator().manual_seed(1)
     B = 2
     x = torch.randn(B, 4, T, H, W, generator=g, dtype=torch.float32)
@@ -69,34 +59,109 @@ def main():
     mask = torch.tensor([[1] * 5 + [0] * 3, [1] * 8])
     x_mask = torch.ones(B, T, dtype=torch.bool)
     x_mask[0, 0] = False  # a conditioning frame: the t0 branch
-    args = dict(mask=mask, x_mask=x_mask, fps=torch.tensor([24.0, 24.0]), height=torch.tensor([64.0] * 2),
-                width=torch.tensor([64.0] * 2))  # fmt: skip
+    args = dict(mask=mask, x_mask=x_mask if with_x_mask else None, fps=torch.tensor([24.0, 24.0]),
+                height=torch.tensor([64.0] * 2), width=torch.tensor([64.0] * 2))  # fmt: skip
     t = torch.tensor([500.0, 900.0], dtype=torch.float32)
     go = torch.randn(B, 8, T, H, W, generator=g, dtype=torch.float32)
+    return x, t, y, args, go
 
-    xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_s = single(xs, t, y, **args)
-    out_p = par(xp, t, y, **args)
-    (out_s * go).sum().backward()
-    (out_p * go).sum().backward()
-    all_reduce_grads(par)  # each rank's gradients cover its own tokens / samples: their sum is the whole
-    dist.all_reduce(xp.grad)
-    grad_err = max(
-        (ps.grad - pp.grad).abs().max().item() / (ps.grad.abs().max().item() + 1e-30)
-        for ps, pp in zip(single.parameters(), par.parameters())
-        if ps.grad is not None
-    )
-    res = {
-        "world": dist.get_world_size(),
+
+def run(model, x, t, y, args, go):
+    xx = x.clone().requires_grad_()
+    out = model(xx, t, y, **args)
+    (out * go).sum().backward()
+    return out.detach(), xx
+
+
+def opensora_case(T, H, W):
+    from _opensora_like import STDiT3 as OSSTDiT3
+
+    torch.manual_seed(0)
+    single = OSSTDiT3(depth=2)
+    with torch.no_grad():
+        for n, p in single.named_parameters():
+            if n.endswith("bias") or "norm" in n or "proj.weight" in n or "fc2" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    par = OSSTDiT3(depth=2, enable_sequence_parallelism=True)
+    par.load_state_dict(single.state_dict())
+    opensora_fast.apply(single)
+    raw = OSSTDiT3(depth=2, enable_sequence_parallelism=True)  # without apply: wrong spatial attention
+    raw.load_state_dict(single.state_dict())
+    opensora_fast.apply(par)
+    x, t, y, args, go = inputs(T, H, W)
+    out_s, xs = run(single, x, t, y, args, go)
+    with P.record_schedule() as ev:
+        out_p, xp = run(par, x, t, y, args, go)
+    with torch.no_grad():
+        out_raw = raw(x, t, y, **args)
+    p = dist.get_world_size()
+    for q in par.parameters():  # zero2-seq: gradients averaged over the group (Open-Sora's grad scaling)
+        if q.grad is not None:
+            dist.all_reduce(q.grad)
+            q.grad /= p
+    return {
         "out_err": (out_s - out_p).abs().max().item(),
         "out_scale": out_s.abs().max().item(),
+        "raw_err": (out_s - out_raw).abs().max().item(),
         "dx_err": (xs.grad - xp.grad).abs().max().item(),
-        "grad_rel_err": grad_err,
-        "n_grads": sum(p.grad is not None for p in par.parameters()),
-        "sp_calls": len(calls),
-        "bp_calls": len(bp_calls),
-        **head_calls,
+        "grad_rel_err": grad_rel_err(single, par),
+        "n_grads": sum(q.grad is not None for q in par.parameters()),
+        "overlaps": overlaps(ev),
     }
+
+
+def main():
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    T, H, W = (int(v) for v in sys.argv[2].split(","))
+    bp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    mode = sys.argv[5] if len(sys.argv) > 5 else "dsp"
+    if mode == "opensora":
+        res = opensora_case(T, H, W)
+    else:
+        torch.manual_seed(0)
+        cfg = STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8, depth=2)
+        single = STDiT3(cfg).eval()  # eval: no caption dropout; gradients still flow
+        with torch.no_grad():  # no zero-initialised paths
+            for n, q in single.named_parameters():
+                if n.endswith("bias") or "proj.weight" in n or "fc2" in n:
+                    q.add_(torch.randn_like(q) * 0.1)
+        par, off = STDiT3(cfg).eval(), STDiT3(cfg).eval()
+        par.load_state_dict(single.state_dict())
+        off.load_state_dict(single.state_dict())
+        mesh = P.build_mesh(world, bp) if 1 < bp < world else None
+        seq_group = mesh.get_group("seq") if mesh is not None else (None if bp == world else dist.group.WORLD)
+        for m, ov in ((par, True), (off, False)):
+            P.parallelize(m, mesh, sp_mode=mode, cfg_parallel=bp > 1, overlap=ov)
+        sync = P.GradSync(par, seq_group, bucket_mb=0.02) if seq_group is not None else None
+        x, t, y, args, go = inputs(T, H, W)
+        out_s, xs = run(single, x, t, y, args, go)
+        with P.record_schedule() as ev:
+            out_p, xp = run(par, x, t, y, args, go)
+        out_o, xo = run(off, x, t, y, args, go)
+        if seq_group is not None:
+            P.all_reduce_grads(off, seq_group)
+        for g in (xp.grad, xo.grad):  # each rank's input gradient covers its own tokens / samples
+            dist.all_reduce(g)
+        n_buckets = len(sync.buckets) if sync is not None else 0
+        res = {
+            "out_err": (out_s - out_p).abs().max().item(),
+            "out_scale": out_s.abs().max().item(),
+            "off_err": (out_o - out_p).abs().max().item(),
+            "off_out_err": (out_s - out_o).abs().max().item(),
+            "dx_err": (xs.grad - xp.grad).abs().max().item(),
+            "off_dx_err": (xs.grad - xo.grad).abs().max().item(),
+            "grad_rel_err": grad_rel_err(single, par),
+            "off_grad_rel_err": grad_rel_err(single, off),
+            "n_grads": sum(q.grad is not None for q in par.parameters()),
+            "n_buckets": n_buckets,
+            "wrapped": [isinstance(getattr(b.forward, "__func__", None), P._ParallelBlock)
+                        for b in [*par.spatial_blocks, *par.temporal_blocks]],  # fmt: skip
+            "model_forward_wrapped": isinstance(par.__dict__.get("forward"), types.MethodType),
+            "overlaps": overlaps(ev),
+        }
+    res["world"] = world
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(res, f)

@@ -157,9 +157,7 @@ def _pos_embed_2d(dim: int, h: int, w: int, scale: float, base_size: int | None,
     return torch.cat([sincos(c), sincos(r)], dim=-1)[None].to(dtype)
 
 
-def pos_embed_2d(
-    dim: int, h: int, w: int, scale: float, base_size: int | None, device, dtype
-) -> torch.Tensor:
+def pos_embed_2d(dim: int, h: int, w: int, scale: float, base_size: int | None, device, dtype) -> torch.Tensor:
     """(1, h*w, dim): [sin(c w), cos(c w), sin(r w), cos(r w)], r_i = i/scale*base/h, c_j = j/scale*base/w,
     w_k = 1/10000^(2k/(dim/2)). Cached per argument tuple, like Open-Sora's PositionEmbedding2D."""
     return _pos_embed_2d(dim, h, w, float(scale), base_size, torch.device(device), dtype)
@@ -220,45 +218,22 @@ def rope_cos_sin(freqs: torch.Tensor, length: int, device=None):
     return ang.cos(), ang.sin()
 
 
-def attention_forward(attn: nn.Module, x: torch.Tensor, num_frames: int, layout: str, sp=None) -> torch.Tensor:
+def attention_forward(attn: nn.Module, x: torch.Tensor, num_frames: int, layout: str) -> torch.Tensor:
     """Open-Sora's Attention on x (B, T*S, C) laid out frame-major; works on our module and on
-    Open-Sora's (same attribute names).
-
-    ``sp`` = (mode, SeqLayout, group): spatial attention on this rank's token positions x (B, T*Sp, C),
-    over heads: "ulysses" moves q, k, v to (all positions, H/p heads) with one all-to-all; "fastseq"
-    all-gathers x and computes q, k, v of this rank's heads only. Both return with one all-to-all."""
-    heads = attn.num_heads
-    if sp is not None:
-        from opensora_fast import parallel as P
-
-        mode, lay, group = sp
-        if heads % lay.world:
-            raise ValueError(f"{mode} sequence parallelism needs num_heads ({heads}) divisible by {lay.world} ranks")
-        heads //= lay.world
-        if mode == "ulysses":
-            qkv = P.seq_to_heads(attn.qkv(x), lay, group, parts=3)
-        else:  # fastseq: rows [q | k | v] of this rank's heads
-            C = x.shape[-1]
-            idx = torch.arange(C // lay.world, device=x.device) + lay.rank * (C // lay.world)
-            rows = torch.cat([idx, idx + C, idx + 2 * C])
-            bias = attn.qkv.bias[rows] if attn.qkv.bias is not None else None
-            qkv = F.linear(P.all_gather_tokens(x, lay, group), attn.qkv.weight[rows], bias)
-    else:
-        qkv = attn.qkv(x)
+    Open-Sora's (same attribute names)."""
+    qkv = attn.qkv(x)
     freqs = rope_freqs(attn)
     rope = rope_cos_sin(freqs, num_frames, x.device) if freqs is not None else None
     o = K.self_attention(
         qkv,
         attn.q_norm.weight,
         attn.k_norm.weight,
-        num_heads=heads,
+        num_heads=attn.num_heads,
         num_frames=num_frames,
         layout=layout,
         eps=attn.q_norm.variance_epsilon,
         rope=rope,
     )
-    if sp is not None:
-        o = P.heads_to_seq(o, lay, group)
     return attn.proj(o.to(x.dtype))
 
 

@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
 
@@ -35,15 +34,6 @@ from opensora_fast.models.layers import (
     attention_forward,
     cross_attention_forward,
     pos_embed_2d,
-)
-from opensora_fast.parallel import (
-    SeqLayout,
-    batch_parallel_forward,
-    frames_to_tokens,
-    gather_tokens,
-    split_frames,
-    split_tokens,
-    tokens_to_frames,
 )
 
 
@@ -65,7 +55,8 @@ class STDiT3Config:
     caption_channels: int = 4096
     model_max_length: int = 300
     qk_norm: bool = True
-    # accepted for config compatibility; opensora_fast always uses its own kernels
+    # accepted for config compatibility; opensora_fast always uses its own kernels, and sequence
+    # parallelism is installed from outside (opensora_fast.parallel.parallelize), whatever this says
     enable_flash_attn: bool = False
     enable_layernorm_kernel: bool = False
     enable_sequence_parallelism: bool = False
@@ -82,8 +73,6 @@ class STDiT3Config:
         self.input_size = tuple(self.input_size)
         if self.drop_path:
             raise ValueError("drop_path > 0 is not implemented (Open-Sora 1.2 uses 0.0)")
-        if self.enable_sequence_parallelism:
-            raise ValueError("sequence parallelism is not implemented in opensora_fast's STDiT3")
         if not self.qk_norm:
             raise ValueError("only qk_norm=True (Open-Sora 1.2's setting) is implemented")
 
@@ -139,7 +128,7 @@ def block_forward(
     kv=None,
     pending=None,
     defer=False,
-    sp=None,
+    attn=None,
 ):
     """STDiT3Block.forward on the kernels (§1.3); ``self`` is our block or Open-Sora's.
 
@@ -147,8 +136,8 @@ def block_forward(
     x_mask (B, T) bool (None: every frame uses t). ``kv``: precomputed text K/V (sum y_lens, 2C).
     ``pending`` = (m, gate, gate0): the previous block's MLP output, whose gated residual is fused
     with this block's first LayerNorm. ``defer=True`` returns (x, m, gate, gate0) instead of x.
-    ``sp`` = (mode, SeqLayout, group): a spatial block's attention over heads on this rank's token
-    positions (Ulysses / FastSeq, ``layers.attention_forward``).
+    ``attn``: the self-attention, ``attn(self.attn, h, T, layout)`` (default ``layers.attention_forward``;
+    a parallel strategy passes its own, e.g. Ulysses over heads).
     """
     eps = self.norm1.eps
     dt = x.dtype
@@ -164,10 +153,8 @@ def block_forward(
         h = K.layernorm_modulate(x, sa, ca, eps=eps, shift0=sa0, scale0=ca0, **sel)
     else:
         m, g, g0 = pending
-        x, h = K.add_layernorm_modulate(
-            x, m, sa, ca, gate=g, eps=eps, shift0=sa0, scale0=ca0, gate0=g0, **sel
-        )
-    a = attention_forward(self.attn, h, T, "temporal" if self.temporal else "spatial", sp=sp).to(dt)
+        x, h = K.add_layernorm_modulate(x, m, sa, ca, gate=g, eps=eps, shift0=sa0, scale0=ca0, gate0=g0, **sel)
+    a = (attn or attention_forward)(self.attn, h, T, "temporal" if self.temporal else "spatial").to(dt)
     x = K.gated_residual(x, a, ga, gate0=ga0, **sel)
     c = cross_attention_forward(self.cross_attn, x, y, mask, kv=kv).to(dt)
     x, h = K.add_layernorm_modulate(x, c, sm, cm, eps=self.norm2.eps, shift0=sm0, scale0=cm0, **sel)
@@ -397,21 +384,10 @@ class STDiT3(nn.Module):
     ):
         """Open-Sora 1.2's STDiT3.forward. ``velocity_only=True`` returns only the first
         ``in_channels`` output channels (the velocity), computing only those in the final linear.
-        After ``opensora_fast.parallel.enable_sequence_parallel(model)`` the blocks run sequence-parallel
-        over the group, after ``enable_batch_parallel`` each rank of that group runs a share of the batch
-        (every rank passes the same inputs and gets the full output)."""
+        Parallelism is installed from outside (``opensora_fast.parallel.parallelize``): this forward
+        is the same in one process and under torchrun."""
         if fps is None or height is None or width is None:
-            raise ValueError(
-                "fps, height and width (pixel sizes, tensors (B,)) are required, as in Open-Sora"
-            )
-        bp = getattr(self, "bp_group", None)
-        if bp is not None and dist.get_world_size(bp) > 1 and not getattr(self, "_bp_inner", False):
-            self._bp_inner = True
-            try:
-                return batch_parallel_forward(self.forward, bp, x, timestep, y, mask, x_mask, fps, height, width,
-                                              velocity_only=velocity_only, **kwargs)  # fmt: skip
-            finally:
-                self._bp_inner = False
+            raise ValueError("fps, height and width (pixel sizes, tensors (B,)) are required, as in Open-Sora")
         dtype = self.x_embedder.proj.weight.dtype
         B = x.shape[0]
         x, timestep, y = x.to(dtype), timestep.to(dtype), y.to(dtype)
@@ -455,11 +431,6 @@ class STDiT3(nn.Module):
         if velocity_only:
             idx = torch.arange(self.final_layer.linear.out_features, device=x.device)
             rows = idx[idx % self.out_channels < self.in_channels]
-        sp = getattr(self, "sp_group", None)
-        if sp is not None and dist.get_world_size(sp) > 1:
-            x = self._forward_sequence_parallel(x, y, t, t_mlp, y_lens, key, x_mask, t0, t0_mlp, T, S, rows, sp)
-            return self.unpatchify(x, T, H, W, Tx, Hx, Wx, cout).to(torch.float32)
-
         # blocks: each MLP's gated residual is fused into the next LayerNorm
         pending = None
         for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
@@ -484,37 +455,6 @@ class STDiT3(nn.Module):
         x = self._run("final_layer", self.final_layer, x, t, x_mask, t0, T, S, pending=pending, rows=rows)
         x = self.unpatchify(x, T, H, W, Tx, Hx, Wx, cout)
         return x.to(torch.float32)
-
-    def _forward_sequence_parallel(self, x, y, t, t_mlp, y_lens, key, x_mask, t0, t0_mlp, T, S, rows, group):
-        """The blocks and final layer sequence-parallel (``opensora_fast.parallel``), x (B, T*S, C) full ->
-        (B, T*S, out) full (the final layer's output all-gathered). "dsp": spatial blocks on this rank's
-        frames, temporal blocks on its token positions, one all-to-all between them. "ulysses" /
-        "fastseq": every block on this rank's token positions, spatial attention over heads."""
-        lay = SeqLayout(T, S, dist.get_world_size(group), dist.get_rank(group))
-        mode = getattr(self, "sp_mode", "dsp")
-        if mode != "dsp":
-            x, pending = split_tokens(x, lay), None
-            for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
-                for kind, blk in (("spatial", sb), ("temporal", tb)):
-                    kv = blk.cross_attn.text_kv(y, key) if key is not None else None
-                    sp = (mode, lay, group) if kind == "spatial" else None
-                    x, *pending = self._run(f"{kind}_block[{i}]", blk, x, y, t_mlp, y_lens, x_mask, t0_mlp, T,
-                                            lay.Sp, kv=kv, pending=pending, defer=True, sp=sp)  # fmt: skip
-            x = self._run("final_layer", self.final_layer, x, t, x_mask, t0, T, lay.Sp, pending=pending, rows=rows)
-            return gather_tokens(x, lay, group)
-        x = split_frames(x, lay)
-        frame_mask = lay.local_x_mask(x_mask)
-        for i, (sb, tb) in enumerate(zip(self.spatial_blocks, self.temporal_blocks)):
-            if i > 0:
-                x = tokens_to_frames(x, lay, group)
-            for kind, blk in (("spatial", sb), ("temporal", tb)):
-                if kind == "temporal":
-                    x = frames_to_tokens(x, lay, group)
-                xm, Tl, Sl = (frame_mask, lay.Tp, S) if kind == "spatial" else (x_mask, T, lay.Sp)
-                kv = blk.cross_attn.text_kv(y, key) if key is not None else None
-                x = self._run(f"{kind}_block[{i}]", blk, x, y, t_mlp, y_lens, xm, t0_mlp, Tl, Sl, kv=kv)
-        x = self._run("final_layer", self.final_layer, x, t, x_mask, t0, T, lay.Sp, rows=rows)
-        return gather_tokens(x, lay, group)
 
     def unpatchify(self, x, N_t, N_h, N_w, R_t, R_h, R_w, cout=None):
         """B (Nt Nh Nw) (Tp Hp Wp Cout) -> B Cout (Nt Tp) (Nh Hp) (Nw Wp), cropped to (R_t, R_h, R_w)."""

@@ -8,6 +8,10 @@ other providers of the same op/shape/mode, and the speed-up of opensora_fast ove
 
 Without CUDA it runs the suites at tiny shapes through the Triton interpreter: that proves the harness
 works; such timings are not performance figures and the report says so.
+
+This runs every case of every suite (hundreds, with one ``torch.compile`` per case): far more than one
+device-tool call allows. The budgeted GPU run is ``bench/gpu_session.sh`` (``bench/session.py``): a fixed
+subset, each result written as it is measured.
 """
 
 from __future__ import annotations

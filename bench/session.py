@@ -280,6 +280,16 @@ def run_worker(group: str, out: Path, dry: bool, limit_s: float, log) -> tuple[i
         return None, True
 
 
+def _commit() -> str:
+    """HEAD's short hash, "+dirty" when tracked files differ from it; "unknown" outside git."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout  # noqa: E731
+        sha = run("rev-parse", "--short", "HEAD").strip()
+        return (sha + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").strip() else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def parse_group_deadlines(items) -> dict[str, float]:
     out = {}
     for item in items:
@@ -302,7 +312,7 @@ def run_session(out: Path, dry: bool, deadline_s: float, group_deadlines: dict, 
     if (out / RESULTS).exists() and (out / RESULTS).stat().st_size:
         raise ValueError(f"--out {out} already holds {RESULTS}; give the session an empty folder")
     planned = _planned(dry, groups)
-    plan_doc = {"dry": dry, "deadline_s": deadline_s, "started": time.time(), "groups": planned,
+    plan_doc = {"dry": dry, "deadline_s": deadline_s, "started": time.time(), "commit": _commit(), "groups": planned,
                 "group_deadlines_s": {g: group_deadlines.get(g) for g in planned}}  # fmt: skip
     (out / PLAN).write_text(json.dumps(plan_doc, indent=1))
     n = sum(map(len, planned.values()))
@@ -372,6 +382,9 @@ def summarize(out: Path) -> str:
     ceil = _ceilings_from(recs)
     lines = ["# GPU session summary", ""]
     lines.append(f"- device: {device}" + (" (**dry run on CPU: tiny shapes, not performance figures**)" if dry else ""))
+    if plan.get("commit"):
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(plan.get("started", 0)))
+        lines.append(f"- commit {plan['commit']}, started {started}, deadline {plan.get('deadline_s', 0):.0f} s")
     lines.append(f"- results: {len(recs)} lines, {n_ok} ok, {len(recs) - n_ok} failed / timed out / skipped; "
                  f"{len(planned)} planned, {len(missing)} without a line; {bad} unreadable lines")  # fmt: skip
     lines.append(f"- ceilings: copy {_f(ceil.get('gbps'), '.4g') or '?'} GB/s, matmul "

@@ -117,7 +117,7 @@ def test_group_past_its_deadline_is_recorded_as_timeout_and_the_next_group_runs(
     env = _env(tmp_path, **{session.STALL_ENV: "ceilings:1"})
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "bench.session", "--dry", "--out", str(tmp_path), "--groups",
-                           "ceilings,add_layernorm_modulate", "--group-deadline", "ceilings=25"], cwd=ROOT,
+                           "ceilings,add_layernorm_modulate", "--group-deadline", "ceilings=15"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     wall = time.monotonic() - t0
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # not every case ok
@@ -129,9 +129,9 @@ def test_group_past_its_deadline_is_recorded_as_timeout_and_the_next_group_runs(
     nxt = [r for r in recs if r["group"] == "add_layernorm_modulate"]
     assert len(nxt) == 6 and all(r["ok"] for r in nxt), "the next group ran in full"
     assert len(recs) == 8
-    assert wall < 25 + 200
+    assert wall < 15 + 200
     summary = (tmp_path / session.SUMMARY).read_text()
-    assert "timeout: group killed at its deadline of 25 s" in summary
+    assert "timeout: group killed at its deadline of 15 s" in summary
 
 
 def test_global_deadline_skips_the_remaining_groups(tmp_path):

@@ -4,12 +4,13 @@
 # fwd+bwd on the GPU, attention / add_layernorm_modulate / causal_conv3d vs their vendor baselines, one
 # STDiT3-XL/2 720p denoising step and one 720p VAE chunk. Every result is appended to $OUT/results.jsonl the
 # moment it is measured; each group runs in its own process with a deadline; $OUT/summary.md is printed last.
-# Prepare here first (the GPU image lacks diffusers and its importlib_metadata, which opensora_fast.models
-# imports; av and nvtx too, which this session does not need; it has torch 2.11 / triton 3.6):
+# Prepare here first: the GPU image (torch 2.11, triton 3.6, huggingface_hub 1.33, safetensors 0.8) lacks
+# diffusers, which opensora_fast.models imports (its other needs are there; on Python 3.12 it does not import
+# importlib_metadata); av and nvtx are missing too, and this session needs neither:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl diffusers importlib_metadata
+#     -d .whl diffusers==0.42.1
 # then call the device tool with carry [".whl"], timeout_s 600 and the command `bash bench/gpu_session.sh`.
 # Results land in $OUT (gpu.txt, plan.json, results.jsonl, summary.md, session.log, install.log): copy them into
 # bench/results/session-<gpu>-<date>/ and commit. A run cut short still leaves every line measured so far;

@@ -53,9 +53,11 @@ import triton.language as tl
 
 @triton.jit
 def _hint(off, ALIGNED: tl.constexpr):
-    """off (elements) is a multiple of 8 when ALIGNED (host-checked): 16-byte vectors for 2-byte types."""
+    """off (elements) is a multiple of 8 when ALIGNED (host-checked): 16-byte vectors for 2-byte types.
+    Written as (off // 8) * 8, which the compiler's alignment analysis sees through (a tl.multiple_of on
+    an integer offset did not survive canonicalisation in the prologue-backward kernel)."""
     if ALIGNED:
-        off = tl.multiple_of(off, 8)
+        off = (off // 8) * 8
     return off
 
 
@@ -179,8 +181,8 @@ def _attention_fwd_kernel(
     LSE,  # (Z * H, Lq) fp32, log2 units
     CU_K,  # (Z + 1,) int32 cumulative key counts (read only when VARLEN)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, so1, so2, som, soh,
-    H, Lq, Lk, causal, qk_scale,
-    D: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+    H, Lq, Lk, qk_scale,
+    D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     n_m = tl.cdiv(Lq, BLOCK_M)
@@ -190,7 +192,7 @@ def _attention_fwd_kernel(
     z = zh // H
     h = zh % H
     k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
-    shift = n_k - Lq + (1 - causal) * (1 << 30)  # key j visible from query i iff j <= i + shift
+    shift = n_k - Lq  # CAUSAL (bottom-right): key j visible from query i iff j <= i + shift
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
@@ -206,7 +208,9 @@ def _attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BD1], dtype=tl.float32)
-    hi = tl.maximum(tl.minimum(n_k, (pid_m + 1) * BLOCK_M + shift), 0)
+    hi = n_k
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(n_k, (pid_m + 1) * BLOCK_M + shift), 0)
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < n_k
@@ -215,7 +219,9 @@ def _attention_fwd_kernel(
         if HAS_D1:
             k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1, ALIGNED)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
-        ok = key_ok[None, :] & (keys[None, :] <= rows[:, None] + shift)
+        ok = key_ok[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= rows[:, None] + shift)
         s = tl.where(ok, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -346,7 +352,7 @@ def _attention_bwd_kernel(
     z = zh // H
     h = zh % H
     k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
-    shift = n_k - Lq + (1 - causal) * (1 << 30)
+    shift = n_k - Lq + (1 - causal) * (1 << 30)  # key j visible from query i iff j <= i + shift
     q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
     do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
     k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
@@ -378,10 +384,10 @@ def _attention_bwd_kernel(
         # the split's first key block owns its dQ partial rows: query blocks it skips (causal) are zeroed
         for start_m in range(0, tl.where(start_n == first_n, lo, 0), BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            zero = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
-            _store_piece(dq_base, rows, D, rows < Lq, 0, D, zero, BD0, True)
+            _store_piece(dq_base, rows, D, rows < Lq, 0, D, tl.zeros([BLOCK_M, BD0], tl.float32), BD0, True)
             if HAS_D1:
-                _store_piece(dq_base, rows, D, rows < Lq, BD0, D, tl.zeros([BLOCK_M, BD1], tl.float32), BD1, True)
+                z1 = tl.zeros([BLOCK_M, BD1], tl.float32)
+                _store_piece(dq_base, rows, D, rows < Lq, BD0, D, z1, BD1, True)
         for start_m in range(lo, Lq, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_ok = rows < Lq
@@ -393,8 +399,9 @@ def _attention_bwd_kernel(
             if HAS_D1:
                 q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1, ALIGNED)
                 s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
-            ok = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= rows[None, :] + shift)
-            p_t = tl.where(ok, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+            # key j is seen by query row r iff j <= min(r + shift, n_k - 1); rows past Lq have lse = +inf
+            last = tl.minimum(rows + shift, n_k - 1)
+            p_t = tl.where(keys[:, None] <= last[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
             pl = p_t.to(DO.dtype.element_ty)
             dv0 = tl.dot(pl, do0, dv0, input_precision=DOT_PREC)  # 2: dV += P^T dO
             dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)  # 3: dP^T = V dO^T

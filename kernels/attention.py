@@ -52,21 +52,20 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # Configs per head-dim class ("small": padded width <= 96, e.g. D = 72 -> 64 + 16; "large": up to 128),
 # each compiled for sm_90 from a real launch (no spills, shared memory <= 227 KiB).
 _FWD_TABLE = {
-    "small": [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
+    "small": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
     "large": [_cfg(128, 64, 8, 3), _cfg(64, 64, 8, 3)],
 }
-# backward: BLOCK_M, BLOCK_N >= 64 so every main product is a >= 64-wide wgmma
-_BWD_TABLE = {
-    "small": [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(64, 128, 8, 2)],
-    "large": [_cfg(64, 64, 8, 2), _cfg(64, 64, 4, 2)],
-}
+# backward (one fused kernel): 8 warps over 128 keys x 64 queries, so S^T, dP^T, dV and dK run as
+# 64x64 wgmma per warpgroup (dQ, M = 64 queries, is split into 64x32); 4 warps at 64 x 64 (all 64-wide)
+# spilled 24-208 B on sm_90, 8 warps at 64 x 64 is all 64x32. Large head dims: 32 queries per step.
+_BWD_TABLE = {"small": [_cfg(64, 128, 8, 2)], "large": [_cfg(32, 64, 8, 2)]}
 # Under the interpreter: small blocks, so that tiny test shapes still run several blocks.
 _INTERP_CFG = [_cfg(16, 16, 4, 1)]
 _PRE_BLOCK_M = 64
 _ELEMWISE_BLOCK_M = 16  # head-rows per program of the q/k pre-pass and prologue-backward kernels
 # Autotune keys. Lk is bucketed for varlen (next power of two of the longest text), so a new caption
 # length does not re-tune; n_split is part of the backward's problem.
-_FWD_KEY = ["Lq", "Lk", "causal", "D", "VARLEN", "ALIGNED"]
+_FWD_KEY = ["Lq", "Lk", "D", "CAUSAL", "VARLEN", "ALIGNED"]
 _BWD_KEY = ["Lq", "Lk", "causal", "n_split", "D", "VARLEN", "ALIGNED"]
 _MAX_GRID_X = 2**31 - 1
 
@@ -200,8 +199,9 @@ def _launch_fwd(q, k, v, o, qs, ks, vs, os_, p: Problem, scale, eps, qw=None, kw
     grid = lambda META: _grid_x(triton.cdiv(p.Lq, META["BLOCK_M"]) * p.Z * p.H)
     _tuned("fwd", _dclass(p.D))[grid](
         q, k, v, o, lse, cu if p.varlen else _cu_dummy(q.device),
-        p.Z2, *qs.args(), *ks.args(), *vs.args(), *os_.args(), p.H, p.Lq, p.Lk, int(p.causal), scale * LOG2E,
-        D=p.D, VARLEN=p.varlen, ALIGNED=aligned, DOT_PREC=_dot_prec(q.dtype), **DSplit.of(p.D).kwargs(),
+        p.Z2, *qs.args(), *ks.args(), *vs.args(), *os_.args(), p.H, p.Lq, p.Lk, scale * LOG2E,
+        D=p.D, CAUSAL=p.causal, VARLEN=p.varlen, ALIGNED=aligned, DOT_PREC=_dot_prec(q.dtype),
+        **DSplit.of(p.D).kwargs(),
     )  # fmt: skip
     return lse
 
@@ -903,6 +903,8 @@ def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
                                          ("bwd", _attention_bwd_kernel, _BWD_TABLE)):  # fmt: skip
                     for cfg in table[_dclass(D)]:
                         cx = dict(VARLEN=varlen, ALIGNED=True, DOT_PREC="tf32", **cfg.kwargs, **split)
+                        if kname == "fwd":
+                            cx["CAUSAL"] = False
                         name = f"attention_{kname}[varlen={varlen},{dt},D={D},{cfg_name(cfg)}]"
                         add(name, fn, ptrs, cx, cfg.num_warps, cfg.num_stages, True)
             for kname, fn in (("bwd_preprocess", _attention_bwd_preprocess_kernel), ("dq_reduce", _dq_reduce_kernel)):

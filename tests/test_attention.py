@@ -146,7 +146,8 @@ def sass_stats(ck) -> dict:
         "regs": int(m.group(1)) if m else -1, "stack": int(m.group(2)) if m else -1,
         "smem": int(ck.metadata.shared), "LDG.128": count(r"LDG\.E\.128"), "STG.128": count(r"STG\.E\.128"),
         "LDGSTS.128": count(r"LDGSTS\.E\.BYPASS\.128"), "LDGSTS": count(r"LDGSTS"),
-        "U16": count(r"(?:LDG|STG|STS|LDS)\.(?:E\.)?U16"), "HGMMA": count(r"HGMMA\."), "hgmma_shapes": hgmma,
+        "U16": count(r"(?:LDG|STG|STS|LDS)\.(?:E\.)?U16"), "HGMMA": count(r"HGMMA\."), "HMMA": count(r"\bHMMA\."),
+        "hgmma_shapes": hgmma,
     }  # fmt: skip
 
 

@@ -376,8 +376,7 @@ def _fast(tensors, c_in: int, c_out: int) -> bool:
     return True
 
 
-@torch.library.custom_op("opensora_fast::causal_conv3d_fwd", mutates_args=())
-def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride_t: int) -> torch.Tensor:
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride_t: int) -> torch.Tensor:
     B, C_in, T, H, W = x.shape
     C_out, _, KT, KH, KW = weight.shape
     T_out = _t_out(T, KT, stride_t)
@@ -394,14 +393,16 @@ def causal_conv3d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y
 
 
+causal_conv3d_fwd = torch.library.custom_op("opensora_fast::causal_conv3d_fwd", _fwd_impl, mutates_args=())
+
+
 @causal_conv3d_fwd.register_fake
 def _(x, weight, bias, stride_t):
     B, _, T, H, W = x.shape
     return _out_like(x, (B, weight.shape[0], _t_out(T, weight.shape[2], stride_t), H, W))
 
 
-@torch.library.custom_op("opensora_fast::causal_conv3d_bwd_dx", mutates_args=())
-def causal_conv3d_bwd_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride_t: int) -> torch.Tensor:
+def _bwd_dx_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride_t: int) -> torch.Tensor:
     B, C_in, T, H, W = x.shape
     C_out, _, KT, KH, KW = weight.shape
     T_out = dy.shape[2]
@@ -416,6 +417,9 @@ def causal_conv3d_bwd_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
         KT=KT, KH=KH, KW=KW, STRIDE_T=stride_t, FAST=_fast((dy, dx), C_in, C_out), I64=needs_int64(dy, dx),
     )  # fmt: skip
     return dx
+
+
+causal_conv3d_bwd_dx = torch.library.custom_op("opensora_fast::causal_conv3d_bwd_dx", _bwd_dx_impl, mutates_args=())
 
 
 @causal_conv3d_bwd_dx.register_fake
@@ -433,8 +437,7 @@ def _dw_split(M: int, C_in: int, C_out: int, taps: int) -> int:
     return max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(M, _DW_ROWS_PER_SPLIT), 64))
 
 
-@torch.library.custom_op("opensora_fast::causal_conv3d_bwd_dw", mutates_args=())
-def causal_conv3d_bwd_dw(
+def _bwd_dw_impl(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride_t: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, C_in, T, H, W = x.shape
@@ -461,6 +464,9 @@ def causal_conv3d_bwd_dw(
     dw = dw.sum(0).reshape(C_out, C_in, KT, KH, KW).to(weight.dtype)
     db = db.sum(0).to(weight.dtype) if has_bias else dw.new_zeros(0)
     return dw, db
+
+
+causal_conv3d_bwd_dw = torch.library.custom_op("opensora_fast::causal_conv3d_bwd_dw", _bwd_dw_impl, mutates_args=())
 
 
 @causal_conv3d_bwd_dw.register_fake

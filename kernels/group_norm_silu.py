@@ -453,8 +453,7 @@ def _tiling(x: torch.Tensor, num_groups: int, layout: int):
     return gpp, cg_p, triton.cdiv(S, s_chunk), s_chunk, group_blocks
 
 
-@torch.library.custom_op("opensora_fast::group_norm_silu_fwd", mutates_args=())
-def group_norm_silu_fwd(
+def _fwd_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, silu: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, C = x.shape[:2]
@@ -474,14 +473,16 @@ def group_norm_silu_fwd(
     return y, mean, rstd
 
 
+group_norm_silu_fwd = torch.library.custom_op("opensora_fast::group_norm_silu_fwd", _fwd_impl, mutates_args=())
+
+
 @group_norm_silu_fwd.register_fake
 def _(x, weight, bias, num_groups, eps, silu):
     stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)
     return _empty_like_format(x), stats, stats.clone()
 
 
-@torch.library.custom_op("opensora_fast::group_norm_silu_bwd", mutates_args=())
-def group_norm_silu_bwd(
+def _bwd_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -510,6 +511,9 @@ def group_norm_silu_bwd(
     dweight = partial_c[..., 0].sum((0, 1)).to(weight.dtype)
     dbias = partial_c[..., 1].sum((0, 1)).to(bias.dtype)
     return dx, dweight, dbias
+
+
+group_norm_silu_bwd = torch.library.custom_op("opensora_fast::group_norm_silu_bwd", _bwd_impl, mutates_args=())
 
 
 @group_norm_silu_bwd.register_fake

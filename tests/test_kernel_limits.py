@@ -1,7 +1,8 @@
 """Launch limits at real video sizes, without running anything: int64 offsets and CUDA grid limits.
 
-The host launchers of the norm / conv kernels are called on meta tensors (free at any size) with every
-Triton launch intercepted (``Autotuner.run`` / ``JITFunction.run``) instead of executed. At 720p 16 s
+The host launchers of the norm / conv kernels (the custom ops' ``_*_impl`` functions) are called on meta
+tensors (free at any size) with every Triton launch intercepted (``Autotuner.run`` / ``JITFunction.run``)
+instead of executed. At 720p 16 s
 (latent 120 x 45 x 80 tokens of 1152 channels; the temporal VAE's 408 2D-latent frames of 90 x 160)
 batch 2 fits int32 offsets and batch 5 does not: every launch whose tensors span >= 2**31 elements
 must have picked the int64 variant (``I64=True``), and every grid must be within CUDA's limits
@@ -149,8 +150,8 @@ def test_group_norm_silu_720p_16s(B, layout):
     x = _vae_input(B, 128, layout)
     w, b = _meta(128), _meta(128)
     with capture_launches() as launches:
-        y, mean, rstd = gn_mod.group_norm_silu_fwd._init_fn(x, w, b, 32, 1e-5, True)
-        gn_mod.group_norm_silu_bwd._init_fn(y, x, w, b, mean, rstd, 32, True)
+        y, mean, rstd = gn_mod._fwd_impl(x, w, b, 32, 1e-5, True)
+        gn_mod._bwd_impl(y, x, w, b, mean, rstd, 32, True)
     assert len(launches) >= 4
     _check_launches(launches, expect_i64=B == 5)
 
@@ -163,9 +164,9 @@ def test_causal_conv3d_720p_16s(B, layout, stride_t):
     w = _meta(128, 128, 3, 3, 3)
     bias = _meta(128)
     with capture_launches() as launches:
-        y = conv_mod.causal_conv3d_fwd._init_fn(x, w, bias, stride_t)
-        conv_mod.causal_conv3d_bwd_dx._init_fn(y, x, w, stride_t)
-        conv_mod.causal_conv3d_bwd_dw._init_fn(y, x, w, True, stride_t)
+        y = conv_mod._fwd_impl(x, w, bias, stride_t)
+        conv_mod._bwd_dx_impl(y, x, w, stride_t)
+        conv_mod._bwd_dw_impl(y, x, w, True, stride_t)
     assert len(launches) >= 3
     _check_launches(launches, expect_i64=B == 5)
     assert any(a.get("FAST") for _, a, _ in launches) == (layout == "channels_last")

@@ -227,3 +227,47 @@ def test_non_finite_values_are_written_as_null(tmp_path):
     (line,) = (tmp_path / session.RESULTS).read_text().splitlines()
     d = json.loads(line, parse_constant=strict)
     assert d["ms"] is None and d["detail"]["bwd_err"] is None and d["detail"]["errs"] == [1.0, None]
+
+
+def _judge(kernel):
+    """run_check on a (2, 33, 48) LayerNorm+modulate with ``kernel`` standing in for the Triton op (dry Ctx)."""
+    import torch
+
+    from bench import session_cases as sc
+
+    R = __import__("opensora_fast.kernels.reference", fromlist=["R"])
+    ctx = sc.Ctx(dry=True, device="cpu", dtype=torch.float32)
+
+    def make(ctx):
+        xs = [sc._randn(s, ctx, seed) for s, seed in (((2, 33, 48), 1), ((2, 1, 48), 2), ((2, 1, 48), 3))]
+        return kernel, R.layernorm_modulate_ref, xs
+
+    return sc.run_check(sc.Check("lnm", "x (2,33,48)", make), ctx)
+
+
+def test_correctness_judge_passes_the_reference_and_fails_each_defect():
+    from opensora_fast.kernels import reference as R
+
+    good = _judge(R.layernorm_modulate_ref)
+    assert good["ok"] and good["error"] is None and good["detail"]["repeat_equal"]
+    off = _judge(lambda x, a, b: R.layernorm_modulate_ref(x, a, b) * (1 + 1e-4))
+    assert not off["ok"] and "fwd error" in off["error"] and "bwd error" in off["error"]
+    bad_grad = _judge(lambda x, a, b: R.layernorm_modulate_ref(x, a.detach() * 1.0, b))
+    assert not bad_grad["ok"] and "bwd error" in bad_grad["error"] and "fwd error" not in bad_grad["error"]
+    calls = []
+
+    def drifting(x, a, b):  # a second launch that differs in the last bit (e.g. a stale autotune buffer)
+        calls.append(1)
+        out = R.layernorm_modulate_ref(x, a, b)
+        return out if len(calls) == 1 else out.nextafter(out + 1)
+
+    drift = _judge(drifting)
+    assert not drift["ok"] and drift["error"] == "second call differs"
+
+    def poisoned(x, a, b):
+        out = R.layernorm_modulate_ref(x, a, b).clone()
+        out[0, 5, 7] = float("nan")
+        return out
+
+    nan = _judge(poisoned)
+    assert not nan["ok"] and "NaN" in nan["error"]

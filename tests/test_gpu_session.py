@@ -271,3 +271,28 @@ def test_correctness_judge_passes_the_reference_and_fails_each_defect():
 
     nan = _judge(poisoned)
     assert not nan["ok"] and "NaN" in nan["error"]
+
+
+def test_timed_reports_first_call_apart_and_the_ceiling_of_its_bound():
+    import torch
+
+    from bench import session_cases as sc
+
+    ctx = sc.Ctx(dry=True, device="cpu", dtype=torch.float32, ceilings={"gbps": 100.0, "tflops": 2.0})
+    x = torch.randn(64, 64, requires_grad=True)
+    calls = []
+
+    def call():
+        calls.append(1)
+        return x @ x
+
+    fn = sc.lazy_fwd_bwd(call, [x])
+    assert calls == [], "building the fwd+bwd callable must not run the forward (its compile belongs to the first call)"
+    fn()
+    assert calls == [1] and x.grad is not None
+    made = []
+    rec = sc.timed(lambda: made.append(1) or fn, flops=2e9, nbytes=1e9, bound="bytes")(ctx)
+    assert made == [1] and rec["ok"] and rec["setup_ms"] >= 0 and rec["first_call_ms"] > 0
+    assert rec["pct_of_ceiling"] == pytest.approx(100 * rec["gbps"] / 100.0)
+    rec = sc.timed(lambda: fn, flops=2e9, nbytes=1e9)(ctx)
+    assert rec["pct_of_ceiling"] == pytest.approx(100 * rec["tflops"] / 2.0)

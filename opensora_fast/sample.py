@@ -10,58 +10,14 @@ for non-release configurations, ``config.json`` (written by ``OpenSoraVAE.save_p
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass
 
 import torch
 
+from opensora_fast.common import UsageError, load_vae, require_path, save_stdit3, stdit3_config_dict  # noqa: F401
 from opensora_fast.data import DURATIONS, IMAGE_FPS, image_size, num_frames_for
-
-
-class UsageError(ValueError):
-    """A bad or missing command-line value; the CLI prints it without a traceback."""
-
-
-def require_path(path: str | None, flag: str, what: str) -> str:
-    if not path:
-        raise UsageError(f"{flag} is required: the local path of {what} (opensora-fast never downloads weights)")
-    if not os.path.exists(path):
-        raise UsageError(f"{flag} {path!r} does not exist; give the local path of {what} (no downloads)")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# weights
-
-
-def load_vae(path: str, device=None, dtype=None):
-    """OpenSoraVAE from a local file or directory (architecture from the config.json that
-    save_pretrained wrote, else the release's), in eval mode without gradients."""
-    from opensora_fast.models.vae import OpenSoraVAE
-
-    return OpenSoraVAE.from_pretrained(path, device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def stdit3_config_dict(config) -> dict:
-    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "extra"}
-    return json.loads(json.dumps({**config.extra, **d}))
-
-
-def save_stdit3(state_dict: dict, config, path: str) -> str:
-    """``model.safetensors`` + ``config.json`` in directory ``path`` (STDiT3.from_pretrained reads both)."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    dst = os.path.join(path, "model.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
-    with open(os.path.join(path, "config.json.tmp"), "w") as f:
-        json.dump(stdit3_config_dict(config), f, indent=1)
-    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
-    return path
 
 
 def check_compatible(model, vae, text_dim: int | None = None) -> None:
@@ -112,7 +68,7 @@ class SampleOptions:
             raise UsageError(f"--dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise UsageError(f"--out-dir {self.out_dir!r} is a file; give a directory for the clips")
-        from opensora_fast.train import check_device
+        from opensora_fast.common import check_device
 
         check_device(self.device)
         if self.reference is not None:

@@ -47,6 +47,7 @@ from opensora_fast.checkpoint import (
     verify_checkpoint,
     write_step_dir,
 )
+from opensora_fast.common import UsageError, check_device, load_vae, require_path, save_stdit3
 from opensora_fast.data import BadClipError, bucket_batches
 from opensora_fast.masks import MASK_RATIOS, STAGE1_MASK_RATIOS, MaskGenerator
 from opensora_fast.parallel import all_reduce_grads
@@ -126,25 +127,6 @@ class TrainResult:
 DIST_TIMEOUT_S = 600.0  # a collective that waits longer than this fails (PyTorch's default: 30 minutes)
 
 
-def check_device(device: str | None, flag: str = "--device") -> None:
-    """UsageError for a device string that is not cpu / cuda[:N], or cuda on a machine without a GPU."""
-    from opensora_fast.sample import UsageError
-
-    if device is None:
-        return
-    try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError):
-        d = None
-    if d is None or d.type not in ("cpu", "cuda"):
-        raise UsageError(f"{flag} {device!r}: expected cpu, cuda or cuda:N")
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"{flag} {device}: no CUDA GPU is available to this PyTorch; use {flag} cpu")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise UsageError(f"{flag} {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-
-
 def init_distributed(
     backend: str | None = None, device: str | None = None, timeout: float | None = None
 ) -> tuple[int, int, torch.device]:
@@ -162,8 +144,6 @@ def init_distributed(
     if device is None:
         cuda = torch.cuda.is_available() and local_world <= torch.cuda.device_count()
     else:
-        from opensora_fast.sample import UsageError
-
         check_device(device)
         cuda = torch.device(device).type == "cuda"
         if cuda and local_world > torch.cuda.device_count():
@@ -288,8 +268,6 @@ def save_checkpoint(
     """Write ``ckpt_dir/step-XXXXXXXX`` atomically (rank 0) with checksums, point ``latest`` at it and keep
     the newest ``keep_last``. ``run`` (the training options) goes to ``run.json``. Every rank must call this
     (gathering the shards is collective)."""
-    from opensora_fast.sample import save_stdit3
-
     sd = model_state(model)
     osd = optimizer_state(model, optimizer)
     esd = ema_state(ema, sd)
@@ -625,7 +603,6 @@ def build_model(preset: str, init_from: str | None, in_channels: int, text_dim: 
     local STDiT3 directory. XL keeps Open-Sora's 4096-dim, 300-token captions and freezes y_embedder
     (stage 1)."""
     from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
-    from opensora_fast.sample import require_path
 
     if init_from:
         model = STDiT3.from_pretrained(require_path(init_from, "--init-from", "an STDiT3 checkpoint"))
@@ -646,8 +623,6 @@ def build_model(preset: str, init_from: str | None, in_channels: int, text_dim: 
 def check_model_inputs(c, in_channels: int, text_dim: int, source: str | None) -> None:
     """UsageError (one line, with what to change) when the STDiT3 config ``c`` does not take the VAE's latent
     channels or the T5's caption width. ``source``: where the model came from (None: a --model-config preset)."""
-    from opensora_fast.sample import UsageError
-
     src = source or "the fresh STDiT3"
     if c.in_channels != in_channels:
         raise UsageError(f"{src} takes {c.in_channels} latent channels but the VAE makes {in_channels}")
@@ -674,8 +649,6 @@ def _flag(dest: str) -> str:
 def _apply_resume_options(args, run: dict, path: str) -> None:
     """Take the run's options from the checkpoint's ``run.json``; a flag given on this command line that
     differs is kept with a warning, except the model's (``_FIXED_ON_RESUME``: UsageError, one line)."""
-    from opensora_fast.sample import UsageError
-
     explicit = getattr(args, "explicit", None)
     explicit = set(vars(args)) if explicit is None else set(explicit)
     for dest, old in run.items():
@@ -701,8 +674,6 @@ def _apply_resume_options(args, run: dict, path: str) -> None:
 def _check_out_dir(args) -> str:
     """The run directory: must not be a file; a directory that already holds a run needs --resume or
     --overwrite. Checked before anything is loaded."""
-    from opensora_fast.sample import UsageError
-
     out = args.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out-dir {out!r} is a file; give a directory for the run")
@@ -782,7 +753,6 @@ def run_train(args) -> int:
 
     from opensora_fast.data import VideoTextDataset
     from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
-    from opensora_fast.sample import UsageError, load_vae, require_path
     from opensora_fast.text import T5TextEncoder
 
     ckpt_dir = _check_out_dir(args)

@@ -1,0 +1,153 @@
+"""What the programs (``train``, ``sample``, ``demo``, ``train-vae``, ``extract``, ``eval-loss``) share, below all
+of them: the usage error the CLI prints without a traceback, local-path and device checks, the VAE / STDiT3
+weight files, and options declared once as dataclass fields from which the command-line flags are derived.
+
+``option(default, help, ...)`` is a ``dataclasses.field`` that also carries the flag's help text (and, where the
+flag differs from ``--field-name``, its name, choices, parser, metavar). ``add_options(parser, Cls)`` adds one
+flag per such field with the field's default (shown by ``--help``); ``options_from(Cls, namespace)`` builds the
+dataclass back from parsed arguments. Fields without help text are not command-line options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+
+
+class UsageError(ValueError):
+    """A bad or missing command-line value; the CLI prints it without a traceback."""
+
+
+def require_path(path: str | None, flag: str, what: str) -> str:
+    if not path:
+        raise UsageError(f"{flag} is required: the local path of {what} (opensora-fast never downloads weights)")
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path!r} does not exist; give the local path of {what} (no downloads)")
+    return path
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """UsageError for a device string that is not cpu / cuda[:N], or cuda on a machine without a GPU."""
+    if device is None:
+        return
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {device!r}: expected cpu, cuda or cuda:N")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {device}: no CUDA GPU is available to this PyTorch; use {flag} cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def load_vae(path: str, device=None, dtype=None):
+    """OpenSoraVAE from a local file or directory (architecture from the config.json that
+    save_pretrained wrote, else the release's), in eval mode without gradients."""
+    from opensora_fast.models.vae import OpenSoraVAE
+
+    return OpenSoraVAE.from_pretrained(path, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def stdit3_config_dict(config) -> dict:
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "extra"}
+    return json.loads(json.dumps({**config.extra, **d}))
+
+
+def save_stdit3(state_dict: dict, config, path: str) -> str:
+    """``model.safetensors`` + ``config.json`` in directory ``path`` (STDiT3.from_pretrained reads both)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    dst = os.path.join(path, "model.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    with open(os.path.join(path, "config.json.tmp"), "w") as f:
+        json.dump(stdit3_config_dict(config), f, indent=1)
+    os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# options: dataclass fields -> command-line flags
+
+
+def option(
+    default: Any = None,
+    help: str = "",  # noqa: A002 (argparse's name)
+    *,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    parse: Any = None,
+    metavar: str | None = None,
+    required: bool = False,
+    default_factory: Any = None,
+):
+    """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` names it).
+    ``parse``: the argparse ``type`` (default: the default's type); a bool field with default False is a switch."""
+    meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "metavar": metavar, "required": required}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata={"cli": meta})
+    return dataclasses.field(default=default, metadata={"cli": meta})
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "cli" in f.metadata]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata["cli"]["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ``option`` field of dataclass ``cls`` (not in ``skip``), its default the field's."""
+    for f in cli_fields(cls):
+        if f.name in skip:
+            continue
+        m = f.metadata["cli"]
+        default = _default_of(f)
+        kw: dict[str, Any] = {"dest": f.name, "help": m["help"]}
+        if m["required"]:
+            kw["required"] = True
+        if default is False and m["parse"] is None:
+            kw["action"] = "store_true"
+            kw["default"] = False
+        else:
+            kw["default"] = default
+            parse = m["parse"]
+            if parse is None and default is not None and not isinstance(default, (str, dict, list, tuple)):
+                parse = type(default)
+            if parse is not None:
+                kw["type"] = parse
+            if m["choices"] is not None:
+                kw["choices"] = m["choices"]
+            if m["metavar"] is not None:
+                kw["metavar"] = m["metavar"]
+        parser.add_argument(flag_of(f), **kw)
+
+
+def options_from(cls, namespace, **overrides):
+    """``cls`` built from the parsed arguments that are its fields (others keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kw = {k: v for k, v in vars(namespace).items() if k in names}
+    kw.update(overrides)
+    return cls(**kw)

@@ -359,6 +359,11 @@ def _ours(impl: str) -> bool:
     return str(impl).startswith("opensora_fast")
 
 
+def _variant(impl) -> str:
+    """The layout after the provider name ("cudnn NDHWC" -> "NDHWC"): speed-ups compare like with like."""
+    return str(impl).partition(" ")[2]
+
+
 def summarize(out: Path) -> str:
     """Write out/summary.md from out/results.jsonl (and plan.json / gpu.txt where present); return it."""
     out = Path(out)
@@ -403,12 +408,14 @@ def summarize(out: Path) -> str:
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     timed = [r for r in recs if r.get("group") != "correctness"]
     if timed:
-        ours_ms = {(r["group"], r["case"]): r["ms"] for r in timed if _ours(r.get("impl")) and r.get("ms")}
+        ours_ms = {
+            (r["group"], r["case"], _variant(r["impl"])): r["ms"] for r in timed if _ours(r.get("impl")) and r.get("ms")
+        }
         lines += ["", "## timings (ms: steady-state median; first call: compile + autotune, synced)", "",
                   "| group | case | impl | ms | TFLOP/s | GB/s | % ceiling | first call ms | est ms | ours faster by |"
                   " ok |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in timed:
-            mine = ours_ms.get((r.get("group"), r.get("case")))
+            mine = ours_ms.get((r.get("group"), r.get("case"), _variant(r.get("impl"))))
             speed = f"{r['ms'] / mine:.3g}x" if mine and r.get("ms") and not _ours(r.get("impl")) else ""
             ok = "ok" if r.get("ok") else (r.get("error") or "FAIL")[:70]
             cells = [r.get("group"), r.get("case"), r.get("impl"), _f(r.get("ms"), ".4g"), _f(r.get("tflops"), ".4g"),

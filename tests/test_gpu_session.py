@@ -149,12 +149,17 @@ def test_summarize_skips_unreadable_lines_and_marks_failures(tmp_path):
     base = dict(good, impl="sdpa-flash", ms=3.0)
     oom = session.base_record("stdit3", "step", "opensora_fast", "s", "bf16", False)
     oom.update(error="OOM: out of memory")
-    for r in (good, base, oom):
+    conv = [dict(good, group="causal_conv3d", case="fwd", impl=f"{p} {lay}", ms=ms, est_ms=None)
+            for p, lay, ms in (("opensora_fast", "NDHWC", 1.0), ("cudnn", "NDHWC", 4.0),
+                               ("opensora_fast", "NCDHW", 8.0), ("cudnn", "NCDHW", 2.0))]  # fmt: skip
+    for r in (good, base, oom, *conv):
         session.append_result(tmp_path, r)
     with open(tmp_path / session.RESULTS, "a") as f:
         f.write('{"group": "cut off mid-li')  # a line a kill cut short
     text = session.summarize(tmp_path)
-    assert "3 lines, 2 ok" in text and "1 unreadable lines" in text
+    assert "7 lines, 6 ok" in text and "1 unreadable lines" in text
+    assert "| cudnn NDHWC | 4 |" in text and "| 4x |" in text, "each layout against ours in the same layout"
+    assert "| cudnn NCDHW | 2 |" in text and "| 0.25x |" in text
     assert "| 1.5x |" in text, "the baseline's row shows how much faster ours is"
     assert "| 1.5 |" in text, "the static estimate sits beside the measured time"
     assert "OOM: out of memory" in text

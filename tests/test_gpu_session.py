@@ -301,3 +301,13 @@ def test_timed_reports_first_call_apart_and_the_ceiling_of_its_bound():
     assert rec["pct_of_ceiling"] == pytest.approx(100 * rec["gbps"] / 100.0)
     rec = sc.timed(lambda: fn, flops=2e9, nbytes=1e9)(ctx)
     assert rec["pct_of_ceiling"] == pytest.approx(100 * rec["tflops"] / 2.0)
+
+
+def test_dry_and_groups_from_the_environment(tmp_path):
+    """DRY=1 is --dry; SESSION_GROUPS picks groups; the summary is still printed last."""
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=_env(tmp_path, DRY="1", SESSION_GROUPS="ceilings"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    recs = _lines(tmp_path)
+    assert [r["case"] for r in recs] == ["copy d2d", "matmul 256^3"] and all(r["dry"] and r["ok"] for r in recs)
+    assert proc.stdout.rstrip().endswith((tmp_path / session.SUMMARY).read_text().rstrip().splitlines()[-1])

@@ -3,6 +3,22 @@ read straight from the qkv Linear output) and ``cross_attention`` (varlen packed
 backward. Kernels in ``_attention_kernels.py``; temporal self-attention with T <= 128 and head_dim 64 / 72
 runs the block-diagonal packed kernels of ``_attention_temporal.py`` (whole sequences per program,
 RMSNorm + RoPE fused, no scratch); PyTorch references in ``reference.py``.
+
+Launch geometry: every grid is one-dimensional (x < 2^31; ``_grid_x`` raises a ValueError beyond), so no
+supported shape reaches CUDA's 65,535 limit on grid y/z (the generic temporal path at 720p, B = 2,
+has B*S*H = 115,200 sequence-heads). Each generic kernel gets ``ALIGNED=True`` when all its operands are
+16-byte aligned with strides that are multiples of 8 elements (16-byte vector loads/stores and async
+copies; the model's qkv layout always is), else a correct 2-byte path. A launch never reads memory it
+writes (the autotuner may launch a config several times on the same buffers).
+
+Cross-attention and autotuning: the autotune key of the varlen kernels uses the next power of two of
+the longest text (``_lk_bucket``), not its exact length, so a sampling run tunes once per bucket rather
+than once per new caption length; ``cu_seqlens(lens, device)`` builds the cumulative lengths once per
+(lengths, device) and caches the device tensor (64 entries), so repeated calls with the same text
+lengths (every block and step of a sampling run) do no host->device copy and can be captured in a CUDA
+graph once warm. Autotune results are also kept on disk across processes: ``triton.autotune(...,
+cache_results=True)`` (Triton 3.6 stores the timings in its cache directory keyed by the kernel source,
+the GPU, the configs and the key); the backward has one config per head-dim class, so it never tunes.
 """
 
 from __future__ import annotations
@@ -28,7 +44,6 @@ from opensora_fast.kernels._attention_temporal import (
     _temporal_attention_fwd_kernel,
 )
 from opensora_fast.kernels._record import sm_count
-from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import (
     autotune_configs,
     check_tensor,
@@ -53,7 +68,7 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # each compiled for sm_90 from a real launch (no spills, shared memory <= 227 KiB).
 _FWD_TABLE = {
     "small": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
-    "large": [_cfg(128, 64, 8, 3), _cfg(64, 64, 8, 3)],
+    "large": [_cfg(128, 64, 8, 3)],  # (64, 64, 8 warps) ran 67% of its wgmma work at N = 32
 }
 # backward (one fused kernel): 8 warps over 128 keys x 64 queries, so S^T, dP^T, dV and dK run as
 # 64x64 wgmma per warpgroup (dQ, M = 64 queries, is split into 64x32); 4 warps at 64 x 64 (all 64-wide)
@@ -166,9 +181,15 @@ def _is_aligned(*operands) -> bool:
     return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in s.args()) for t, s in operands)
 
 
+_CU_DUMMY: dict = {}
+
+
 def _cu_dummy(device) -> torch.Tensor:
-    """An int32 stand-in for CU_K without varlen (never read: VARLEN is a constexpr)."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
+    """An int32 stand-in for CU_K without varlen (never read: VARLEN is a constexpr), one per device."""
+    t = _CU_DUMMY.get(device)
+    if t is None:
+        t = _CU_DUMMY[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return t
 
 
 def _qk_prepass(q, k, qs, ks, p: Problem, eps, qw, kw, cos, sin):
@@ -216,10 +237,10 @@ def _num_programs(n_blocks: int, device: torch.device) -> int:
 def _n_split(p: Problem, max_lk: int, device: torch.device) -> int:
     """Key splits per (sequence, head) in the backward: enough programs for two waves on the GPU (each
     split costs an fp32 dQ partial of the size of q); two under the interpreter, to test the reduction."""
-    blocks = max(1, triton.cdiv(max_lk, 64))
     sms = sm_count(device)
-    if sms is None:
-        return min(2, blocks)
+    if sms is None:  # interpreter: always two splits (also a split without key blocks at tiny shapes)
+        return 2
+    blocks = max(1, triton.cdiv(max_lk, 64))
     return max(1, min(blocks, triton.cdiv(2 * sms, p.Z * p.H)))
 
 
@@ -748,8 +769,8 @@ def self_attention(
 
     Schedules on the Triton path: "temporal" with T <= 128 frames, head_dim 64 or 72 and 16-byte
     aligned rows runs the packed whole-sequence kernels (``_attention_temporal.py``); everything else
-    runs the flash kernels (``_attention_kernels.py``), with RMSNorm fused into the forward for the
-    spatial layout and an RMSNorm + RoPE pre-pass otherwise.
+    runs the flash kernels (``_attention_kernels.py``) after an RMSNorm (+ RoPE) pre-pass that
+    normalises q and k once into scratch.
     """
     check_tensor(qkv, "qkv", ndim=3)
     _check_dtype(qkv, "qkv")
@@ -832,7 +853,9 @@ def cross_attention(q, kv, kv_lens, *, num_heads, softmax_scale=None):
     """Each sample's queries q[b] (N, C) attend to its own kv_lens[b] packed text tokens.
 
     q (B, N, C); kv (sum(kv_lens), 2C) from the kv Linear (columns [k heads | v heads]); kv_lens a
-    list of ints or an int tensor; a sample with kv_lens[b] == 0 gets zeros. Returns (B, N, C).
+    list of ints or an int tensor (not bool); a sample with kv_lens[b] == 0 gets zeros; B may be 0.
+    Returns (B, N, C). On the Triton path the device copy of the cumulative lengths is cached per
+    (lengths, device) (see ``cu_seqlens``): pass the same lengths every step and no copy is made.
     """
     check_tensor(q, "q", ndim=3)
     _check_dtype(q, "q")
@@ -873,77 +896,3 @@ def cu_seqlens(lens, device) -> torch.Tensor:
             _CU_CACHE.pop(next(iter(_CU_CACHE)))
         _CU_CACHE[key] = t
     return t
-
-
-# --------------------------------------------------------------------------------------------
-# sm_90 compile gate
-
-
-def sm90_specs(head_dims=(72, 64, 128)) -> list[KernelSpec]:
-    """Every launchable config x {fp16, bf16} x head_dim x VARLEN (aligned operands): the forward and the
-    backward per autotune config; the delta preprocess, dQ reduction, q/k pre-pass and prologue-backward
-    kernels (no tl.dot; the last two with and without RoPE). The temporal packed kernels follow."""
-    specs = []
-    ints = {a: "i32" for a in ("Z", "Z2", "H", "Lq", "Lk", "L")}  # upper-case scalars, not pointers
-    scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "eps": "fp32", **ints}
-
-    def add(name, fn, ptrs, cx, warps, stages, dot):
-        specs.append(KernelSpec(name, fn, signature(fn, ptrs, cx, scalars), cx, warps, stages, dot))
-
-    def cfg_name(cfg):
-        return f"BM={cfg.kwargs['BLOCK_M']},BN={cfg.kwargs['BLOCK_N']},w={cfg.num_warps}"
-
-    for D in head_dims:
-        split = dict(D=D, **DSplit.of(D).kwargs())
-        for dt in ("bf16", "fp16"):
-            ptrs = {"*": dt, "LSE": "fp32", "DELTA": "fp32", "DWP": "fp32", "DQP": "fp32", "CU_K": "i32",
-                    "COS": "fp32", "SIN": "fp32"}  # fmt: skip
-            for varlen in (False, True):
-                for kname, fn, table in (("fwd", _attention_fwd_kernel, _FWD_TABLE),
-                                         ("bwd", _attention_bwd_kernel, _BWD_TABLE)):  # fmt: skip
-                    for cfg in table[_dclass(D)]:
-                        cx = dict(VARLEN=varlen, ALIGNED=True, DOT_PREC="tf32", **cfg.kwargs, **split)
-                        if kname == "fwd":
-                            cx["CAUSAL"] = False
-                        name = f"attention_{kname}[varlen={varlen},{dt},D={D},{cfg_name(cfg)}]"
-                        add(name, fn, ptrs, cx, cfg.num_warps, cfg.num_stages, True)
-            for kname, fn in (("bwd_preprocess", _attention_bwd_preprocess_kernel), ("dq_reduce", _dq_reduce_kernel)):
-                cx = dict(ALIGNED=True, BLOCK_M=_PRE_BLOCK_M, **split)
-                add(f"attention_{kname}[{dt},D={D}]", fn, ptrs, cx, 4, 1, False)
-            for rope in (False, True):
-                for kname, fn in (("fwd", _qk_norm_rope_fwd_kernel), ("bwd", _qk_norm_rope_bwd_kernel)):
-                    cx = dict(ROPE=rope, ALIGNED=True, BLOCK_M=_ELEMWISE_BLOCK_M, **split)
-                    add(f"qk_norm_rope_{kname}[rope={rope},{dt},D={D}]", fn, ptrs, cx, 4, 1, False)
-    specs += _temporal_specs(ints, scalars)
-    return specs
-
-
-def _temporal_specs(ints, scalars) -> list[KernelSpec]:
-    """The packed temporal kernels: every launched (TP, BLOCK, warps) x D in _TEMPORAL_D x {bf16, fp16}
-    x RoPE on/off, forward and backward."""
-    specs = []
-    sc = {**scalars, **ints, "S": "i32", "T": "i32", "C": "i32"}
-    for D in _TEMPORAL_D:
-        for dt in ("bf16", "fp16"):
-            ptrs = {"*": dt, "DWQ": "fp32", "DWK": "fp32", "COS": "fp32", "SIN": "fp32",
-                    "LSE": "fp32", "DELTA": "fp32"}
-            for TP in _TEMPORAL_TPS:
-                tile = TemporalTile.of(TP)
-                for rope in (False, True):
-                    cx = dict(D=D, ROPE=rope, TP=TP, BLOCK=tile.BLOCK, DOT_PREC="tf32",
-                              **DSplit.of(D).kwargs())  # fmt: skip
-                    passes = [("fwd", _temporal_attention_fwd_kernel, dict(BLOCK_M=tile.BLOCK_M))]
-                    if tile.split_bwd:
-                        passes.append(("bwd_dkv", _temporal_attention_bwd_kernel,
-                                       dict(BLOCK_M=tile.BLOCK_M_DKV, DQ=False, STATS=True)))  # fmt: skip
-                        passes.append(("bwd_dq", _temporal_attention_bwd_dq_kernel, dict(BLOCK_M=tile.BLOCK_M)))
-                    else:
-                        passes.append(("bwd", _temporal_attention_bwd_kernel,
-                                       dict(BLOCK_M=tile.BLOCK_M, DQ=True, STATS=False)))  # fmt: skip
-                    for kname, fn, extra in passes:
-                        cxk = {**cx, **extra}
-                        name = (f"temporal_attention_{kname}[rope={rope},{dt},D={D},TP={TP},BLOCK={tile.BLOCK},"
-                                f"BLOCK_M={cxk['BLOCK_M']},w={tile.num_warps}]")  # fmt: skip
-                        specs.append(KernelSpec(name, fn, signature(fn, ptrs, cxk, sc), cxk, tile.num_warps, 1,
-                                                True))  # fmt: skip
-    return specs

@@ -179,6 +179,26 @@ def test_flash_attn_func(triton_backend, dtype, D, Nq, Nk, causal):
     )
 
 
+@pytest.mark.parametrize("n_split,causal", [(1, False), (3, True), (5, False)])
+def test_backward_key_splits(triton_backend, monkeypatch, n_split, causal):
+    """The backward's dQ is summed over key splits (each split owns a partial): one split, three splits
+    over three key blocks (causal, Nq > Nk: skipped query blocks are zero-filled) and more splits than key
+    blocks (splits without any key block contribute zeros)."""
+    from opensora_fast.kernels import attention as A
+
+    monkeypatch.setattr(A, "_n_split", lambda p, max_lk, device: n_split)
+    B, H, D = 1, 2, 72
+    q, k, v = (randn(B, n, H, D, dtype=torch.float64, seed=s) for s, n in ((1, 45), (2, 40), (3, 40)))
+    _check(
+        lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
+        lambda q, k, v: R.attention_ref(q, k, v, causal=causal),
+        [q, k, v],
+        torch.float32,
+        ["dq", "dk", "dv"],
+        "cpu",
+    )
+
+
 def test_flash_attn_func_strided_views(triton_backend):
     """q/k/v as strided views of one packed (B, N, 3, H, D) tensor (no copies), explicit scale."""
     B, N, H, D = 1, 13, 2, 72

@@ -1,22 +1,26 @@
 """One budgeted GPU session (``bench/gpu_session.sh``): every result written the moment it is measured.
 
-    python -m bench.session --out DIR [--dry] [--deadline S] [--group-deadline GROUP=S ...] [--groups A,B]
+    python -m bench.session --out DIR [--dry [--interpret]] [--deadline S] [--group-deadline GROUP=S ...]
+                            [--groups A,B]
     python -m bench.session --summarize DIR        # rebuild DIR/summary.md from DIR/results.jsonl
     python -m bench.session --list [--dry]         # the planned cases
 
 The runner plans the fixed case list of ``bench/session_cases.py`` (written to ``DIR/plan.json``), then runs
-each group in its own worker process (``--worker GROUP``, its own process group, killed with the runner)
-with a deadline: min(the group's deadline, what is left of the global deadline). A worker appends one JSON
-line per case to ``DIR/results.jsonl`` (flush + fsync after each); a group killed at its deadline, or whose
-worker died, gets a line for each planned case it did not record (``"error": "timeout ..."`` or
-``"not run ..."``), so the file always ends with one line per planned case and a killed session keeps what
-it measured. Last, ``DIR/summary.md`` (a short markdown table, built from whatever results.jsonl holds) is
-written and printed. Worker output goes to ``DIR/session.log``.
+each group in its own worker process (``--worker GROUP``: its own process group, so a deadline kills it with
+any helper processes; PR_SET_PDEATHSIG, so it dies with the runner) with a deadline: min(the group's
+deadline, what is left of the global deadline). A worker appends one JSON line per case to
+``DIR/results.jsonl`` (flush + fsync after each). A group killed at its deadline, or whose worker died, gets
+a line for each planned case it did not record (``"error": "timeout ..."`` or ``"not run ..."``), so the
+file always ends with one line per planned case, and a killed session keeps what it measured. Last,
+``DIR/summary.md`` (a short markdown table, built from whatever results.jsonl holds) is written and printed.
+Worker output goes to ``DIR/session.log``. DIR must not hold a results.jsonl already.
 
 Each line: group, case, impl, shape, dtype, ms (steady state, median), tflops, gbps, pct_of_ceiling (of this
 run's bf16 matmul TFLOP/s when the case has flops, else of its copy GB/s), first_call_ms (the first call,
-synced: compile + autotune), est_ms (static estimate, see :func:`load_estimates`, else null), ok, error;
-also setup_ms (building inputs / the model), peak_gb, note, detail (correctness errors), t (unix time), dry.
+synced: compile + autotune), est_ms (the sm_90 gate's static estimate of the spec's ``est_case``, see
+:func:`load_estimates`, else null), ok, error; also setup_ms (building inputs / the model), peak_gb, note,
+detail (correctness errors), est_case, wall_s, t (unix time), dry. A dry run (CPU, tiny shapes, opensora_fast
+on the reference backend, or the Triton interpreter with ``--interpret``) times one call: ms = first call.
 
 Deadlines: global ``--deadline`` or ``SESSION_DEADLINE_S`` (default 480 s; dry 150 s); per group
 ``GROUP_DEADLINES_S`` overridden by ``--group-deadline`` or ``SESSION_GROUP_DEADLINES="stdit3=120,vae_decode=30"``.

@@ -23,6 +23,9 @@ setup(
         "tqdm>=4.60",
         "transformers>=4.40",
         "diffusers>=0.27",
+        # Open-Sora 1.2's prompt cleaning (opensora_fast.text.preprocess_prompt)
+        "ftfy>=6",
+        "beautifulsoup4>=4.9",
     ],
     extras_require={
         "video": ["av>=11", "pillow>=9"],

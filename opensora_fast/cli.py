@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
     s.add_argument("--fps", type=int, default=24, help="frame rate of the written mp4 (and the model's fps input)")
     s.add_argument("--aes", type=float, default=6.5, help="aesthetic score appended to prompts; < 0 disables")
+    s.add_argument("--flow", type=float, help="motion score appended to prompts (Open-Sora's ' motion score: X.')")
+    s.add_argument(
+        "--camera-motion",
+        help="camera motion appended to prompts (Open-Sora's ' camera motion: X.', e.g. 'pan right', 'static')",
+    )
+    s.add_argument(
+        "--no-prompt-cleaning",
+        action="store_true",
+        help="give T5 the prompts as written (default: Open-Sora's text_preprocessing, as in its training)",
+    )
     s.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="on CUDA; the CPU runs fp32")
     s.add_argument(
         "--reference",
@@ -233,6 +243,9 @@ def _sample(args) -> int:
         cfg=args.cfg,
         fps=args.fps,
         aes=None if args.aes < 0 else args.aes,
+        flow=args.flow,
+        camera_motion=args.camera_motion,
+        clean_prompts=not args.no_prompt_cleaning,
         out_dir=args.out_dir,
         device=args.device,
         dtype=args.dtype,

@@ -48,6 +48,9 @@ class SampleOptions:
     cfg: float = 7.0
     fps: int = 24
     aes: float | None = 6.5
+    flow: float | None = None  # Open-Sora's " motion score: X." suffix
+    camera_motion: str | None = None  # Open-Sora's " camera motion: X." suffix
+    clean_prompts: bool = True  # Open-Sora's text_preprocessing on every prompt (after the suffixes)
     out_dir: str = "samples"
     device: str | None = None
     dtype: str = "bf16"  # on CUDA; the CPU runs fp32
@@ -91,6 +94,15 @@ class SampleOptions:
                 raise ValueError(f"--num-frames must be >= 1, got {self.num_frames}")
             return self.num_frames
         return num_frames_for(self.duration)
+
+
+def conditioning_prompt(prompt: str, opts: SampleOptions) -> str:
+    """The text T5 encodes, as Open-Sora 1.2's inference builds it: the score suffixes (aesthetic, motion,
+    camera motion) appended, then ``text_preprocessing`` (unless ``opts.clean_prompts`` is off)."""
+    from opensora_fast.text import append_score, preprocess_prompt
+
+    p = append_score([prompt], opts.aes, opts.flow, opts.camera_motion)[0]
+    return preprocess_prompt(p) if opts.clean_prompts else p
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -156,7 +168,7 @@ def generate(opts: SampleOptions) -> list[str]:
     an empty list)."""
     from opensora_fast.models.stdit3 import STDiT3
     from opensora_fast.rflow import RFlow
-    from opensora_fast.text import T5TextEncoder, append_score, null_caption
+    from opensora_fast.text import T5TextEncoder, null_caption
 
     model_path = require_path(opts.model, "--model", "the STDiT3 weights (a directory with config.json)")
     vae_path = require_path(opts.vae, "--vae", "the VAE weights")
@@ -218,7 +230,7 @@ def generate(opts: SampleOptions) -> list[str]:
         z = torch.randn((1, vae.out_channels, *lat), generator=g, device=device, dtype=dtype)
         if ref is not None:
             z[:, :, : ref.shape[2]] = ref
-        enc = text.encode(append_score([prompt], opts.aes))
+        enc = text.encode([conditioning_prompt(prompt, opts)])
         y, mask = enc["y"].to(dtype), enc["mask"]
         say(
             f"[{i + 1}/{len(opts.prompts)}] {prompt!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}",

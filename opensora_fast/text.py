@@ -10,15 +10,135 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 
 
-def append_score(prompts: list[str], aes: float | None = 6.5) -> list[str]:
-    """Open-Sora's " aesthetic score: 6.5." suffix (config ``aes``), unless already present."""
-    if aes is None:
-        return list(prompts)
-    return [p if "aesthetic score:" in p else f"{p} aesthetic score: {aes:.1f}." for p in prompts]
+def append_score(
+    prompts: list[str], aes: float | None = 6.5, flow: float | None = None, camera_motion: str | None = None
+) -> list[str]:
+    """Open-Sora's score suffixes, each unless the prompt already has one: " aesthetic score: 6.5."
+    (config ``aes``), " motion score: 4.0." (``flow``), " camera motion: pan right." (``camera_motion``)."""
+    out = []
+    for p in prompts:
+        if aes is not None and "aesthetic score:" not in p:
+            p = f"{p} aesthetic score: {aes:.1f}."
+        if flow is not None and "motion score:" not in p:
+            p = f"{p} motion score: {flow:.1f}."
+        if camera_motion is not None and "camera motion:" not in p:
+            p = f"{p} camera motion: {camera_motion}."
+        out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt cleaning: the same strings as Open-Sora 1.2's ``text_preprocessing`` (clean_caption run twice),
+# which it applies to every caption in training and to every prompt (after the score suffixes) in sampling
+
+_URL_TLDS = r"(?:com|co|ru|net|org|edu|gov|it)"
+# a scheme prefix ("https://", "http:x") or a dotted host with one of the TLDs above and its path;
+# the second pass looks for "www:" prefixes instead of http(s)
+_URL_RES = [
+    re.compile(r"\b((?:" + scheme + r":(?:/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+\." + _URL_TLDS + r"[\w/-]*\b/?(?!@)))")
+    for scheme in ("https?", "www")
+]
+# CJK strokes, katakana extensions, enclosed CJK, CJK compatibility, CJK ideographs (ext. A and main),
+# Yijing hexagrams: together the one range U+31C0..U+9FFF
+_CJK_RE = re.compile("[\u31c0-\u9fff]+")
+_DASHES = "\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40\u301c\u3030\u30a0"
+_DASHES += "\ufe31\ufe32\ufe58\ufe63\uff0d"
+_DASH_RE = re.compile("[" + _DASHES + "]+")
+_PUNCT_RUN_RE = re.compile("[" + re.escape("#®•©™&@·º½¾¿¡§~)(][}{|\\/*") + "]+")
+
+# (pattern, replacement) in the order applied after HTML stripping, handles, CJK, dashes and quotes
+_STEPS_BEFORE_FIX = [
+    (r"&quot;?", ""),
+    (r"&amp", ""),
+    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),  # IPv4 addresses
+    (r"\d:\d\d\s+$", ""),  # trailing article ids
+    (r"\\n", " "),  # a literal backslash-n
+    (r"#\d{1,3}\b", ""),
+    (r"#\d{5,}\b", ""),
+    (r"\b\d{6,}\b", ""),
+    (r"\S+\.(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)", ""),  # file names
+    (r"[\"']{2,}", '"'),
+    (r"\.{2,}", " "),
+    (_PUNCT_RUN_RE, " "),
+    (r"\s+\.\s+", " "),
+]
+_STEPS_AFTER_FIX = [
+    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""),  # product codes: jc6640
+    (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),  # jc6640vc
+    (r"\b\d+[a-zA-Z]+\d+\b", ""),  # 6640vc231
+    (r"(worldwide\s+)?(free\s+)?shipping", ""),
+    (r"(free\s)?download(\sfree)?", ""),
+    (r"\bclick\b\s(?:for|on)\s\w+", ""),
+    (r"\b(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)(\simage[s]?)?", ""),
+    (r"\bpage\s+\d+\b", ""),
+    (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),  # j2d1a2a...
+    (r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", ""),  # sizes: 1920x1080 (latin x, cyrillic х, ×)
+    (r"\b\s+:\s+", ": "),
+    (r"(\D[,./])\b", r"\1 "),
+    (r"\s+", " "),
+    (r"^[\"']([\w\W]+)[\"']$", r"\1"),
+    (r"^['_,\-:;]", ""),
+    (r"['_,\-:+]$", ""),
+    (r"^\.\S+$", ""),
+]
+
+
+def _fix_unicode_and_entities(text: str) -> str:
+    import html
+
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def _clean_once(caption: str) -> str:
+    import urllib.parse
+
+    from bs4 import BeautifulSoup
+
+    s = urllib.parse.unquote_plus(str(caption)).strip().lower()
+    s = s.replace("<person>", "person")
+    for r in _URL_RES:
+        s = r.sub("", s)
+    with warnings.catch_warnings():  # bs4 warns when the text looks like a file name or URL
+        warnings.simplefilter("ignore")
+        s = BeautifulSoup(s, features="html.parser").text
+    s = re.sub(r"@[\w\d]+\b", "", s)  # @handles
+    s = _CJK_RE.sub("", s)
+    s = _DASH_RE.sub("-", s)
+    s = re.sub("[`´«»“”¨]", '"', s)
+    s = re.sub("[‘’]", "'", s)
+    for pat, rep in _STEPS_BEFORE_FIX:
+        s = re.sub(pat, rep, s)
+    if len(re.findall(r"[-_]", s)) > 3:  # this-is-my-cute-cat / this_is_my_cute_cat
+        s = re.sub(r"[-_]", " ", s)
+    s = _fix_unicode_and_entities(s)
+    for pat, rep in _STEPS_AFTER_FIX:
+        s = re.sub(pat, rep, s)
+    return s.strip()
+
+
+def preprocess_prompt(text: str) -> str:
+    """Open-Sora 1.2's prompt / caption cleaning (``text_preprocessing``): URL-unquoting, lower case, URLs,
+    HTML tags and entities, @handles, CJK characters, file names, long numbers and product codes removed,
+    dashes and quotes unified, mojibake fixed (ftfy), whitespace collapsed; the whole pass run twice.
+    T5 is case-sensitive, so a prompt conditions the STDiT3 as in training only after this.
+
+    ``train`` should call it on every caption (Open-Sora cleans its training captions the same way)."""
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    try:
+        return _clean_once(_clean_once(text))
+    except ImportError as e:
+        raise ImportError(
+            f"prompt cleaning needs ftfy and beautifulsoup4 ({e}): pip install ftfy beautifulsoup4, "
+            "or turn cleaning off (--no-prompt-cleaning)"
+        ) from None
 
 
 def null_caption(model, n: int) -> torch.Tensor:

@@ -55,3 +55,58 @@ def test_null_caption_from_checkpoint_and_model_input(tiny_t5):
 def test_missing_directory_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="only local paths"):
         T5TextEncoder(str(tmp_path / "nope"))
+
+
+# (prompt, Open-Sora v1.2.0 text_preprocessing(prompt)): the expected strings were produced by running
+# Open-Sora's own function by hand (ftfy 6.3.1, beautifulsoup4 4.15.0); its code is not part of this project
+CLEANED = [
+    ("A Red Square moving RIGHT aesthetic score: 6.5.", "a red square moving right aesthetic score: 6.5."),
+    ("Check https://www.example.com/path/to-video?x=1 and http://foo.org now", "check ?x=1 and now"),
+    ("Visit www.site.ru/page or www:abc for more", "visit or bc for more"),
+    (
+        "Tom &amp; Jerry &quot;chase&quot; in the &lt;b&gt;kitchen&lt;/b&gt; &amp;amp; more",
+        'tom jerry "chase" in the kitchen< b> ; more',
+    ),
+    ("<p>A <b>bold</b> cat</p> on a <person> mat", "a bold cat on a person mat"),
+    ("@john_doe filmed this with @Mary99 at sunset", "filmed this with at sunset"),
+    ("A cat 🐱 playing with a ball ⚽️ in the garden 🌸", "a cat 🐱 playing with a ball ⚽️ in the garden 🌸"),
+    (
+        "Café déjà vu — naïve coöperation – “smart quotes” and ‘single’ «guillemets»",
+        'café déjà vu - naïve coöperation - "smart quotes" and \'single\' "guillemets"',
+    ),
+    ("Ã©tÃ© mojibake: cafÃ©", "ã tã mojibake: cafã"),
+    ("东京 tower at night, 夜景 beautiful", "tower at night, beautiful"),
+    ("Photo_of_a_cute_cat-on-a-mat", "photo of a cute cat on a mat"),
+    ("A 1920x1080 video of IMG_1234.jpg at 192.168.0.1, item jc6640 and 6640vc231", "a video of at , item and"),
+    ("free shipping worldwide! Click for details... download free png images page 12", "worldwide!"),
+    (
+        "Hello...world!!! ***WOW*** #123 #hashtag [brackets] {braces} (parens) a|b a/b a\\b",
+        "hello world!!! wow hashtag brackets braces parens a b a b a b",
+    ),
+    ('"Quoted whole prompt"', "quoted whole prompt"),
+    ("  'leading quote, trailing comma,  ", "leading quote, trailing comma"),
+    ("A%20URL%2Bencoded+prompt%3A yes", "a url encoded prompt: yes"),
+    ("Line one\\nline two 3:45  ", "line one line two 3:45"),
+    ("Numbers 1234567 and 12345 and #99999 and ÷ ½ ¾", "numbers and 12345 and and ÷"),
+    (
+        "ALL CAPS SHOUTING: A DOG RUNS ON THE BEACH. camera motion: pan right. motion score: 4.",
+        "all caps shouting: a dog runs on the beach. camera motion: pan right. motion score: 4.",
+    ),
+    ("a-b-c-d-e dashes", "a b c d e dashes"),
+    ("The ratio is 3.5x2 and 4×4 and 2х2", "the ratio is 3. and and"),
+    (".hidden", ""),
+]
+
+
+@pytest.mark.parametrize("prompt,expected", CLEANED, ids=[f"p{i}" for i in range(len(CLEANED))])
+def test_preprocess_prompt_matches_open_sora(prompt, expected):
+    from opensora_fast.text import preprocess_prompt
+
+    assert preprocess_prompt(prompt) == expected
+
+
+def test_preprocess_prompt_bad_input():
+    from opensora_fast.text import preprocess_prompt
+
+    with pytest.raises(ValueError, match="text must be a str"):
+        preprocess_prompt(None)

@@ -121,86 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="train STDiT3 on a CSV of (path, text) videos; torchrun for several GPUs",
         formatter_class=_HelpFormatter,
     )
-    t.add_argument("--data", required=True, help="CSV with 'path' and 'text' columns")
-    t.add_argument(
-        "--buckets",
-        type=_buckets,
-        default="51x240x426",
-        metavar="TxHxW[,...]",
-        help="frames x height x width buckets; a clip goes to the nearest aspect ratio that fits its length",
-    )
-    t.add_argument("--data-fps", type=float, help="resample clips to this frame rate (default: as stored)")
-    t.add_argument("--vae", required=True, help="OpenSoraVAE weights (local)")
-    t.add_argument("--t5", required=True, help="T5 encoder directory (local)")
-    init = t.add_mutually_exclusive_group()
-    init.add_argument("--init-from", help="start from an STDiT3 directory (config.json + weights)")
-    init.add_argument(
-        "--model-config",
-        default="xl",
-        choices=("xl", "small", "tiny"),
-        help="fresh model: STDiT3-XL/2 (Open-Sora 1.2) or a small/tiny one for tests",
-    )
-    t.add_argument("--out-dir", required=True, help="checkpoints, log.jsonl, config.json")
-    t.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        help="a checkpoint, or (no value) the newest complete one in --out-dir; the run's options come from "
-        "the checkpoint (flags given here override them, with a warning)",
-    )
-    t.add_argument("--overwrite", action="store_true", help="replace the run already in --out-dir (else it is refused)")
-    t.add_argument("--steps", type=int, default=1000, help="train until this step (in total)")
-    t.add_argument("--batch-size", type=int, default=1, help="per process")
-    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate after warm-up")
-    t.add_argument("--warmup-steps", type=int, default=1000, help="linear learning-rate warm-up")
-    t.add_argument("--ema-decay", type=float, default=0.99, help="EMA of the weights (saved in ema/)")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip; 0 disables")
-    t.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="autocast on CUDA")
-    t.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing per block")
-    t.add_argument(
-        "--cache-latents",
-        action="store_true",
-        help="encode each clip once (posterior mode) instead of sampling the VAE posterior every step",
-    )
-    t.add_argument(
-        "--mask-ratios",
-        default="stage1",
-        choices=("stage1", "stage2", "stage3", "none"),
-        help="frame masks for image/video conditioning: Open-Sora 1.2's ratios of that training stage "
-        "(stage1/2: 20%% of samples, stage3: 25%%, mostly first-frame), or none",
-    )
-    t.add_argument("--seed", type=int, default=42, help="data order and every random draw")
-    t.add_argument("--log-every", type=int, default=10, help="print a loss line every N steps")
-    t.add_argument("--ckpt-every", type=int, default=200, help="write a checkpoint every N steps (and at the end)")
-    t.add_argument("--keep-last", type=int, metavar="N", help="keep only the newest N checkpoints (default: keep all)")
-    t.add_argument(
-        "--max-bad-clips",
-        type=int,
-        default=100,
-        metavar="N",
-        help="clips that cannot be read are skipped and logged; more than N stop training",
-    )
-    t.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="under torchrun: a rank that waits longer than S seconds for another fails the job",
-    )
-    t.add_argument("--fsdp", action="store_true", help="FSDP2 even with one process (default: when WORLD_SIZE > 1)")
-    t.add_argument(
-        "--fsdp-mode", default="zero2", choices=("zero2", "zero3"), help="zero2: keep gathered weights to backward"
-    )
-    t.add_argument("--device", help="cuda or cpu (default: cuda when every local process gets a GPU, else cpu)")
-    t.add_argument("--sp-mode", default="dsp", choices=("dsp", "ulysses", "fastseq"), help="with --sp > 1")
-    t.add_argument(
-        "--sp",
-        type=int,
-        default=1,
-        metavar="N",
-        help="sequence parallel: groups of N ranks share each sample (world size / N data-parallel groups)",
-    )
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from opensora_fast.common import add_options
+    from opensora_fast.train import DiTTrainConfig, TrainRun
+
+    add_options(t, TrainRun)  # the flags and their defaults come from these two dataclasses
+    add_options(t, DiTTrainConfig)
     t.set_defaults(func=_train)
 
     d = sub.add_parser(

@@ -93,10 +93,13 @@ def option(
     metavar: str | None = None,
     required: bool = False,
     default_factory: Any = None,
+    **argparse_kw,
 ):
     """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` names it).
-    ``parse``: the argparse ``type`` (default: the default's type); a bool field with default False is a switch."""
+    ``parse``: the argparse ``type`` (default: the default's type; a ValueError it raises is shown as the message);
+    a bool field with default False is a switch; ``argparse_kw`` (``nargs``, ``const``) go to ``add_argument``."""
     meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "metavar": metavar, "required": required}
+    meta["kw"] = argparse_kw
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata={"cli": meta})
     return dataclasses.field(default=default, metadata={"cli": meta})
@@ -137,12 +140,28 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             if parse is None and default is not None and not isinstance(default, (str, dict, list, tuple)):
                 parse = type(default)
             if parse is not None:
-                kw["type"] = parse
+                kw["type"] = _arg_type(parse)
             if m["choices"] is not None:
                 kw["choices"] = m["choices"]
             if m["metavar"] is not None:
                 kw["metavar"] = m["metavar"]
+        kw.update(m["kw"])
         parser.add_argument(flag_of(f), **kw)
+
+
+def _arg_type(fn):
+    """``fn`` for argparse: a ValueError's message is shown as it is (not "invalid fn value")."""
+    if fn in (int, float, str):
+        return fn
+
+    def parse(text: str):
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = getattr(fn, "__name__", "value")
+    return parse
 
 
 def options_from(cls, namespace, **overrides):

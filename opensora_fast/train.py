@@ -47,43 +47,80 @@ from opensora_fast.checkpoint import (
     verify_checkpoint,
     write_step_dir,
 )
-from opensora_fast.common import UsageError, check_device, load_vae, require_path, save_stdit3
+from opensora_fast.common import (
+    UsageError,
+    check_device,
+    load_vae,
+    option,
+    options_from,
+    require_path,
+    save_stdit3,
+)
 from opensora_fast.data import BadClipError, bucket_batches
-from opensora_fast.masks import MASK_RATIOS, STAGE1_MASK_RATIOS, MaskGenerator
+from opensora_fast.masks import MASK_RATIOS, MaskGenerator
 from opensora_fast.parallel import all_reduce_grads
 
 
 @dataclass
 class DiTTrainConfig:
-    """Open-Sora 1.2 stage-1 optimisation settings (configs/stdit3.py ``TrainConfig``) plus the run."""
+    """Open-Sora 1.2 stage-1 optimisation settings (configs/stdit3.py ``TrainConfig``) plus the run. Every field
+    with help text is also an ``opensora-fast train`` flag (``common.option``): this is the one place of their
+    defaults; ``--preset stage1|stage2|stage3`` (``configs.stdit3.PRESETS``) changes some of them."""
 
-    steps: int = 1000
-    batch_size: int = 1
-    lr: float = 1e-4
-    adam_eps: float = 1e-15
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    warmup_steps: int = 1000
-    ema_decay: float = 0.99
-    dtype: str = "bf16"  # autocast dtype on CUDA; the CPU runs fp32
-    grad_checkpoint: bool = False
-    seed: int = 42
-    log_every: int = 10
-    ckpt_every: int = 200
-    fsdp: bool | None = None  # None: when there is more than one data-parallel group
-    fsdp_mode: str = "zero2"  # "zero2": reshard_after_forward=False; "zero3": True
-    sp_size: int = 1  # sequence parallel: groups of sp_size ranks share each sample (opensora_fast.parallel)
-    sp_mode: str = "dsp"  # "dsp" | "ulysses" | "fastseq"
-    cache_latents: bool = False  # encode each clip once with the posterior mode (no VAE sampling)
+    steps: int = option(1000, "train until this step (in total)")
+    batch_size: int = option(1, "per process (a bucket_config's per-bucket batch sizes take precedence)")
+    lr: float = option(1e-4, "AdamW learning rate after warm-up")
+    adam_eps: float = option(1e-15, "AdamW epsilon (Open-Sora 1.2: 1e-15)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float | None = option(1.0, "gradient norm clip; 0 disables")
+    warmup_steps: int = option(1000, "linear learning-rate warm-up")
+    ema_decay: float = option(0.99, "EMA of the weights (saved in ema/)")
+    dtype: str = option("bf16", "autocast on CUDA; the CPU runs fp32", choices=("bf16", "fp16", "fp32"))
+    grad_checkpoint: bool = option(False, "gradient checkpointing per block")
+    seed: int = option(42, "data order and every random draw")
+    log_every: int = option(10, "print a loss line every N steps")
+    ckpt_every: int = option(200, "write a checkpoint every N steps (and at the end)")
+    # True: FSDP2 even with one process; otherwise FSDP2 when there is more than one data-parallel group
+    fsdp: bool | None = option(False, "FSDP2 even with one process (default: when WORLD_SIZE > 1)")
+    fsdp_mode: str = option("zero2", "zero2: keep gathered weights to backward", choices=("zero2", "zero3"))
+    sp_size: int = option(
+        1,
+        "sequence parallel: groups of N ranks share each sample (world size / N data-parallel groups)",
+        flag="--sp",
+        metavar="N",
+    )
+    sp_mode: str = option("dsp", "with --sp > 1", choices=("dsp", "ulysses", "fastseq"))
+    cache_latents: bool = option(
+        False, "encode each clip once (posterior mode) instead of sampling the VAE posterior every step"
+    )
     sample_method: str = "logit-normal"
     use_timestep_transform: bool = True
-    # image/video conditioning: kind -> probability of a frame mask (opensora_fast.masks); None: never
-    mask_ratios: dict | None = field(default_factory=lambda: dict(STAGE1_MASK_RATIOS))
-    max_bad_clips: int = 100  # clips that fail to decode are skipped and logged; more than this stops training
-    keep_last: int | None = None  # keep only the newest N checkpoints (None: all)
+    # image/video conditioning: a stage name of opensora_fast.masks.MASK_RATIOS, "none", or kind -> probability
+    mask_ratios: str | dict | None = option(
+        "stage1",
+        "frame masks for image/video conditioning: Open-Sora 1.2's ratios of that training stage "
+        "(stage1/2: 20%% of samples, stage3: 25%%, mostly first-frame), or none",
+        choices=("stage1", "stage2", "stage3", "none"),
+    )
+    max_bad_clips: int = option(
+        100, "clips that cannot be read are skipped and logged; more than N stop training", metavar="N"
+    )
+    keep_last: int | None = option(
+        None, "keep only the newest N checkpoints (default: keep all)", parse=int, metavar="N"
+    )
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.mask_ratios, str):
+            if self.mask_ratios != "none" and self.mask_ratios not in MASK_RATIOS:
+                raise ValueError(
+                    f"mask_ratios must be one of {', '.join(MASK_RATIOS)}, 'none' or a dict, got {self.mask_ratios!r}"
+                )
+            self.mask_ratios = None if self.mask_ratios == "none" else dict(MASK_RATIOS[self.mask_ratios])
+        if not self.grad_clip:  # 0 disables (the CLI's spelling)
+            self.grad_clip = None
+        if self.fsdp is False:  # never less than FSDP2 with several data-parallel groups (it syncs the gradients)
+            self.fsdp = None
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be 'bf16', 'fp16' or 'fp32', got {self.dtype!r}")
         if self.fsdp_mode not in ("zero2", "zero3"):
@@ -109,6 +146,55 @@ class DiTTrainConfig:
         if self.warmup_steps == 0:
             return self.lr
         return self.lr * min(1.0, (step + 1) / self.warmup_steps)
+
+
+def _parse_buckets(text: str):
+    from opensora_fast.data import parse_buckets
+
+    return parse_buckets(text)
+
+
+@dataclass
+class TrainRun:
+    """The ``opensora-fast train`` flags that are not optimisation settings (those are ``DiTTrainConfig``'s):
+    data, weights, the run directory, resume, device. Both dataclasses derive the command line."""
+
+    data: str | None = option(None, "CSV with 'path' and 'text' columns", required=True)
+    buckets: list | None = option(
+        "51x240x426",
+        "frames x height x width buckets; a clip goes to the nearest aspect ratio that fits its length",
+        parse=_parse_buckets,
+        metavar="TxHxW[,...]",
+    )
+    data_fps: float | None = option(None, "resample clips to this frame rate (default: as stored)", parse=float)
+    vae: str | None = option(None, "OpenSoraVAE weights (local)", required=True)
+    t5: str | None = option(None, "T5 encoder directory (local)", required=True)
+    init_from: str | None = option(None, "start from an STDiT3 directory (config.json + weights)")
+    model_config: str = option(
+        "xl",
+        "fresh model: STDiT3-XL/2 (Open-Sora 1.2) or a small/tiny one for tests",
+        choices=("xl", "small", "tiny"),
+    )
+    preset: str | None = option(
+        None,
+        "Open-Sora 1.2 training stage (configs/stdit3.py PRESETS): its mask ratios, learning-rate warm-up, "
+        "gradient checkpointing and checkpoint cadence, unless given here",
+        choices=("stage1", "stage2", "stage3"),
+    )
+    out_dir: str | None = option(None, "checkpoints, log.jsonl, config.json", required=True)
+    resume: str | None = option(
+        None,
+        "a checkpoint, or (no value) the newest complete one in --out-dir; the run's options come from "
+        "the checkpoint (flags given here override them, with a warning)",
+        nargs="?",
+        const="auto",
+    )
+    overwrite: bool = option(False, "replace the run already in --out-dir (else it is refused)")
+    dist_timeout: float = option(
+        600.0, "under torchrun: a rank that waits longer than S seconds for another fails the job", metavar="S"
+    )
+    device: str | None = option(None, "cuda or cpu (default: cuda when every local process gets a GPU, else cpu)")
+    no_progress: bool = option(False, "no progress bar")
 
 
 @dataclass
@@ -640,10 +726,12 @@ def check_model_inputs(c, in_channels: int, text_dim: int, source: str | None) -
 _NOT_RUN_OPTIONS = ("func", "resume", "overwrite", "out_dir", "no_progress", "device", "explicit", "argv")
 # options that cannot change on --resume (the weights in the checkpoint decide them)
 _FIXED_ON_RESUME = ("model_config", "init_from")
+# run.json keys of older checkpoints -> today's option names
+_RENAMED = {"sp": "sp_size"}
 
 
 def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+    return {"sp_size": "--sp"}.get(dest, "--" + dest.replace("_", "-"))
 
 
 def _apply_resume_options(args, run: dict, path: str) -> None:
@@ -651,6 +739,7 @@ def _apply_resume_options(args, run: dict, path: str) -> None:
     differs is kept with a warning, except the model's (``_FIXED_ON_RESUME``: UsageError, one line)."""
     explicit = getattr(args, "explicit", None)
     explicit = set(vars(args)) if explicit is None else set(explicit)
+    run = {_RENAMED.get(k, k): v for k, v in run.items()}
     for dest, old in run.items():
         if dest in _NOT_RUN_OPTIONS or not hasattr(args, dest):
             continue
@@ -669,6 +758,18 @@ def _apply_resume_options(args, run: dict, path: str) -> None:
             print(
                 f"warning: {_flag(dest)} {new} differs from the checkpoint's run ({old}); using {new}", file=sys.stderr
             )
+
+
+def apply_preset(args, explicit: set[str]) -> None:
+    """``args.preset`` (configs/stdit3.py ``PRESETS``) sets its options on ``args``, except those in ``explicit``
+    (given on the command line)."""
+    if not getattr(args, "preset", None):
+        return
+    from opensora_fast.configs.stdit3 import PRESETS
+
+    for name, value in PRESETS[args.preset].items():
+        if name not in explicit:
+            setattr(args, name, value)
 
 
 def _check_out_dir(args) -> str:
@@ -783,28 +884,14 @@ def run_train(args) -> int:
                 run = json.load(f).get("args")
         if run:
             _apply_resume_options(args, run, ck["path"])
+    explicit = getattr(args, "explicit", None)
+    explicit = set(vars(args)) if explicit is None else set(explicit)
+    if "init_from" in explicit and "model_config" in explicit and args.init_from:
+        raise UsageError("--init-from and --model-config exclude each other (the weights decide the model)")
+    if ck is None or not ck["run"]:  # on resume run.json holds the preset's values
+        apply_preset(args, explicit)
     try:
-        cfg = DiTTrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup_steps=args.warmup_steps,
-            ema_decay=args.ema_decay,
-            grad_clip=args.grad_clip if args.grad_clip > 0 else None,
-            dtype=args.dtype,
-            grad_checkpoint=args.grad_checkpoint,
-            cache_latents=args.cache_latents,
-            mask_ratios=None if args.mask_ratios == "none" else dict(MASK_RATIOS[args.mask_ratios]),
-            seed=args.seed,
-            log_every=args.log_every,
-            ckpt_every=args.ckpt_every,
-            fsdp=True if args.fsdp else None,
-            fsdp_mode=args.fsdp_mode,
-            sp_size=args.sp,
-            sp_mode=args.sp_mode,
-            max_bad_clips=getattr(args, "max_bad_clips", 100),
-            keep_last=getattr(args, "keep_last", None),
-        )
+        cfg = options_from(DiTTrainConfig, args)
     except ValueError as e:
         raise UsageError(str(e)) from None
     dataset = VideoTextDataset(require_path(args.data, "--data", "the data CSV"), args.buckets, fps=args.data_fps)

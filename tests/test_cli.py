@@ -643,3 +643,96 @@ def test_sample_and_demo_refuse_an_out_dir_that_is_a_file(weights, tmp_path, cap
     assert "is a file" in one_line(capsys.readouterr().err)
     assert cli.main(["demo", "--quick", "--out-dir", str(f), "--no-progress"]) == 2
     assert "is a file" in one_line(capsys.readouterr().err)
+
+
+def _train_parser():
+    import argparse
+
+    p = cli.build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_train_flags_and_defaults_come_from_the_dataclasses():
+    import dataclasses
+
+    from opensora_fast.common import cli_fields, flag_of
+    from opensora_fast.train import DiTTrainConfig, TrainRun
+
+    actions = {a.dest: a for a in _train_parser()._actions}
+    cfg, run = DiTTrainConfig(), TrainRun()
+    names = []
+    for cls, obj in ((DiTTrainConfig, cfg), (TrainRun, run)):
+        for f in cli_fields(cls):
+            names.append(f.name)
+            a = actions[f.name]
+            assert flag_of(f) in a.option_strings
+            default = a.default
+            if isinstance(default, str) and a.type is not None and a.type not in (str,):
+                default = a.type(default)
+            if f.name == "buckets":
+                assert default == [(51, 240, 426)]
+            elif f.name in ("mask_ratios", "grad_clip", "fsdp"):  # resolved in __post_init__
+                assert dataclasses.replace(cfg, **{f.name: default}) == cfg
+            else:
+                assert default == getattr(obj, f.name), f.name
+    # every train flag is a dataclass field (one source of truth)
+    flags = {a.dest for a in _train_parser()._actions if a.option_strings and a.dest != "help"}
+    assert flags == set(names)
+    # the CLI's spelling builds the same config as the Python defaults
+    ns = _train_parser().parse_args(["--data", "d", "--vae", "v", "--t5", "t", "--out-dir", "o"])
+    from opensora_fast.common import options_from
+
+    assert options_from(DiTTrainConfig, ns) == cfg
+    ns = _train_parser().parse_args(["--data", "d", "--vae", "v", "--t5", "t", "--out-dir", "o", "--grad-clip", "0"])
+    assert options_from(DiTTrainConfig, ns).grad_clip is None
+
+
+def test_train_presets_set_the_stage_values_unless_given():
+    from opensora_fast.configs import stdit3 as cs
+
+    from opensora_fast.common import options_from
+    from opensora_fast.masks import STAGE3_MASK_RATIOS
+    from opensora_fast.train import DiTTrainConfig, apply_preset
+
+    argv = ["train", "--data", "d", "--vae", "v", "--t5", "t", "--out-dir", "o", "--preset", "stage3", "--lr", "2e-4"]
+    args = cli.build_parser().parse_args(argv)
+    apply_preset(args, cli.explicit_options(argv))
+    c = options_from(DiTTrainConfig, args)
+    assert c.lr == 2e-4  # given: kept
+    assert c.mask_ratios == STAGE3_MASK_RATIOS and c.grad_checkpoint and c.warmup_steps == 1000
+    assert args.bucket_config == cs.STAGE3_BUCKET_CONFIG
+    argv2 = [*argv[:-3], "stage2"]
+    args = cli.build_parser().parse_args(argv2)
+    apply_preset(args, cli.explicit_options(argv2))
+    c = options_from(DiTTrainConfig, args)
+    assert c.warmup_steps == 0 and c.mask_ratios == cs.STAGE2_MASK_RATIOS and c.lr == 1e-4
+    # the stage-1 preset agrees with the stage-1 TrainConfig dataclass where both name a value
+    t, s1 = cs.TrainConfig(), cs.PRESETS["stage1"]
+    for k in ("lr", "adam_eps", "grad_clip", "warmup_steps", "ema_decay", "dtype", "grad_checkpoint", "ckpt_every"):
+        assert s1[k] == getattr(t, k), k
+    # the preset's options are options of train
+    fields = {a.dest for a in _train_parser()._actions}
+    for p in cs.PRESETS.values():
+        assert set(p) - {"bucket_config"} <= fields, set(p) - fields  # bucket_config: the data pipeline (next)
+
+
+def test_programs_do_not_import_each_other_in_a_cycle():
+    """train must not import sample (sample imports train's init_distributed until it moves to parallel);
+    common imports no program."""
+    import ast
+
+    import opensora_fast
+
+    root = os.path.dirname(opensora_fast.__file__)
+
+    def imported(name):
+        tree = ast.parse(open(os.path.join(root, name + ".py")).read())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("opensora_fast."):
+                out.add(node.module.split(".")[1])
+        return out
+
+    assert "sample" not in imported("train")
+    assert not imported("common") & {"train", "sample", "demo", "cli", "vae_train"}

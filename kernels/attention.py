@@ -314,9 +314,7 @@ def _flash_fwd_op(
     B, Nq, H, D = q.shape
     o = empty((B, Nq, H, D), q.dtype, q.device)
     p = Problem(B, 1, H, Nq, k.shape[1], D, causal)
-    lse = _launch_fwd(
-        q, k, v, o, _flash_seq(q), _flash_seq(k), _flash_seq(v), _flash_seq(o), p, softmax_scale, 0.0
-    )
+    lse = _launch_fwd(q, k, v, o, _flash_seq(q), _flash_seq(k), _flash_seq(v), _flash_seq(o), p, softmax_scale, 0.0)
     return o, lse
 
 
@@ -676,9 +674,7 @@ def _(dout, q, kv, cu_seqlens, out, lse, max_kv_len, num_heads, softmax_scale):
 class CrossAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, cu_seqlens, max_kv_len, num_heads, softmax_scale):
-        out, lse = torch.ops.opensora_fast.cross_attention_fwd(
-            q, kv, cu_seqlens, max_kv_len, num_heads, softmax_scale
-        )
+        out, lse = torch.ops.opensora_fast.cross_attention_fwd(q, kv, cu_seqlens, max_kv_len, num_heads, softmax_scale)
         ctx.save_for_backward(q, kv, cu_seqlens, out, lse)
         ctx.args = (max_kv_len, num_heads, softmax_scale)
         return out
@@ -780,13 +776,9 @@ def self_attention(
     if not isinstance(num_frames, int) or num_frames <= 0:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     if C3 % (3 * num_heads):
-        raise ValueError(
-            f"qkv must have shape (B, T*S, 3*C) with C divisible by num_heads={num_heads}, got {C3}"
-        )
+        raise ValueError(f"qkv must have shape (B, T*S, 3*C) with C divisible by num_heads={num_heads}, got {C3}")
     if N == 0 or N % num_frames:
-        raise ValueError(
-            f"qkv must have shape (B, T*S, 3C) with T*S a positive multiple of num_frames, got N={N}"
-        )
+        raise ValueError(f"qkv must have shape (B, T*S, 3C) with T*S a positive multiple of num_frames, got N={N}")
     if layout not in ("spatial", "temporal"):
         raise ValueError(f"layout must be 'spatial' or 'temporal', got {layout!r}")
     D = C3 // (3 * num_heads)
@@ -802,9 +794,7 @@ def self_attention(
         check_tensor(cos, "rope cos", shape=(L, D), like=qkv)
         check_tensor(sin, "rope sin", shape=(L, D), like=qkv)
         if cos.stride() != sin.stride() or cos.stride(-1) != 1:
-            raise ValueError(
-                f"rope cos/sin need equal strides, last dim contiguous, got {cos.stride()} {sin.stride()}"
-            )
+            raise ValueError(f"rope cos/sin need equal strides, last dim contiguous, got {cos.stride()} {sin.stride()}")
     scale = _scale(softmax_scale, D)
     if cos is not None:  # positions are constants: no gradient to cos/sin on either path
         cos, sin = cos.detach(), sin.detach()
@@ -837,9 +827,7 @@ def _lens(kv_lens, B: int, M: int) -> list[int]:
         try:
             lens = [int(n) for n in kv_lens]
         except TypeError as exc:
-            raise ValueError(
-                f"kv_lens must be a list of ints or an int tensor, got {type(kv_lens).__name__}"
-            ) from exc
+            raise ValueError(f"kv_lens must be a list of ints or an int tensor, got {type(kv_lens).__name__}") from exc
     if len(lens) != B:
         raise ValueError(f"kv_lens must have one length per sample (B={B}), got {len(lens)}")
     if any(n < 0 for n in lens):

@@ -274,6 +274,278 @@ def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_siz
 
 
 # ---------------------------------------------------------------------------------------------
+# Open-Sora's bucket_config: resolution -> {num_frames: (keep probability, batch size)}
+
+# pixel areas of Open-Sora 1.2's resolution names (opensora/datasets/aspect.py)
+RESOLUTION_AREAS = {
+    "144p": 144 * 256,
+    "256": 256 * 256,
+    "240p": 240 * 426,
+    "360p": 360 * 640,
+    "512": 512 * 512,
+    "480p": 480 * 854,
+    "720p": 720 * 1280,
+    "1024": 1024 * 1024,
+    "1080p": 1080 * 1920,
+    "2048": 2048 * 2048,
+}
+_FIT = 0.8  # a clip may go to a resolution when it has at least 80% of its pixels (Open-Sora's approx)
+
+
+def load_bucket_config(src) -> dict[str, dict[int, tuple]]:
+    """Open-Sora's ``bucket_config`` from a dict, a JSON file (frame counts as strings are fine) or a Python
+    config file as Open-Sora ships them (its module-level ``bucket_config`` is read). Values are (keep
+    probability, batch size), the probability a number or a pair (keep probability, probability of trying this
+    length); a batch size may be None only with probability 0. A bad entry is a ValueError naming it."""
+    where = "bucket_config"
+    if isinstance(src, str):
+        where = f"bucket_config {src!r}"
+        if not os.path.isfile(src):
+            raise ValueError(f"{where}: no such file (give a .py config with a bucket_config dict, or a .json)")
+        if src.endswith(".json"):
+            import json
+
+            with open(src) as f:
+                src = json.load(f)
+        else:
+            import runpy
+
+            ns = runpy.run_path(src)
+            if "bucket_config" not in ns:
+                raise ValueError(f"{where}: the file defines no bucket_config")
+            src = ns["bucket_config"]
+    if not isinstance(src, dict) or not src:
+        raise ValueError(f"{where} must be a non-empty dict resolution -> {{num_frames: (probability, batch size)}}")
+    out: dict[str, dict[int, tuple]] = {}
+    for res, frames in src.items():
+        if res not in RESOLUTION_AREAS:
+            raise ValueError(f"{where}: resolution {res!r} is not one of {', '.join(RESOLUTION_AREAS)}")
+        if not isinstance(frames, dict):
+            raise ValueError(f"{where}[{res!r}] must be a dict num_frames -> (probability, batch size)")
+        out[res] = {}
+        for t, v in frames.items():
+            try:
+                t = int(t)
+                prob, bs = v
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}[{res!r}][{t!r}] must be (probability, batch size), got {v!r}") from None
+            probs = tuple(prob) if isinstance(prob, (list, tuple)) else (prob,)
+            if t < 1 or len(probs) not in (1, 2) or any(not 0 <= float(q) <= 1 for q in probs):
+                raise ValueError(f"{where}[{res!r}][{t}]: probabilities in [0, 1] and num_frames >= 1, got {v!r}")
+            if bs is None and float(probs[0]) > 0:
+                raise ValueError(f"{where}[{res!r}][{t}]: a batch size is needed with probability {probs[0]}")
+            if bs is not None and int(bs) < 1:
+                raise ValueError(f"{where}[{res!r}][{t}]: batch size must be >= 1, got {bs}")
+            out[res][t] = (tuple(float(q) for q in probs) if len(probs) == 2 else float(probs[0]), bs and int(bs))
+    return out
+
+
+def bucket_hw(resolution: str, height: int, width: int) -> tuple[int, int]:
+    """(H, W) of the bucket a height x width clip takes at ``resolution``: the nearest aspect ratio; Open-Sora's
+    table for 144p..720p, else the ratio at the resolution's area (rounded to whole pixels)."""
+    name = closest_aspect_ratio(height, width)
+    if resolution in _SIZES:
+        return _SIZES[resolution][_RATIOS.index(name)]
+    r, area = _ratio(name), RESOLUTION_AREAS[resolution]
+    return round(math.sqrt(area * r)), round(math.sqrt(area / r))
+
+
+class BucketAssigner:
+    """Open-Sora 1.2's bucket choice for a clip of T frames of H x W, given a random stream ``rng`` (a
+    ``numpy.random.Generator``): resolutions from the largest the clip fills (>= 80% of its pixels) down; an
+    image takes the resolution's 1-frame bucket with its probability; a video the longest length t with
+    T > t * frame_interval (a length with a probability pair is tried with the pair's second value), then is
+    kept at that resolution with the first probability, else it tries the next smaller resolution. None: the
+    clip is left out this epoch. (Open-Sora reseeds a generator per bucket; here the draws are one stream.)"""
+
+    def __init__(self, config, frame_interval: int = 1):
+        self.config = load_bucket_config(config)
+        if frame_interval < 1:
+            raise ValueError(f"frame_interval must be >= 1, got {frame_interval}")
+        self.frame_interval = frame_interval
+        self.order = sorted(self.config, key=lambda r: -RESOLUTION_AREAS[r])
+
+    def batch_size(self, resolution: str, t: int) -> int:
+        return self.config[resolution][t][1]
+
+    def assign(self, T: int, H: int, W: int, rng) -> tuple[str, int] | None:
+        for res in self.order:
+            if H * W < RESOLUTION_AREAS[res] * _FIT:
+                continue
+            crit = self.config[res]
+            if T == 1:
+                if 1 in crit and rng.random() < _keep(crit[1][0]):
+                    return res, 1
+                continue
+            chosen = None
+            for t in sorted(crit, reverse=True):
+                prob = crit[t][0]
+                if isinstance(prob, tuple) and rng.random() > prob[1]:
+                    continue
+                if t != 1 and T > t * self.frame_interval:
+                    chosen = t
+                    break
+            if chosen is None:
+                continue
+            keep = _keep(crit[chosen][0])
+            if keep >= 1 or rng.random() < keep:
+                return res, chosen
+        return None
+
+    def never(self, T: int, H: int, W: int) -> str | None:
+        """Why no draw can ever place this clip (None: some draw can)."""
+        fits = [r for r in self.order if H * W >= RESOLUTION_AREAS[r] * _FIT]
+        if not fits:
+            smallest = self.order[-1]
+            return f"{H}x{W} is smaller than 80% of every resolution in bucket_config (smallest: {smallest})"
+        for res in fits:
+            for t, (prob, _) in self.config[res].items():
+                ok = t == 1 if T == 1 else (t != 1 and T > t * self.frame_interval)
+                if ok and _keep(prob) > 0:
+                    return None
+        what = "an image" if T == 1 else f"{T} frames (frame interval {self.frame_interval})"
+        return f"{what} of {H}x{W}: no bucket with a non-zero probability takes it"
+
+
+def _keep(prob) -> float:
+    return prob[0] if isinstance(prob, tuple) else prob
+
+
+class BucketConfigDataset:
+    """Clips from a CSV of (path, caption) for an Open-Sora ``bucket_config`` (see ``BucketAssigner``).
+
+    The bucket of a clip is drawn anew every epoch (``BucketSampler``); an item is fetched by key
+    ``(i, T, H, W, start)``: T frames from frame ``start`` every ``frame_interval`` frames (Open-Sora's random
+    temporal crop; ``start`` drawn by the sampler), resized to cover (H, W) and centre-cropped. Images (one
+    frame) get fps 120, as in Open-Sora; videos their own fps / frame_interval. ``left_out`` names every clip
+    that no draw can place, with the reason; ``bad`` the files that cannot be opened (path, CSV line, reason)."""
+
+    def __init__(self, csv_path: str, bucket_config, frame_interval: int = 1):
+        self.assigner = BucketAssigner(bucket_config, frame_interval)
+        self.csv_path = csv_path
+        self.items: list[tuple[str, str, VideoInfo]] = []
+        self.lines: list[int] = []
+        self.left_out: list[tuple[str, str]] = []  # (path, reason)
+        self.bad: list[tuple[str, int, str]] = []
+        for path, text, line in read_csv(csv_path):
+            try:
+                info = probe_video(path)
+            except ValueError as e:
+                self.bad.append((path, line, str(e)))
+                continue
+            why = self.assigner.never(info.frames, info.height, info.width)
+            if why is not None:
+                self.left_out.append((path, why))
+                continue
+            self.items.append((path, text, info))
+            self.lines.append(line)
+        if not self.items:
+            why = self.left_out[0][1] if self.left_out else (self.bad[0][2] if self.bad else "")
+            raise ValueError(f"no clip in {csv_path!r} fits the bucket_config ({why})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def describe(self, i: int) -> str:
+        return f"{self.items[i][0]!r} ({self.csv_path} line {self.lines[i]})"
+
+    def fps(self, i: int) -> float:
+        info = self.items[i][2]
+        return float(IMAGE_FPS) if info.frames == 1 else info.fps / self.assigner.frame_interval
+
+    def __getitem__(self, key) -> dict:
+        import av
+
+        i, t, h, w, start = key
+        path, text, _ = self.items[i]
+        try:
+            video = read_frames(path, [start + k * self.assigner.frame_interval for k in range(t)], (h, w))
+        except (av.FFmpegError, ValueError, OSError) as e:
+            raise BadClipError(f"clip {self.describe(i)} failed to decode: {_av_message(e)}") from None
+        return {"video": video.transpose(0, 1), "text": text, "fps": self.fps(i)}
+
+
+def read_frames(path: str, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
+    """Frames ``indices`` (increasing) of ``path`` as (T, 3, H, W) float32 in [-1, 1], resized to cover ``size``
+    and centre-cropped; only those frames are converted."""
+    import av
+
+    from opensora_fast.io import resize_center_crop
+
+    want = {k: n for n, k in enumerate(indices)}
+    out: list[torch.Tensor | None] = [None] * len(indices)
+    with av.open(path) as c:
+        for k, frame in enumerate(c.decode(c.streams.video[0])):
+            if k in want:
+                x = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float().div_(127.5).sub_(1)
+                out[want[k]] = resize_center_crop(x[None], size)[0].clamp_(-1, 1)
+            if k >= indices[-1]:
+                break
+    if any(x is None for x in out):
+        got = sum(x is not None for x in out)
+        raise ValueError(f"{path!r} gives {got} of the {len(indices)} frames asked for (up to frame {indices[-1]})")
+    return torch.stack(out)
+
+
+class BucketSampler:
+    """Endless batches of item keys for a ``BucketConfigDataset``: every epoch each clip draws its bucket and its
+    temporal crop (seeded by (seed, epoch, clip), so the same on every run and rank), each bucket's clips are
+    shuffled and cut into batches of the bucket's batch size (a last short batch is filled up with clips of the
+    same bucket again, so a bucket with fewer clips than its batch size is still drawn), and all batches are
+    shuffled together; rank r takes batches r, r + world_size, ... (whole rounds). ``epoch_log`` receives one
+    line per epoch naming how many clips the keep probabilities left out that epoch."""
+
+    def __init__(self, dataset: BucketConfigDataset, seed: int, rank: int = 0, world_size: int = 1, epoch_log=None):
+        self.dataset, self.seed, self.rank, self.world = dataset, seed, rank, world_size
+        self.epoch_log = epoch_log
+
+    def epoch(self, epoch: int) -> list[list[tuple]]:
+        import numpy as np
+
+        a = self.dataset.assigner
+        groups: dict[tuple, list[tuple]] = {}
+        skipped = 0
+        for i, (_, _, info) in enumerate(self.dataset.items):
+            rng = np.random.default_rng([self.seed, epoch, i])
+            got = a.assign(info.frames, info.height, info.width, rng)
+            if got is None:
+                skipped += 1
+                continue
+            res, t = got
+            h, w = bucket_hw(res, info.height, info.width)
+            span = (t - 1) * a.frame_interval + 1
+            start = int(rng.integers(0, info.frames - span + 1))
+            groups.setdefault((res, t, h, w), []).append((i, t, h, w, start))
+        if self.epoch_log is not None:
+            self.epoch_log(
+                f"epoch {epoch}: {skipped} of {len(self.dataset)} clip(s) not drawn by the keep probabilities"
+            )
+        g = np.random.default_rng([self.seed, epoch, 1 << 30])
+        batches = []
+        for key in sorted(groups):
+            keys = [groups[key][j] for j in g.permutation(len(groups[key]))]
+            bs = a.batch_size(key[0], key[1])
+            for k in range(0, len(keys), bs):
+                b = keys[k : k + bs]
+                while len(b) < bs:  # fill a short last batch from the same bucket
+                    b = b + keys[: bs - len(b)]
+                batches.append(b)
+        return [batches[j] for j in g.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        epoch, empty = 0, 0
+        while True:
+            batches = self.epoch(epoch)
+            rounds = len(batches) // self.world
+            empty = empty + 1 if rounds == 0 else 0
+            if empty > 100:
+                raise ValueError(f"100 epochs in a row gave fewer batches than world_size={self.world}")
+            for k in range(rounds):
+                yield batches[k * self.world + self.rank]
+            epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------
 # the synthetic set of the demo
 
 COLORS = {

@@ -204,3 +204,125 @@ def test_unreadable_clips_are_named_and_left_out(tmp_path):
     assert ds[0]["video"].shape == (3, 9, 16, 16)
     with pytest.raises(D.BadClipError, match=r"c3\.mp4.*d\.csv line 5.*Invalid data"):
         ds[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Open-Sora's bucket_config
+
+SMALL_CONFIG = {
+    "240p": {1: (0.3, 297), 51: (0.4, 20), 102: ((0.4, 0.33), 10)},
+    "144p": {1: (1.0, 475), 51: (1.0, 51), 102: ((1.0, 0.33), 27)},
+}
+
+
+def test_bucket_draw_frequencies_match_the_keep_probabilities():
+    import numpy as np
+
+    a = D.BucketAssigner(SMALL_CONFIG)
+    n = 20000
+    rng = np.random.default_rng(0)
+    counts: dict = {}
+    for _ in range(n):
+        k = a.assign(120, 240, 426, rng)
+        counts[k] = counts.get(k, 0) + 1
+    # 240p: length 102 tried with p 0.33, kept with 0.4, else 51 kept with 0.4; else down to 144p (always kept)
+    expect = {("240p", 102): 0.33 * 0.4, ("240p", 51): 0.67 * 0.4, ("144p", 102): 0.6 * 0.33, ("144p", 51): 0.6 * 0.67}
+    assert set(counts) == set(expect)
+    for k, p in expect.items():
+        se = (p * (1 - p) / n) ** 0.5
+        assert abs(counts[k] / n - p) < 4 * se, (k, counts[k] / n, p)
+    # images: kept at 240p with 0.3, else at 144p; a 144p-sized clip never goes to 240p
+    img = [a.assign(1, 240, 426, rng) for _ in range(n)]
+    p240 = sum(k == ("240p", 1) for k in img) / n
+    assert abs(p240 - 0.3) < 4 * (0.21 / n) ** 0.5 and all(k in (("240p", 1), ("144p", 1)) for k in img)
+    assert {a.assign(60, 144, 256, rng) for _ in range(200)} == {("144p", 51)}  # 60 > 51 only; 102 too long
+    # frame interval 2: a clip needs T > t * 2
+    assert {D.BucketAssigner(SMALL_CONFIG, 2).assign(60, 144, 256, rng) for _ in range(50)} == {None}
+
+
+def test_bucket_sampler_batches_per_bucket_sizes_and_fills_small_buckets():
+
+    class Fake:
+        assigner = D.BucketAssigner({"144p": {1: (1.0, 4), 17: (1.0, 3)}})
+        items = [("v", "t", D.VideoInfo(40, 144, 256, 24.0))] * 5 + [("i", "t", D.VideoInfo(1, 144, 256, 0.0))] * 2
+
+        def __len__(self):
+            return len(self.items)
+
+    s = D.BucketSampler(Fake(), seed=3)
+    batches = s.epoch(0)
+    sizes = sorted((b[0][1], len(b)) for b in batches)
+    assert sizes == [(1, 4), (17, 3), (17, 3)]  # the 2 images fill a batch of 4; 5 videos: 3 + (2 + 1 again)
+    for b in batches:
+        for _i, t, h, w, start in b:
+            assert (h, w) == (144, 256) and 0 <= start <= (40 - t if t > 1 else 0)
+    assert s.epoch(0) == batches and s.epoch(1) != batches  # seeded by (seed, epoch)
+    starts = {k[4] for ep in range(20) for b in s.epoch(ep) for k in b if k[1] == 17}
+    assert len(starts) > 5  # a random temporal crop, not the first frames
+    r0, r1 = (D.BucketSampler(Fake(), seed=3, rank=r, world_size=2) for r in (0, 1))
+    a, b = iter(r0), iter(r1)
+    assert next(a) != next(b)
+
+
+def test_bucket_config_files_and_errors(tmp_path):
+    py = tmp_path / "stage.py"
+    lines = ['dataset = dict(type="VariableVideoTextDataset")', 'bucket_config = {"240p": {1: (0.5, 8),']
+    lines[1] += " 51: ((0.4, 0.3), 2), 102: (0.0, None)}}"
+    py.write_text("\n".join(lines) + "\n")
+    js = tmp_path / "b.json"
+    js.write_text('{"240p": {"1": [0.5, 8], "51": [[0.4, 0.3], 2], "102": [0.0, null]}}')
+    assert (
+        D.load_bucket_config(str(py))
+        == D.load_bucket_config(str(js))
+        == {"240p": {1: (0.5, 8), 51: ((0.4, 0.3), 2), 102: (0.0, None)}}
+    )
+    from opensora_fast.configs import stdit3 as cs
+
+    for c in (cs.STAGE1_BUCKET_CONFIG, cs.STAGE2_BUCKET_CONFIG, cs.STAGE3_BUCKET_CONFIG):
+        D.BucketAssigner(c)
+    for bad, msg in (
+        ({"999p": {1: (1.0, 1)}}, "resolution '999p'"),
+        ({"240p": {1: (1.5, 1)}}, "probabilities in"),
+        ({"240p": {1: (0.5, None)}}, "a batch size is needed"),
+        ({"240p": {1: 0.5}}, "must be \\(probability, batch size\\)"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            D.load_bucket_config(bad)
+    with pytest.raises(ValueError, match="no such file"):
+        D.load_bucket_config(str(tmp_path / "none.py"))
+
+
+def test_bucket_config_dataset_crops_names_what_is_left_out_and_images_get_fps_120(tmp_path):
+    from PIL import Image
+
+    video = D.synthetic_clip("red", "square", "right", 30, (36, 64))
+    write_video(str(tmp_path / "long.mp4"), video, 10)
+    write_video(str(tmp_path / "short.mp4"), D.synthetic_clip("red", "square", "right", 5, (36, 64)), 10)
+    write_video(str(tmp_path / "tiny.mp4"), D.synthetic_clip("red", "square", "right", 30, (8, 8)), 10)
+    Image.new("RGB", (64, 36), (200, 10, 10)).save(tmp_path / "img.png")
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "text"])
+        for n in ("long.mp4", "short.mp4", "tiny.mp4", "img.png"):
+            w.writerow([n, "a clip"])
+    cfg = {"144p": {1: (1.0, 2), 9: (1.0, 2)}}
+    # 144p needs >= 80% of 144 x 256 pixels: scale the criterion down for these small files
+    old = dict(D.RESOLUTION_AREAS)
+    try:
+        D.RESOLUTION_AREAS["144p"] = 36 * 64
+        ds = D.BucketConfigDataset(str(tmp_path / "d.csv"), cfg, frame_interval=2)
+        left = dict((os.path.basename(p), why) for p, why in ds.left_out)
+        assert set(left) == {"short.mp4", "tiny.mp4"}  # listed by name with the reason
+        assert "5 frames" in left["short.mp4"] and "smaller than 80%" in left["tiny.mp4"]
+        names = [os.path.basename(p) for p, _, _ in ds.items]
+        assert names == ["long.mp4", "img.png"]
+        assert ds.fps(1) == 120.0 and ds.fps(0) == 5.0  # 10 fps / frame interval 2
+        item = ds[(0, 9, 36, 64, 4)]
+        assert item["video"].shape == (3, 9, 36, 64)
+        # frames 4, 6, ..., 20 of the written clip (mp4 is lossy: compare loosely)
+        ref = video[:, 4:21:2]
+        assert (item["video"] - ref).abs().mean() < 0.05
+        assert (item["video"] - video[:, 0:9]).abs().mean() > (item["video"] - ref).abs().mean()
+    finally:
+        D.RESOLUTION_AREAS.clear()
+        D.RESOLUTION_AREAS.update(old)

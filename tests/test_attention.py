@@ -845,3 +845,24 @@ def test_bool_kv_lens_refused():
         cross_attention(q, kv, torch.tensor([True, False]), num_heads=2)
     with pytest.raises(ValueError, match="kv_lens"):
         cross_attention(q, kv, [True, False], num_heads=2)
+
+
+def test_spatial_normalises_qk_once_and_backward_is_one_five_matmul_kernel():
+    """Spatial self-attention: q/k RMSNorm runs once in a pre-pass (the forward kernel no longer normalises
+    K inside its K loop, once per query block), and the backward is one attention kernel with five
+    products per (key block, query block) pair (S^T, dV, dP^T, dK, dQ; plus their second head-dim pieces)
+    instead of a dK/dV kernel and a dQ kernel (seven)."""
+    import inspect
+    import re
+
+    from opensora_fast.kernels import attention as A
+
+    qkv, w = _spatial_args()
+    out, lse = randn(1, 80, 144, dtype=torch.float16, seed=3), randn(4, 40, seed=4)
+    with capture_launches() as fwd:
+        A._self_fwd_op(qkv, w, w, None, None, 2, 2, "spatial", 1e-6, 72**-0.5)
+    assert [lc.name for lc in fwd] == ["_qk_norm_rope_fwd_kernel", "_attention_fwd_kernel"]
+    with capture_launches() as bwd:
+        A._self_bwd_op(out, qkv, w, w, None, None, out, lse, 2, 2, "spatial", 1e-6, 72**-0.5)
+    dots = {lc.name: len(re.findall(r"tl\.dot\(", inspect.getsource(lc.jit().fn))) for lc in bwd}
+    assert {n: d for n, d in dots.items() if d} == {"_attention_bwd_kernel": 10}

@@ -487,6 +487,10 @@ class _CausalConv3dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
+        c_out, c_in = weight.shape[:2]
+        if _fast((x,), c_in, c_out) and not _fast((dy,), c_in, c_out):
+            # x runs the FAST (channels-last) path: one copy of dy lets dX and dW run it too
+            dy = dy.contiguous(memory_format=torch.channels_last_3d)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = causal_conv3d_bwd_dx(dy, x, weight, ctx.stride_t)

@@ -532,6 +532,13 @@ class _GroupNormSiLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy.stride() != x.stride():
+            # the packed layouts need dy in x's format: one copy of dy instead of the any-strides kernels
+            cl = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+            for fmt in (torch.contiguous_format, cl):
+                if x.is_contiguous(memory_format=fmt):
+                    dy = dy.contiguous(memory_format=fmt)
+                    break
         dx, dw, db = group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
         return dx, dw, db, None, None, None
 

@@ -165,3 +165,31 @@ def test_strided_weight_and_bias(layout, monkeypatch):
     for name, g, lp, r in zip(("out", "dx", "dweight_base", "dbias_base"), got, lowp, ref):
         assert g.shape == r.shape, name
         assert_close_to_fp64(g, lp, r, name=name, atol=1e-4)
+
+
+def test_backward_with_dy_in_other_format_runs_packed_layout(monkeypatch):
+    """x channels_last_3d with a contiguous upstream gradient: dy is copied to x's format once, so the
+    backward kernels run the packed channels-last layout (LAYOUT 1), not the any-strides one; same grads."""
+    from triton.runtime.autotuner import Autotuner
+
+    seen = []
+    real = Autotuner.run
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.base_fn.__name__, kwargs.get("LAYOUT")))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", spy)
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "triton")
+    x = randn(2, 8, 3, 4, 5, seed=1).to(memory_format=torch.channels_last_3d).requires_grad_()
+    w, b = randn(8, seed=2).requires_grad_(), randn(8, seed=3).requires_grad_()
+    dy = randn(2, 8, 3, 4, 5, seed=4)  # contiguous
+    got = torch.autograd.grad(group_norm_silu(x, w, b, 4), (x, w, b), dy)
+    assert [lay for name, lay in seen if "bwd" in name] == [1, 1], seen
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    want = torch.autograd.grad(reference.group_norm_silu_ref(x64, w64, b64, 4), (x64, w64, b64), dy.double())
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "reference")
+    x32, w32, b32 = (t.detach().requires_grad_() for t in (x, w, b))
+    lowp = torch.autograd.grad(group_norm_silu(x32, w32, b32, 4), (x32, w32, b32), dy)
+    for name, g, lp, r in zip(("dx", "dweight", "dbias"), got, lowp, want):
+        assert_close_to_fp64(g, lp, r, name=name, atol=1e-4)

@@ -18,6 +18,7 @@ from opensora_fast.models.vae_temporal import (
     ResBlock,
     TemporalVAEConfig,
     VAE_Temporal_SD,
+    channels_last,
     depth_to_time,
 )
 
@@ -454,3 +455,39 @@ def test_spatial_vae_group_norm_silu_matches_diffusers(monkeypatch):
     assert len(spy.of("_group_norm_silu_fwd")) == ours.fused_norms
     for name, g, w32, w64 in zip(("latent mode", "decoded"), got, want_32, want_64):
         assert_close_to_fp64(g, w32, w64, name=name)
+
+
+def test_temporal_vae_backward_runs_channels_last_fast_path(monkeypatch):
+    """Training: the gradients inside the temporal VAE stay channels_last_3d too, so the backward convs
+    (dX and dW) of 128-channel layers run the FAST variant and GroupNorm+SiLU's backward the packed
+    channels-last layout; gradients match the reference path (fp32 kernels vs fp32 reference vs fp64)."""
+    _interpreter_or_cuda()
+    torch.manual_seed(0)
+    block, down = ResBlock(128, 128, num_groups=32), CausalConv3d(128, 128, 3, stride_t=2)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    x = torch.randn(1, 128, 4, 2, 3, dtype=torch.float64)
+    dy = torch.randn(1, 128, 2, 2, 3, dtype=torch.float64)
+    params = [*block.parameters(), *down.parameters()]
+
+    def run(backend, dtype):
+        monkeypatch.setenv("OPENSORA_FAST_BACKEND", backend)
+        block.to(dtype), down.to(dtype)
+        xx = channels_last(x.to(dtype)).requires_grad_()
+        y = down(block(xx))
+        return (y, *torch.autograd.grad(y, [xx, *params], dy.to(dtype)))
+
+    want = run("reference", torch.float64)
+    spy = _LaunchSpy(monkeypatch)
+    got = run("triton", torch.float32)
+    for kernel in ("_causal_conv3d_fwd", "_causal_conv3d_bwd_dx", "_causal_conv3d_bwd_dw"):
+        launches = spy.of(kernel)
+        assert len(launches) >= 3 and all(a["FAST"] for a in launches), kernel
+    for kernel in ("_group_norm_silu_fwd", "_group_norm_silu_bwd_reduce", "_group_norm_silu_bwd_dx"):
+        launches = spy.of(kernel)
+        assert len(launches) == 2 and all(a["LAYOUT"] == 1 for a in launches), kernel
+    lowp = run("reference", torch.float32)
+    for i, (g, lp, w) in enumerate(zip(got, lowp, want)):
+        assert_close_to_fp64(g, lp, w, name=f"result {i}", atol=1e-4)

@@ -234,14 +234,20 @@ def _num_programs(n_blocks: int, device: torch.device) -> int:
     return max(1, min(n_blocks, 4 * sms))
 
 
+_DQ_PARTIAL_BUDGET = 1 << 30  # bytes of fp32 dQ partials beyond the first split
+
+
 def _n_split(p: Problem, max_lk: int, device: torch.device) -> int:
-    """Key splits per (sequence, head) in the backward: enough programs for two waves on the GPU (each
-    split costs an fp32 dQ partial of the size of q); two under the interpreter, to test the reduction."""
+    """Key splits per (sequence, head) in the backward. Each split is one more program per (sequence,
+    head) and one more fp32 dQ partial of q's shape: on a GPU, enough splits for two waves of programs,
+    at most one per key block, and the extra partials within 1 GiB (720p-2s spatial: 2 splits of 249 MB;
+    720p-16s cross-attention, 4 GB per partial: 1). Two under the interpreter, to test the reduction."""
     sms = sm_count(device)
     if sms is None:  # interpreter: always two splits (also a split without key blocks at tiny shapes)
         return 2
-    blocks = max(1, triton.cdiv(max_lk, 64))
-    return max(1, min(blocks, triton.cdiv(2 * sms, p.Z * p.H)))
+    blocks = max(1, triton.cdiv(max_lk, _BWD_TABLE[_dclass(p.D)][0].kwargs["BLOCK_N"]))
+    budget = 1 + _DQ_PARTIAL_BUDGET // max(1, p.Z * p.H * p.Lq * p.D * 4)
+    return max(1, min(blocks, triton.cdiv(2 * sms, p.Z * p.H), budget))
 
 
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks, dvs, p: Problem, scale, eps,

@@ -93,6 +93,13 @@ class DiTTrainConfig:
     cache_latents: bool = option(
         False, "encode each clip once (posterior mode) instead of sampling the VAE posterior every step"
     )
+    num_workers: int | None = option(
+        None,
+        "DataLoader worker processes decoding clips ahead of the step (0: in the training process; default: "
+        "min(8, CPUs per local process - 1))",
+        parse=int,
+        metavar="N",
+    )
     sample_method: str = "logit-normal"
     use_timestep_transform: bool = True
     # image/video conditioning: a stage name of opensora_fast.masks.MASK_RATIOS, "none", or kind -> probability
@@ -136,6 +143,8 @@ class DiTTrainConfig:
             MaskGenerator(self.mask_ratios)  # raises ValueError naming a bad kind or ratio
         if self.sp_mode not in ("dsp", "ulysses", "fastseq"):
             raise ValueError(f"sp_mode must be 'dsp', 'ulysses' or 'fastseq', got {self.sp_mode!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.max_bad_clips < 0:
             raise ValueError(f"max_bad_clips must be >= 0, got {self.max_bad_clips}")
         if self.keep_last is not None and self.keep_last < 1:
@@ -166,6 +175,13 @@ class TrainRun:
         parse=_parse_buckets,
         metavar="TxHxW[,...]",
     )
+    bucket_config: str | dict | None = option(
+        None,
+        "Open-Sora's bucket_config (a .py stage config or a .json: resolution -> {num_frames: (keep probability, "
+        "batch size)}); replaces --buckets / --batch-size",
+        metavar="FILE",
+    )
+    frame_interval: int = option(1, "with --bucket-config: take every N-th frame (Open-Sora's frame_interval)")
     data_fps: float | None = option(None, "resample clips to this frame rate (default: as stored)", parse=float)
     vae: str | None = option(None, "OpenSoraVAE weights (local)", required=True)
     t5: str | None = option(None, "T5 encoder directory (local)", required=True)
@@ -463,14 +479,51 @@ class ClipLoader:
         self.bad: dict[int, str] = {}
         self.scan_bad = len(getattr(dataset, "bad", ()))
         self.groups: dict[tuple, list[int]] = {}
-        for i in range(len(dataset)):
-            self.groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
+        if hasattr(dataset, "bucket"):
+            for i in range(len(dataset)):
+                self.groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
 
     @property
     def count(self) -> int:
         return self.scan_bad + len(self.bad)
 
-    def __call__(self, i: int) -> tuple[int, dict]:
+    def _record(self, i: int, msg: str) -> None:
+        self.bad[i] = msg
+        self.report(f"skipped: {msg} ({self.count} bad clip(s), --max-bad-clips {self.limit})")
+        if self.count > self.limit:
+            raise TooManyBadClips(
+                f"{self.count} clips could not be read, more than --max-bad-clips {self.limit}; the last: {msg}"
+            )
+
+    def batch(self, b: dict) -> tuple[list[dict], torch.Tensor]:
+        """(items, stacked videos) of a DataLoader batch, a clip that failed to decode replaced: by the next
+        readable clip of its bucket (fixed buckets) or by another clip of the same batch (bucket_config)."""
+        items = b["items"]
+        if b["video"] is not None:
+            return items, b["video"]
+        good = [it for it in items if "bad" not in it]
+        out = []
+        for it in items:
+            if "bad" not in it:
+                out.append(it)
+            elif isinstance(it["key"], int):
+                j, got = self(it["key"])
+                out.append({**got, "key": j})
+            else:
+                if it["key"][0] not in self.bad:
+                    self._record(it["key"][0], it["bad"])
+                if not good:
+                    raise TooManyBadClips(f"every clip of a batch failed to decode; the last: {it['bad']}")
+                out.append(dict(good[len(out) % len(good)]))
+        return out, torch.stack([it["video"] for it in out])
+
+    def __call__(self, i) -> tuple[int, dict]:
+        if not isinstance(i, int):  # a bucket_config key: no replacement in this path (cache_latents)
+            try:
+                return i, self.dataset[i]
+            except BadClipError as e:
+                self._record(i[0], str(e))
+                raise TooManyBadClips(f"--cache-latents cannot replace a clip that failed to decode: {e}") from None
         group = self.groups[tuple(self.dataset.bucket(i))]
         k = group.index(i)
         for j in group[k:] + group[:k]:
@@ -486,6 +539,74 @@ class ClipLoader:
                         f"{self.count} clips could not be read, more than --max-bad-clips {self.limit}; the last: {e}"
                     ) from None
         raise TooManyBadClips(f"every clip of bucket {tuple(self.dataset.bucket(i))} failed to decode")
+
+
+def _clip(key) -> int:
+    return key if isinstance(key, int) else key[0]
+
+
+def _key_shape(dataset, key) -> tuple[int, int, int]:
+    return tuple(dataset.bucket(key)) if isinstance(key, int) else tuple(key[1:4])
+
+
+def _batch_keys(dataset, cfg: DiTTrainConfig, dp_rank: int, dp: int, log: Callable[[str], None]):
+    """Endless lists of item keys: an Open-Sora bucket_config dataset draws buckets, crops and per-bucket batch
+    sizes every epoch (``data.BucketSampler``); a fixed-bucket dataset gives index batches of ``cfg.batch_size``."""
+    from opensora_fast.data import BucketSampler
+
+    if hasattr(dataset, "assigner"):
+        return iter(BucketSampler(dataset, cfg.seed, dp_rank, dp, epoch_log=log))
+    return bucket_batches(dataset, cfg.batch_size, cfg.seed, dp_rank, dp)
+
+
+def default_num_workers() -> int:
+    """min(8, CPUs per local process - 1), at least 0."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, local) - 1))
+
+
+class _Items(torch.utils.data.Dataset):
+    """``dataset[key]`` in a DataLoader worker; a clip that fails to decode comes back as {"bad": message}."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key):
+        try:
+            return {**self.dataset[key], "key": key}
+        except BadClipError as e:
+            return {"bad": str(e), "key": key}
+
+
+def _collate(items: list[dict]) -> dict:
+    """Stacked videos when every clip decoded (in the worker, so the main process only copies to the device)."""
+    if any("bad" in it for it in items):
+        return {"items": items, "video": None}
+    video = torch.stack([it.pop("video") for it in items])
+    return {"items": items, "video": video}
+
+
+class _Batches:
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return self.it
+
+
+def _loader(dataset, batches, num_workers: int | None, dev: torch.device):
+    """A ``torch.utils.data.DataLoader`` over the key batches: ``num_workers`` processes decode ahead (2 batches
+    each), pinned memory on CUDA."""
+    n = default_num_workers() if num_workers is None else num_workers
+    kw = dict(prefetch_factor=2) if n > 0 else {}
+    return torch.utils.data.DataLoader(
+        _Items(dataset),
+        batch_sampler=_Batches(batches),
+        num_workers=n,
+        collate_fn=_collate,
+        pin_memory=dev.type == "cuda",
+        **kw,
+    )
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -570,7 +691,8 @@ def train_dit(
         with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
             return vae.encode(video.to(dev, vae.dtype), sample=sample, generator=generator).float()
 
-    batches = bucket_batches(dataset, cfg.batch_size, cfg.seed, dp_rank, dp)  # one sample set per sp group
+    prefix = f"rank {rank}: " if _is_dist() else ""
+    batches = _batch_keys(dataset, cfg, dp_rank, dp, lambda msg: rank == 0 and tqdm.write(msg))  # per sp group
     for _ in range(start):  # batches the resumed run already consumed
         next(batches)
     if log_path and rank == 0:
@@ -578,30 +700,36 @@ def train_dit(
         _truncate_log(log_path, start)
     log = open(log_path, "a") if (log_path and rank == 0) else None
     losses, last_ckpt = [], (ck["path"] if resume else None)
-    prefix = f"rank {rank}: " if _is_dist() else ""
     load = ClipLoader(dataset, cfg.max_bad_clips, lambda msg: tqdm.write(prefix + msg, file=sys.stderr))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="STDiT3", disable=not progress or rank)
+    fetched = None if cfg.cache_latents else iter(_loader(dataset, batches, cfg.num_workers, dev))
+    data_s = 0.0
     try:
         for step in bar:
             t0 = time.perf_counter()
-            idx = next(batches)
+            if fetched is not None:
+                items, video = load.batch(next(fetched))
+                idx = [it["key"] for it in items]
+            else:
+                idx = next(batches)
+            data_s = time.perf_counter() - t0
             seed = _step_seed(cfg.seed, step, dp_rank)  # the same draws on the ranks of an sp group
             torch.manual_seed(seed)  # caption dropout (CaptionEmbedder) draws from the global RNG
             g_cpu = torch.Generator().manual_seed(seed)
             g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
-            if cfg.cache_latents:
-                for i in idx:
+            if cfg.cache_latents:  # one latent per clip (with bucket_config: its first draw's crop)
+                for k in idx:
+                    i = _clip(k)
                     if i not in latents:
-                        _, it = load(i)
+                        _, it = load(k)
                         meta = {k: v for k, v in it.items() if k != "video"}
                         latents[i] = (encode(it["video"][None], False, None)[0].cpu(), meta)
-                items = [latents[i][1] for i in idx]
-                z = torch.stack([latents[i][0] for i in idx]).to(dev)
+                items = [latents[_clip(k)][1] for k in idx]
+                z = torch.stack([latents[_clip(k)][0] for k in idx]).to(dev)
             else:
-                items = [load(i)[1] for i in idx]
-                z = encode(torch.stack([it["video"] for it in items]), True, g_dev)
+                z = encode(video, True, g_dev)
             B = z.shape[0]
-            T, H, W = dataset.bucket(idx[0])
+            T, H, W = _key_shape(dataset, idx[0])
             y, mask = texts([it["text"] for it in items], dev)
 
             hw_t = torch.tensor([[float(H), float(W), float(T)]], device=dev).expand(B, 3)
@@ -637,8 +765,10 @@ def train_dit(
                 "lr": cfg.lr_at(step),
                 "grad_norm": float(_full(gn)),
                 "samples_per_s": B * dp / dt,
+                "data_s": data_s,
                 "tokens_per_s": tokens / dt,
                 "shape": [T, H, W],
+                "batch": B,
             }
             if load.count:
                 rec["bad_clips"] = load.count
@@ -662,6 +792,7 @@ def train_dit(
                 )
     finally:
         bar.close()
+        del fetched  # stops the DataLoader's workers
         if log is not None:
             log.close()
     return TrainResult(losses, start + len(losses), last_ckpt, model, ema)
@@ -852,7 +983,7 @@ def run_train(args) -> int:
     checkpoints/}``."""
     import shutil
 
-    from opensora_fast.data import VideoTextDataset
+    from opensora_fast.data import BucketConfigDataset, VideoTextDataset
     from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
     from opensora_fast.text import T5TextEncoder
 
@@ -894,9 +1025,27 @@ def run_train(args) -> int:
         cfg = options_from(DiTTrainConfig, args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    dataset = VideoTextDataset(require_path(args.data, "--data", "the data CSV"), args.buckets, fps=args.data_fps)
-    if rank == 0 and dataset.dropped:
-        print(f"{len(dataset.dropped)} clip(s) shorter than every bucket were left out")
+    data_csv = require_path(args.data, "--data", "the data CSV")
+    bucket_config = getattr(args, "bucket_config", None)
+    if bucket_config:
+        if "buckets" in explicit:
+            raise UsageError("--bucket-config and --buckets exclude each other (the bucket_config names the buckets)")
+        if args.data_fps is not None:
+            raise UsageError("--data-fps is not used with --bucket-config (clips keep their fps / --frame-interval)")
+        try:
+            dataset = BucketConfigDataset(data_csv, bucket_config, getattr(args, "frame_interval", 1))
+        except ValueError as e:
+            raise UsageError(f"--bucket-config: {e}") from None
+        left_out = dataset.left_out
+    else:
+        dataset = VideoTextDataset(data_csv, args.buckets, fps=args.data_fps)
+        shortest = min(b[0] for b in args.buckets)
+        left_out = [(p, f"shorter than every bucket ({shortest} frames)") for p in dataset.dropped]
+    if rank == 0:
+        for path, why in left_out:
+            print(f"left out: {path}: {why}", file=sys.stderr)
+        if left_out:
+            print(f"{len(left_out)} clip(s) left out (listed above with the reason)")
     if rank == 0:
         for _, line, why in dataset.bad:
             print(f"skipped: {why} ({args.data} line {line})", file=sys.stderr)

@@ -714,7 +714,7 @@ def test_train_presets_set_the_stage_values_unless_given():
     # the preset's options are options of train
     fields = {a.dest for a in _train_parser()._actions}
     for p in cs.PRESETS.values():
-        assert set(p) - {"bucket_config"} <= fields, set(p) - fields  # bucket_config: the data pipeline (next)
+        assert set(p) <= fields, set(p) - fields
 
 
 def test_programs_do_not_import_each_other_in_a_cycle():
@@ -736,3 +736,36 @@ def test_programs_do_not_import_each_other_in_a_cycle():
 
     assert "sample" not in imported("train")
     assert not imported("common") & {"train", "sample", "demo", "cli", "vae_train"}
+
+
+def test_train_with_a_bucket_config_file_lists_left_out_clips_and_resumes(
+    weights, data_csv, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    from opensora_fast import data as D
+    from opensora_fast.io import write_video
+
+    monkeypatch.setitem(D.RESOLUTION_AREAS, "256", 16 * 16)  # the 16 x 16 clips fill "256"
+    d = tmp_path / "d"
+    shutil.copytree(os.path.dirname(data_csv), d)
+    write_video(str(d / "videos" / "short.mp4"), D.synthetic_clip("red", "square", "up", 3, (16, 16)), 8)
+    with open(d / "data.csv", "a") as f:
+        f.write("videos/short.mp4,a short clip\n")
+    cfg = tmp_path / "stage.py"
+    cfg.write_text('bucket_config = {"256": {1: (1.0, 4), 5: (1.0, 3), 8: ((1.0, 0.5), 2)}}\n')
+    argv = ["train", "--data", str(d / "data.csv"), "--vae", weights["vae"], "--t5", weights["t5"],
+            "--model-config", "tiny", "--bucket-config", str(cfg), "--num-workers", "1", "--lr", "1e-3",
+            "--warmup-steps", "2", "--ckpt-every", "2", "--no-progress"]  # fmt: skip
+    assert cli.main([*argv, "--steps", "4", "--out-dir", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "left out: " in err and "short.mp4: 3 frames" in err  # named, with the reason
+    assert cli.main([*argv, "--steps", "2", "--out-dir", str(tmp_path / "b")]) == 0
+    assert cli.main(["train", "--data", str(d / "data.csv"), "--vae", weights["vae"], "--t5", weights["t5"],
+                     "--steps", "4", "--out-dir", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0  # fmt: skip
+    la = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    lb = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb] and {r["batch"] for r in la} <= {2, 3}
+    capsys.readouterr()
+    assert cli.main([*argv, "--steps", "1", "--out-dir", str(tmp_path / "c"), "--buckets", "9x16x16"]) == 2
+    assert "--bucket-config and --buckets exclude each other" in capsys.readouterr().err

@@ -317,3 +317,48 @@ def test_bad_clips_are_skipped_counted_and_limited(setup, tmp_path, capsys):
     with pytest.raises(T.TooManyBadClips, match=r"more than --max-bad-clips 0.*blue_circle_up_0\.mp4"):
         T.train_dit(cfg(steps=4, ckpt_every=100, max_bad_clips=0), ds, tiny_model(), setup["vae"], setup["text"],
                     device="cpu", progress=False)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: the DataLoader pipeline and Open-Sora's bucket_config
+
+
+@pytest.fixture
+def small_256(monkeypatch):
+    """Resolution "256" shrunk to 16 x 16 pixels so the 16 x 16 synthetic clips fill it (it has no Open-Sora
+    size table: its bucket sizes come from the area)."""
+    from opensora_fast import data as D
+
+    monkeypatch.setitem(D.RESOLUTION_AREAS, "256", 16 * 16)
+
+
+def test_dataloader_workers_give_the_same_losses_and_exact_resume(setup, tmp_path):
+    one = run(setup, cfg(steps=4, num_workers=0))
+    two = run(setup, cfg(steps=4, num_workers=2))
+    assert one.losses == two.losses  # decoding in 2 worker processes changes nothing
+    first = run(setup, cfg(steps=2, num_workers=2), ckpt_dir=str(tmp_path / "w"))
+    resumed = run(
+        setup, cfg(steps=4, num_workers=2), model=tiny_model(seed=9), ckpt_dir=str(tmp_path / "w"), resume="auto"
+    )
+    assert first.losses + resumed.losses == one.losses
+
+
+def test_bucket_config_training_draws_per_bucket_batches_and_resumes_exactly(setup, small_256, tmp_path, capsys):
+    from opensora_fast.data import BucketConfigDataset
+
+    csv_path = os.path.join(str(setup["root"]), "data", "data.csv")
+    # 9-frame clips: length 5 (T > 5) in batches of 3; length 8 is tried with probability 0.5, in batches of 2
+    ds = BucketConfigDataset(csv_path, {"256": {1: (1.0, 4), 5: (1.0, 3), 8: ((1.0, 0.5), 2)}})
+    assert len(ds) == 16 and not ds.left_out
+    setup_b = {**setup, "data": ds}
+    log = tmp_path / "log.jsonl"
+    a = run(setup_b, cfg(steps=6, num_workers=1), log_path=str(log))
+    recs = [json.loads(line) for line in open(log)]
+    assert {(tuple(r["shape"]), r["batch"]) for r in recs} == {((5, 16, 16), 3), ((8, 16, 16), 2)}
+    out = capsys.readouterr().out
+    assert "not drawn by the keep probabilities" in out
+    b1 = run(setup_b, cfg(steps=3, num_workers=1), ckpt_dir=str(tmp_path / "c"))
+    b2 = run(
+        setup_b, cfg(steps=6, num_workers=1), model=tiny_model(seed=9), ckpt_dir=str(tmp_path / "c"), resume="auto"
+    )
+    assert b1.losses + b2.losses == a.losses

@@ -106,6 +106,7 @@ def opensora_case(T, H, W):
         "dx_err": (xs.grad - xp.grad).abs().max().item(),
         "grad_rel_err": grad_rel_err(single, par),
         "n_grads": sum(q.grad is not None for q in par.parameters()),
+        "depth": 2,
         "overlaps": overlaps(ev),
     }
 
@@ -121,7 +122,10 @@ def main():
         res = opensora_case(T, H, W)
     else:
         torch.manual_seed(0)
-        cfg = STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8, depth=2)
+        kernels = sys.argv[3] == "kernels"  # the interpreter is slow: depth 1, no overlap=False run
+        depth = 1 if kernels else 2
+        heads = 6 if world // bp == 3 else 2  # Ulysses / FastSeq need heads divisible by the sequence group
+        cfg = STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8, depth=depth, num_heads=heads)
         single = STDiT3(cfg).eval()  # eval: no caption dropout; gradients still flow
         with torch.no_grad():  # no zero-initialised paths
             for n, q in single.named_parameters():
@@ -136,13 +140,22 @@ def main():
             P.parallelize(m, mesh, sp_mode=mode, cfg_parallel=bp > 1, overlap=ov)
         sync = P.GradSync(par, seq_group, bucket_mb=0.02) if seq_group is not None else None
         x, t, y, args, go = inputs(T, H, W)
+        if kernels:  # the one-process oracle on the reference path (the interpreter is slow)
+            os.environ["OPENSORA_FAST_BACKEND"] = "reference"
         out_s, xs = run(single, x, t, y, args, go)
+        if kernels:
+            os.environ["OPENSORA_FAST_BACKEND"] = "triton"
         with P.record_schedule() as ev:
             out_p, xp = run(par, x, t, y, args, go)
-        out_o, xo = run(off, x, t, y, args, go)
-        if seq_group is not None:
-            P.all_reduce_grads(off, seq_group)
-        for g in (xp.grad, xo.grad):  # each rank's input gradient covers its own tokens / samples
+        if kernels:
+            off, out_o, xo = par, out_p, xp
+        else:
+            out_o, xo = run(off, x, t, y, args, go)
+            P.all_reduce_grads(off)  # over the whole (cfg x seq) world
+        if bp > 1:  # CFG parallel: each rank's parameter gradients cover its own samples
+            P.all_reduce_grads(par, mesh.get_group("cfg") if mesh is not None else None)
+        # each rank's input gradient covers its own tokens / samples (xo is xp in the kernels case)
+        for g in {id(xp.grad): xp.grad, id(xo.grad): xo.grad}.values():
             dist.all_reduce(g)
         n_buckets = len(sync.buckets) if sync is not None else 0
         res = {
@@ -156,8 +169,11 @@ def main():
             "off_grad_rel_err": grad_rel_err(single, off),
             "n_grads": sum(q.grad is not None for q in par.parameters()),
             "n_buckets": n_buckets,
-            "wrapped": [isinstance(getattr(b.forward, "__func__", None), P._ParallelBlock)
-                        for b in [*par.spatial_blocks, *par.temporal_blocks]],  # fmt: skip
+            "depth": depth,
+            "wrapped": [
+                isinstance(getattr(b.forward, "__func__", None), P._ParallelBlock)
+                for b in [*par.spatial_blocks, *par.temporal_blocks]
+            ],  # fmt: skip
             "model_forward_wrapped": isinstance(par.__dict__.get("forward"), types.MethodType),
             "overlaps": overlaps(ev),
         }

@@ -38,64 +38,65 @@ def _overlapped(res, prefix):
     return [n for n in names if res["overlaps"][n]], names
 
 
+def _check_schedule(res, mode):
+    """Each collective is issued asynchronously and waited on only after independent compute ran, forward
+    and backward; only a pipeline's first piece (forward) / last piece (backward) may drain uncovered."""
+    ov = res["overlaps"]
+    if mode == "dsp":  # the layout switches in 2 pieces each
+        for kind in ("dsp.to_tokens", "dsp.to_frames"):
+            assert ov[f"{kind}[1]"] and ov[f"{kind}[1].bwd"]
+    elif mode == "ulysses":  # q, k, v and output all-to-alls in 2 pieces
+        for n in ("qkv_a2a[0]", "qkv_a2a[1]", "out_a2a[0]", "out_a2a[1]"):
+            assert ov[f"ulysses.{n}"], n
+        for n in ("qkv_a2a[1]", "out_a2a[0]", "out_a2a[1]"):
+            assert ov[f"ulysses.{n}.bwd"], n
+    else:  # the other ranks' tokens in flight while this rank's are projected; reduce-scatter vs dW
+        gathers = [n for n in ov if n.startswith("fastseq.gather")]
+        assert gathers and all(ov[n] for n in gathers) and ov["fastseq.reduce_scatter"]
+    # the gradient sum ran in buckets during the backward: the last layers' bucket was in flight while
+    # earlier blocks' backward ran
+    assert res["n_buckets"] > 3 and ov["grad_sync[0]"]
+
+
 @pytest.mark.parametrize(
     "nproc,size,path,bp,mode",
     [
         (2, "3,6,10", "reference", 1, "dsp"),  # T 3 over 2 ranks (a padded frame), S 15 (a padded position)
         (3, "5,4,6", "reference", 1, "dsp"),  # 3 ranks: T 5 -> 2 + 2 + 1 padded, S 6 -> 2 each
         (2, "1,6,10", "reference", 1, "dsp"),  # an image: rank 1 holds only a padding frame
-        (2, "3,6,10", "kernels", 1, "dsp"),  # the Triton kernels under the interpreter
+        (2, "2,4,6", "kernels", 1, "dsp"),  # the Triton kernels (interpreter) vs one process on the reference
         (2, "3,6,10", "reference", 1, "ulysses"),  # S 15 over 2 ranks: a padded position, cropped for attention
+        (3, "5,4,7", "reference", 1, "ulysses"),  # 6 heads over 3 ranks, 2 per rank: head groups
         (2, "3,6,10", "reference", 1, "fastseq"),
-        (3, "5,4,6", "reference", 1, "fastseq"),  # 3 ranks need 3 | heads: skipped below (2 heads)
+        (3, "5,4,7", "reference", 1, "fastseq"),
         (2, "3,6,10", "reference", 2, "dsp"),  # CFG parallel (the batch split): no sequence parallelism
         (4, "3,6,10", "reference", 2, "ulysses"),  # cfg 2 x sequence 2
         (4, "3,6,10", "reference", 1, "dsp"),  # 4 ranks: T 3 -> one frame each and a padding rank
     ],
 )
 def test_parallel_equals_one_process_and_no_overlap(tmp_path, nproc, size, path, bp, mode):
-    if mode != "dsp" and 2 % (nproc // bp):
-        pytest.skip("the tiny STDiT3 has 2 heads")
     res = _run(tmp_path, nproc, size, path, bp, mode)
     sp = nproc // bp > 1
-    assert res["wrapped"] == [sp] * 4 and res["model_forward_wrapped"] == (bp > 1)
-    assert res["out_err"] <= 1e-5 * res["out_scale"] and res["off_out_err"] <= 1e-5 * res["out_scale"]
-    assert res["off_err"] <= 1e-5 * res["out_scale"]
-    assert res["dx_err"] <= 1e-5 and res["off_dx_err"] <= 1e-5
-    assert res["n_grads"] > 80 and res["grad_rel_err"] <= 1e-5 and res["off_grad_rel_err"] <= 1e-5
-    if sp:
-        # the gradient sum ran in buckets during the backward: the last layers' bucket was in flight
-        # while earlier blocks' backward ran
-        assert res["n_buckets"] > 3 and res["overlaps"]["grad_sync[0]"]
-
-
-@pytest.mark.parametrize("mode", ["dsp", "ulysses", "fastseq"])
-def test_schedule_proves_overlap(tmp_path, mode):
-    """Each collective is issued asynchronously and waited on only after independent compute ran, forward
-    and backward; only the pipeline's first piece (forward) / last piece (backward) may drain uncovered."""
-    res = _run(tmp_path, 2, "3,6,10", "reference", 1, mode)
-    if mode == "dsp":  # the layout switches in 2 pieces each, two switches of each kind at depth 2
-        for kind in ("dsp.to_tokens", "dsp.to_frames"):
-            fwd = [n for n in res["overlaps"] if n.startswith(kind) and not n.endswith(".bwd")]
-            assert len(fwd) == 2
-            assert res["overlaps"][f"{kind}[1]"] and res["overlaps"][f"{kind}[1].bwd"]
-    elif mode == "ulysses":  # q, k, v and output all-to-alls in 2 pieces
-        for n in ("qkv_a2a[0]", "qkv_a2a[1]", "out_a2a[0]", "out_a2a[1]"):
-            assert res["overlaps"][f"ulysses.{n}"], n
-        for n in ("qkv_a2a[1]", "out_a2a[0]", "out_a2a[1]"):
-            assert res["overlaps"][f"ulysses.{n}.bwd"], n
-    else:  # the other rank's tokens in flight while this rank's are projected; reduce-scatter vs dW
-        assert res["overlaps"]["fastseq.gather[1]"] and res["overlaps"]["fastseq.reduce_scatter"]
+    tol = 1e-4 if path == "kernels" else 1e-5  # kernels: fp32 kernel vs reference rounding
+    assert res["wrapped"] == [sp] * 2 * res["depth"] and res["model_forward_wrapped"] == (bp > 1)
+    assert res["out_err"] <= tol * res["out_scale"] and res["off_out_err"] <= tol * res["out_scale"]
+    assert res["off_err"] <= tol * res["out_scale"]
+    assert res["dx_err"] <= tol and res["off_dx_err"] <= tol
+    assert res["n_grads"] > 40 * res["depth"] and res["grad_rel_err"] <= tol and res["off_grad_rel_err"] <= tol
+    T, H, W = (int(v) for v in size.split(","))
+    p = nproc // bp
+    if sp and (mode != "dsp" or (-(-T // p) > 1 and -(-(H // 2) * (W // 2) // p) > 1)):  # 2 pieces per switch
+        _check_schedule(res, mode)
 
 
 @pytest.mark.parametrize("nproc", [2])
 def test_apply_opensora_sequence_parallel(tmp_path, nproc):
     """Open-Sora's inference / zero2-seq set-up: its model built with enable_sequence_parallelism splits the
     tokens itself; after apply() its spatial blocks run Ulysses on our kernels; equal to one process."""
-    res = _run(tmp_path, nproc, "3,8,6", "reference", 1, "opensora")
+    res = _run(tmp_path, nproc, "3,8,6", "reference", 1, "opensora")  # S 12: Open-Sora needs S % p == 0
     assert res["raw_err"] > 1e-3 * res["out_scale"]  # without apply the spatial attention is local: wrong
     assert res["out_err"] <= 1e-5 * res["out_scale"] and res["dx_err"] <= 1e-5
-    assert res["n_grads"] > 80 and res["grad_rel_err"] <= 1e-5
+    assert res["n_grads"] > 40 * res["depth"] and res["grad_rel_err"] <= 1e-5
     assert res["overlaps"]["ulysses.qkv_a2a[1]"]
 
 

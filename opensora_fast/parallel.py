@@ -681,6 +681,77 @@ class GradSync:
         self._inflight, self._queued = [], False
 
 
+# ---- the VAE over the same ranks: temporal micro chunks are independent ------------------------------------
+
+
+def _gather_chunks(buf: torch.Tensor, group, dst: int):
+    """buf (per, ...) from every rank -> [buf of rank 0, rank 1, ...] on group rank ``dst`` (None elsewhere)."""
+    p = dist.get_world_size(group)
+    parts = [torch.empty_like(buf) for _ in range(p)] if dist.get_rank(group) == dst else None
+    dist.gather(buf, parts, dst=dist.get_global_rank(group, dst), group=group)
+    return parts
+
+
+@torch.no_grad()
+def parallel_decode(vae, latents: torch.Tensor, num_frames: int, group=None, *, dst: int = 0,
+                    spatial_tile: int | None = None):  # fmt: skip
+    """``vae.decode(latents, num_frames)`` (an OpenSoraVAE) split over the ranks of ``group``: the temporal
+    VAE's micro chunks (17 frames for the release) are independent, so rank r decodes chunks r, r + p, ...
+    (temporal then 2D VAE), and the frames are gathered once, on group rank ``dst``, which gets the clamped
+    video (B, 3, num_frames, H, W); other ranks get None. Identical to one process."""
+    group = group if group is not None else dist.group.WORLD
+    vae._check_latents(latents, num_frames)
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    mz, m = vae.micro_z_frame_size, vae.cfg.micro_frame_size
+    n = math.ceil(latents.shape[2] / mz)
+    B, _, _, h, w = latents.shape
+    f, C = vae.cfg.spatial.downsample, vae.cfg.spatial.in_channels
+    buf = torch.zeros(math.ceil(n / p), B, C, m, h * f, w * f, dtype=vae.dtype, device=vae.device)
+    for i, k in enumerate(range(r, n, p)):
+        z = latents[:, :, k * mz : (k + 1) * mz].to(device=vae.device, dtype=vae.dtype)
+        z = z * vae.scale.to(z.dtype) + vae.shift.to(z.dtype)
+        frames = vae._spatial_decode(vae.temporal_vae.decode(z, num_frames=min(m, num_frames - k * m)), spatial_tile)
+        buf[i, :, :, : frames.shape[2]] = frames.clamp_(-1, 1)
+    parts = _gather_chunks(buf, group, dst)
+    if parts is None:
+        return None
+    out = torch.empty(B, C, num_frames, h * f, w * f, dtype=vae.dtype, device=latents.device)
+    for k in range(n):
+        t0 = k * m
+        nf = min(m, num_frames - t0)
+        out[:, :, t0 : t0 + nf] = parts[k % p][k // p, :, :, :nf].to(out.device)
+    return out
+
+
+@torch.no_grad()
+def parallel_encode(vae, video: torch.Tensor, group=None, *, dst: int = 0) -> torch.Tensor | None:
+    """``vae.encode(video, sample=False)`` split over the ranks of ``group`` by 17-frame chunk (rank r encodes
+    chunks r, r + p, ...), gathered once on group rank ``dst`` (None elsewhere). Posterior means only: a
+    sampled encode draws its noise chunk after chunk from one generator."""
+    group = group if group is not None else dist.group.WORLD
+    vae._check_video(video)
+    p, r = dist.get_world_size(group), dist.get_rank(group)
+    B, _, T, H, W = video.shape
+    m, mz = vae.cfg.micro_frame_size, vae.micro_z_frame_size
+    n = math.ceil(T / m)
+    t, h, w = vae.get_latent_size((T, H, W))
+    buf = torch.zeros(math.ceil(n / p), B, vae.out_channels, mz, h, w, dtype=vae.dtype, device=vae.device)
+    for i, k in enumerate(range(r, n, p)):
+        chunk = video[:, :, k * m : (k + 1) * m].to(device=vae.device, dtype=vae.dtype)
+        z = vae.temporal_vae.encode(vae._spatial_encode(chunk, False)).mode()
+        z = (z - vae.shift.to(z.dtype)) / vae.scale.to(z.dtype)
+        buf[i, :, :, : z.shape[2]] = z
+    parts = _gather_chunks(buf, group, dst)
+    if parts is None:
+        return None
+    out = torch.empty(B, vae.out_channels, t, h, w, dtype=vae.dtype, device=video.device)
+    for k in range(n):
+        z0 = k * mz
+        nz = min(mz, t - z0)
+        out[:, :, z0 : z0 + nz] = parts[k % p][k // p, :, :, :nz].to(out.device)
+    return out
+
+
 SP_MODES = ("dsp", "ulysses", "fastseq")
 
 
@@ -980,6 +1051,8 @@ __all__ = [
     "fastseq_attention",
     "frames_to_tokens",
     "gather_tokens",
+    "parallel_decode",
+    "parallel_encode",
     "parallel_mesh",
     "parallelize",
     "record_schedule",

@@ -111,6 +111,24 @@ def opensora_case(T, H, W):
     }
 
 
+def vae_case(T, H, W):
+    """parallel_decode / parallel_encode (posterior means) against the same tiny VAE in one process."""
+    from test_vae import tiny_vae
+
+    vae = tiny_vae()
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(2, 3, T, H, W, generator=g) * 2 - 1
+    lat = torch.randn(2, vae.out_channels, vae.latent_frames(T), H // 2, W // 2, generator=g)
+    dec, enc = P.parallel_decode(vae, lat, T), P.parallel_encode(vae, video)
+    if dist.get_rank() != 0:
+        assert dec is None and enc is None
+        return {}
+    dec_s, enc_s = vae.decode(lat, T), vae.encode(video, sample=False)
+    assert dec.shape == dec_s.shape and enc.shape == enc_s.shape
+    err = {"dec_err": (dec - dec_s).abs().max().item(), "enc_err": (enc - enc_s).abs().max().item()}
+    return {**err, "dec_shape": list(dec.shape), "enc_shape": list(enc.shape)}
+
+
 def main():
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -120,6 +138,8 @@ def main():
     mode = sys.argv[5] if len(sys.argv) > 5 else "dsp"
     if mode == "opensora":
         res = opensora_case(T, H, W)
+    elif mode == "vae":
+        res = vae_case(T, H, W)
     else:
         torch.manual_seed(0)
         kernels = sys.argv[3] == "kernels"  # the interpreter is slow: depth 1, no overlap=False run

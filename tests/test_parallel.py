@@ -100,6 +100,15 @@ def test_apply_opensora_sequence_parallel(tmp_path, nproc):
     assert res["overlaps"]["ulysses.qkv_a2a[1]"]
 
 
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_vae_split_by_temporal_chunk(tmp_path, nproc):
+    """40 frames = 3 temporal chunks (17, 17, 6) over 2 ranks (uneven) and 3 ranks: decode and encode
+    (posterior means) gathered on rank 0 equal one process."""
+    res = _run(tmp_path, nproc, "40,8,8", "reference", 1, "vae")
+    assert res["dec_shape"] == [2, 3, 40, 8, 8] and res["enc_shape"][2] == 12
+    assert res["dec_err"] == 0 and res["enc_err"] == 0
+
+
 def test_layout_shapes_and_local_x_mask():
     lay = SeqLayout(T=5, S=7, world=3, rank=2)
     assert (lay.Tp, lay.Sp) == (2, 3)

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 from opensora_fast.kernels import reference
-from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, use_triton
 from opensora_fast.kernels.layernorm_modulate import needs_int64
 
@@ -543,51 +542,6 @@ def causal_conv3d(x, weight, bias=None, *, stride=(1, 1, 1), padding_mode="zeros
     # the kernels read bias with unit stride (the weight is repacked anyway): copy any other (C_out,) view
     bias = None if bias is None else bias.contiguous()
     return _CausalConv3dFunction.apply(x, weight, bias, stride[0])
-
-
-# --------------------------------------------------------------------------------------------
-# sm_90 compile gate
-
-# (k_t, k_h, k_w, stride_t) of the temporal VAE's convolutions
-_VARIANTS = ((3, 3, 3, 1), (3, 3, 3, 2), (1, 1, 1, 1))
-
-
-def sm90_specs() -> list[KernelSpec]:
-    """dtype x (kernel size, stride) x kernel (forward, dX, dW) x [FAST (channels-last, C % 128 == 0)
-    x autotune config, or generic strides with its single config]."""
-    kernels = (
-        ("fwd", _causal_conv3d_fwd_kernel, {}),
-        ("bwd_dx", _causal_conv3d_bwd_dx_kernel, {}),
-        ("bwd_dw", _causal_conv3d_bwd_dw_kernel, {"DW": "fp32", "DB": "fp32"}),
-    )
-    specs = []
-    for dt in ("fp16", "bf16"):
-        for kt, kh, kw, st in _VARIANTS:
-            for fast in (True, False):
-                if fast:
-                    launches = [(k, c) for k in kernels for c in _GEMM_CONFIGS]
-                else:
-                    launches = [(kernels[0], _STRIDED_CONFIG), (kernels[1], _STRIDED_CONFIG)]
-                    launches.append((kernels[2], _DW_STRIDED_CONFIG))
-                for (name, fn, ptrs), (bm, bn, bk, nw, ns) in launches:
-                    jit = fn.fn  # the @triton.jit function under the autotuner
-                    cx = dict(
-                        KT=kt, KH=kh, KW=kw, STRIDE_T=st, FAST=fast, I64=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk
-                    )
-                    layout = "fast" if fast else "strided"
-                    tag = f"{dt},k={kt}{kh}{kw},st={st},{layout},{bm}x{bn}x{bk},w{nw}s{ns}"
-                    specs.append(
-                        KernelSpec(
-                            name=f"causal_conv3d_{name}[{tag}]",
-                            fn=jit,
-                            signature=signature(jit, dict(ptrs, **{"*": dt}), cx),
-                            constexprs=cx,
-                            num_warps=nw,
-                            num_stages=ns,
-                            uses_dot=True,
-                        )
-                    )
-    return specs
 
 
 __all__ = ["causal_conv3d"]

@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 from opensora_fast.kernels import reference
-from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, next_pow2, use_triton
 from opensora_fast.kernels.layernorm_modulate import needs_int64
 
@@ -575,60 +574,6 @@ def group_norm_silu(x, weight, bias, num_groups, *, eps=1e-5, silu=True):
     # the kernels read weight / bias with unit stride: copy other (C,) views (gradients flow back through)
     weight, bias = weight.contiguous(), bias.contiguous()
     return _GroupNormSiLUFunction.apply(x, weight, bias, num_groups, float(eps), bool(silu))
-
-
-# --------------------------------------------------------------------------------------------
-# sm_90 compile gate
-
-# Channels per group of the VAEs' GroupNorm(32) at C = 128, 256, 512 (next_pow2 of C / 32).
-_GATE_CG_P = (4, 8, 16)
-
-
-def sm90_specs() -> list[KernelSpec]:
-    """Every launchable config at the VAE's group widths (GroupNorm 32 at C = 128/256/512): dtype x
-    C/G x LAYOUT (channels-last packed: 128 // CG_P groups per program; contiguous packed and any
-    strides: 1 group) x autotune config (any strides: the first only) x kernel."""
-    kernels = (
-        ("stats", _group_norm_silu_stats_kernel, {"*": "{dt}", "Partial": "fp32"}),
-        (
-            "fwd",
-            _group_norm_silu_fwd_kernel,
-            {"*": "{dt}", "Partial": "fp32", "Mean": "fp32", "Rstd": "fp32"},
-        ),
-        (
-            "bwd_reduce",
-            _group_norm_silu_bwd_reduce_kernel,
-            {"*": "{dt}", "Mean": "fp32", "Rstd": "fp32", "PartialG": "fp32", "PartialC": "fp32"},
-        ),
-        (
-            "bwd_dx",
-            _group_norm_silu_bwd_dx_kernel,
-            {"*": "{dt}", "Mean": "fp32", "Rstd": "fp32", "PartialG": "fp32"},
-        ),
-    )
-    specs = []
-    for dt in ("fp16", "bf16"):
-        for cg_p in _GATE_CG_P:
-            for layout, mode, gpp in (
-                ("channels_last", 1, 128 // cg_p),
-                ("contiguous", 2, 1),
-                ("strided", 0, 1),
-            ):
-                for tile, nw in _CONFIGS if mode else _CONFIGS[:1]:
-                    for name, fn, ptrs in kernels:
-                        jit = fn.fn
-                        cx = dict(GPP=gpp, LAYOUT=mode, I64=False, CG=cg_p, CG_P=cg_p, TILE=tile)
-                        ptrs = {k: v.format(dt=dt) for k, v in ptrs.items()}
-                        specs.append(
-                            KernelSpec(
-                                name=f"group_norm_silu_{name}[{dt},CG={cg_p},{layout},tile={tile},w{nw}]",
-                                fn=jit,
-                                signature=signature(jit, ptrs, cx, {"eps": "fp32"}),
-                                constexprs=cx,
-                                num_warps=nw,
-                            )
-                        )
-    return specs
 
 
 __all__ = ["group_norm_silu"]

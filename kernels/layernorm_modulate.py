@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 from opensora_fast.kernels import reference
-from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, next_pow2, use_triton
 
 _CONFIGS = [
@@ -539,49 +538,3 @@ def add_layernorm_modulate(
         _as_rows(shift0) if m else None, _as_rows(scale0) if m else None,
         _as_rows(gate0) if (m and gate is not None) else None, x_mask, eps, True,
     )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------
-# Hopper compile gate: every autotune config x dtype x specialisation the public ops launch
-
-# (HAS_Y, HAS_GATE, HAS_LN, HAS_MASK) of layernorm_modulate, gated_residual, add_layernorm_modulate
-_VARIANTS = {
-    "layernorm_modulate": (False, False, True, False),
-    "layernorm_modulate+mask": (False, False, True, True),
-    "gated_residual": (True, True, False, False),
-    "gated_residual+mask": (True, True, False, True),
-    "add_layernorm_modulate": (True, True, True, False),
-    "add_layernorm_modulate+mask": (True, True, True, True),
-    "add_layernorm_modulate,nogate": (True, False, True, False),
-}
-
-
-def sm90_specs(C: int = 1152) -> list[KernelSpec]:
-    specs = []
-    for vname, (hy, hg, hl, hm) in _VARIANTS.items():
-        for dt in ("bf16", "fp16", "fp32"):
-            ptrs = {"*": dt, "Mean": "fp32", "Rstd": "fp32", "XMask": "i1", "DPart": "fp32"}
-            # add_layernorm_modulate's backward runs with or without a gradient for r
-            bwd_dr = (True, False) if (hy and hl) else (not hl,)
-            for kname, fn, extra, configs in (
-                ("fwd", _layernorm_modulate_fwd_kernel, {}, _CONFIGS),
-                *(
-                    ("bwd" + ("" if dr else "-no-dr"), _layernorm_modulate_bwd_kernel, {"HAS_DR": dr}, _BWD_CONFIGS)
-                    for dr in bwd_dr
-                ),
-            ):
-                for cfg, i64 in ((c, i) for c in configs for i in (False, True)):
-                    bm, nw = cfg.kwargs["BLOCK_M"], cfg.num_warps
-                    flags = dict(
-                        HAS_Y=hy, HAS_GATE=hg, HAS_LN=hl, HAS_MASK=hm, I64=i64, BLOCK_M=bm, BLOCK_C=next_pow2(C)
-                    )
-                    cx = {**flags, **extra}
-                    sig = signature(fn, ptrs, cx, scalars={"eps": "fp32"})
-                    tag = ",i64" if i64 else ""
-                    specs.append(
-                        KernelSpec(
-                            name=f"layernorm_modulate_{kname}[{vname},{dt},C={C},BM={bm},w={nw}{tag}]",
-                            fn=fn, signature=sig, constexprs=cx, num_warps=nw, num_stages=1,
-                        )
-                    )  # fmt: skip
-    return specs

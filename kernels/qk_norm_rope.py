@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 from opensora_fast.kernels import reference
-from opensora_fast.kernels._sm90 import KernelSpec, signature
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, next_pow2, use_triton
 from opensora_fast.kernels.layernorm_modulate import needs_int64, sm_count
 
@@ -271,28 +270,3 @@ def qk_norm_rope(q, k, q_weight, k_weight, *, eps=1e-6, cos=None, sin=None):
         QKNormRopeFunction.apply(q, q_weight, cos, sin, eps),
         QKNormRopeFunction.apply(k, k_weight, cos, sin, eps),
     )
-
-
-def sm90_specs() -> list[KernelSpec]:
-    specs = []
-    for D in (72, 64, 128):
-        for rope in (False, True):
-            for dt in ("bf16", "fp16", "fp32"):
-                for cfg in _CONFIGS:
-                    br, nw = cfg.kwargs["BLOCK_R"], cfg.num_warps
-                    for kname, fn, i64 in (
-                        (k, f, i)
-                        for k, f in (("fwd", _qk_norm_rope_fwd_kernel), ("bwd", _qk_norm_rope_bwd_kernel))
-                        for i in (False, True)
-                    ):
-                        cx = dict(HAS_ROPE=rope, I64=i64, BLOCK_R=br, BLOCK_D=next_pow2(D))
-                        tag = ",i64" if i64 else ""
-                        ptrs = {"*": dt, "Rstd": "fp32", "DWPart": "fp32", "Cos": "fp32", "Sin": "fp32"}
-                        specs.append(
-                            KernelSpec(
-                                name=f"qk_norm_rope_{kname}[D={D},rope={rope},{dt},BR={br},w={nw}{tag}]",
-                                fn=fn, signature=signature(fn, ptrs, cx, scalars={"eps": "fp32"}),
-                                constexprs=cx, num_warps=nw, num_stages=1,
-                            )
-                        )  # fmt: skip
-    return specs

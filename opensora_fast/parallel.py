@@ -956,6 +956,17 @@ def _groups_of(mesh, cfg_parallel):
     return grp(cfg_dim), grp(seq_dim)
 
 
+def _install_sequence_parallel(model, group, mode: str, overlap: bool, chunks: int) -> None:
+    """The per-instance block / final-layer forwards of ``parallelize`` over ``group`` (any size, 1 included:
+    bench/bench_parallel.py measures the machinery's own cost that way)."""
+    strat = _Strategy(group, mode, overlap, chunks)
+    for i, blk in enumerate(model.spatial_blocks):
+        blk.forward = types.MethodType(_ParallelBlock(strat, first=i == 0), blk)
+    for blk in model.temporal_blocks:
+        blk.forward = types.MethodType(_ParallelBlock(strat, first=False), blk)
+    model.final_layer.forward = types.MethodType(_ParallelFinal(strat), model.final_layer)
+
+
 def parallelize(model, mesh=None, *, sp_mode: str = "dsp", cfg_parallel: bool | None = None,
                 overlap: bool = True, chunks: int = 2):  # fmt: skip
     """Install sequence (and CFG / batch) parallelism on ``model``, an STDiT3 (ours, or Open-Sora's after
@@ -985,12 +996,7 @@ def parallelize(model, mesh=None, *, sp_mode: str = "dsp", cfg_parallel: bool | 
                          "use opensora_fast.apply(model) for it, or build it without and parallelize()")  # fmt: skip
     cfg_group, seq_group = _groups_of(mesh, cfg_parallel)
     if seq_group is not None:
-        strat = _Strategy(seq_group, sp_mode, overlap, chunks)
-        for i, blk in enumerate(model.spatial_blocks):
-            blk.forward = types.MethodType(_ParallelBlock(strat, first=i == 0), blk)
-        for blk in model.temporal_blocks:
-            blk.forward = types.MethodType(_ParallelBlock(strat, first=False), blk)
-        model.final_layer.forward = types.MethodType(_ParallelFinal(strat), model.final_layer)
+        _install_sequence_parallel(model, seq_group, sp_mode, overlap, chunks)
     if cfg_group is not None:
         model.forward = types.MethodType(_BatchParallelForward(cfg_group, type(model).forward), model)
     return model

@@ -109,6 +109,22 @@ def test_vae_split_by_temporal_chunk(tmp_path, nproc):
     assert res["dec_err"] == 0 and res["enc_err"] == 0
 
 
+def test_bench_parallel_bytes_match_the_formula(tmp_path):
+    """bench/bench_parallel.py over 2 gloo processes: the bytes counted at the collectives in one training
+    step equal NOTES.md's formula for every mode (the timings are not checked: shared CPU)."""
+    out = tmp_path / "bench.jsonl"
+    cmd = torchrun(2, "-m", "bench.bench_parallel", "--size", "3,8,12", "--steps", "1", "--out", str(out))
+    root = os.path.dirname(os.path.dirname(__file__))
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=root, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [json.loads(v) for v in out.read_text().splitlines()]
+    assert [v["mode"] for v in lines] == ["dsp", "ulysses", "fastseq"]
+    for v in lines:
+        assert v["match"] and v["bytes"]["act"] == v["formula_act"] > 0 and v["bytes"]["grad"] > 0, v
+        assert v["t_on"] > 0 and v["t_off"] > 0 and v["t_nocomm"] > 0
+
+
 def test_layout_shapes_and_local_x_mask():
     lay = SeqLayout(T=5, S=7, world=3, rank=2)
     assert (lay.Tp, lay.Sp) == (2, 3)

@@ -166,6 +166,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cuda-profile", action="store_true", help="cudaProfilerStart/Stop around the timed steps")
     args = ap.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -217,11 +218,15 @@ def main(argv=None):
                                                 es=torch.tensor([], dtype=dtype).element_size())  # fmt: skip
         res["match"] = res["formula_act"] == res["bytes"]["act"]
         on, off = models[True][0], models[False][0]
+        if args.cuda_profile and cuda:
+            torch.cuda.profiler.start()
         res["t_on"] = _time(lambda m=on, i=inp: _step(m, i), args.steps, cuda)
         res["t_off"] = _time(lambda m=off, i=inp: _step(m, i), args.steps, cuda)
         counter.noop = True
         res["t_nocomm"] = _time(lambda m=on, i=inp: _step(m, i), args.steps, cuda)
         counter.noop = False
+        if args.cuda_profile and cuda:
+            torch.cuda.profiler.stop()
         if plain is not None:
             res["t_plain"] = plain
         comm = res["t_off"] - res["t_nocomm"]

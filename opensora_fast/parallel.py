@@ -150,6 +150,8 @@ def record_schedule():
 def _trace(kind: str, name: str) -> None:
     for ev in _RECORDERS:
         ev.append((kind, name, time.perf_counter()))
+    if kind != "compute" and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.nvtx.mark(f"{kind} {name}")  # issue / wait points on an nsys timeline
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="opensora-fast",
         description="Open-Sora 1.2 (STDiT3 + causal 3D VAE) on opensora_fast's Triton kernels",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,train,demo,check}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,train,extract,demo,check}")
 
     c = sub.add_parser(
         "check", help="check every kernel against its PyTorch reference (fwd + bwd)", formatter_class=_HelpFormatter
@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(t, DiTTrainConfig)
     t.set_defaults(func=_train)
 
+    from opensora_fast.features import ExtractOptions
+
+    e = sub.add_parser(
+        "extract",
+        help="VAE latents + T5 embeddings of a training set, once (for train --features)",
+        formatter_class=_HelpFormatter,
+    )
+    add_options(e, ExtractOptions)
+    e.set_defaults(func=_extract)
+
     d = sub.add_parser(
         "demo",
         help="train tiny models on synthetic moving shapes and sample a clip (CPU: minutes)",
@@ -198,6 +208,12 @@ def _train(args) -> int:
     from opensora_fast.train import run_train
 
     return run_train(args)
+
+
+def _extract(args) -> int:
+    from opensora_fast.features import run_extract
+
+    return run_extract(args)
 
 
 def _demo(args) -> int:

@@ -495,9 +495,11 @@ class BucketSampler:
     shuffled together; rank r takes batches r, r + world_size, ... (whole rounds). ``epoch_log`` receives one
     line per epoch naming how many clips the keep probabilities left out that epoch."""
 
-    def __init__(self, dataset: BucketConfigDataset, seed: int, rank: int = 0, world_size: int = 1, epoch_log=None):
+    def __init__(
+        self, dataset: BucketConfigDataset, seed: int, rank: int = 0, world_size: int = 1, epoch_log=None, accum=1
+    ):
         self.dataset, self.seed, self.rank, self.world = dataset, seed, rank, world_size
-        self.epoch_log = epoch_log
+        self.epoch_log, self.accum = epoch_log, accum  # accum: batches of accum x the bucket's batch size
 
     def epoch(self, epoch: int) -> list[list[tuple]]:
         import numpy as np
@@ -524,7 +526,7 @@ class BucketSampler:
         batches = []
         for key in sorted(groups):
             keys = [groups[key][j] for j in g.permutation(len(groups[key]))]
-            bs = a.batch_size(key[0], key[1])
+            bs = a.batch_size(key[0], key[1]) * self.accum
             for k in range(0, len(keys), bs):
                 b = keys[k : k + bs]
                 while len(b) < bs:  # fill a short last batch from the same bucket

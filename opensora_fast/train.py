@@ -93,6 +93,15 @@ class DiTTrainConfig:
     cache_latents: bool = option(
         False, "encode each clip once (posterior mode) instead of sampling the VAE posterior every step"
     )
+    grad_accum: int = option(
+        1, "gradient accumulation: each optimizer step takes N batches, backpropagated one at a time", metavar="N"
+    )
+    peak_tflops: float | None = option(
+        None,
+        "the accelerator's dense bf16 peak for the MFU column (default: known for A100 / H100 / H200; else n/a)",
+        parse=float,
+        metavar="TFLOPS",
+    )
     num_workers: int | None = option(
         None,
         "DataLoader worker processes decoding clips ahead of the step (0: in the training process; default: "
@@ -132,7 +141,7 @@ class DiTTrainConfig:
             raise ValueError(f"dtype must be 'bf16', 'fp16' or 'fp32', got {self.dtype!r}")
         if self.fsdp_mode not in ("zero2", "zero3"):
             raise ValueError(f"fsdp_mode must be 'zero2' or 'zero3', got {self.fsdp_mode!r}")
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "sp_size"):
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "sp_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0:
@@ -168,7 +177,12 @@ class TrainRun:
     """The ``opensora-fast train`` flags that are not optimisation settings (those are ``DiTTrainConfig``'s):
     data, weights, the run directory, resume, device. Both dataclasses derive the command line."""
 
-    data: str | None = option(None, "CSV with 'path' and 'text' columns", required=True)
+    data: str | None = option(None, "CSV with 'path' and 'text' columns (required unless --features)", metavar="CSV")
+    features: str | None = option(
+        None,
+        "train from features extracted once (`opensora-fast extract`): no VAE or T5 is loaded",
+        metavar="DIR",
+    )
     buckets: list | None = option(
         "51x240x426",
         "frames x height x width buckets; a clip goes to the nearest aspect ratio that fits its length",
@@ -183,8 +197,8 @@ class TrainRun:
     )
     frame_interval: int = option(1, "with --bucket-config: take every N-th frame (Open-Sora's frame_interval)")
     data_fps: float | None = option(None, "resample clips to this frame rate (default: as stored)", parse=float)
-    vae: str | None = option(None, "OpenSoraVAE weights (local)", required=True)
-    t5: str | None = option(None, "T5 encoder directory (local)", required=True)
+    vae: str | None = option(None, "OpenSoraVAE weights (local; required unless --features)", metavar="DIR")
+    t5: str | None = option(None, "T5 encoder directory (local; required unless --features)", metavar="DIR")
     init_from: str | None = option(None, "start from an STDiT3 directory (config.json + weights)")
     model_config: str = option(
         "xl",
@@ -366,6 +380,7 @@ def save_checkpoint(
     rank: int = 0,
     run: dict | None = None,
     keep_last: int | None = None,
+    extra: dict | None = None,
 ) -> str:
     """Write ``ckpt_dir/step-XXXXXXXX`` atomically (rank 0) with checksums, point ``latest`` at it and keep
     the newest ``keep_last``. ``run`` (the training options) goes to ``run.json``. Every rank must call this
@@ -379,7 +394,7 @@ def save_checkpoint(
         def write(tmp: str) -> None:
             save_stdit3(sd, config, tmp)
             save_stdit3(esd, config, os.path.join(tmp, "ema"))
-            torch.save({"step": step, "optimizer": osd}, os.path.join(tmp, "train_state.pt"))
+            torch.save({"step": step, "optimizer": osd, **(extra or {})}, os.path.join(tmp, "train_state.pt"))
             if run is not None:
                 with open(os.path.join(tmp, "run.json"), "w") as f:
                     json.dump(run, f, indent=1, default=str)
@@ -495,12 +510,12 @@ class ClipLoader:
                 f"{self.count} clips could not be read, more than --max-bad-clips {self.limit}; the last: {msg}"
             )
 
-    def batch(self, b: dict) -> tuple[list[dict], torch.Tensor]:
+    def batch(self, b: dict) -> tuple[list[dict], dict]:
         """(items, stacked videos) of a DataLoader batch, a clip that failed to decode replaced: by the next
         readable clip of its bucket (fixed buckets) or by another clip of the same batch (bucket_config)."""
         items = b["items"]
-        if b["video"] is not None:
-            return items, b["video"]
+        if b["stacked"] is not None:
+            return items, b["stacked"]
         good = [it for it in items if "bad" not in it]
         out = []
         for it in items:
@@ -515,7 +530,8 @@ class ClipLoader:
                 if not good:
                     raise TooManyBadClips(f"every clip of a batch failed to decode; the last: {it['bad']}")
                 out.append(dict(good[len(out) % len(good)]))
-        return out, torch.stack([it["video"] for it in out])
+        out = [dict(it) for it in out]
+        return out, _stack(out)
 
     def __call__(self, i) -> tuple[int, dict]:
         if not isinstance(i, int):  # a bucket_config key: no replacement in this path (cache_latents)
@@ -555,8 +571,8 @@ def _batch_keys(dataset, cfg: DiTTrainConfig, dp_rank: int, dp: int, log: Callab
     from opensora_fast.data import BucketSampler
 
     if hasattr(dataset, "assigner"):
-        return iter(BucketSampler(dataset, cfg.seed, dp_rank, dp, epoch_log=log))
-    return bucket_batches(dataset, cfg.batch_size, cfg.seed, dp_rank, dp)
+        return iter(BucketSampler(dataset, cfg.seed, dp_rank, dp, epoch_log=log, accum=cfg.grad_accum))
+    return bucket_batches(dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, dp_rank, dp)
 
 
 def default_num_workers() -> int:
@@ -578,12 +594,18 @@ class _Items(torch.utils.data.Dataset):
             return {"bad": str(e), "key": key}
 
 
+_STACKED = ("video", "z", "y", "ymask")  # clips, or extracted latents + T5 embeddings (features.FeatureDataset)
+
+
+def _stack(items: list[dict]) -> dict:
+    return {k: torch.stack([it.pop(k) for it in items]) for k in _STACKED if k in items[0]}
+
+
 def _collate(items: list[dict]) -> dict:
-    """Stacked videos when every clip decoded (in the worker, so the main process only copies to the device)."""
+    """Stacked tensors when every clip decoded (in the worker, so the main process only copies to the device)."""
     if any("bad" in it for it in items):
-        return {"items": items, "video": None}
-    video = torch.stack([it.pop("video") for it in items])
-    return {"items": items, "video": video}
+        return {"items": items, "stacked": None}
+    return {"items": items, "stacked": _stack(items)}
 
 
 class _Batches:
@@ -607,6 +629,75 @@ def _loader(dataset, batches, num_workers: int | None, dev: torch.device):
         pin_memory=dev.type == "cuda",
         **kw,
     )
+
+
+def _micro_batches(B: int, n: int) -> list[slice]:
+    """``B`` samples in ``n`` consecutive slices as equal as possible (empty ones dropped)."""
+    edges = [round(k * B / n) for k in range(n + 1)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+# dense bf16 peak TFLOP/s by GPU name (vendor data sheets; SXM parts)
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_flops(dev: torch.device, override_tflops: float | None = None) -> float | None:
+    """The accelerator's dense bf16 peak in FLOP/s (None on the CPU or an unknown GPU)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    for k, v in PEAK_BF16_TFLOPS.items():
+        if k in name:
+            return v * 1e12
+    return None
+
+
+_FLOPS_CACHE: dict = {}
+
+
+def step_flops(config, z_shape, text_len: int) -> int:
+    """FLOPs of one training step (forward + backward) of the STDiT3 ``config`` on latents ``z_shape``, counted
+    by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device with the reference kernels (cached)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from opensora_fast.kernels._utils import BACKEND_ENV
+    from opensora_fast.models.stdit3 import STDiT3
+
+    key = (json.dumps(asdict(config), sort_keys=True, default=str), tuple(z_shape), text_len)
+    if key not in _FLOPS_CACHE:
+        cfg = copy.deepcopy(config)
+        cfg.grad_checkpoint = False
+        old = os.environ.get(BACKEND_ENV)
+        os.environ[BACKEND_ENV] = "reference"
+        try:
+            with torch.device("meta"):
+                m = STDiT3(cfg).train()
+                B, _, T, H, W = z_shape
+                x = torch.empty(z_shape)
+                f = torch.full((B,), float(T))
+                kw = dict(y=torch.empty(B, 1, text_len, cfg.caption_channels), mask=None)  # every token counted
+                with FlopCounterMode(display=False) as counter:
+                    out = m(x, torch.full((B,), 500.0), height=float(H * 8), width=float(W * 8), num_frames=f,
+                            fps=f * 0 + 24, **kw)  # fmt: skip
+                    out.float().pow(2).mean().backward()
+            _FLOPS_CACHE[key] = counter.get_total_flops()
+        finally:
+            if old is None:
+                os.environ.pop(BACKEND_ENV, None)
+            else:
+                os.environ[BACKEND_ENV] = old
+    return _FLOPS_CACHE[key]
+
+
+def _mfu(config, z_shape, text_len: int, dp: int, dt: float, dev, override_tflops) -> float | None:
+    peak = peak_flops(dev, override_tflops)
+    if peak is None:
+        return None
+    return step_flops(config, z_shape, text_len) * dp / dt / peak
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -637,7 +728,7 @@ def train_dit(
     killed checkpoint writes in ``ckpt_dir`` are cleaned up first (``checkpoint.recover``). ``run_meta``
     is saved with each checkpoint (``run.json``). Logs to stdout every ``cfg.log_every`` steps and every step to
     ``log_path`` (JSONL: step, loss, lr, grad_norm, samples_per_s, tokens_per_s)."""
-    from opensora_fast.rflow import RFlow
+    from opensora_fast.rflow import RFlow, timestep_transform
 
     rank, world, dev = init_distributed() if device is None else (0, 1, torch.device(device))
     if _is_dist():
@@ -672,11 +763,19 @@ def train_dit(
     if ema_sd is not None:
         load_ema(ema, ema_sd)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr_at(start), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr_at(start), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=dev.type == "cuda"
+    )
+    # fp16: loss scaling (also on the CPU, where the step itself runs fp32: the scaler's skip logic is the same)
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.dtype == "fp16")
     if train_state is not None:
         load_optimizer_state(model, optimizer, train_state["optimizer"])
+        if train_state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(train_state["scaler"])
 
-    vae = vae.to(dev).eval().requires_grad_(False)
+    features = getattr(dataset, "features", False)  # latents + T5 embeddings extracted once: no VAE, no T5
+    if not features:
+        vae = vae.to(dev).eval().requires_grad_(False)
     texts = TextCache(text_encoder)
     scheduler = RFlow(sample_method=cfg.sample_method, use_timestep_transform=cfg.use_timestep_transform)
     masker = MaskGenerator(cfg.mask_ratios) if cfg.mask_ratios else None
@@ -702,13 +801,13 @@ def train_dit(
     losses, last_ckpt = [], (ck["path"] if resume else None)
     load = ClipLoader(dataset, cfg.max_bad_clips, lambda msg: tqdm.write(prefix + msg, file=sys.stderr))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="STDiT3", disable=not progress or rank)
-    fetched = None if cfg.cache_latents else iter(_loader(dataset, batches, cfg.num_workers, dev))
+    fetched = None if cfg.cache_latents and not features else iter(_loader(dataset, batches, cfg.num_workers, dev))
     data_s = 0.0
     try:
         for step in bar:
             t0 = time.perf_counter()
             if fetched is not None:
-                items, video = load.batch(next(fetched))
+                items, stacked = load.batch(next(fetched))
                 idx = [it["key"] for it in items]
             else:
                 idx = next(batches)
@@ -717,7 +816,9 @@ def train_dit(
             torch.manual_seed(seed)  # caption dropout (CaptionEmbedder) draws from the global RNG
             g_cpu = torch.Generator().manual_seed(seed)
             g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
-            if cfg.cache_latents:  # one latent per clip (with bucket_config: its first draw's crop)
+            if features:
+                z = stacked["z"].to(dev)
+            elif cfg.cache_latents:  # one latent per clip (with bucket_config: its first draw's crop)
                 for k in idx:
                     i = _clip(k)
                     if i not in latents:
@@ -727,10 +828,13 @@ def train_dit(
                 items = [latents[_clip(k)][1] for k in idx]
                 z = torch.stack([latents[_clip(k)][0] for k in idx]).to(dev)
             else:
-                z = encode(video, True, g_dev)
+                z = encode(stacked["video"], True, g_dev)
             B = z.shape[0]
             T, H, W = _key_shape(dataset, idx[0])
-            y, mask = texts([it["text"] for it in items], dev)
+            if features:
+                y, mask = stacked["y"].to(dev), stacked["ymask"].to(dev)
+            else:
+                y, mask = texts([it["text"] for it in items], dev)
 
             hw_t = torch.tensor([[float(H), float(W), float(T)]], device=dev).expand(B, 3)
             kwargs = dict(y=y, mask=mask, height=hw_t[:, 0], width=hw_t[:, 1], num_frames=hw_t[:, 2])
@@ -741,17 +845,41 @@ def train_dit(
             if masker is not None:  # conditioning frames: clean input, out of the loss, t0 modulation
                 fmask = masker.masks(B, z.shape[2], g_cpu).to(dev)
                 kwargs["x_mask"] = fmask
-            with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
-                loss = scheduler.training_losses(model, z, kwargs, mask=fmask, generator=g_cpu)["loss"].mean()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"STDiT3 loss is {loss.item()} at step {step}")
+            # the whole step's timesteps and noise first (as training_losses would draw them), so that N
+            # accumulated batches equal one batch N times larger
+            t = scheduler.sample_t(B, dev, g_cpu)
+            if scheduler.use_timestep_transform:
+                t = timestep_transform(
+                    t, kwargs["height"], kwargs["width"], kwargs["num_frames"],
+                    scale=scheduler.transform_scale, num_timesteps=scheduler.num_timesteps,
+                )  # fmt: skip
+            noise = torch.randn(z.shape, generator=g_cpu, dtype=z.dtype).to(dev)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros((), device=dev)
+            chunks = _micro_batches(B, cfg.grad_accum)
+            for m, sl in enumerate(chunks):
+                if use_fsdp and len(chunks) > 1:  # reduce-scatter the gradients once, after the last batch
+                    model.set_requires_gradient_sync(m == len(chunks) - 1)
+                kw = {k: v[sl] for k, v in kwargs.items()}
+                with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
+                    out = scheduler.training_losses(
+                        model, z[sl], kw, noise=noise[sl], mask=None if fmask is None else fmask[sl], t=t[sl]
+                    )
+                part = out["loss"].mean() if len(chunks) == 1 else out["loss"].mean() * ((sl.stop - sl.start) / B)
+                if not math.isfinite(part.item()):
+                    raise FloatingPointError(f"STDiT3 loss is {part.item()} at step {step}")
+                scaler.scale(part).backward()
+                loss = loss + part.detach()
             if sp_group is not None:
                 all_reduce_grads(params, sp_group)  # each rank's gradients cover its own tokens
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.unscale_(optimizer)
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-            optimizer.step()
-            update_ema(ema, model, cfg.ema_decay)
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scale is not None and scaler.get_scale() < scale  # fp16 overflow: no update this step
+            if not skipped:
+                update_ema(ema, model, cfg.ema_decay)
 
             lv = loss.detach()
             if _is_dist():
@@ -769,9 +897,13 @@ def train_dit(
                 "tokens_per_s": tokens / dt,
                 "shape": [T, H, W],
                 "batch": B,
+                "mfu": _mfu(model.config, z.shape, y.shape[1], dp, dt, dev, cfg.peak_tflops),
             }
             if load.count:
                 rec["bad_clips"] = load.count
+            if scale is not None:
+                rec["loss_scale"] = scale
+                rec["skipped"] = bool(skipped)
             losses.append(rec["loss"])
             bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if log is not None:
@@ -781,15 +913,17 @@ def train_dit(
                 tqdm.write(
                     f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm "
                     f"{rec['grad_norm']:.3f} {rec['samples_per_s']:.2f} samples/s "
-                    f"{rec['tokens_per_s']:.0f} tokens/s"
+                    f"{rec['tokens_per_s']:.0f} tokens/s MFU "
+                    + ("n/a" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%")
                 )
             if on_step is not None:
                 on_step(step, rec)
             done = step + 1
             if ckpt_dir and (done % cfg.ckpt_every == 0 or done == cfg.steps):
                 last_ckpt = save_checkpoint(
-                    ckpt_dir, model, model.config, optimizer, ema, done, rank, run_meta, cfg.keep_last
-                )
+                    ckpt_dir, model, model.config, optimizer, ema, done, rank, run_meta, cfg.keep_last,
+                    extra={"scaler": scaler.state_dict()} if scaler.is_enabled() else None,
+                )  # fmt: skip
     finally:
         bar.close()
         del fetched  # stops the DataLoader's workers
@@ -1025,9 +1159,21 @@ def run_train(args) -> int:
         cfg = options_from(DiTTrainConfig, args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    data_csv = require_path(args.data, "--data", "the data CSV")
+    feats = getattr(args, "features", None)
+    data_csv = None if feats else require_path(args.data, "--data", "the data CSV")
     bucket_config = getattr(args, "bucket_config", None)
-    if bucket_config:
+    if feats:
+        from opensora_fast.features import FeatureDataset
+
+        given = [f for f in ("data", "bucket_config", "vae", "t5") if f in explicit and getattr(args, f)]
+        if given:
+            raise UsageError(f"--features takes the place of {', '.join(map(_flag, given))}: leave them out")
+        try:
+            dataset = FeatureDataset(require_path(feats, "--features", "an extracted feature set"))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        left_out = []
+    elif bucket_config:
         if "buckets" in explicit:
             raise UsageError("--bucket-config and --buckets exclude each other (the bucket_config names the buckets)")
         if args.data_fps is not None:
@@ -1054,21 +1200,32 @@ def run_train(args) -> int:
             f"{len(dataset.bad)} clips in {args.data!r} cannot be read, more than --max-bad-clips "
             f"{cfg.max_bad_clips}; the first: {dataset.bad[0][2]} (line {dataset.bad[0][1]})"
         )
-    vae = load_vae(require_path(args.vae, "--vae", "the VAE weights"), device=device)
-    t5_path = require_path(args.t5, "--t5", "the T5 encoder directory")
-    from transformers import AutoConfig
+    vae = text = None
+    if feats:
+        latent_channels, text_dim, text_len = dataset.latent_channels, dataset.text_dim, dataset.text_len
+    else:
+        vae = load_vae(require_path(args.vae, "--vae", "the VAE weights"), device=device)
+        t5_path = require_path(args.t5, "--t5", "the T5 encoder directory")
+        from transformers import AutoConfig
 
-    t5_cfg = AutoConfig.from_pretrained(t5_path, local_files_only=True)
+        latent_channels, text_len = vae.out_channels, None
+        text_dim = AutoConfig.from_pretrained(t5_path, local_files_only=True).d_model
     torch.manual_seed(cfg.seed)
     if ck is not None:  # the model as the checkpoint describes it
         with open(os.path.join(ck["path"], "config.json")) as f:
             config = STDiT3Config.from_dict(json.load(f))
-        check_model_inputs(config, vae.out_channels, t5_cfg.d_model, f"the checkpoint {ck['path']!r}")
+        check_model_inputs(config, latent_channels, text_dim, f"the checkpoint {ck['path']!r}")
         model = STDiT3(config).float()
         _load_model_state(model, ck["model"], ck["path"])
     else:
-        model = build_model(args.model_config, args.init_from, vae.out_channels, t5_cfg.d_model, None)
-    text = T5TextEncoder(t5_path, model_max_length=model.config.model_max_length, device=device)
+        model = build_model(args.model_config, args.init_from, latent_channels, text_dim, text_len)
+    if feats and model.config.model_max_length != text_len:
+        raise UsageError(
+            f"--features {feats!r} holds {text_len}-token captions but the STDiT3 takes {model.config.model_max_length}"
+        )
+    if not feats:  # T5 in bf16 on CUDA (its weights are 17.7 GiB in fp32), fp32 on the CPU
+        t5_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        text = T5TextEncoder(t5_path, model_max_length=model.config.model_max_length, device=device, dtype=t5_dtype)
     if ck is not None and ck["step"] >= cfg.steps:
         if rank == 0:
             print(

@@ -769,3 +769,24 @@ def test_train_with_a_bucket_config_file_lists_left_out_clips_and_resumes(
     capsys.readouterr()
     assert cli.main([*argv, "--steps", "1", "--out-dir", str(tmp_path / "c"), "--buckets", "9x16x16"]) == 2
     assert "--bucket-config and --buckets exclude each other" in capsys.readouterr().err
+
+
+def test_extract_then_train_from_features_equals_training_from_video(weights, data_csv, tmp_path, capsys):
+    feats = str(tmp_path / "feats")
+    argv = ["extract", "--data", data_csv, "--vae", weights["vae"], "--t5", weights["t5"], "--buckets", "9x16x16",
+            "--out", feats, "--dtype", "fp32", "--shard-size", "6", "--text-len", "8", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "16 clip(s)" in capsys.readouterr().out
+    assert cli.main(argv) == 0  # again: every shard is there, nothing re-encoded
+    common = ["--model-config", "tiny", "--steps", "3", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2",
+              "--num-workers", "0", "--no-progress"]  # fmt: skip
+    video = ["train", "--data", data_csv, "--vae", weights["vae"], "--t5", weights["t5"], "--buckets", "9x16x16"]
+    assert cli.main([*video, *common, "--cache-latents", "--out-dir", str(tmp_path / "v")]) == 0
+    assert cli.main(["train", "--features", feats, *common, "--out-dir", str(tmp_path / "f")]) == 0
+    lv = [json.loads(line)["loss"] for line in open(tmp_path / "v" / "log.jsonl")]
+    lf = [json.loads(line)["loss"] for line in open(tmp_path / "f" / "log.jsonl")]
+    assert lf == pytest.approx(lv, rel=1e-6, abs=0)
+    capsys.readouterr()
+    bad = ["train", "--features", feats, "--vae", weights["vae"], *common, "--out-dir", str(tmp_path / "g")]
+    assert cli.main(bad) == 2
+    assert "--features takes the place of --vae" in capsys.readouterr().err

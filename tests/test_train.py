@@ -362,3 +362,63 @@ def test_bucket_config_training_draws_per_bucket_batches_and_resumes_exactly(set
         setup_b, cfg(steps=6, num_workers=1), model=tiny_model(seed=9), ckpt_dir=str(tmp_path / "c"), resume="auto"
     )
     assert b1.losses + b2.losses == a.losses
+
+
+def test_grad_accumulation_equals_a_larger_batch(setup):
+    big = run(setup, cfg(steps=3, batch_size=4))
+    acc = run(setup, cfg(steps=3, batch_size=2, grad_accum=2))  # the same 4 clips and draws, in 2 backward passes
+    assert acc.losses == pytest.approx(big.losses, rel=1e-6, abs=0)
+    for (n, p), (_, q) in zip(big.model.named_parameters(), acc.model.named_parameters()):
+        if n.endswith("cross_attn.kv_linear.bias"):
+            # the key half of this bias has zero true gradient (softmax ignores a constant added to every key
+            # score), so its gradient is rounding noise that AdamW (eps 1e-15) turns into lr-sized steps
+            p, q = p[p.shape[0] // 2 :], q[q.shape[0] // 2 :]
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+    three = run(setup, cfg(steps=3, batch_size=4, grad_accum=3))  # uneven pieces (4 + 4 + 4 of 12)
+    assert all(math.isfinite(v) for v in three.losses)
+    assert T._micro_batches(5, 2) == [slice(0, 2), slice(2, 5)] and T._micro_batches(2, 4) == [slice(0, 1), slice(1, 2)]
+
+
+def test_fp16_gradient_scaler_skips_overflow_steps_and_resumes(setup, tmp_path):
+    ref = run(setup, cfg(steps=3, dtype="fp32"))
+    log = tmp_path / "log.jsonl"
+    fp16 = run(setup, cfg(steps=3, dtype="fp16"), log_path=str(log))
+    assert fp16.losses == ref.losses  # on the CPU the step runs fp32; scaling by 2**16 and back is exact
+    recs = [json.loads(line) for line in open(log)]
+    assert [r["loss_scale"] for r in recs] == [65536.0] * 3 and not any(r["skipped"] for r in recs)
+    # an inf gradient in step 2: that step changes no weight and halves the scale; training goes on
+    model = tiny_model()
+    calls = []
+
+    def poison(g):
+        calls.append(1)
+        return g * float("inf") if len(calls) == 2 else g
+
+    w = model.x_embedder.proj.weight
+    w.register_hook(poison)
+    seen = {}
+
+    def on_step(step, rec):
+        seen[step] = (rec, w.detach().clone())
+
+    res = run(setup, cfg(steps=3, dtype="fp16"), model=model, on_step=on_step)
+    assert [seen[s][0]["skipped"] for s in range(3)] == [False, True, False]
+    assert seen[1][0]["loss_scale"] == 65536.0 and seen[2][0]["loss_scale"] == 32768.0
+    assert torch.equal(seen[0][1], seen[1][1]) and not torch.equal(seen[1][1], seen[2][1])
+    assert all(math.isfinite(v) for v in res.losses)
+    # the scaler's state is in the checkpoint and comes back on resume
+    ck = tmp_path / "ck"
+    run(setup, cfg(steps=2, dtype="fp16", ckpt_every=2), ckpt_dir=str(ck))
+    state = torch.load(ck / "step-00000002" / "train_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 65536.0
+
+
+def test_mfu_is_na_on_cpu_and_uses_the_flop_counter(setup, tmp_path, capsys):
+    res = run(setup, cfg(steps=1, log_every=1), log_path=str(tmp_path / "log.jsonl"))
+    rec = json.loads(open(tmp_path / "log.jsonl").readline())
+    assert rec["mfu"] is None and "MFU n/a" in capsys.readouterr().out
+    c = res.model.config
+    f1 = T.step_flops(c, (1, 4, 3, 8, 8), 8)
+    f2 = T.step_flops(c, (2, 4, 3, 8, 8), 8)
+    assert f1 > 0 and f2 == pytest.approx(2 * f1, rel=0.02)
+    assert T._mfu(c, (2, 4, 3, 8, 8), 8, 1, 0.5, torch.device("cpu"), 1.0) == pytest.approx(f2 / 0.5 / 1e12)

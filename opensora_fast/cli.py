@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="opensora-fast",
         description="Open-Sora 1.2 (STDiT3 + causal 3D VAE) on opensora_fast's Triton kernels",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,train,extract,demo,check}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,train,extract,eval-loss,demo,check}")
 
     c = sub.add_parser(
         "check", help="check every kernel against its PyTorch reference (fwd + bwd)", formatter_class=_HelpFormatter
@@ -114,6 +114,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", default="samples", help="where the clips go (an existing name gets a -1, -2, ... suffix)"
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m = s.add_argument_group("memory plan (traced on the meta device; 'auto' picks the first savers that fit)")
+    m.add_argument("--dry-run", action="store_true", help="print each stage's traced peak and the plan, then stop")
+    m.add_argument(
+        "--offload",
+        default="auto",
+        choices=("auto", "none", "t5", "all"),
+        help="what leaves the device after its stage: none; t5 (freed after encoding); all (T5, then the "
+        "STDiT3 before decoding)",
+    )
+    m.add_argument(
+        "--cfg-sequential",
+        action="store_const",
+        const=True,
+        default=None,
+        help="CFG halves one after the other (half the activations; default: when the plan needs it)",
+    )
+    m.add_argument("--mlp-chunks", type=int, help="run each MLP over N token chunks (default: as the plan needs)")
+    m.add_argument("--vae-micro-batch", type=int, help="frames per 2D VAE decode call (default: 4, or as needed)")
+    m.add_argument("--vae-tile", type=int, metavar="PIXELS", help="decode in overlapping spatial tiles of PIXELS")
+    m.add_argument("--t5-dtype", default="bf16", choices=("bf16", "fp32"), help="T5 weights on a GPU (CPU: fp32)")
+    m.add_argument(
+        "--memory-budget",
+        type=float,
+        metavar="GIB",
+        help="plan for this many GiB (default: the device's free memory; RAM on a CPU; a dry run without "
+        "a GPU: 24)",
+    )
     s.set_defaults(func=_sample)
 
     t = sub.add_parser(
@@ -137,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(e, ExtractOptions)
     e.set_defaults(func=_extract)
+
+    from opensora_fast.train import EvalOptions
+
+    v = sub.add_parser(
+        "eval-loss",
+        help="Open-Sora 1.2's evaluation loss of a checkpoint (10 timesteps per bucket, fixed noise)",
+        formatter_class=_HelpFormatter,
+    )
+    add_options(v, EvalOptions)
+    v.set_defaults(func=_eval_loss)
 
     d = sub.add_parser(
         "demo",
@@ -181,6 +218,14 @@ def _sample(args) -> int:
         flow=args.flow,
         camera_motion=args.camera_motion,
         clean_prompts=not args.no_prompt_cleaning,
+        dry_run=args.dry_run,
+        offload=args.offload,
+        cfg_sequential=args.cfg_sequential,
+        mlp_chunks=args.mlp_chunks,
+        vae_micro_batch=args.vae_micro_batch,
+        vae_tile=args.vae_tile,
+        t5_dtype=args.t5_dtype,
+        memory_budget=args.memory_budget,
         out_dir=args.out_dir,
         device=args.device,
         dtype=args.dtype,
@@ -208,6 +253,12 @@ def _train(args) -> int:
     from opensora_fast.train import run_train
 
     return run_train(args)
+
+
+def _eval_loss(args) -> int:
+    from opensora_fast.train import run_eval_loss
+
+    return run_eval_loss(args)
 
 
 def _extract(args) -> int:

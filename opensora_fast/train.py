@@ -93,6 +93,7 @@ class DiTTrainConfig:
     cache_latents: bool = option(
         False, "encode each clip once (posterior mode) instead of sampling the VAE posterior every step"
     )
+    eval_every: int = option(0, "every N steps, Open-Sora 1.2's evaluation loss on --eval-data (0: never)", metavar="N")
     grad_accum: int = option(
         1, "gradient accumulation: each optimizer step takes N batches, backpropagated one at a time", metavar="N"
     )
@@ -152,6 +153,8 @@ class DiTTrainConfig:
             MaskGenerator(self.mask_ratios)  # raises ValueError naming a bad kind or ratio
         if self.sp_mode not in ("dsp", "ulysses", "fastseq"):
             raise ValueError(f"sp_mode must be 'dsp', 'ulysses' or 'fastseq', got {self.sp_mode!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.max_bad_clips < 0:
@@ -197,6 +200,9 @@ class TrainRun:
     )
     frame_interval: int = option(1, "with --bucket-config: take every N-th frame (Open-Sora's frame_interval)")
     data_fps: float | None = option(None, "resample clips to this frame rate (default: as stored)", parse=float)
+    eval_data: str | None = option(
+        None, "with --eval-every: a CSV (clips in --buckets) or an extracted feature directory", metavar="CSV|DIR"
+    )
     vae: str | None = option(None, "OpenSoraVAE weights (local; required unless --features)", metavar="DIR")
     t5: str | None = option(None, "T5 encoder directory (local; required unless --features)", metavar="DIR")
     init_from: str | None = option(None, "start from an STDiT3 directory (config.json + weights)")
@@ -718,6 +724,7 @@ def train_dit(
     device=None,
     progress: bool = True,
     on_step: Callable[[int, dict], None] | None = None,
+    eval_dataset=None,
 ) -> TrainResult:
     """Train ``model`` (an STDiT3, unwrapped, fp32) until ``cfg.steps`` steps in total.
 
@@ -901,6 +908,13 @@ def train_dit(
             }
             if load.count:
                 rec["bad_clips"] = load.count
+            if cfg.eval_every and eval_dataset is not None and (step + 1) % cfg.eval_every == 0:
+                res = evaluate_loss(model, eval_dataset, vae, text_encoder, seed=cfg.seed, batch_size=cfg.batch_size,
+                                    device=dev)  # fmt: skip
+                rec["eval_loss"] = res["mean"]
+                rec["eval"] = {k: b["mean"] for k, b in res["buckets"].items()}
+                if rank == 0:
+                    tqdm.write(f"evaluation loss at step {step + 1}:\n" + format_eval(res))
             if scale is not None:
                 rec["loss_scale"] = scale
                 rec["skipped"] = bool(skipped)
@@ -930,6 +944,146 @@ def train_dit(
         if log is not None:
             log.close()
     return TrainResult(losses, start + len(losses), last_ckpt, model, ema)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation loss (Open-Sora 1.2's scripts/misc/eval_loss.py)
+
+
+def eval_timesteps() -> list[float]:
+    """Open-Sora 1.2's evaluation timesteps: ``linspace(0, 1000, 12)[1:-1]`` (10 values, no shift)."""
+    return torch.linspace(0, 1000, 12)[1:-1].tolist()
+
+
+@torch.no_grad()
+def evaluate_loss(model, dataset, vae=None, text_encoder=None, *, seed: int = 42, batch_size: int = 4, device=None,
+                  max_batches: int | None = None) -> dict:  # fmt: skip
+    """The rectified-flow loss of ``model`` at each of Open-Sora 1.2's 10 evaluation timesteps, per bucket of
+    ``dataset`` (fixed buckets or extracted features): the clips' posterior-mode latents, noise drawn from a
+    generator seeded by (seed, bucket, batch) so every call sees the same noise, no frame masks, no caption
+    dropout (eval mode). Returns {"buckets": {"TxHxW": {"per_t": {t: loss}, "mean": m, "clips": n}}, "mean": m}
+    (the average over buckets of their means)."""
+    from opensora_fast.rflow import RFlow
+
+    dev = torch.device(device or "cpu")
+    was_training = model.training
+    model.eval()
+    scheduler = RFlow()
+    features = getattr(dataset, "features", False)
+    texts = None if features else TextCache(text_encoder)
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(dataset)):
+        groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
+    ts = eval_timesteps()
+    out: dict = {"buckets": {}, "timesteps": ts}
+    try:
+        for b_id, key in enumerate(sorted(groups)):
+            T, H, W = key
+            idx = groups[key]
+            batches = [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)][:max_batches]
+            sums = [0.0] * len(ts)
+            n = 0
+            for n_b, batch in enumerate(batches):
+                items = [dataset[i] for i in batch]
+                if features:
+                    z = torch.stack([it["z"] for it in items]).to(dev)
+                    y = torch.stack([it["y"] for it in items]).to(dev)
+                    mask = torch.stack([it["ymask"] for it in items]).to(dev)
+                else:
+                    video = torch.stack([it["video"] for it in items]).to(dev, vae.dtype)
+                    z = vae.encode(video, sample=False).float()
+                    y, mask = texts([it["text"] for it in items], dev)
+                B = z.shape[0]
+                g = torch.Generator().manual_seed((seed * 1_000_003 + b_id * 7919 + n_b) % (2**63))
+                noise = torch.randn(z.shape, generator=g).to(dev)
+                hw = torch.tensor([float(H), float(W), float(T)], device=dev).expand(B, 3)
+                kw = dict(y=y, mask=mask, height=hw[:, 0], width=hw[:, 1], num_frames=hw[:, 2])
+                kw["fps"] = torch.tensor([float(it["fps"]) for it in items], device=dev)
+                for k, t in enumerate(ts):
+                    tt = torch.full((B,), t, device=dev)
+                    loss = scheduler.training_losses(model, z, kw, noise=noise, t=tt)["loss"]
+                    sums[k] += float(loss.sum())
+                n += B
+            per_t = {f"{t:.1f}": v / n for t, v in zip(ts, sums)}
+            out["buckets"][f"{T}x{H}x{W}"] = {"per_t": per_t, "mean": sum(per_t.values()) / len(per_t), "clips": n}
+    finally:
+        model.train(was_training)
+    out["mean"] = sum(b["mean"] for b in out["buckets"].values()) / len(out["buckets"])
+    return out
+
+
+def _eval_dataset(path: str, buckets, fps):
+    """A feature directory (features.json) or a CSV of clips in the fixed ``buckets``."""
+    from opensora_fast.data import VideoTextDataset
+    from opensora_fast.features import FeatureDataset
+
+    require_path(path, "--eval-data", "the evaluation CSV or feature directory")
+    if os.path.isdir(path):
+        return FeatureDataset(path)
+    return VideoTextDataset(path, buckets, fps=fps)
+
+
+def format_eval(res: dict) -> str:
+    """The per-bucket table (rows: buckets; columns: the 10 timesteps and the mean) and the average."""
+    ts = [f"{t:.1f}" for t in res["timesteps"]]
+    head = f"{'bucket':>14} {'clips':>5} " + " ".join(f"{t:>7}" for t in ts) + f" {'mean':>8}"
+    lines = [head]
+    for name, b in res["buckets"].items():
+        vals = " ".join(f"{b['per_t'][t]:7.4f}" for t in ts)
+        lines.append(f"{name:>14} {b['clips']:>5} {vals} {b['mean']:8.4f}")
+    lines.append(f"average over {len(res['buckets'])} bucket(s): {res['mean']:.4f}")
+    return "\n".join(lines)
+
+
+@dataclass
+class EvalOptions:
+    """The ``opensora-fast eval-loss`` flags."""
+
+    model: str | None = option(None, "an STDiT3 directory (a checkpoint's step-N/ or step-N/ema/)", required=True,
+                               metavar="DIR")  # fmt: skip
+    data: str | None = option(None, "a CSV of clips (in --buckets) or an extracted feature directory", required=True,
+                              metavar="CSV|DIR")  # fmt: skip
+    vae: str | None = option(None, "OpenSoraVAE weights (local; not with features)", metavar="DIR")
+    t5: str | None = option(None, "T5 encoder directory (local; not with features)", metavar="DIR")
+    buckets: list | None = option("51x240x426", "frames x height x width buckets of the CSV's clips",
+                                  parse=_parse_buckets, metavar="TxHxW[,...]")  # fmt: skip
+    data_fps: float | None = option(None, "resample clips to this frame rate (default: as stored)", parse=float)
+    seed: int = option(42, "noise seed (the same noise for every checkpoint evaluated with it)")
+    batch_size: int = option(4, "clips per forward")
+    max_batches: int | None = option(None, "at most N batches per bucket (default: all)", parse=int, metavar="N")
+    device: str | None = option(None, "cuda or cpu (default: cuda when available)")
+    out: str | None = option(None, "also write the table as JSON to this file", metavar="FILE")
+
+
+def run_eval_loss(args) -> int:
+    """``opensora-fast eval-loss``: Open-Sora 1.2's evaluation loss of a checkpoint, per bucket and averaged."""
+    from opensora_fast.models.stdit3 import STDiT3
+    from opensora_fast.text import T5TextEncoder
+
+    o = options_from(EvalOptions, args)
+    check_device(o.device)
+    dev = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dataset = _eval_dataset(o.data, o.buckets, o.data_fps)
+    except ValueError as e:
+        raise UsageError(f"--data: {e}") from None
+    model = STDiT3.from_pretrained(require_path(o.model, "--model", "the STDiT3 checkpoint")).float().to(dev)
+    vae = text = None
+    if not getattr(dataset, "features", False):
+        vae = load_vae(require_path(o.vae, "--vae", "the VAE weights"), device=dev)
+        t5 = require_path(o.t5, "--t5", "the T5 encoder directory")
+        t5_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        text = T5TextEncoder(t5, model_max_length=model.config.model_max_length, device=dev, dtype=t5_dtype)
+    elif o.vae or o.t5:
+        raise UsageError("--data is an extracted feature directory: leave out --vae / --t5")
+    res = evaluate_loss(
+        model, dataset, vae, text, seed=o.seed, batch_size=o.batch_size, device=dev, max_batches=o.max_batches
+    )
+    print(format_eval(res))
+    if o.out:
+        with open(o.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
 
 
 def _load_model_state(model, sd: dict, path: str) -> None:
@@ -1200,6 +1354,13 @@ def run_train(args) -> int:
             f"{len(dataset.bad)} clips in {args.data!r} cannot be read, more than --max-bad-clips "
             f"{cfg.max_bad_clips}; the first: {dataset.bad[0][2]} (line {dataset.bad[0][1]})"
         )
+    eval_dataset = None
+    if cfg.eval_every and not getattr(args, "eval_data", None):
+        raise UsageError("--eval-every needs --eval-data (a CSV or an extracted feature directory)")
+    if getattr(args, "eval_data", None):
+        eval_dataset = _eval_dataset(args.eval_data, args.buckets, args.data_fps)
+        if bool(getattr(eval_dataset, "features", False)) != bool(feats):
+            raise UsageError("--eval-data must be features when training from --features, else a CSV")
     vae = text = None
     if feats:
         latent_channels, text_dim, text_len = dataset.latent_channels, dataset.text_dim, dataset.text_len
@@ -1267,6 +1428,7 @@ def run_train(args) -> int:
             device=device,
             progress=not args.no_progress,
             on_step=lambda step, rec: progress.update(step=step + 1),
+            eval_dataset=eval_dataset,
         )
     except KeyboardInterrupt:
         if rank == 0:

@@ -790,3 +790,25 @@ def test_extract_then_train_from_features_equals_training_from_video(weights, da
     bad = ["train", "--features", feats, "--vae", weights["vae"], *common, "--out-dir", str(tmp_path / "g")]
     assert cli.main(bad) == 2
     assert "--features takes the place of --vae" in capsys.readouterr().err
+
+
+def test_eval_loss_command_and_train_eval_every(weights, data_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--data", data_csv, "--vae", weights["vae"], "--t5", weights["t5"], "--model-config", "tiny",
+            "--buckets", "9x16x16", "--steps", "2", "--batch-size", "4", "--num-workers", "0", "--no-progress",
+            "--eval-every", "2", "--eval-data", data_csv, "--out-dir", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "evaluation loss at step 2" in capsys.readouterr().out
+    recs = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert "eval_loss" in recs[1]
+    ev = ["eval-loss", "--model", str(out / "checkpoints" / "step-00000002" / "ema"), "--data", data_csv,
+          "--vae", weights["vae"], "--t5", weights["t5"], "--buckets", "9x16x16", "--seed", "7"]  # fmt: skip
+    assert cli.main([*ev, "--out", str(tmp_path / "a.json")]) == 0
+    table = capsys.readouterr().out
+    assert "909.1" in table and "90.9" in table and "average over 1 bucket(s)" in table
+    assert cli.main([*ev, "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.load(open(tmp_path / n)) for n in ("a.json", "b.json"))
+    assert a == b and len(a["buckets"]["9x16x16"]["per_t"]) == 10  # the same value for the same seed
+    capsys.readouterr()
+    assert cli.main([*argv[:-2], "--out-dir", str(tmp_path / "x"), "--eval-data", str(tmp_path / "none.csv")]) == 2
+    assert "--eval-data" in capsys.readouterr().err

@@ -422,3 +422,45 @@ def test_mfu_is_na_on_cpu_and_uses_the_flop_counter(setup, tmp_path, capsys):
     f2 = T.step_flops(c, (2, 4, 3, 8, 8), 8)
     assert f1 > 0 and f2 == pytest.approx(2 * f1, rel=0.02)
     assert T._mfu(c, (2, 4, 3, 8, 8), 8, 1, 0.5, torch.device("cpu"), 1.0) == pytest.approx(f2 / 0.5 / 1e12)
+
+
+def test_eval_loss_is_open_soras_and_stable_for_a_seed(setup):
+    from opensora_fast.rflow import RFlow
+
+    ts = T.eval_timesteps()
+    assert len(ts) == 10 and ts[0] == pytest.approx(1000 / 11) and ts[-1] == pytest.approx(10000 / 11)
+    model = tiny_model()
+    a = T.evaluate_loss(model, setup["data"], setup["vae"], setup["text"], seed=3, batch_size=8)
+    b = T.evaluate_loss(model, setup["data"], setup["vae"], setup["text"], seed=3, batch_size=8)
+    c = T.evaluate_loss(model, setup["data"], setup["vae"], setup["text"], seed=4, batch_size=8)
+    assert a == b and a["mean"] != c["mean"] and model.training
+    row = a["buckets"]["9x16x16"]
+    assert row["clips"] == 16 and len(row["per_t"]) == 10
+    assert a["mean"] == pytest.approx(sum(row["per_t"].values()) / 10)
+    # by hand: the first batch of 8 clips at the 5th timestep, noise from the (seed, bucket 0, batch 0) generator
+    model.eval()
+    with torch.no_grad():
+        items = [setup["data"][i] for i in range(16)]
+        z = setup["vae"].encode(torch.stack([it["video"] for it in items]), sample=False).float()
+        enc = setup["text"].encode([it["text"] for it in items])
+        sums = 0.0
+        for n_b, sl in enumerate((slice(0, 8), slice(8, 16))):
+            g = torch.Generator().manual_seed((3 * 1_000_003 + n_b) % (2**63))
+            noise = torch.randn(z[sl].shape, generator=g)
+            B = 8
+            kw = dict(y=enc["y"][sl].float(), mask=enc["mask"][sl], height=torch.full((B,), 16.0),
+                      width=torch.full((B,), 16.0), num_frames=torch.full((B,), 9.0),
+                      fps=torch.tensor([float(it["fps"]) for it in items[sl]]))  # fmt: skip
+            sums += float(
+                RFlow().training_losses(model, z[sl], kw, noise=noise, t=torch.full((B,), ts[4]))["loss"].sum()
+            )
+    assert row["per_t"][f"{ts[4]:.1f}"] == pytest.approx(sums / 16, rel=1e-5)
+    print(T.format_eval(a))
+
+
+def test_train_logs_the_eval_loss_every_n_steps(setup, tmp_path):
+    log = tmp_path / "log.jsonl"
+    run(setup, cfg(steps=4, eval_every=2), log_path=str(log), eval_dataset=setup["data"])
+    recs = [json.loads(line) for line in open(log)]
+    assert ["eval_loss" in r for r in recs] == [False, True, False, True]
+    assert set(recs[1]["eval"]) == {"9x16x16"} and math.isfinite(recs[3]["eval_loss"])

@@ -651,6 +651,28 @@ def _(q, kv, cu_seqlens, max_kv_len, num_heads, softmax_scale):
     return q.new_empty((B, N, C)), q.new_empty((B * num_heads, N), dtype=torch.float32)
 
 
+_MAX_CROSS_CHUNKS = 4
+
+
+def _cross_chunks(B: int, H: int, N: int, max_kv_len: int, device: torch.device) -> int:
+    """Query chunks of the cross-attention backward. Its programs are (sample, head, key split) and the
+    text has few key blocks (300 tokens: 3 of 128), so at 720p-16s, batch 2, only 32 programs would run
+    on 132 SMs; chunking the queries (a divisor of N, chunks >= 64 rows, at most 4 chunks) gives 96. Two
+    under the interpreter (N even), to test the chunked path."""
+    if B == 0:
+        return 1
+    sms = sm_count(device)
+    if sms is None:
+        target = 2
+    else:
+        blocks = max(1, triton.cdiv(max_kv_len, _BWD_TABLE["small"][0].kwargs["BLOCK_N"]))
+        target = min(triton.cdiv(2 * sms, max(1, B * H * blocks)), N // 64, _MAX_CROSS_CHUNKS)
+    for n in range(max(1, target), 1, -1):
+        if N % n == 0:
+            return n
+    return 1
+
+
 @torch.library.custom_op("opensora_fast::cross_attention_bwd", mutates_args=())
 def _cross_bwd_op(
     dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, cu_seqlens: torch.Tensor, out: torch.Tensor,
@@ -660,16 +682,40 @@ def _cross_bwd_op(
     dout = _unit_last(dout)
     sq, skv, C, D = _cross_seqs(q, kv, num_heads)
     dq = empty(q.shape, q.dtype, q.device)
-    dkv = empty(kv.shape, kv.dtype, kv.device)
-    p = Problem(B, 1, num_heads, N, _lk_bucket(max_kv_len), D, varlen=True)
-    so = Seq(out.stride(0), 0, out.stride(1), D)
-    sdo = Seq(dout.stride(0), 0, dout.stride(1), D)
-    sdq = Seq(dq.stride(0), 0, dq.stride(1), D)
-    sdkv = Seq(0, 0, dkv.stride(0), D)
-    k, v, dk, dv = kv[:, :C], kv[:, C:], dkv[:, :C], dkv[:, C:]
-    _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, sq, skv, skv, so, sdo, sdq, sdkv, sdkv, p,
-                softmax_scale, 0.0, cu=cu_seqlens, max_lk=max_kv_len)  # fmt: skip
-    return dq, dkv
+    H, bucket = num_heads, _lk_bucket(max_kv_len)
+    n_qc = _cross_chunks(B, H, N, max_kv_len, q.device)
+    if n_qc == 1:
+        dkv = empty(kv.shape, kv.dtype, kv.device)
+        p = Problem(B, 1, H, N, bucket, D, varlen=True)
+        so = Seq(out.stride(0), 0, out.stride(1), D)
+        sdo = Seq(dout.stride(0), 0, dout.stride(1), D)
+        sdq = Seq(dq.stride(0), 0, dq.stride(1), D)
+        sdkv = Seq(0, 0, dkv.stride(0), D)
+        k, v, dk, dv = kv[:, :C], kv[:, C:], dkv[:, :C], dkv[:, C:]
+        _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, sq, skv, skv, so, sdo, sdq, sdkv, sdkv, p,
+                    softmax_scale, 0.0, cu=cu_seqlens, max_lk=max_kv_len)  # fmt: skip
+        return dq, dkv
+    # The queries as n_qc chunks of N / n_qc rows, each chunk c of sample b its own sequence z = c * B + b
+    # (Seq: chunk stride as s1, Z2 = B) attending to its own copy of b's text (kv tiled n_qc times, tiny):
+    # n_qc times the programs, no kernel change; the fp32 d(kv) of the copies is summed in chunk order.
+    chunk = N // n_qc
+    cu = torch.zeros(B * n_qc + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = torch.cumsum((cu_seqlens[1:] - cu_seqlens[:-1]).repeat(n_qc), 0)
+    kv2 = kv.repeat(n_qc, 1)
+    # the copies' d(kv) in kv's dtype (fp32 partials spilled registers in the backward kernel on sm_90,
+    # 24 B), summed in fp32: at most _MAX_CROSS_CHUNKS roundings of a partial more than one output
+    dkv2 = empty(kv2.shape, kv.dtype, kv.device)
+    lse2 = lse.view(B, H, n_qc, chunk).permute(2, 0, 1, 3).reshape(n_qc * B * H, chunk)
+    p = Problem(n_qc * B, B, H, chunk, bucket, D, varlen=True)
+
+    def chunked(t):
+        return Seq(chunk * t.stride(1), t.stride(0), t.stride(1), D)
+
+    skv2, sdkv2 = Seq(0, 0, kv2.stride(0), D), Seq(0, 0, dkv2.stride(0), D)
+    k, v, dk, dv = kv2[:, :C], kv2[:, C:], dkv2[:, :C], dkv2[:, C:]
+    _launch_bwd(dout, q, k, v, out, lse2, dq, dk, dv, chunked(q), skv2, skv2, chunked(out), chunked(dout),
+                chunked(dq), sdkv2, sdkv2, p, softmax_scale, 0.0, cu=cu, max_lk=max_kv_len)  # fmt: skip
+    return dq, dkv2.view(n_qc, *kv.shape).float().sum(0).to(kv.dtype)
 
 
 @_cross_bwd_op.register_fake

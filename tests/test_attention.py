@@ -345,6 +345,28 @@ def test_cross_attention(triton_backend, dtype, D, lens, N):
     )
 
 
+@pytest.mark.parametrize("dtype,n_qc", [(torch.float32, 2), (torch.float16, 3), (torch.float32, 4)])
+def test_cross_attention_backward_query_chunks(triton_backend, monkeypatch, dtype, n_qc):
+    """The cross-attention backward with its queries in n_qc chunks (each chunk a sequence of its own
+    against a copy of its sample's text; d(kv) of the copies summed): same gradients as the reference."""
+    from opensora_fast.kernels import attention as A
+
+    chunks = []
+    monkeypatch.setattr(A, "_cross_chunks", lambda B, H, N, lk, device: chunks.append(n_qc) or n_qc)
+    H, D, lens, N = 2, 72, [5, 0, 18], 12
+    q = randn(len(lens), N, H * D, dtype=torch.float64, seed=9)
+    kv = randn(sum(lens), 2 * H * D, dtype=torch.float64, seed=10)
+    _check(
+        lambda q, kv: cross_attention(q, kv, lens, num_heads=H),
+        lambda q, kv: R.cross_attention_ref(q, kv, lens, H),
+        [q, kv],
+        dtype,
+        ["dq", "dkv"],
+        "cpu",
+    )
+    assert chunks == [n_qc]
+
+
 # --------------------------------------------------------------------------------------------
 # bad input
 

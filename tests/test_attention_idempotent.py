@@ -58,7 +58,7 @@ def _cases():
         "temporal_generic": (lambda x, a, b: self_attention(x, a, b, num_heads=H, num_frames=9, layout="temporal"),
                              [randn(1, 9 * 2, 3 * H * 40, seed=6), w[:40], w[:40]]),
         "cross": (lambda q, kv: cross_attention(q, kv, [5, 0, 18], num_heads=H),
-                  [randn(3, 11, H * 72, seed=7), randn(23, 2 * H * 72, seed=8)]),
+                  [randn(3, 12, H * 72, seed=7), randn(23, 2 * H * 72, seed=8)]),
         "flash": (lambda q, k, v: flash_attn_func(q, k, v, causal=True),
                   [randn(2, 19, H, 72, seed=9), randn(2, 23, H, 72, seed=10), randn(2, 23, H, 72, seed=11)]),
     }  # fmt: skip

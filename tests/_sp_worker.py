@@ -3,9 +3,9 @@ file of errors and schedules to argv[1].
 
 argv[2] "T,H,W" latent size; argv[3] "kernels" (Triton interpreter) or "reference"; argv[4] the CFG /
 batch-parallel size (the batch of 2 split over that many ranks, sequence parallel over the rest);
-argv[5] the sequence-parallel mode (dsp, ulysses, fastseq) or "opensora" (a module tree of Open-Sora's
-structure built with enable_sequence_parallelism, run through opensora_fast.apply, against the same tree
-in one process).
+argv[5] the sequence-parallel modes, comma-separated (dsp, ulysses, fastseq), or "opensora" (a module
+tree of Open-Sora's structure built with enable_sequence_parallelism, run through opensora_fast.apply,
+against the same tree in one process), or "vae" (parallel_decode / parallel_encode).
 
 Our STDiT3 is run three ways on the same inputs: in one process, ``parallelize(overlap=True)`` with
 ``GradSync`` (bucketed, overlapped gradient sum) and ``parallelize(overlap=False)`` with
@@ -129,74 +129,84 @@ def vae_case(T, H, W):
     return {**err, "dec_shape": list(dec.shape), "enc_shape": list(enc.shape)}
 
 
+def model_case(T, H, W, bp, mode, kernels, mesh):
+    """Our STDiT3 in one process, parallelize(overlap=True) + GradSync and parallelize(overlap=False)."""
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    depth = 1 if kernels else 2  # the interpreter is slow: depth 1, no overlap=False run
+    heads = {3: 6, 4: 4}.get(world // bp, 2)  # Ulysses / FastSeq need heads divisible by the sequence group
+    C = 64 if heads == 4 else 48  # head_dim a multiple of 8
+    cfg = STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8, depth=depth, num_heads=heads,
+                            hidden_size=C)  # fmt: skip
+    single = STDiT3(cfg).eval()  # eval: no caption dropout; gradients still flow
+    with torch.no_grad():  # no zero-initialised paths
+        for n, q in single.named_parameters():
+            if n.endswith("bias") or "proj.weight" in n or "fc2" in n:
+                q.add_(torch.randn_like(q) * 0.1)
+    par, off = STDiT3(cfg).eval(), STDiT3(cfg).eval()
+    par.load_state_dict(single.state_dict())
+    off.load_state_dict(single.state_dict())
+    seq_group = mesh.get_group("seq") if mesh is not None else (None if bp == world else dist.group.WORLD)
+    for m, ov in ((par, True), (off, False)):
+        P.parallelize(m, mesh, sp_mode=mode, cfg_parallel=bp > 1, overlap=ov)
+    sync = P.GradSync(par, seq_group, bucket_mb=0.02) if seq_group is not None else None
+    x, t, y, args, go = inputs(T, H, W)
+    if kernels:  # the one-process oracle on the reference path (the interpreter is slow)
+        os.environ["OPENSORA_FAST_BACKEND"] = "reference"
+    out_s, xs = run(single, x, t, y, args, go)
+    if kernels:
+        os.environ["OPENSORA_FAST_BACKEND"] = "triton"
+    with P.record_schedule() as ev:
+        out_p, xp = run(par, x, t, y, args, go)
+    if kernels:
+        off, out_o, xo = par, out_p, xp
+    else:
+        out_o, xo = run(off, x, t, y, args, go)
+        P.all_reduce_grads(off)  # over the whole (cfg x seq) world
+    if bp > 1:  # CFG parallel: each rank's parameter gradients cover its own samples
+        P.all_reduce_grads(par, mesh.get_group("cfg") if mesh is not None else None)
+    # each rank's input gradient covers its own tokens / samples (xo is xp in the kernels case)
+    for g in {id(xp.grad): xp.grad, id(xo.grad): xo.grad}.values():
+        dist.all_reduce(g)
+    if sync is not None:
+        sync.remove()
+    return {
+        "out_err": (out_s - out_p).abs().max().item(),
+        "out_scale": out_s.abs().max().item(),
+        "off_err": (out_o - out_p).abs().max().item(),
+        "off_out_err": (out_s - out_o).abs().max().item(),
+        "dx_err": (xs.grad - xp.grad).abs().max().item(),
+        "off_dx_err": (xs.grad - xo.grad).abs().max().item(),
+        "grad_rel_err": grad_rel_err(single, par),
+        "off_grad_rel_err": grad_rel_err(single, off),
+        "n_grads": sum(q.grad is not None for q in par.parameters()),
+        "n_buckets": len(sync.buckets) if sync is not None else 0,
+        "depth": depth,
+        "heads": heads,
+        "wrapped": [
+            isinstance(getattr(b.forward, "__func__", None), P._ParallelBlock)
+            for b in [*par.spatial_blocks, *par.temporal_blocks]
+        ],
+        "model_forward_wrapped": isinstance(par.__dict__.get("forward"), types.MethodType),
+        "overlaps": overlaps(ev),
+    }
+
+
 def main():
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     T, H, W = (int(v) for v in sys.argv[2].split(","))
     bp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    mode = sys.argv[5] if len(sys.argv) > 5 else "dsp"
-    if mode == "opensora":
+    modes = sys.argv[5] if len(sys.argv) > 5 else "dsp"
+    if modes == "opensora":
         res = opensora_case(T, H, W)
-    elif mode == "vae":
+    elif modes == "vae":
         res = vae_case(T, H, W)
-    else:
-        torch.manual_seed(0)
-        kernels = sys.argv[3] == "kernels"  # the interpreter is slow: depth 1, no overlap=False run
-        depth = 1 if kernels else 2
-        heads = 6 if world // bp == 3 else 2  # Ulysses / FastSeq need heads divisible by the sequence group
-        cfg = STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8, depth=depth, num_heads=heads)
-        single = STDiT3(cfg).eval()  # eval: no caption dropout; gradients still flow
-        with torch.no_grad():  # no zero-initialised paths
-            for n, q in single.named_parameters():
-                if n.endswith("bias") or "proj.weight" in n or "fc2" in n:
-                    q.add_(torch.randn_like(q) * 0.1)
-        par, off = STDiT3(cfg).eval(), STDiT3(cfg).eval()
-        par.load_state_dict(single.state_dict())
-        off.load_state_dict(single.state_dict())
+    else:  # one process group for every mode listed (comma-separated)
         mesh = P.build_mesh(world, bp) if 1 < bp < world else None
-        seq_group = mesh.get_group("seq") if mesh is not None else (None if bp == world else dist.group.WORLD)
-        for m, ov in ((par, True), (off, False)):
-            P.parallelize(m, mesh, sp_mode=mode, cfg_parallel=bp > 1, overlap=ov)
-        sync = P.GradSync(par, seq_group, bucket_mb=0.02) if seq_group is not None else None
-        x, t, y, args, go = inputs(T, H, W)
-        if kernels:  # the one-process oracle on the reference path (the interpreter is slow)
-            os.environ["OPENSORA_FAST_BACKEND"] = "reference"
-        out_s, xs = run(single, x, t, y, args, go)
-        if kernels:
-            os.environ["OPENSORA_FAST_BACKEND"] = "triton"
-        with P.record_schedule() as ev:
-            out_p, xp = run(par, x, t, y, args, go)
-        if kernels:
-            off, out_o, xo = par, out_p, xp
-        else:
-            out_o, xo = run(off, x, t, y, args, go)
-            P.all_reduce_grads(off)  # over the whole (cfg x seq) world
-        if bp > 1:  # CFG parallel: each rank's parameter gradients cover its own samples
-            P.all_reduce_grads(par, mesh.get_group("cfg") if mesh is not None else None)
-        # each rank's input gradient covers its own tokens / samples (xo is xp in the kernels case)
-        for g in {id(xp.grad): xp.grad, id(xo.grad): xo.grad}.values():
-            dist.all_reduce(g)
-        n_buckets = len(sync.buckets) if sync is not None else 0
-        res = {
-            "out_err": (out_s - out_p).abs().max().item(),
-            "out_scale": out_s.abs().max().item(),
-            "off_err": (out_o - out_p).abs().max().item(),
-            "off_out_err": (out_s - out_o).abs().max().item(),
-            "dx_err": (xs.grad - xp.grad).abs().max().item(),
-            "off_dx_err": (xs.grad - xo.grad).abs().max().item(),
-            "grad_rel_err": grad_rel_err(single, par),
-            "off_grad_rel_err": grad_rel_err(single, off),
-            "n_grads": sum(q.grad is not None for q in par.parameters()),
-            "n_buckets": n_buckets,
-            "depth": depth,
-            "wrapped": [
-                isinstance(getattr(b.forward, "__func__", None), P._ParallelBlock)
-                for b in [*par.spatial_blocks, *par.temporal_blocks]
-            ],  # fmt: skip
-            "model_forward_wrapped": isinstance(par.__dict__.get("forward"), types.MethodType),
-            "overlaps": overlaps(ev),
-        }
+        kernels = sys.argv[3] == "kernels"
+        res = {"modes": {m: model_case(T, H, W, bp, m, kernels, mesh) for m in modes.split(",")}}
     res["world"] = world
     if rank == 0:
         with open(sys.argv[1], "w") as f:

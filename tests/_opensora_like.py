@@ -150,9 +150,7 @@ class STDiT3Block(nn.Module):
         B, N, C = x.shape
         sa, ca, ga, sm, cm, gm = (self.scale_shift_table[None] + t.reshape(B, 6, -1)).chunk(6, dim=1)
         if x_mask is not None:
-            sa0, ca0, ga0, sm0, cm0, gm0 = (self.scale_shift_table[None] + t0.reshape(B, 6, -1)).chunk(
-                6, dim=1
-            )
+            sa0, ca0, ga0, sm0, cm0, gm0 = (self.scale_shift_table[None] + t0.reshape(B, 6, -1)).chunk(6, dim=1)
 
         x_m = t2i_modulate(self.norm1(x), sa, ca)
         if x_mask is not None:
@@ -330,10 +328,7 @@ class STDiT3(nn.Module):
         self.y_embedder = CaptionEmbedder(caption_channels, C, 0.1, token_num)
         self.spatial_blocks = nn.ModuleList([STDiT3Block(C, num_heads) for _ in range(depth)])
         self.temporal_blocks = nn.ModuleList(
-            [
-                STDiT3Block(C, num_heads, rope=self.rope.rotate_queries_or_keys, temporal=True)
-                for _ in range(depth)
-            ]
+            [STDiT3Block(C, num_heads, rope=self.rope.rotate_queries_or_keys, temporal=True) for _ in range(depth)]
         )
         self.final_layer = T2IFinalLayer(C, 4, self.out_channels)
         for blk in [*self.spatial_blocks, *self.temporal_blocks]:

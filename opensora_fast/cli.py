@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="opensora-fast",
         description="Open-Sora 1.2 (STDiT3 + causal 3D VAE) on opensora_fast's Triton kernels",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{sample,train,extract,eval-loss,demo,check}")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{sample,train,train-vae,extract,eval-loss,demo,check}"
+    )
 
     c = sub.add_parser(
         "check", help="check every kernel against its PyTorch reference (fwd + bwd)", formatter_class=_HelpFormatter
@@ -138,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-budget",
         type=float,
         metavar="GIB",
-        help="plan for this many GiB (default: the device's free memory; RAM on a CPU; a dry run without "
-        "a GPU: 24)",
+        help="plan for this many GiB (default: the device's free memory; RAM on a CPU; a dry run without a GPU: 24)",
     )
     s.set_defaults(func=_sample)
 
@@ -164,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(e, ExtractOptions)
     e.set_defaults(func=_extract)
+
+    from opensora_fast.vae_train import VAERunOptions
+
+    tv = sub.add_parser(
+        "train-vae",
+        help="train the VAE: Open-Sora 1.2's stage 1, 2 or 3 (--stage)",
+        formatter_class=_HelpFormatter,
+    )
+    add_options(tv, VAERunOptions)
+    tv.set_defaults(func=_train_vae)
 
     from opensora_fast.train import EvalOptions
 
@@ -259,6 +270,12 @@ def _eval_loss(args) -> int:
     from opensora_fast.train import run_eval_loss
 
     return run_eval_loss(args)
+
+
+def _train_vae(args) -> int:
+    from opensora_fast.vae_train import run_train_vae
+
+    return run_train_vae(args)
 
 
 def _extract(args) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class VAETrainConfig:
     ckpt_every: int = 1000
     init_from: str | None = None  # an OpenSoraVAE checkpoint (file or directory)
     init_spatial_from: str | None = None  # a diffusers AutoencoderKL checkpoint for the 2D VAE
+    lpips_weight: float = 0.1  # the release's perceptual_loss_weight; used when an LPIPS module is given
 
     def __post_init__(self):
         if self.mixed_strategy not in (None, "mixed_video_image", "mixed_video_random"):
@@ -101,13 +103,24 @@ def rec_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).abs().sum() / (a.shape[0] * a.shape[2])
 
 
-def vae_loss(cfg: VAETrainConfig, model: OpenSoraVAE, x: torch.Tensor, generator=None) -> tuple[torch.Tensor, dict]:
-    """The stage's loss on one batch x (B, 3, T, H, W) in [-1, 1]; returns (loss, logged parts)."""
+def vae_loss(
+    cfg: VAETrainConfig, model: OpenSoraVAE, x: torch.Tensor, generator=None, lpips=None
+) -> tuple[torch.Tensor, dict]:
+    """The stage's loss on one batch x (B, 3, T, H, W) in [-1, 1]; returns (loss, logged parts). With ``lpips``
+    (an ``LPIPS``) the pixel loss gains ``cfg.lpips_weight`` x LPIPS per frame, added to every pixel's |error| as
+    the release's VAELoss does (so it counts C*H*W times per frame)."""
     out = model(x, generator=generator, decode_pixels=cfg.use_real_rec_loss)
     loss = torch.zeros((), device=x.device)
     parts = {}
     if cfg.use_real_rec_loss:
         parts["rec"] = rec_loss(x, out.x_rec)
+        if lpips is not None and cfg.lpips_weight > 0:
+            B, C, T, H, W = x.shape
+            frames = x.transpose(1, 2).reshape(B * T, C, H, W)
+            rec_frames = out.x_rec.transpose(1, 2).reshape(B * T, C, H, W)
+            per_frame = lpips(frames.float(), rec_frames.float())  # (B*T,)
+            parts["lpips"] = cfg.lpips_weight * per_frame.sum() * (C * H * W) / (B * T)
+            loss = loss + parts["lpips"]
         parts["kl"] = cfg.kl_loss_weight * out.posterior.kl().sum() / x.shape[0]
         loss = loss + parts["rec"] + parts["kl"]
     if cfg.use_z_rec_loss:
@@ -128,6 +141,88 @@ def mixed_length(cfg: VAETrainConfig, x: torch.Tensor, g: torch.Generator) -> to
     elif cfg.mixed_strategy == "mixed_video_random":
         return x[:, :, : int(torch.randint(1, x.shape[2] + 1, (), generator=g))]
     return x
+
+
+# ------------------------------------------------------------------ LPIPS (perceptual loss)
+
+# VGG16's convolution widths; "M" = 2x2 max-pool. LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+_TAPS = (3, 8, 15, 22, 29)  # indices (in torchvision's vgg16.features numbering) of the ReLUs LPIPS reads
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)  # LPIPS's input scaling layer (inputs in [-1, 1])
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+class LPIPS(torch.nn.Module):
+    """The LPIPS distance (VGG16 variant) between image batches (N, 3, H, W) in [-1, 1] -> (N,): unit-normalised
+    features of 5 VGG16 stages, squared differences weighted per channel by 1x1 linear layers, averaged over
+    space and summed. Weights come only from a local file (``load_lpips``); frozen."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c_in = [], 3
+        for v in _VGG16:
+            if v == "M":
+                layers.append(torch.nn.MaxPool2d(2, 2))
+            else:
+                layers += [torch.nn.Conv2d(c_in, v, 3, padding=1), torch.nn.ReLU(inplace=False)]
+                c_in = v
+        self.features = torch.nn.Sequential(*layers)
+        self.lins = torch.nn.ModuleList(torch.nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+
+    def _taps(self, x):
+        out, h = [], (x - self.shift) / self.scale
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in _TAPS:
+                out.append(h)
+            if i == _TAPS[-1]:
+                break
+        return out
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d = 0
+        for lin, fa, fb in zip(self.lins, self._taps(a), self._taps(b)):
+            fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            d = d + lin((fa - fb).pow(2)).mean(dim=(2, 3))
+        return d.flatten()
+
+
+def load_lpips(path: str, device=None) -> LPIPS:
+    """LPIPS from a local file (.safetensors or a torch file read with weights_only=True) holding VGG16's
+    ``features.N.weight/bias`` (torchvision's vgg16 names) and LPIPS's ``lin0..lin4`` weights (``linK.weight``
+    or ``linK.model.1.weight``, as the lpips package saves them). Nothing is downloaded: a missing file or key is
+    a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--lpips-weights {path!r} does not exist: give a local file with VGG16 features.* and LPIPS lin0..lin4 "
+            "weights (opensora-fast never downloads weights)"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    m = LPIPS()
+    want = {}
+    for k in m.features.state_dict():
+        want[f"features.{k}"] = f"features.{k}"
+    for i in range(5):
+        src = f"lin{i}.weight" if f"lin{i}.weight" in sd else f"lin{i}.model.1.weight"
+        want[f"lins.{i}.weight"] = src
+    missing = [src for src in want.values() if src not in sd]
+    if missing:
+        raise ValueError(f"--lpips-weights {path!r} lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+    state = {dst: sd[src] for dst, src in want.items()}
+    try:
+        m.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"--lpips-weights {path!r}: {str(e).splitlines()[0]}") from None
+    return m.to(device or "cpu").eval()
 
 
 # ------------------------------------------------------------------ data
@@ -226,6 +321,7 @@ def train_vae(
     device=None,
     progress: bool = True,
     on_step: Callable[[int, float, dict], None] | None = None,
+    lpips: LPIPS | None = None,
 ) -> TrainResult:
     """Train ``model`` (built from ``cfg`` when None) until ``steps`` (default ``cfg.steps``) steps in total.
 
@@ -237,6 +333,8 @@ def train_vae(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     total = cfg.steps if steps is None else steps
     model = build_model(cfg, device) if model is None else model.to(device)
+    if lpips is not None:
+        lpips = lpips.to(device)
     model.train()
     model.set_grad_checkpoint(cfg.grad_checkpoint)
     for p in model.spatial_vae.parameters():
@@ -267,7 +365,7 @@ def train_vae(
         g_cpu, g_dev = _step_generators(cfg.seed, step, device)
         x = mixed_length(cfg, x, g_cpu).to(device=device, dtype=torch.float32)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
-            loss, parts = vae_loss(cfg, model, x, g_dev)
+            loss, parts = vae_loss(cfg, model, x, g_dev, lpips)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"VAE loss is {loss.item()} at step {step} ({parts})")
         optimizer.zero_grad(set_to_none=True)
@@ -284,3 +382,111 @@ def train_vae(
             last_ckpt = save_checkpoint(ckpt_dir, model, optimizer, done)
     bar.close()
     return TrainResult(model, losses, start + len(losses), last_ckpt)
+
+
+# ------------------------------------------------------------------ ``opensora-fast train-vae``
+
+from opensora_fast.common import UsageError, check_device, option, options_from, require_path  # noqa: E402
+
+
+@dataclass
+class VAERunOptions:
+    """The ``opensora-fast train-vae`` flags: a stage of configs/vae.py (``STAGES``) with these changes."""
+
+    data: str | None = option(None, "CSV with 'path' and 'text' columns (the text is not used)", required=True,
+                              metavar="CSV")  # fmt: skip
+    stage: int = option(3, "Open-Sora 1.2 VAE stage: 1 (z-rec + image identity, 2D VAE frozen), 2 (z-rec), "
+                        "3 (pixel L1 + KL [+ LPIPS], random lengths)", choices=(1, 2, 3))  # fmt: skip
+    out_dir: str | None = option(None, "checkpoints (step-N/ with model.safetensors + train_state.pt)",
+                                 required=True, metavar="DIR")  # fmt: skip
+    steps: int = option(1000, "train until this step (in total)")
+    resume: str | None = option(None, "a checkpoint, or (no value) the newest in --out-dir", nargs="?", const="auto")
+    init_from: str | None = option(None, "start from an OpenSoraVAE checkpoint (file or directory)", metavar="PATH")
+    model_config: str = option("release", "release: Open-Sora 1.2's VAE; tiny: for tests", choices=("release", "tiny"))
+    num_frames: int | None = option(None, "clip length (default: the stage's, 17 or 33)", parse=int, metavar="T")
+    image_size: str | None = option(None, "HxW (default: the stage's, 256x256)", metavar="HxW")
+    batch_size: int | None = option(None, "clips per step (default: the stage's, 1)", parse=int)
+    lr: float | None = option(None, "AdamW learning rate (default: the stage's, 1e-5)", parse=float)
+    seed: int = option(42, "data order and every random draw")
+    ckpt_every: int = option(1000, "write a checkpoint every N steps (and at the end)", metavar="N")
+    lpips_weights: str | None = option(None, "local VGG16 + LPIPS weights for the perceptual term (stage 3; weight "
+                                       "0.1 as in Open-Sora 1.2); never downloaded", metavar="PATH")  # fmt: skip
+    grad_checkpoint: bool = option(False, "gradient checkpointing (the stage configs use it on GPUs)")
+    device: str | None = option(None, "cuda or cpu (default: cuda when available)")
+    no_progress: bool = option(False, "no progress bar")
+
+
+def run_train_vae(args) -> int:
+    from dataclasses import replace
+
+    from opensora_fast.configs.vae import STAGES
+    from opensora_fast.data import VideoTextDataset, parse_size
+
+    o = options_from(VAERunOptions, args)
+    check_device(o.device)
+    dev = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = STAGES[o.stage]
+    over = dict(seed=o.seed, steps=o.steps, ckpt_every=o.ckpt_every, grad_checkpoint=o.grad_checkpoint)
+    if o.model_config == "tiny":
+        over["model"] = OpenSoraVAEConfig.tiny()
+    for name in ("num_frames", "batch_size", "lr", "init_from"):
+        if getattr(o, name) is not None:
+            over[name] = getattr(o, name)
+    try:
+        if o.image_size:
+            over["image_size"] = parse_size(o.image_size)
+        cfg = replace(cfg, **over)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    lpips = None
+    if o.lpips_weights:
+        try:
+            lpips = load_lpips(o.lpips_weights, dev)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    elif cfg.use_real_rec_loss:
+        print(
+            "LPIPS term off: no --lpips-weights given (Open-Sora 1.2 weighs it 0.1; give local VGG16 + LPIPS "
+            "weights to add it)",
+            file=sys.stderr,
+        )
+    T, (H, W) = cfg.num_frames, cfg.image_size
+    dataset = VideoTextDataset(require_path(o.data, "--data", "the data CSV"), [(T, H, W)])
+    for path in dataset.dropped:
+        print(f"left out: {path}: shorter than {T} frames", file=sys.stderr)
+    for path, line, why in dataset.bad:
+        print(f"left out: {path} (line {line}): {why}", file=sys.stderr)
+    if o.resume and o.resume != "auto":
+        require_path(o.resume, "--resume", "a VAE checkpoint")
+    ckpt_dir = os.path.join(o.out_dir, "checkpoints")
+    log_path = os.path.join(o.out_dir, "log.jsonl")
+    os.makedirs(o.out_dir, exist_ok=True)
+    import json
+
+    tb = _tensorboard(o.out_dir)
+    with open(log_path, "a") as log:
+
+        def on_step(step, loss, parts):
+            rec = {"step": step + 1, "loss": loss, **parts}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if tb is not None:
+                for k, v in rec.items():
+                    if k != "step":
+                        tb.add_scalar(f"vae/{k}", v, step + 1)
+
+        res = train_vae(cfg, dataset, ckpt_dir=ckpt_dir, resume=o.resume, device=dev, progress=not o.no_progress,
+                        on_step=on_step, lpips=lpips)  # fmt: skip
+    if tb is not None:
+        tb.close()
+    print(f"VAE stage {cfg.stage} trained to step {res.step}; checkpoint {res.checkpoint}")
+    return 0
+
+
+def _tensorboard(out_dir: str):
+    """A ``SummaryWriter`` into ``out_dir/tb`` when tensorboard is installed (optional extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tb"))

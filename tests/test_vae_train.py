@@ -128,3 +128,80 @@ def test_train_bf16_autocast_cuda():
     cfg = cv.tiny(3)
     res = vt.train_vae(cfg, smooth_clips(2, 17, 32, 32), steps=3, device="cuda", progress=False)
     assert len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: LPIPS from local weights, opensora-fast train-vae
+
+
+def _random_lpips_file(path, lin_names="lin{}.model.1.weight"):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = vt.LPIPS()
+    sd = {f"features.{k}": v.clone() * 4 for k, v in m.features.state_dict().items()}  # larger: nonzero deep taps
+    for i, lin in enumerate(m.lins):
+        sd[lin_names.format(i)] = lin.weight.detach().abs().clone()  # LPIPS's lin weights are non-negative
+    save_file(sd, str(path))
+    return str(path)
+
+
+def test_lpips_from_local_weights(tmp_path):
+    lp = vt.load_lpips(_random_lpips_file(tmp_path / "lpips.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1, torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    assert torch.equal(lp(a, a), torch.zeros(3))
+    d = lp(a, b)
+    assert d.shape == (3,) and (d > 0).all()
+    assert torch.allclose(lp(b, a), d)
+    vt.load_lpips(_random_lpips_file(tmp_path / "b.safetensors", "lin{}.weight"))  # either lin naming
+    with pytest.raises(ValueError, match="does not exist"):
+        vt.load_lpips(str(tmp_path / "none.pth"))
+    from safetensors.torch import save_file
+
+    save_file({"features.0.weight": torch.zeros(64, 3, 3, 3)}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(ValueError, match="lacks"):
+        vt.load_lpips(str(tmp_path / "c.safetensors"))
+    # in the stage-3 loss: weight x LPIPS per frame, broadcast over C*H*W as the release's VAELoss
+    cfg = cv.tiny(3)
+    torch.manual_seed(0)
+    model = vt.build_model(cfg, "cpu")
+    x = smooth_clips(1, 5, 16, 16)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    base, p0 = vt.vae_loss(cfg, model, x, g1)
+    with_lp, p1 = vt.vae_loss(cfg, model, x, g2, lp)
+    out = model(x, generator=torch.Generator().manual_seed(3), decode_pixels=True)
+    frames = lambda v: v.transpose(1, 2).reshape(5, 3, 16, 16)  # noqa: E731
+    expect = 0.1 * lp(frames(x), frames(out.x_rec)).sum() * (3 * 16 * 16) / 5
+    assert p1["lpips"] == pytest.approx(float(expect.detach()), rel=1e-5) and p1["lpips"] > 0
+    assert float(with_lp) == pytest.approx(float(base) + p1["lpips"], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_train_vae_command_per_stage_with_exact_resume(tmp_path, stage, capsys):
+    from opensora_fast import cli
+    from opensora_fast.data import make_synthetic_dataset
+
+    csv_path = make_synthetic_dataset(str(tmp_path / "d"), 17, (16, 16), 8, colors=("red",), shapes=("square",))
+    argv = ["train-vae", "--data", csv_path, "--stage", str(stage), "--model-config", "tiny", "--image-size",
+            "16x16", "--num-frames", "17", "--lr", "1e-3", "--ckpt-every", "2", "--no-progress"]  # fmt: skip
+    base = list(argv)
+    if stage == 3:
+        argv += ["--lpips-weights", _random_lpips_file(tmp_path / "lpips.safetensors")]
+    assert cli.main([*argv, "--steps", "4", "--out-dir", str(tmp_path / "a")]) == 0
+    assert cli.main([*argv, "--steps", "2", "--out-dir", str(tmp_path / "b")]) == 0
+    assert cli.main([*argv, "--steps", "4", "--out-dir", str(tmp_path / "b"), "--resume"]) == 0
+    import json
+
+    la = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    lb = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb] and len(la) == 4
+    if stage == 3:
+        assert all(r["lpips"] > 0 for r in la)
+    else:
+        assert all("z_rec" in r for r in la)
+    assert os.path.isfile(tmp_path / "a" / "checkpoints" / "step-00000004" / "model.safetensors")
+    capsys.readouterr()
+    assert cli.main([*base, "--steps", "1", "--out-dir", str(tmp_path / "c"), "--stage", "3"]) == 0
+    assert "LPIPS term off: no --lpips-weights" in capsys.readouterr().err
+    assert cli.main([*base, "--steps", "1", "--out-dir", str(tmp_path / "e"), "--lpips-weights", "/nope.pth"]) == 2

@@ -647,35 +647,5 @@ def main(argv=None) -> int:
     return rc
 
 
-# Retired: per-module hand-typed specs. Kept so modules that still import them load; the gate no
-# longer reads them (a hand-typed signature is a guess; the recorded launch is what runs).
-@dataclass
-class KernelSpec:
-    name: str
-    fn: object
-    signature: dict
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 3
-    uses_dot: bool = False
-    divisible_by_16: tuple | None = None
-
-
-def signature(fn, pointers, constexprs, scalars=None) -> dict:
-    scalars = scalars or {}
-    sig = {}
-    for a in fn.arg_names:
-        if a in constexprs:
-            sig[a] = "constexpr"
-        elif a in scalars:
-            sig[a] = scalars[a]
-        elif a[0].isupper() or a.endswith("_ptr"):
-            dt = pointers if isinstance(pointers, str) else pointers.get(a, pointers.get("*"))
-            sig[a] = "*" + dt
-        else:
-            sig[a] = "i32"
-    return sig
-
-
 if __name__ == "__main__":
     sys.exit(main())

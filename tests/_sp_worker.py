@@ -99,7 +99,22 @@ def opensora_case(T, H, W):
         if q.grad is not None:
             dist.all_reduce(q.grad)
             q.grad /= p
+    # the same tree built without enable_sequence_parallelism, apply() then parallelize() from outside
+    outside = {}
+    for mode in ("dsp", "ulysses"):
+        m = opensora_fast.apply(OSSTDiT3(depth=2))
+        m.load_state_dict(single.state_dict())
+        P.parallelize(m, sp_mode=mode)
+        out_m, xm = run(m, x, t, y, args, go)
+        P.all_reduce_grads(m)
+        dist.all_reduce(xm.grad)
+        outside[mode] = {
+            "out_err": (out_s - out_m).abs().max().item(),
+            "dx_err": (xs.grad - xm.grad).abs().max().item(),
+            "grad_rel_err": grad_rel_err(single, m),
+        }
     return {
+        "outside": outside,
         "out_err": (out_s - out_p).abs().max().item(),
         "out_scale": out_s.abs().max().item(),
         "raw_err": (out_s - out_raw).abs().max().item(),

@@ -107,6 +107,9 @@ def test_apply_opensora_sequence_parallel(tmp_path, nproc):
     assert res["out_err"] <= 1e-5 * res["out_scale"] and res["dx_err"] <= 1e-5
     assert res["n_grads"] > 40 * res["depth"] and res["grad_rel_err"] <= 1e-5
     assert res["overlaps"]["ulysses.qkv_a2a[1]"]
+    # the same tree built plainly (Open-Sora's forward, one block loop): apply() + parallelize() from outside
+    for mode, r in res["outside"].items():
+        assert r["out_err"] <= 1e-5 * res["out_scale"] and r["dx_err"] <= 1e-5 and r["grad_rel_err"] <= 1e-5, mode
 
 
 def test_vae_split_by_temporal_chunk(tmp_path):

@@ -21,11 +21,20 @@ Batch parallelism (``enable_batch_parallel``): each rank of a group runs a share
 (cond, uncond) pair over 2 ranks) and the outputs are all-gathered; on a (batch, seq) mesh it composes
 with sequence parallelism.
 
+Installed from outside by ``parallelize(model, mesh, sp_mode=..., cfg_parallel=..., overlap=True)``: each
+block's and the final layer's ``forward`` is replaced per instance (``_ParallelBlock`` / ``_ParallelFinal``),
+the model's own forward keeps one block loop. With ``overlap`` every collective is asynchronous (work
+handles; on CUDA NCCL runs them on its own stream and ``wait`` is a stream wait, never a host sync), cut
+into pieces and pipelined with independent compute, forward and backward (the autograd pair
+``_A2AIssue`` / ``_A2AWait``: the backward of the wait issues the reverse collective, the backward of the
+issue waits for it); ``record_schedule`` records issue / compute / wait events (tests, bench).
+
 Gradients: the switches' backward is the opposite switch. ``split_frames`` keeps this rank's frames of a
 full tensor every rank holds; ``gather_tokens`` all-gathers the final output (its backward keeps this
 rank's part). So when every rank computes the same loss from the gathered output, each rank's parameter
 gradients are the contribution of its own tokens, and their SUM over the group (all-reduce) is the
-single-process gradient; ``all_reduce_grads`` does that.
+single-process gradient; ``GradSync`` does that bucketed and overlapped with the backward (hooks),
+``all_reduce_grads`` blocking after it (FSDP2 DTensor gradients included).
 """
 
 from __future__ import annotations

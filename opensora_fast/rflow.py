@@ -136,16 +136,12 @@ class RFlow:
 
     def timesteps(self, batch: int, device, height, width, num_frames) -> list[torch.Tensor]:
         """t_i = (1 - i/steps) * T for i < steps, each (B,) and transformed when enabled."""
-        ts = [
-            (1.0 - i / self.num_sampling_steps) * self.num_timesteps for i in range(self.num_sampling_steps)
-        ]
+        ts = [(1.0 - i / self.num_sampling_steps) * self.num_timesteps for i in range(self.num_sampling_steps)]
         if self.use_discrete_timesteps:
             ts = [int(round(t)) for t in ts]
         ts = [torch.tensor([t] * batch, device=device) for t in ts]
         if self.use_timestep_transform:
-            ts = [
-                timestep_transform(t, height, width, num_frames, num_timesteps=self.num_timesteps) for t in ts
-            ]
+            ts = [timestep_transform(t, height, width, num_frames, num_timesteps=self.num_timesteps) for t in ts]
         return ts
 
     @torch.no_grad()
@@ -165,6 +161,7 @@ class RFlow:
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         progress: bool = True,
+        cfg_sequential: bool = False,
     ) -> torch.Tensor:
         """Euler integration from noise z (B, C, T, H, W) at t = 1000 to t = 0.
 
@@ -175,6 +172,8 @@ class RFlow:
         the reference latents already in z; x_mask = mask * 1000 >= t selects the t0 modulation, frames
         get fresh noise when they first cross into the noised set, and conditioning frames are
         overwritten with the reference after every step. ``generator`` makes that noise deterministic.
+        ``cfg_sequential`` runs the conditional and the unconditional halves one after the other (half the
+        activation memory, the same velocities up to floating-point summation order).
         """
         s = self.cfg_scale if guidance_scale is None else guidance_scale
         B, C = z.shape[:2]
@@ -199,8 +198,15 @@ class RFlow:
                     add = upper & ~noise_added
                     z = torch.where(add[:, None, :, None, None], x_noise, x0)
                     noise_added = upper
-                out = model(torch.cat([z, z], 0), torch.cat([t, t], 0), y_in, x_mask=x_mask, **args, **fast)
-                v_c, v_u = out[:, :C].chunk(2, dim=0)
+                if cfg_sequential:
+                    one = dict(mask=text_mask, fps=fps, height=height, width=width, x_mask=x_mask, **fast)
+                    if x_mask is not None:
+                        one["x_mask"] = x_mask[:B]
+                    v_c = model(z, t, y, **one)[:, :C]
+                    v_u = model(z, t, y_null, **one)[:, :C]
+                else:
+                    out = model(torch.cat([z, z], 0), torch.cat([t, t], 0), y_in, x_mask=x_mask, **args, **fast)
+                    v_c, v_u = out[:, :C].chunk(2, dim=0)
                 v = v_u + s * (v_c - v_u)
                 dt = (ts[i] - ts[i + 1]) if i < len(ts) - 1 else ts[i]
                 z = z + v * (dt / self.num_timesteps)[:, None, None, None, None]

@@ -59,6 +59,15 @@ class SampleOptions:
     cfg_parallel: bool = True  # under torchrun with an even world: the CFG pair over 2 rank groups
     sp_mode: str = "dsp"  # sequence-parallel scheme under torchrun: "dsp" | "ulysses" | "fastseq"
     reference_frames: int = 1  # how many of its frames (pixel frames; an image has 1)
+    # memory plan (opensora_fast.memory): None / "auto" = the first savers that fit the device
+    dry_run: bool = False  # print the plan and stop (no weights, no device memory needed)
+    offload: str = "auto"  # "auto" | "none" | "t5" | "all"
+    cfg_sequential: bool | None = None
+    mlp_chunks: int | None = None
+    vae_micro_batch: int | None = None
+    vae_tile: int | None = None  # pixels
+    t5_dtype: str = "bf16"  # on CUDA; the CPU runs fp32
+    memory_budget: float | None = None  # GiB; default: the device's free memory (RAM on the CPU)
 
     def __post_init__(self):
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -74,6 +83,17 @@ class SampleOptions:
         from opensora_fast.common import check_device
 
         check_device(self.device)
+        if self.offload not in ("auto", "none", "t5", "all"):
+            raise UsageError(f"--offload must be auto, none, t5 or all, got {self.offload!r}")
+        if self.t5_dtype not in ("bf16", "fp32"):
+            raise UsageError(f"--t5-dtype must be bf16 or fp32, got {self.t5_dtype!r}")
+        for flag, v in (("--mlp-chunks", self.mlp_chunks), ("--vae-micro-batch", self.vae_micro_batch)):
+            if v is not None and v < 1:
+                raise UsageError(f"{flag} must be >= 1, got {v}")
+        if self.vae_tile is not None and self.vae_tile < 16:
+            raise UsageError(f"--vae-tile must be >= 16 pixels, got {self.vae_tile}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise UsageError(f"--memory-budget must be > 0 GiB, got {self.memory_budget}")
         if self.reference is not None:
             if not os.path.isfile(self.reference):
                 raise UsageError(f"--reference {self.reference!r} does not exist")
@@ -158,6 +178,53 @@ def reference_latents(opts: SampleOptions, vae, lat_frames: int, device, dtype) 
     return z
 
 
+def plan_for(opts: SampleOptions, device: torch.device):
+    """(plan, budget bytes, what the budget is, fits): the memory plan for these options on ``device``, with
+    the savers given on the command line and the rest chosen (``opensora_fast.memory.LADDER``) so that
+    the traced peak fits the budget (``--memory-budget``, else the device's free memory, else the
+    machine's available RAM; a dry run without a GPU plans for a 24 GiB card). Outside a dry run, raises
+    UsageError naming the sizes and the flags that would fit when it does not fit."""
+    from opensora_fast import memory
+
+    GiB = memory.GiB
+    if opts.memory_budget is not None:
+        budget, what = int(opts.memory_budget * GiB), "--memory-budget"
+    elif opts.dry_run and device.type != "cuda":
+        budget, what = 24 * GiB, "a 24 GiB card (--memory-budget to change)"
+    else:
+        budget, what = memory.device_budget(device)
+    on_cpu = device.type == "cpu" and not opts.dry_run
+    fixed = dict(
+        model=opts.model,
+        vae=opts.vae,
+        t5=opts.t5,
+        dtype="fp32" if on_cpu else opts.dtype,
+        t5_dtype="fp32" if on_cpu else opts.t5_dtype,
+        decode_to_cpu=True,
+    )
+    given = {}
+    if opts.offload != "auto":
+        given["offload"] = opts.offload
+    for k in ("cfg_sequential", "mlp_chunks", "vae_micro_batch", "vae_tile"):
+        if getattr(opts, k) is not None:
+            given[k] = getattr(opts, k)
+    H, W = opts.size()
+    T = opts.frames()
+    plan, ok = memory.fit_plan(budget, T, (H, W), **fixed, **given)
+    if ok or opts.dry_run:
+        return plan, budget, what, ok
+    hint = ""
+    if given:
+        free, ok_free = memory.fit_plan(budget, T, (H, W), **fixed)
+        if ok_free:
+            hint = f"; these flags would fit ({free.peak / GiB:.1f} GiB): {free.flags()}"
+    raise UsageError(
+        f"{T} frames at {H}x{W} need {plan.peak / GiB:.1f} GiB at the peak ({plan.flags()}) but {budget / GiB:.1f} "
+        f"GiB is {what}{hint or '; no saver fits: use a lower --resolution or a shorter --duration'}"
+        " (--dry-run shows the plan)"
+    )
+
+
 def generate(opts: SampleOptions) -> list[str]:
     """Sample one clip per prompt (prompt i uses seed + i); returns the written file paths.
 
@@ -170,6 +237,8 @@ def generate(opts: SampleOptions) -> list[str]:
     from opensora_fast.rflow import RFlow
     from opensora_fast.text import T5TextEncoder, null_caption
 
+    if opts.dry_run:
+        return dry_run(opts)
     model_path = require_path(opts.model, "--model", "the STDiT3 weights (a directory with config.json)")
     vae_path = require_path(opts.vae, "--vae", "the VAE weights")
     t5_path = require_path(opts.t5, "--t5", "the T5 encoder directory")
@@ -185,11 +254,34 @@ def generate(opts: SampleOptions) -> list[str]:
     if device.type == "cpu":
         dtype = torch.float32
 
+    say = print if rank == 0 else (lambda *a, **k: None)
+    from opensora_fast.memory import chunk_mlps
+
+    # the memory plan, checked before anything is allocated (one process; under torchrun each rank holds
+    # a share of the activations and the defaults apply)
+    plan = plan_for(opts, device)[0] if world == 1 else None
+    offload = plan.offload if plan else "t5"
+    if plan:
+        say(f"memory plan: peak {plan.peak / 2**30:.1f} GiB ({plan.flags()})", flush=True)
+
+    # 1. T5 (bf16 on a GPU unless --t5-dtype fp32): every prompt encoded, then T5 freed (unless --offload none)
+    t5_dtype = torch.float32 if device.type == "cpu" or opts.t5_dtype == "fp32" else torch.bfloat16
+    text = T5TextEncoder(t5_path, model_max_length=_model_max_length(model_path), device=device, dtype=t5_dtype)
+    text_dim = text.output_dim
+    encoded = [text.encode([conditioning_prompt(p, opts)]) for p in opts.prompts]
+    encoded = [(e["y"].to(dtype), e["mask"]) for e in encoded]
+    if offload != "none":
+        del text
+        _free(device)
+
+    # 2. STDiT3 + VAE
     model = STDiT3.from_pretrained(model_path).to(device=device, dtype=dtype).eval().requires_grad_(False)
     vae = load_vae(vae_path, device=device, dtype=dtype)
-    text = T5TextEncoder(t5_path, model_max_length=model.config.model_max_length, device=device)
-    check_compatible(model, vae, text.output_dim)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    check_compatible(model, vae, text_dim)
+    if plan:
+        if plan.mlp_chunks > 1:
+            chunk_mlps(model, plan.mlp_chunks)
+        _set_micro_batch(vae, plan.vae_micro_batch)
     if world > 1:
         from opensora_fast.parallel import enable_batch_parallel, enable_sequence_parallel, parallel_mesh
 
@@ -223,15 +315,18 @@ def generate(opts: SampleOptions) -> list[str]:
         cond_mask[:, : ref.shape[2]] = 0.0
         cond = dict(cond_mask=cond_mask)
         say(f"conditioning on {opts.reference!r}: {ref.shape[2]} of {lat[0]} latent frames", flush=True)
+    latent_channels = vae.out_channels
+    if offload == "all":  # the VAE comes back for the decode, after the STDiT3 has gone
+        del vae
+        _free(device)
     os.makedirs(opts.out_dir, exist_ok=True)
-    paths, pending = [], []  # under torchrun: latents kept until the process group is torn down
+    paths, pending = [], []  # under torchrun / --offload all: latents kept until the model is gone
     for i, prompt in enumerate(opts.prompts):
         g = torch.Generator(device=device).manual_seed(opts.seed + i)
-        z = torch.randn((1, vae.out_channels, *lat), generator=g, device=device, dtype=dtype)
+        z = torch.randn((1, latent_channels, *lat), generator=g, device=device, dtype=dtype)
         if ref is not None:
             z[:, :, : ref.shape[2]] = ref
-        enc = text.encode([conditioning_prompt(prompt, opts)])
-        y, mask = enc["y"].to(dtype), enc["mask"]
+        y, mask = encoded[i]
         say(
             f"[{i + 1}/{len(opts.prompts)}] {prompt!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}",
             flush=True,
@@ -244,12 +339,19 @@ def generate(opts: SampleOptions) -> list[str]:
             text_mask=mask,
             generator=g,
             progress=opts.progress,
+            cfg_sequential=bool(plan and plan.cfg_sequential),
             **size_args,
             **cond,
         )
         pending.append((i, prompt, z))
-        if world == 1:
-            paths.append(_write(vae, *pending.pop(), T, dtype, opts))
+        if world == 1 and offload != "all":
+            paths.append(_write(vae, *pending.pop(), T, dtype, opts, plan))
+    if world == 1 and offload == "all":
+        del model
+        _free(device)
+        vae = load_vae(vae_path, device=device, dtype=dtype)
+        _set_micro_batch(vae, plan.vae_micro_batch)
+        paths = [_write(vae, i, prompt, z, T, dtype, opts, plan) for i, prompt, z in pending]
     if world > 1:
         # every rank is done with the model: leave the group together (a rank leaving while another still
         # talks to it can abort under gloo), then rank 0 decodes alone
@@ -262,11 +364,50 @@ def generate(opts: SampleOptions) -> list[str]:
     return paths
 
 
-def _write(vae, i: int, prompt: str, z: torch.Tensor, T: int, dtype, opts: SampleOptions) -> str:
-    """Decode one clip's latents and write its mp4 (png for an image); returns the path."""
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _set_micro_batch(vae, n: int) -> None:
+    """Frames per 2D VAE call (the config is frozen: a copy with the new value)."""
+    import dataclasses
+
+    vae.cfg = dataclasses.replace(vae.cfg, spatial=dataclasses.replace(vae.cfg.spatial, micro_batch_size=n))
+
+
+def _model_max_length(model_path: str) -> int:
+    """The STDiT3's caption length from its config.json (300, the release's, without one)."""
+    import json
+
+    cfg = os.path.join(model_path, "config.json")
+    if os.path.isdir(model_path) and os.path.isfile(cfg):
+        with open(cfg) as f:
+            return int(json.load(f).get("model_max_length", 300))
+    return 300
+
+
+def dry_run(opts: SampleOptions) -> list[str]:
+    """Print the memory plan (traced on the meta device; no weights read beyond config.json files) and
+    whether it fits; returns no paths."""
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    plan, budget, what, ok = plan_for(opts, device)
+    print(plan.describe())
+    verdict = "fits" if ok else "does NOT fit"
+    print(f"  {verdict} in {budget / 2**30:.1f} GiB ({what})", flush=True)
+    return []
+
+
+def _write(vae, i: int, prompt: str, z: torch.Tensor, T: int, dtype, opts: SampleOptions, plan=None) -> str:
+    """Decode one clip's latents (streamed to the CPU, chunk by chunk, with the plan's VAE tile) and write
+    its mp4 (png for an image); returns the path."""
     from opensora_fast.io import write_video
 
-    video = vae.decode(z.to(dtype), num_frames=T)[0]  # (3, T, H', W')
+    tile = plan.vae_tile if plan else None
+    video = vae.decode(z.to(dtype), num_frames=T, out_device="cpu", spatial_tile=tile)[0]  # (3, T, H', W')
     path = free_name(os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}"), ".png" if T == 1 else ".mp4")
     if T == 1:
         path = write_image(path, video[:, 0])

@@ -81,7 +81,7 @@ def _tiny_pair():
     return ref, ours
 
 
-def _sample(model, cond, seed, steps=8):
+def _sample(model, cond, seed, steps=8, **kw):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(2, 4, 3, 8, 8, generator=g)
     y = torch.randn(2, 1, 8, 64, generator=g)
@@ -99,8 +99,24 @@ def _sample(model, cond, seed, steps=8):
         generator=g,
         progress=False,
         **sizes,
+        **kw,
     )
     return z, out
+
+
+@pytest.mark.parametrize("cond", [False, True])
+def test_cfg_halves_one_after_the_other_give_the_same_samples(reference_backend, cond):
+    """cfg_sequential (the memory plan's saver: half the activations) = the batched CFG forward."""
+    _, ours = _tiny_pair()
+    _, a = _sample(ours, cond, seed=5)
+    calls = []
+    hook = ours.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        _, b = _sample(ours, cond, seed=5, cfg_sequential=True)
+    finally:
+        hook.remove()
+    assert calls == [2] * 16  # 8 steps x (cond, uncond), 2 samples per forward instead of 4
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cond", [False, True])

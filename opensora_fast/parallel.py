@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import types
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -1032,6 +1034,72 @@ def enable_batch_parallel(model, group=None):
     return model
 
 
+# ---- process groups and meshes ----------------------------------------------------------------------------
+
+DIST_TIMEOUT_S = 600.0  # a collective that waits longer than this fails (PyTorch's default: 30 minutes)
+
+
+def init_distributed(
+    backend: str | None = None, device: str | None = None, timeout: float | None = None
+) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment; starts the process group when
+    WORLD_SIZE is set and none is running (nccl on CUDA, gloo on CPU), with collectives that fail after
+    ``timeout`` seconds (default ``DIST_TIMEOUT_S``) instead of PyTorch's 30 minutes.
+
+    ``device`` "cpu" or "cuda" forces the kind; by default CUDA (one GPU per local rank) when this node
+    has a GPU for every local process, else the CPU for all of them (e.g. 2 processes on a 1-GPU
+    machine): every rank of a node must pick the same kind, or the group's collectives cannot meet."""
+    from opensora_fast.common import UsageError, check_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device is None:
+        cuda = torch.cuda.is_available() and local_world <= torch.cuda.device_count()
+    else:
+        check_device(device)
+        cuda = torch.device(device).type == "cuda"
+        if cuda and local_world > torch.cuda.device_count():
+            raise UsageError(
+                f"device={device!r}: {local_world} processes on this node but {torch.cuda.device_count()} GPU(s)"
+            )
+    dev = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout or DIST_TIMEOUT_S))  # fmt: skip
+    return rank, world, dev
+
+
+def parallel_groups(world: int, sp_size: int, device: torch.device):
+    """(dp_rank, dp_size, dp_mesh, sp_group) for ``world`` ranks in a (world / sp_size, sp_size) mesh:
+    consecutive ranks share a sample (sequence parallel), ranks sp_size apart see different data."""
+    is_dist = dist.is_available() and dist.is_initialized()
+    if sp_size == 1:
+        return (dist.get_rank() if is_dist else 0), world, None, None
+    if not is_dist:
+        raise RuntimeError(f"sp_size={sp_size} needs a process group (run under torchrun)")
+    if world % sp_size:
+        raise ValueError(f"sp_size={sp_size} must divide the world size {world}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return mesh["dp"].get_local_rank(), world // sp_size, mesh["dp"], mesh["sp"].get_group()
+
+
+def fsdp_mixed_precision(dtype: torch.dtype | None):
+    """FSDP2's policy for ``dtype`` training: bf16 parameters in the forward / backward and bf16 gradient
+    reduction, the sharded fp32 parameters (master weights) and the optimizer state staying fp32; None
+    (full precision) for fp32."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype)
+
+
 def build_mesh(world: int | None = None, cfg: int = 1, device: str | None = None):
     """A (cfg, seq) DeviceMesh over the world group (``cfg`` 2 for CFG-parallel sampling)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -1063,6 +1131,9 @@ __all__ = [
     "all_reduce_grads",
     "batch_parallel_forward",
     "build_mesh",
+    "fsdp_mixed_precision",
+    "init_distributed",
+    "parallel_groups",
     "enable_batch_parallel",
     "enable_sequence_parallel",
     "fastseq_attention",

@@ -30,6 +30,7 @@ setup(
     extras_require={
         "video": ["av>=11", "pillow>=9"],
         "plot": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         # numpy<2: triton 3.6's interpreter fails every tl.dot under numpy 2.
         "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.4", "numpy<2", "av>=11", "pillow>=9", "matplotlib>=3.7"],

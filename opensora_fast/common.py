@@ -170,3 +170,13 @@ def options_from(cls, namespace, **overrides):
     kw = {k: v for k, v in vars(namespace).items() if k in names}
     kw.update(overrides)
     return cls(**kw)
+
+
+def tensorboard_writer(log_dir: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` into ``log_dir`` when tensorboard is installed (the optional
+    ``tensorboard`` extra), else None: event files beside ``log.jsonl``."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir)

@@ -55,6 +55,7 @@ from opensora_fast.common import (
     options_from,
     require_path,
     save_stdit3,
+    tensorboard_writer,
 )
 from opensora_fast.data import BadClipError, bucket_batches
 from opensora_fast.masks import MASK_RATIOS, MaskGenerator
@@ -805,6 +806,7 @@ def train_dit(
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         _truncate_log(log_path, start)
     log = open(log_path, "a") if (log_path and rank == 0) else None
+    tb = tensorboard_writer(os.path.join(os.path.dirname(os.path.abspath(log_path)), "tb")) if log else None
     losses, last_ckpt = [], (ck["path"] if resume else None)
     load = ClipLoader(dataset, cfg.max_bad_clips, lambda msg: tqdm.write(prefix + msg, file=sys.stderr))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="STDiT3", disable=not progress or rank)
@@ -923,6 +925,10 @@ def train_dit(
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+            if tb is not None:
+                for k, v in rec.items():
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        tb.add_scalar(f"train/{k}", v, step + 1)
             if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
                 tqdm.write(
                     f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm "
@@ -943,6 +949,8 @@ def train_dit(
         del fetched  # stops the DataLoader's workers
         if log is not None:
             log.close()
+        if tb is not None:
+            tb.close()
     return TrainResult(losses, start + len(losses), last_ckpt, model, ema)
 
 

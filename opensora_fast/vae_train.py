@@ -386,7 +386,14 @@ def train_vae(
 
 # ------------------------------------------------------------------ ``opensora-fast train-vae``
 
-from opensora_fast.common import UsageError, check_device, option, options_from, require_path  # noqa: E402
+from opensora_fast.common import (  # noqa: E402
+    UsageError,
+    check_device,
+    option,
+    options_from,
+    require_path,
+    tensorboard_writer,
+)
 
 
 @dataclass
@@ -463,7 +470,7 @@ def run_train_vae(args) -> int:
     os.makedirs(o.out_dir, exist_ok=True)
     import json
 
-    tb = _tensorboard(o.out_dir)
+    tb = tensorboard_writer(os.path.join(o.out_dir, "tb"))
     with open(log_path, "a") as log:
 
         def on_step(step, loss, parts):
@@ -481,12 +488,3 @@ def run_train_vae(args) -> int:
         tb.close()
     print(f"VAE stage {cfg.stage} trained to step {res.step}; checkpoint {res.checkpoint}")
     return 0
-
-
-def _tensorboard(out_dir: str):
-    """A ``SummaryWriter`` into ``out_dir/tb`` when tensorboard is installed (optional extra), else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(out_dir, "tb"))

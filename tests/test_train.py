@@ -464,3 +464,28 @@ def test_train_logs_the_eval_loss_every_n_steps(setup, tmp_path):
     recs = [json.loads(line) for line in open(log)]
     assert ["eval_loss" in r for r in recs] == [False, True, False, True]
     assert set(recs[1]["eval"]) == {"9x16x16"} and math.isfinite(recs[3]["eval_loss"])
+
+
+def test_tensorboard_scalars_beside_the_log_when_installed(setup, tmp_path, monkeypatch):
+    got = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            got.append(("dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            got.append((tag, step))
+
+        def close(self):
+            got.append(("closed", None))
+
+    monkeypatch.setattr(T, "tensorboard_writer", Writer)  # the real one needs the optional tensorboard package
+    run(setup, cfg(steps=2), log_path=str(tmp_path / "log.jsonl"))
+    assert got[0] == ("dir", str(tmp_path / "tb")) and got[-1] == ("closed", None)
+    assert ("train/loss", 1) in got and ("train/loss", 2) in got and ("train/tokens_per_s", 2) in got
+    from opensora_fast.common import tensorboard_writer
+
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert tensorboard_writer(str(tmp_path / "x")) is None  # not installed: no event files, no error

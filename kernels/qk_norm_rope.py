@@ -18,17 +18,38 @@ from opensora_fast.kernels import reference
 from opensora_fast.kernels._utils import autotune_configs, check_tensor, empty, next_pow2, use_triton
 from opensora_fast.kernels.layernorm_modulate import needs_int64, sm_count
 
+# BLOCK_R >= 8 * num_warps: the (BLOCK_R, 8) tail tile of D = 72 gives each thread >= 2 bf16 (no 2-byte accesses)
 _CONFIGS = [
-    triton.Config({"BLOCK_R": 8}, num_warps=4),
-    triton.Config({"BLOCK_R": 16}, num_warps=4),
-    triton.Config({"BLOCK_R": 32}, num_warps=8),
+    triton.Config({"BLOCK_R": 16}, num_warps=2),
+    triton.Config({"BLOCK_R": 32}, num_warps=4),
+    triton.Config({"BLOCK_R": 64}, num_warps=4),
+    triton.Config({"BLOCK_R": 64}, num_warps=8),
 ]
+
+
+@triton.jit
+def _pair_rotate(n, c, s, BLOCK_R: tl.constexpr, BD: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Interleaved RoPE of a (BLOCK_R, BD) fp32 tile in registers: pairs (2i, 2i+1) split, rotated, joined.
+
+    forward: out[2i] = n[2i] c[2i] - n[2i+1] s[2i],  out[2i+1] = n[2i+1] c[2i+1] + n[2i] s[2i+1];
+    TRANSPOSE (backward): out[2i] = n[2i] c[2i] + n[2i+1] s[2i+1],  out[2i+1] = n[2i+1] c[2i+1] - n[2i] s[2i].
+    """
+    ne, no = tl.split(tl.reshape(n, (BLOCK_R, BD // 2, 2)))
+    ce, co = tl.split(tl.reshape(c, (BLOCK_R, BD // 2, 2)))
+    se, so = tl.split(tl.reshape(s, (BLOCK_R, BD // 2, 2)))
+    if TRANSPOSE:
+        oe = ne * ce + no * so
+        oo = no * co - ne * se
+    else:
+        oe = ne * ce - no * se
+        oo = no * co + ne * so
+    return tl.reshape(tl.join(oe, oo), (BLOCK_R, BD))
 
 
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
     X,  # (B, L, H, D) q or k, strides stride_xb / stride_xl / stride_xh, unit stride along D
-    W,  # (D,) RMSNorm weight
+    W,  # (D,) RMSNorm weight, contiguous
     Cos,
     Sin,  # (L, D) RoPE tables, row strides stride_cl / stride_sl (0 when broadcast), unit stride along D
     Out,  # (B, L, H, D) contiguous out
@@ -46,16 +67,24 @@ def _qk_norm_rope_fwd_kernel(
     eps,
     HAS_ROPE: tl.constexpr,
     I64: tl.constexpr,  # int64 element offsets (some tensor spans >= 2**31 elements)
+    ALIGNED: tl.constexpr,  # host checked: every row start of X/Out/Cos/Sin is 16-byte aligned
+    VEC_X: tl.constexpr,  # elements of X per 16 bytes
+    VEC_C: tl.constexpr,  # elements of Cos/Sin per 16 bytes
     BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D0: tl.constexpr,  # head columns [0, BLOCK_D0): all valid (largest power of two <= D)
+    BLOCK_D1: tl.constexpr,  # tail columns [BLOCK_D0, D) padded to a power of two (HAS_TAIL)
+    HAS_TAIL: tl.constexpr,
+    TAIL_FULL: tl.constexpr,  # D - BLOCK_D0 == BLOCK_D1 (72 = 64 + 8): no column mask in the tail
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < head_dim
-    partner = cols ^ 1  # interleaved pair partner
-    sign = tl.where(cols % 2 == 0, -1.0, 1.0)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    wp = tl.load(W + partner, mask=cmask, other=0.0).to(tl.float32)
+    c0 = tl.arange(0, BLOCK_D0)
+    c1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    if TAIL_FULL:  # constant per 16-byte vector: the tail stays vectorised
+        m1 = c1 < BLOCK_D0 + BLOCK_D1
+    else:
+        m1 = c1 < head_dim
+    w0 = tl.load(W + c0).to(tl.float32)
+    w1 = tl.load(W + c1, mask=m1, other=0.0).to(tl.float32)
     row_lo = pid * rows_per_prog
     row_hi = tl.minimum(row_lo + rows_per_prog, n_rows)
     for start in range(row_lo, row_hi, BLOCK_R):
@@ -63,31 +92,52 @@ def _qk_norm_rope_fwd_kernel(
         if I64:
             rows = rows.to(tl.int64)
         rmask = rows < row_hi
-        m2 = rmask[:, None] & cmask[None, :]
-        h = rows % n_heads
         pos = (rows // n_heads) % seq_len
-        b = rows // (n_heads * seq_len)
-        base = X + b * stride_xb + pos * stride_xl + h * stride_xh
-        x = tl.load(base[:, None] + cols[None, :], mask=m2, other=0.0)
-        xf = x.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / head_dim + eps)
+        xoff = (rows // (n_heads * seq_len)) * stride_xb + pos * stride_xl + (rows % n_heads) * stride_xh
+        ooff = rows * head_dim
+        coff = pos * stride_cl
+        soff = pos * stride_sl
+        if ALIGNED:
+            xoff = tl.multiple_of(xoff, VEC_X)
+            ooff = tl.multiple_of(ooff, VEC_X)
+            coff = tl.multiple_of(coff, VEC_C)
+            soff = tl.multiple_of(soff, VEC_C)
+        x0 = tl.load(X + xoff[:, None] + c0[None, :], mask=rmask[:, None], other=0.0)
+        x0f = x0.to(tl.float32)
+        ss = tl.sum(x0f * x0f, axis=1)
+        if HAS_TAIL:
+            m2 = rmask[:, None] & m1[None, :]
+            x1f = tl.load(X + xoff[:, None] + c1[None, :], mask=m2, other=0.0).to(tl.float32)
+            ss += tl.sum(x1f * x1f, axis=1)
+        rstd = 1.0 / tl.sqrt(ss / head_dim + eps)
         # LlamaRMSNorm: normalise in fp32, cast back to the input dtype, then times the weight
-        n = (xf * rstd[:, None]).to(x.dtype).to(tl.float32) * w[None, :]
+        n0 = (x0f * rstd[:, None]).to(x0.dtype).to(tl.float32) * w0[None, :]
         if HAS_ROPE:
-            xp = tl.load(base[:, None] + partner[None, :], mask=m2, other=0.0)
-            npart = (xp.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * wp[None, :]
-            c = tl.load(Cos + pos[:, None] * stride_cl + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            s = tl.load(Sin + pos[:, None] * stride_sl + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            n = n * c + sign[None, :] * npart * s
-        tl.store(Out + rows[:, None] * head_dim + cols[None, :], n.to(Out.dtype.element_ty), mask=m2)
+            cs0 = tl.load(Cos + coff[:, None] + c0[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            sn0 = tl.load(Sin + soff[:, None] + c0[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            n0 = _pair_rotate(n0, cs0, sn0, BLOCK_R, BLOCK_D0, False)
+        tl.store(Out + ooff[:, None] + c0[None, :], n0.to(Out.dtype.element_ty), mask=rmask[:, None])
+        if HAS_TAIL:
+            n1 = (x1f * rstd[:, None]).to(x0.dtype).to(tl.float32) * w1[None, :]
+            if HAS_ROPE:
+                cs1 = tl.load(Cos + coff[:, None] + c1[None, :], mask=m2, other=0.0).to(tl.float32)
+                sn1 = tl.load(Sin + soff[:, None] + c1[None, :], mask=m2, other=0.0).to(tl.float32)
+                n1 = _pair_rotate(n1, cs1, sn1, BLOCK_R, BLOCK_D1, False)
+            tl.store(Out + ooff[:, None] + c1[None, :], n1.to(Out.dtype.element_ty), mask=m2)
         tl.store(Rstd + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _dx_chunk(dn, x, w, rstd, c2):
+    """One column chunk of dx = (dn w - xhat * mean(dn w xhat)) * rstd (xhat = x * rstd)."""
+    return (dn * w[None, :] - x * rstd[:, None] * c2[:, None]) * rstd[:, None]
 
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
     DOut,  # (B, L, H, D) contiguous grad of the output
     X,  # (B, L, H, D) the forward input, strides as in the forward
-    W,  # (D,) RMSNorm weight
+    W,  # (D,) RMSNorm weight, contiguous
     Cos,
     Sin,  # (L, D) RoPE tables, row strides stride_cl / stride_sl (HAS_ROPE)
     Rstd,  # (B * L * H,) fp32 from the forward
@@ -105,16 +155,26 @@ def _qk_norm_rope_bwd_kernel(
     stride_sl,
     HAS_ROPE: tl.constexpr,
     I64: tl.constexpr,  # int64 element offsets (some tensor spans >= 2**31 elements)
+    ALIGNED: tl.constexpr,  # host checked: every row start of DOut/X/DX/Cos/Sin is 16-byte aligned
+    VEC_X: tl.constexpr,
+    VEC_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D0: tl.constexpr,
+    BLOCK_D1: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    TAIL_FULL: tl.constexpr,  # D - BLOCK_D0 == BLOCK_D1 (72 = 64 + 8): no column mask in the tail
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < head_dim
-    partner = cols ^ 1
-    sign = tl.where(cols % 2 == 0, 1.0, -1.0)  # transpose of the forward rotation
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_D,), tl.float32)
+    c0 = tl.arange(0, BLOCK_D0)
+    c1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+    if TAIL_FULL:  # constant per 16-byte vector: the tail stays vectorised
+        m1 = c1 < BLOCK_D0 + BLOCK_D1
+    else:
+        m1 = c1 < head_dim
+    w0 = tl.load(W + c0).to(tl.float32)
+    w1 = tl.load(W + c1, mask=m1, other=0.0).to(tl.float32)
+    dw0 = tl.zeros((BLOCK_D0,), tl.float32)
+    dw1 = tl.zeros((BLOCK_D1,), tl.float32)
     row_lo = pid * rows_per_prog
     row_hi = tl.minimum(row_lo + rows_per_prog, n_rows)
     for start in range(row_lo, row_hi, BLOCK_R):
@@ -122,30 +182,76 @@ def _qk_norm_rope_bwd_kernel(
         if I64:
             rows = rows.to(tl.int64)
         rmask = rows < row_hi
-        m2 = rmask[:, None] & cmask[None, :]
-        h = rows % n_heads
+        r2 = rmask[:, None]
+        m2 = r2 & m1[None, :]
         pos = (rows // n_heads) % seq_len
-        b = rows // (n_heads * seq_len)
-        go = DOut + rows[:, None] * head_dim
-        dn = tl.load(go + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_ROPE:
-            c = tl.load(Cos + pos[:, None] * stride_cl + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            sp = tl.load(Sin + pos[:, None] * stride_sl + partner[None, :], mask=m2, other=0.0).to(tl.float32)
-            dp = tl.load(go + partner[None, :], mask=m2, other=0.0).to(tl.float32)
-            dn = dn * c + sign[None, :] * dp * sp
-        x = tl.load(X + (b * stride_xb + pos * stride_xl + h * stride_xh)[:, None] + cols[None, :], mask=m2, other=0.0)
+        xoff = (rows // (n_heads * seq_len)) * stride_xb + pos * stride_xl + (rows % n_heads) * stride_xh
+        ooff = rows * head_dim
+        coff = pos * stride_cl
+        soff = pos * stride_sl
+        if ALIGNED:
+            xoff = tl.multiple_of(xoff, VEC_X)
+            ooff = tl.multiple_of(ooff, VEC_X)
+            coff = tl.multiple_of(coff, VEC_C)
+            soff = tl.multiple_of(soff, VEC_C)
         rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
-        xhat = x.to(tl.float32) * rstd[:, None]
-        dw += tl.sum(dn * xhat, axis=0)
-        g = dn * w[None, :]
-        c2 = tl.sum(g * xhat, axis=1) / head_dim
-        dx = (g - xhat * c2[:, None]) * rstd[:, None]
-        tl.store(DX + rows[:, None] * head_dim + cols[None, :], dx.to(DX.dtype.element_ty), mask=m2)
-    tl.store(DWPart + pid * head_dim + cols, dw, mask=cmask)
+        dn0 = tl.load(DOut + ooff[:, None] + c0[None, :], mask=r2, other=0.0).to(tl.float32)
+        x0 = tl.load(X + xoff[:, None] + c0[None, :], mask=r2, other=0.0).to(tl.float32)
+        if HAS_ROPE:
+            cs0 = tl.load(Cos + coff[:, None] + c0[None, :], mask=r2, other=0.0).to(tl.float32)
+            sn0 = tl.load(Sin + soff[:, None] + c0[None, :], mask=r2, other=0.0).to(tl.float32)
+            dn0 = _pair_rotate(dn0, cs0, sn0, BLOCK_R, BLOCK_D0, True)
+        dw0 += tl.sum(dn0 * x0 * rstd[:, None], axis=0)
+        c2 = tl.sum(dn0 * w0[None, :] * x0, axis=1)
+        if HAS_TAIL:
+            dn1 = tl.load(DOut + ooff[:, None] + c1[None, :], mask=m2, other=0.0).to(tl.float32)
+            x1 = tl.load(X + xoff[:, None] + c1[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_ROPE:
+                cs1 = tl.load(Cos + coff[:, None] + c1[None, :], mask=m2, other=0.0).to(tl.float32)
+                sn1 = tl.load(Sin + soff[:, None] + c1[None, :], mask=m2, other=0.0).to(tl.float32)
+                dn1 = _pair_rotate(dn1, cs1, sn1, BLOCK_R, BLOCK_D1, True)
+            dw1 += tl.sum(dn1 * x1 * rstd[:, None], axis=0)
+            c2 += tl.sum(dn1 * w1[None, :] * x1, axis=1)
+        c2 = c2 * rstd / head_dim  # mean over the row of dn * w * xhat
+        tl.store(DX + ooff[:, None] + c0[None, :], _dx_chunk(dn0, x0, w0, rstd, c2).to(DX.dtype.element_ty), mask=r2)
+        if HAS_TAIL:
+            tl.store(
+                DX + ooff[:, None] + c1[None, :], _dx_chunk(dn1, x1, w1, rstd, c2).to(DX.dtype.element_ty), mask=m2
+            )
+    tl.store(DWPart + pid * head_dim + c0, dw0)
+    if HAS_TAIL:
+        tl.store(DWPart + pid * head_dim + c1, dw1, mask=m1)
 
 
 _fwd = triton.autotune(autotune_configs(_CONFIGS), key=["head_dim", "HAS_ROPE"])(_qk_norm_rope_fwd_kernel)
 _bwd = triton.autotune(autotune_configs(_CONFIGS), key=["head_dim", "HAS_ROPE"])(_qk_norm_rope_bwd_kernel)
+
+
+def _aligned16(t: torch.Tensor, strides) -> bool:
+    """Every row start t.data_ptr() + sum(i_k * strides[k]) elements is a multiple of 16 bytes."""
+    vec = 16 // t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in strides)
+
+
+def _tiling(x, cos, sin, rows_of) -> dict:
+    """Column split and alignment constexprs: D as a power-of-two head (64 of 72) plus a padded tail
+    (8 of 72), so no column mask breaks the head's 16-byte vectors; ALIGNED when the host has checked
+    that every row start the kernel forms is 16-byte aligned (then the offsets carry multiple_of hints)."""
+    D = x.shape[-1]
+    d0 = 1 << (D.bit_length() - 1)
+    aligned = all(_aligned16(t, list(t.stride()[:-1]) + [D]) for t in rows_of)
+    if cos is not None:
+        aligned = aligned and _aligned16(cos, [cos.stride(0)]) and _aligned16(sin, [sin.stride(0)])
+        aligned = aligned and cos.element_size() == sin.element_size()
+    return dict(
+        ALIGNED=aligned,
+        VEC_X=16 // x.element_size(),
+        VEC_C=16 // (cos.element_size() if cos is not None else 4),
+        BLOCK_D0=d0,
+        BLOCK_D1=next_pow2(D - d0) if D > d0 else 1,
+        HAS_TAIL=D > d0,
+        TAIL_FULL=D - d0 == next_pow2(D - d0),
+    )
 
 
 def _rows_per_prog(n_rows: int, device: torch.device) -> int:
@@ -170,7 +276,7 @@ def _fwd_impl(
         x, w, cos if has_rope else w, sin if has_rope else w, out, rstd,
         n_rows, L, H, D, rpp, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0,
         sin.stride(0) if has_rope else 0,
-        eps, HAS_ROPE=has_rope, I64=needs_int64(x, out), BLOCK_D=next_pow2(D),
+        eps, HAS_ROPE=has_rope, I64=needs_int64(x, out), **_tiling(x, cos, sin, (x, out)),
     )  # fmt: skip
     return out, rstd
 
@@ -202,7 +308,7 @@ def _bwd_impl(
         dout, x, w, cos if has_rope else w, sin if has_rope else w, rstd, dx, part,
         n_rows, L, H, D, rpp, x.stride(0), x.stride(1), x.stride(2), cos.stride(0) if has_rope else 0,
         sin.stride(0) if has_rope else 0,
-        HAS_ROPE=has_rope, I64=needs_int64(dout, x, dx), BLOCK_D=next_pow2(D),
+        HAS_ROPE=has_rope, I64=needs_int64(dout, x, dx), **_tiling(x, cos, sin, (dout, x, dx)),
     )  # fmt: skip
     return dx, part.sum(0).to(w.dtype)
 

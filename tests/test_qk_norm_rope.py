@@ -31,7 +31,8 @@ def _run(q, k, wq, wk, rope, cast, grads_out, backend, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize(
-    "B,N,H,D,strided", [(2, 5, 3, 72, False), (1, 1, 2, 64, True), (2, 7, 1, 40, False), (1, 3, 2, 128, True)]
+    "B,N,H,D,strided",
+    [(2, 5, 3, 72, False), (1, 1, 2, 64, True), (2, 7, 1, 40, False), (1, 3, 2, 128, True), (2, 3, 2, 14, True)],
 )
 def test_forward_backward(dtype, rope, B, N, H, D, strided, monkeypatch):
     q = randn(B, N, H, 2 * D, dtype=dtype)[..., :D] if strided else randn(B, N, H, D, dtype=dtype)
@@ -158,3 +159,39 @@ def test_output_dtypes_follow_their_inputs(monkeypatch):
         qo, ko = qk_norm_rope(q, k, w, w)
         assert (qo.dtype, ko.dtype) == (torch.float32, torch.float16), backend
     assert "k_out in k's" in qk_norm_rope.__doc__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_odd_head_dim_without_rope(dtype, monkeypatch):
+    """D = 7: a 4-column head and a 3-of-4 masked tail (the column split's padded path)."""
+    q, k = randn(2, 3, 2, 7, dtype=dtype), randn(2, 3, 2, 7, dtype=dtype, scale=2.0)
+    wq, wk = randn(7, dtype=dtype), randn(7, dtype=dtype)
+    gout = [randn(2, 3, 2, 7, dtype=dtype) for _ in range(2)]
+    outs, grads = _run(q, k, wq, wk, False, dtype, gout, "triton", monkeypatch)
+    outs_lp, grads_lp = _run(q, k, wq, wk, False, dtype, gout, "reference", monkeypatch)
+    outs_64, grads_64 = _run(q, k, wq, wk, False, torch.float64, gout, "reference", monkeypatch)
+    for name, o, lp, r in zip("qk", outs, outs_lp, outs_64):
+        assert_close_to_fp64(o, lp, r, name=f"{name} out")
+    for name, g, lp, r in zip(("dq", "dk", "dq_weight", "dk_weight"), grads, grads_lp, grads_64):
+        assert_close_to_fp64(g, lp, r, name=name, atol=None if name[-1] != "t" else 1e-4)
+
+
+def test_tiling_splits_columns_and_claims_alignment_only_when_checked():
+    """The kernels' 16-byte hints (multiple_of on row offsets) are only claimed for aligned rows: D = 72 is
+    a 64-column head + 8-column tail; a view starting one element in, or a row stride that is not a
+    multiple of 16 bytes, runs the unhinted path."""
+    from opensora_fast.kernels.qk_norm_rope import _tiling
+
+    x = torch.zeros(2, 5, 3, 72, dtype=torch.bfloat16)
+    cos = torch.zeros(5, 72)
+    t = _tiling(x, cos, cos, (x,))
+    assert (t["BLOCK_D0"], t["BLOCK_D1"], t["HAS_TAIL"], t["ALIGNED"]) == (64, 8, True, True)
+    assert (t["VEC_X"], t["VEC_C"]) == (8, 4)
+    assert _tiling(x[..., :64], None, None, (x[..., :64],))["HAS_TAIL"] is False
+    wide = torch.zeros(2, 5, 3, 80, dtype=torch.bfloat16)
+    assert _tiling(wide[..., 1:73], None, None, (wide[..., 1:73],))["ALIGNED"] is False  # data_ptr + 2 B
+    odd = torch.zeros(2, 5, 3, 76, dtype=torch.bfloat16)[..., :72]  # head stride 152 B
+    assert _tiling(odd, None, None, (odd,))["ALIGNED"] is False
+    cos_odd = torch.zeros(5, 73)[:, :72]  # cos rows 292 B apart
+    assert _tiling(x, cos_odd, cos_odd, (x,))["ALIGNED"] is False
+    assert _tiling(x, cos.expand(5, 72)[:1].expand(5, 72), cos, (x,))["ALIGNED"] is True  # stride 0 rows

@@ -812,3 +812,23 @@ def test_eval_loss_command_and_train_eval_every(weights, data_csv, tmp_path, cap
     capsys.readouterr()
     assert cli.main([*argv[:-2], "--out-dir", str(tmp_path / "x"), "--eval-data", str(tmp_path / "none.csv")]) == 2
     assert "--eval-data" in capsys.readouterr().err
+
+
+def test_profile_train_prints_where_a_step_goes(weights, data_csv, tmp_path, capsys):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("profile_train", os.path.join(root, "profiling", "profile_train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["--profile-steps", "2", "--warmup-steps-prof", "1", "--", "--data", data_csv, "--vae", weights["vae"],
+            "--t5", weights["t5"], "--model-config", "tiny", "--buckets", "9x16x16", "--batch-size", "4",
+            "--num-workers", "1", "--out-dir", str(tmp_path / "p")]  # fmt: skip
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 profiled steps (after 1 warm-up)" in out
+    for row in ("kernel", "memcpy", "memset", "communication", "data loading", "CPU", "step"):
+        assert row in out
+    s = json.load(open(tmp_path / "p" / "profile.json"))
+    parts = sum(s[k] for k in ("kernel", "memcpy", "memset", "communication", "data loading", "CPU"))
+    assert s["step"] > 0 and parts == pytest.approx(s["step"])  # the rows add up to the step (CPU: no device)

@@ -37,7 +37,19 @@ import torch.distributed as dist
 from opensora_fast import parallel as P
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
 
-_COLLECTIVES = ("all_to_all_single", "broadcast", "reduce_scatter_tensor", "all_gather", "all_reduce", "gather")
+_COLLECTIVES = tuple(
+    n
+    for n in (
+        "all_to_all_single",
+        "broadcast",
+        "reduce_scatter_single",
+        "reduce_scatter_tensor",
+        "all_gather",
+        "all_reduce",
+        "gather",
+    )  # fmt: skip
+    if hasattr(dist, n)
+)
 
 
 def expected_act_bytes(mode: str, p: int, *, B: int, T: int, S: int, C: int, cout: int, depth: int, es: int) -> int:
@@ -85,10 +97,11 @@ class _Counter:
         def f(*a, **k):
             group = k.get("group")
             p = dist.get_world_size(group)
-            t = a[1] if name in ("all_to_all_single", "reduce_scatter_tensor", "gather") else a[0]
+            rs = name.startswith("reduce_scatter")
+            t = a[1] if name in ("all_to_all_single", "gather") or rs else a[0]
             size = t.numel() * t.element_size() if torch.is_tensor(t) else 0
             kind = "grad" if name == "all_reduce" else "act"
-            if name in ("all_to_all_single", "reduce_scatter_tensor"):
+            if name == "all_to_all_single" or rs:
                 n = size * (p - 1) // p
             elif name == "all_gather":
                 n = a[1].numel() * a[1].element_size() * (p - 1)
@@ -103,7 +116,7 @@ class _Counter:
                 return fn(*a, **k)
             if name == "all_to_all_single":
                 a[0].copy_(a[1])
-            elif name == "reduce_scatter_tensor":
+            elif rs:
                 a[0].copy_(a[1].view(p, -1)[dist.get_rank(group)].view_as(a[0]))
             elif name == "all_gather":
                 for o in a[0]:

@@ -251,6 +251,13 @@ class _A2AWait(torch.autograd.Function):
         return g, None, None  # a placeholder: _A2AIssue.backward returns the received gradient
 
 
+def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool = False):
+    """Sum ``inp`` over the ranks, rank r keeps chunk r: reduce_scatter_single where this torch has it
+    (reduce_scatter_tensor is deprecated in 2.13), else reduce_scatter_tensor."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, inp, group=group, async_op=async_op)
+
+
 def _a2a_start(x: torch.Tensor, group, name: str):
     fl = _Flight(name)
     return _A2AIssue.apply(x, fl, group), fl
@@ -349,7 +356,7 @@ class _AllGatherTokens(torch.autograd.Function):
         gp = F.pad(g.reshape(B, lay.T, lay.S, C), (0, 0, 0, lay.world * lay.Sp - lay.S))
         gp = gp.view(B, lay.T, lay.world, lay.Sp, C).permute(2, 0, 1, 3, 4).contiguous()
         out = g.new_empty(B, lay.T, lay.Sp, C)
-        dist.reduce_scatter_tensor(out.view(-1), gp.view(-1), group=ctx.group)  # 1-D: gloo checks dim 0
+        _reduce_scatter(out.view(-1), gp.view(-1), ctx.group)  # 1-D: gloo checks dim 0
         return out.view(B, lay.T * lay.Sp, C), None, None
 
 
@@ -403,7 +410,7 @@ class _GatherProject(torch.autograd.Function):
         with _compute("fastseq.dx", g):
             dfull = (gp @ weight).view(p, B, T, Sp, C)  # gradient of every rank's tokens from this rank's heads
         dx = g.new_empty(B, T, Sp, C)
-        work = dist.reduce_scatter_tensor(dx.view(-1), dfull.view(-1), group=ctx.group, async_op=True)
+        work = _reduce_scatter(dx.view(-1), dfull.view(-1), ctx.group, async_op=True)
         _trace("issue", "fastseq.reduce_scatter")
         with _compute("fastseq.dW", g):
             dw = gp.t() @ full.view(-1, C) if ctx.needs_input_grad[1] else None
@@ -944,6 +951,8 @@ def _groups_of(mesh, cfg_parallel):
         group = mesh if mesh is not None else dist.group.WORLD
         world = dist.get_world_size(group)
         if cfg_parallel:
+            if world % 2:
+                raise ValueError(f"cfg_parallel=True needs an even number of ranks, got {world}")
             if group is not dist.group.WORLD:
                 raise ValueError("cfg_parallel=True with a process group: pass a (cfg, seq) DeviceMesh instead")
             return parallel_mesh(world, 2)

@@ -162,3 +162,64 @@ def test_no_parallel_code_in_the_model():
     loops = [n for n in ast.walk(fwd) if isinstance(n, ast.For) and "blocks" in ast.unparse(n.iter)]
     assert len(loops) == 1
     stdit3.STDiT3Config.tiny(enable_sequence_parallelism=True)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-process gloo group in this process (destroyed after the test)."""
+    import torch.distributed as dist
+    from _dist import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_arguments_raise_value_error(one_rank_group, reference_backend):
+    from _opensora_like import STDiT3 as OSSTDiT3
+
+    from opensora_fast.parallel import GradSync
+
+    model = stdit3.STDiT3(stdit3.STDiT3Config.tiny())
+    with pytest.raises(ValueError, match="sp_mode"):
+        parallelize(model, sp_mode="ring")
+    with pytest.raises(ValueError, match="chunks"):
+        parallelize(model, chunks=0)
+    with pytest.raises(ValueError, match="cfg_parallel"):
+        parallelize(model, one_rank_group, cfg_parallel=True)
+    with pytest.raises(ValueError, match="enable_sequence_parallelism"):
+        parallelize(OSSTDiT3(enable_sequence_parallelism=True))
+    with pytest.raises(ValueError, match="bucket_mb"):
+        GradSync(model, bucket_mb=0)
+    assert parallelize(model) is model and "forward" not in model.spatial_blocks[0].__dict__  # world 1: nothing
+
+
+@pytest.mark.parametrize("mode", ["dsp", "ulysses", "fastseq"])
+def test_strategy_on_one_rank_equals_plain_model(one_rank_group, reference_backend, mode):
+    """The overlap machinery on a 1-rank group (what bench_parallel times on one GPU): same outputs and
+    gradients as the plain model; GradSync with accumulation (enabled on the last backward only)."""
+    from opensora_fast import parallel as P
+
+    torch.manual_seed(0)
+    cfg = stdit3.STDiT3Config.tiny(depth=2)
+    plain, par = stdit3.STDiT3(cfg).eval(), stdit3.STDiT3(cfg).eval()
+    par.load_state_dict(plain.state_dict())
+    P._install_sequence_parallel(par, one_rank_group, mode, True, 2)
+    sync = P.GradSync(par, one_rank_group, bucket_mb=0.01)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 3, 6, 10, generator=g)
+    y = torch.randn(2, 1, 8, 64, generator=g)
+    kw = dict(mask=torch.tensor([[1] * 5 + [0] * 3, [1] * 8]), x_mask=torch.tensor([[False, True, True]] * 2),
+              fps=torch.tensor([24.0]), height=torch.tensor([64.0]), width=torch.tensor([64.0]))  # fmt: skip
+    t = torch.tensor([500.0, 900.0])
+    for m in (plain, par):
+        for i in range(2):  # two accumulated backwards
+            sync.enabled = i == 1
+            m(x, t, y, **kw).square().mean().backward()
+    torch.testing.assert_close(par(x, t, y, **kw), plain(x, t, y, **kw), rtol=1e-5, atol=1e-6)
+    for (n, a), b in zip(plain.named_parameters(), par.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=n)
+    sync.remove()

@@ -74,20 +74,36 @@ def _offsets(s, ch, height, width, sc, st, sh, sw, LAYOUT: tl.constexpr, I64: tl
 
 
 @triton.jit
-def _merge(n, mean, m2, cnt, tmean, tm2):
-    """Chan's merge of running (n, mean, M2) with a part (cnt, tmean, tm2)."""
+def _merge(n, mean, m2, e, cnt, tmean, tm2, te):
+    """Chan's merge of running (n, mean, M2) with a part (cnt, tmean, tm2), M2s held in units of 4**e
+    (power-of-two exponents e, te >= 0): the sum of squares of |x| >= ~1e19 no longer overflows fp32,
+    and the scaling is exact, so ordinary inputs get the unscaled result bit for bit."""
     n_new = n + cnt
-    delta = tmean - mean
-    mean = mean + delta * (cnt / n_new)
-    m2 = m2 + tm2 + delta * delta * (n * cnt / n_new)
-    return n_new, mean, m2
+    e_new = tl.maximum(e, te)
+    s = tl.exp2(-e_new)
+    delta_s = tmean * s - mean * s
+    mean = mean + (tmean - mean) * (cnt / n_new)
+    m2 = m2 * tl.exp2(2.0 * (e - e_new)) + tm2 * tl.exp2(2.0 * (te - e_new)) + delta_s * delta_s * (n * cnt / n_new)
+    return n_new, mean, m2, e_new
+
+
+@triton.jit
+def _tile_moments(x, mask, cnt):
+    """(mean, M2 / 4**e, e) of a (BLOCK_S, GPP, CG_P) fp32 tile per group, with 2**e <= max|x| (e >= 0)."""
+    amax = tl.max(tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0), axis=1)
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(amax, 1.0))), 0.0)
+    s = tl.exp2(-e)  # 0 for an infinite tile: its statistics are NaN as they should be
+    xs = x * s[None, :, None]
+    mean_s = tl.sum(tl.sum(xs, axis=0), axis=1) / cnt
+    d = tl.where(mask, xs - mean_s[None, :, None], 0.0)
+    return mean_s / s, tl.sum(tl.sum(d * d, axis=0), axis=1), e
 
 
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _group_norm_silu_stats_kernel(
     X,  # (B, C, T, H, W), any strides (T = 1, sxt = 0 for 4-D input)
-    Partial,  # (B, G, NSPLIT, 2) fp32: (mean, M2) of each chunk
+    Partial,  # (B, G, NSPLIT, 3) fp32: (mean, M2 / 4**e, e) of each chunk
     num_ch,
     num_groups,
     spatial,  # S = T * H * W
@@ -120,20 +136,20 @@ def _group_norm_silu_stats_kernel(
     n = 0.0
     mean = tl.zeros((GPP,), dtype=tl.float32)
     m2 = tl.zeros((GPP,), dtype=tl.float32)
+    e = tl.zeros((GPP,), dtype=tl.float32)
     for s0 in range(s_start, s_end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
         off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
         x = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
         cnt = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
-        tmean = tl.sum(tl.sum(x, axis=0), axis=1) / cnt
-        d = tl.where(mask, x - tmean[None, :, None], 0.0)
-        tm2 = tl.sum(tl.sum(d * d, axis=0), axis=1)
-        n, mean, m2 = _merge(n, mean, m2, cnt, tmean, tm2)
-    out = Partial + ((b * num_groups + g) * nsplit + sp) * 2
+        tmean, tm2, te = _tile_moments(x, mask, cnt)
+        n, mean, m2, e = _merge(n, mean, m2, e, cnt, tmean, tm2, te)
+    out = Partial + ((b * num_groups + g) * nsplit + sp) * 3
     g_ok = g < num_groups
     tl.store(out, mean, mask=g_ok)
     tl.store(out + 1, m2, mask=g_ok)
+    tl.store(out + 2, e, mask=g_ok)
 
 
 @triton.jit
@@ -142,14 +158,19 @@ def _group_stats(Partial, b, g, num_groups, CG: tl.constexpr, spatial, s_chunk, 
     n = 0.0
     mean = tl.zeros(g.shape, dtype=tl.float32)
     m2 = tl.zeros(g.shape, dtype=tl.float32)
+    e = tl.zeros(g.shape, dtype=tl.float32)
     g_ok = g < num_groups
     for p in range(nsplit):
-        src = Partial + ((b * num_groups + g) * nsplit + p) * 2
+        src = Partial + ((b * num_groups + g) * nsplit + p) * 3
         cnt = (tl.minimum(s_chunk, spatial - p * s_chunk) * CG).to(tl.float32)
         pm = tl.load(src, mask=g_ok, other=0.0)
         pm2 = tl.load(src + 1, mask=g_ok, other=0.0)
-        n, mean, m2 = _merge(n, mean, m2, cnt, pm, pm2)
-    return mean, 1.0 / tl.sqrt(m2 / n + eps)
+        pe = tl.load(src + 2, mask=g_ok, other=0.0)
+        n, mean, m2, e = _merge(n, mean, m2, e, cnt, pm, pm2, pe)
+    # rstd = 1 / sqrt(M2 / n + eps) with M2 in units of 4**e; capped like LayerNorm's (huge constant groups)
+    s = tl.exp2(-e)
+    inv_s = tl.minimum(1.0 / tl.sqrt(m2 / n + eps * s * s), 3.0e38)
+    return mean, tl.minimum(inv_s * s, 1.0 / tl.sqrt(eps))
 
 
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -159,7 +180,7 @@ def _group_norm_silu_fwd_kernel(
     Wt,  # (C,)
     Bias,  # (C,)
     Y,  # (B, C, T, H, W), any strides
-    Partial,  # (B, G, NSPLIT, 2) fp32 from the stats kernel
+    Partial,  # (B, G, NSPLIT, 3) fp32 from the stats kernel
     Mean,  # (B, G) fp32, written by chunk 0
     Rstd,  # (B, G) fp32, written by chunk 0
     num_ch,
@@ -461,7 +482,7 @@ def _fwd_impl(
     layout, sx = _layout((x, y))
     sy = sx if layout else _geometry(y)[3]
     gpp, cg_p, nsplit, s_chunk, group_blocks = _tiling(x, num_groups, layout)
-    partial = empty((B, num_groups, nsplit, 2), torch.float32, x.device)
+    partial = empty((B, num_groups, nsplit, 3), torch.float32, x.device)
     mean = empty((B, num_groups), torch.float32, x.device)
     rstd = empty((B, num_groups), torch.float32, x.device)
     grid = (B, group_blocks, nsplit)

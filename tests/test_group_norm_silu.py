@@ -193,3 +193,32 @@ def test_backward_with_dy_in_other_format_runs_packed_layout(monkeypatch):
     lowp = torch.autograd.grad(group_norm_silu(x32, w32, b32, 4), (x32, w32, b32), dy)
     for name, g, lp, r in zip(("dx", "dweight", "dbias"), got, lowp, want):
         assert_close_to_fp64(g, lp, r, name=name, atol=1e-4)
+
+
+@pytest.mark.parametrize("mag", [1e19, 1e30, 1e37])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_huge_values_do_not_overflow_statistics(mag, layout, monkeypatch):
+    """|x| >= ~1e19 overflowed the fp32 sums of squares (rstd 0: the output was silu(bias)). The chunk
+    moments are now held as M2 / 4**e with 2**e <= max|x| and merged across exponents, so fp32 inputs up to
+    ~1e37 normalise like the fp64 reference, gradients too. S = 1350 positions: two chunks are merged, and
+    the first frame is 1e6 times smaller than the rest (partials with different exponents)."""
+    shape = (1, 8, 2, 25, 27)
+    x = randn(*shape, seed=1, dtype=torch.float64) * mag
+    x[:, :, 0] *= 1e-6
+    x = x.float().double()  # exactly representable in fp32
+    w, b = randn(8, seed=2, dtype=torch.float64), randn(8, seed=3, dtype=torch.float64)
+    dy = randn(*shape, seed=4, dtype=torch.float64)
+
+    def run(dt):
+        leaves = [_layout(x.to(dt), layout).requires_grad_(), w.to(dt).requires_grad_(), b.to(dt).requires_grad_()]
+        y = group_norm_silu(*leaves, 4)
+        return (y, *torch.autograd.grad(y, leaves, _layout(dy.to(dt), layout)))
+
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "reference")
+    want = run(torch.float64)
+    monkeypatch.setenv("OPENSORA_FAST_BACKEND", "triton")
+    got = run(torch.float32)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert g.isfinite().all(), f"result {i}: non-finite"
+        err = (g.double() - r).abs().max().item()
+        assert err <= 1e-4 * max(r.abs().max().item(), 1e-30) + (1e-4 if i == 0 else 0.0), (i, err)

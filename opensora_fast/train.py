@@ -59,7 +59,14 @@ from opensora_fast.common import (
 )
 from opensora_fast.data import BadClipError, bucket_batches
 from opensora_fast.masks import MASK_RATIOS, MaskGenerator
-from opensora_fast.parallel import all_reduce_grads
+from opensora_fast.parallel import (  # noqa: F401  (set-up moved to parallel; names kept for callers)
+    DIST_TIMEOUT_S,
+    GradSync,
+    all_reduce_grads,
+    fsdp_mixed_precision,
+    init_distributed,
+    parallel_groups,
+)
 
 
 @dataclass
@@ -247,72 +254,18 @@ class TrainResult:
 # distributed
 
 
-DIST_TIMEOUT_S = 600.0  # a collective that waits longer than this fails (PyTorch's default: 30 minutes)
-
-
-def init_distributed(
-    backend: str | None = None, device: str | None = None, timeout: float | None = None
-) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from torchrun's environment; starts the process group when
-    WORLD_SIZE is set and none is running (nccl on CUDA, gloo on CPU), with collectives that fail after
-    ``timeout`` seconds (default ``DIST_TIMEOUT_S``) instead of PyTorch's 30 minutes.
-
-    ``device`` "cpu" or "cuda" forces the kind; by default CUDA (one GPU per local rank) when this node
-    has a GPU for every local process, else the CPU for all of them (e.g. 2 processes on a 1-GPU
-    machine): every rank of a node must pick the same kind, or the group's collectives cannot meet."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device is None:
-        cuda = torch.cuda.is_available() and local_world <= torch.cuda.device_count()
-    else:
-        check_device(device)
-        cuda = torch.device(device).type == "cuda"
-        if cuda and local_world > torch.cuda.device_count():
-            raise UsageError(
-                f"device={device!r}: {local_world} processes on this node but {torch.cuda.device_count()} GPU(s)"
-            )
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        from datetime import timedelta
-
-        dist.init_process_group(
-            backend or ("nccl" if cuda else "gloo"),
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout or DIST_TIMEOUT_S),
-        )
-    return rank, world, device
-
-
-def shard_model(model: torch.nn.Module, mode: str = "zero2", mesh=None) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, mode: str = "zero2", mesh=None, mp_policy=None) -> torch.nn.Module:
     """FSDP2: each spatial/temporal block is one unit, the rest (embedders, final layer) the root's.
-    ``mesh``: the (1-D) data-parallel device mesh to shard over (default: every rank)."""
-    from torch.distributed.fsdp import fully_shard
+    ``mesh``: the (1-D) data-parallel device mesh to shard over (default: every rank). ``mp_policy``: a
+    ``MixedPrecisionPolicy`` (``parallel.fsdp_mixed_precision``; None: full precision)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     reshard = mode == "zero3"
+    mp = dict(mp_policy=mp_policy if mp_policy is not None else MixedPrecisionPolicy())
     for blk in [*model.spatial_blocks, *model.temporal_blocks]:
-        fully_shard(blk, reshard_after_forward=reshard, mesh=mesh)
-    fully_shard(model, reshard_after_forward=reshard, mesh=mesh)
+        fully_shard(blk, reshard_after_forward=reshard, mesh=mesh, **mp)
+    fully_shard(model, reshard_after_forward=reshard, mesh=mesh, **mp)
     return model
-
-
-def parallel_groups(world: int, sp_size: int, device: torch.device):
-    """(dp_rank, dp_size, dp_mesh, sp_group) for ``world`` ranks in a (world / sp_size, sp_size) mesh:
-    consecutive ranks share a sample (sequence parallel), ranks sp_size apart see different data."""
-    if sp_size == 1:
-        return (dist.get_rank() if _is_dist() else 0), world, None, None
-    if not _is_dist():
-        raise RuntimeError(f"sp_size={sp_size} needs a process group (run under torchrun)")
-    if world % sp_size:
-        raise ValueError(f"sp_size={sp_size} must divide the world size {world}")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-    return mesh["dp"].get_local_rank(), world // sp_size, mesh["dp"], mesh["sp"].get_group()
 
 
 def _is_dist() -> bool:
@@ -766,11 +719,15 @@ def train_dit(
 
         enable_sequence_parallel(model, sp_group, mode=cfg.sp_mode)
     if use_fsdp:
-        shard_model(model, cfg.fsdp_mode, dp_mesh)
+        # bf16 on CUDA: FSDP2 gathers bf16 parameters and reduces bf16 gradients (fp32 master weights / Adam)
+        mp = fsdp_mixed_precision(torch.bfloat16) if dev.type == "cuda" and cfg.dtype == "bf16" else None
+        shard_model(model, cfg.fsdp_mode, dp_mesh, mp_policy=mp)
     ema = init_ema(model)
     if ema_sd is not None:
         load_ema(ema, ema_sd)
     params = [p for p in model.parameters() if p.requires_grad]
+    # sequence-parallel gradient sum: bucketed, overlapped with the backward (FSDP2's DTensor grads: after it)
+    sync = GradSync(params, sp_group) if sp_group is not None and not use_fsdp else None
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr_at(start), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=dev.type == "cuda"
     )
@@ -869,6 +826,8 @@ def train_dit(
             for m, sl in enumerate(chunks):
                 if use_fsdp and len(chunks) > 1:  # reduce-scatter the gradients once, after the last batch
                     model.set_requires_gradient_sync(m == len(chunks) - 1)
+                if sync is not None:  # one sum, in the last batch's backward
+                    sync.enabled = m == len(chunks) - 1
                 kw = {k: v[sl] for k, v in kwargs.items()}
                 with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
                     out = scheduler.training_losses(
@@ -879,7 +838,7 @@ def train_dit(
                     raise FloatingPointError(f"STDiT3 loss is {part.item()} at step {step}")
                 scaler.scale(part).backward()
                 loss = loss + part.detach()
-            if sp_group is not None:
+            if sp_group is not None and sync is None:
                 all_reduce_grads(params, sp_group)  # each rank's gradients cover its own tokens
             scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.unscale_(optimizer)

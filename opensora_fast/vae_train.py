@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -38,13 +39,15 @@ from opensora_fast.checkpoint import (
     verify_checkpoint,
     write_step_dir,
 )
-from opensora_fast.models.vae import (
-    OpenSoraVAE,
-    OpenSoraVAEConfig,
-    check_state_dict,
-    load_state_dict_file,
-    resolve_checkpoint,
-)
+
+if TYPE_CHECKING:  # the models import the kernels: only when a model is built (``check`` sets the backend first)
+    from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+
+
+def _vae_config() -> OpenSoraVAEConfig:
+    from opensora_fast.models.vae import OpenSoraVAEConfig
+
+    return OpenSoraVAEConfig()
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class VAETrainConfig:
     """One training stage. The defaults are the release's stage 3 (``configs/vae.py`` has all three)."""
 
     stage: int = 3
-    model: OpenSoraVAEConfig = field(default_factory=OpenSoraVAEConfig)
+    model: OpenSoraVAEConfig = field(default_factory=_vae_config)
     freeze_spatial: bool = False
     use_real_rec_loss: bool = True  # L1 on pixels + KL
     use_z_rec_loss: bool = False  # L1 on the 2D latents (temporal VAE reconstruction)
@@ -278,6 +281,8 @@ def save_checkpoint(ckpt_dir: str, model: OpenSoraVAE, optimizer: torch.optim.Op
 def load_checkpoint(path: str, model: OpenSoraVAE, optimizer: torch.optim.Optimizer) -> int:
     """Restore weights and optimizer from a checkpoint directory (or the newest complete one in a
     ``ckpt_dir``), its checksums verified; returns its step."""
+    from opensora_fast.models.vae import check_state_dict
+
     path = resolve_resume(path)
     verify_checkpoint(path)
     state = load_safetensors_checked(os.path.join(path, "model.safetensors"))
@@ -292,6 +297,8 @@ def load_checkpoint(path: str, model: OpenSoraVAE, optimizer: torch.optim.Optimi
 
 
 def build_model(cfg: VAETrainConfig, device) -> OpenSoraVAE:
+    from opensora_fast.models.vae import OpenSoraVAE, check_state_dict, load_state_dict_file, resolve_checkpoint
+
     torch.manual_seed(cfg.seed)
     if cfg.init_from is not None:
         model = OpenSoraVAE.from_pretrained(cfg.init_from, cfg.model)
@@ -435,6 +442,8 @@ def run_train_vae(args) -> int:
     cfg = STAGES[o.stage]
     over = dict(seed=o.seed, steps=o.steps, ckpt_every=o.ckpt_every, grad_checkpoint=o.grad_checkpoint)
     if o.model_config == "tiny":
+        from opensora_fast.models.vae import OpenSoraVAEConfig
+
         over["model"] = OpenSoraVAEConfig.tiny()
     for name in ("num_frames", "batch_size", "lr", "init_from"):
         if getattr(o, name) is not None:

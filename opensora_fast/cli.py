@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--reference-frames", type=int, default=1, metavar="N", help="use the first N frames of --reference")
     s.add_argument(
+        "--mask-strategy",
+        metavar="S",
+        help="Open-Sora's mask strategy for every prompt without its own: 'loop,ref,ref_start,target_start,length,"
+        "edit_ratio[;...]' in latent frames (--reference 'a.mp4;b.png' gives refs 0, 1); a prompt-file line may end "
+        'with {"reference_path": ..., "mask_strategy": ...}',
+    )
+    s.add_argument("--align", type=int, metavar="N", help="round mask-strategy starts to multiples of N latent frames")
+    s.add_argument("--num-sample", type=int, default=1, help="clips per prompt (sample k of prompt j: seed + j + k*P)")
+    s.add_argument("--start-index", type=int, default=0, help="sample the prompts from this index (0-based)")
+    s.add_argument("--end-index", type=int, help="... up to this index (exclusive); names and seeds stay the same")
+    s.add_argument("--skip-existing", action="store_true", help="do not sample a clip whose file already exists")
+    s.add_argument(
         "--no-cfg-parallel",
         action="store_true",
         help="under torchrun: sequence-parallel only (default with an even process count: the CFG pair over 2 "
@@ -230,6 +242,12 @@ def _sample(args) -> int:
         camera_motion=args.camera_motion,
         clean_prompts=not args.no_prompt_cleaning,
         dry_run=args.dry_run,
+        mask_strategy=args.mask_strategy,
+        align=args.align,
+        num_sample=args.num_sample,
+        start_index=args.start_index,
+        end_index=args.end_index,
+        skip_existing=args.skip_existing,
         offload=args.offload,
         cfg_sequential=args.cfg_sequential,
         mlp_chunks=args.mlp_chunks,

@@ -31,7 +31,7 @@ def timestep_transform(
     num_timesteps: int = 1000,
 ) -> torch.Tensor:
     """t' = ratio t / (1 + (ratio - 1) t) on t/num_timesteps, ratio = sqrt(H W / 512^2) *
-    sqrt(n_lat) * scale, n_lat = 1 for images (num_frames[0] == 1) else num_frames // 17 * 5.
+    sqrt(n_lat) * scale, n_lat = 1 for images (num_frames[0] == 1) else max(num_frames // 17 * 5, 1).
 
     height/width/num_frames are pixel sizes and frame counts, per sample (B,) tensors or numbers.
     As in Open-Sora, the ratio is computed in the dtype of the height/width tensors (bf16 at
@@ -43,7 +43,9 @@ def timestep_transform(
     if num_frames[0] == 1:
         n = torch.ones_like(num_frames)
     else:
-        n = num_frames // 17 * 5
+        # Open-Sora's n is 0 for 2..16 frames: ratio 0 and t' = 0 / 0 = NaN at t = 1, a NaN clip. One latent
+        # frame's worth instead (the same t' as an image of that size); 17 frames and more are unchanged
+        n = (num_frames // 17 * 5).clamp_min(1)
     ratio = ratio_space * (n / base_num_frames).sqrt() * scale
     return ratio * t / (1 + (ratio - 1) * t) * num_timesteps
 

@@ -68,6 +68,13 @@ class SampleOptions:
     vae_tile: int | None = None  # pixels
     t5_dtype: str = "bf16"  # on CUDA; the CPU runs fp32
     memory_budget: float | None = None  # GiB; default: the device's free memory (RAM on the CPU)
+    # Open-Sora's inference options
+    mask_strategy: str | None = None  # for every prompt without its own (JSON suffix)
+    align: int | None = None  # round mask-strategy starts to multiples of this many latent frames
+    num_sample: int = 1  # clips per prompt (sample k of prompt j: seed + j + k * len(prompts))
+    start_index: int = 0  # the prompts [start_index:end_index] (indices and seeds stay those of the full list)
+    end_index: int | None = None
+    skip_existing: bool = False  # a clip whose file already exists is not sampled again
 
     def __post_init__(self):
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -92,11 +99,20 @@ class SampleOptions:
                 raise UsageError(f"{flag} must be >= 1, got {v}")
         if self.vae_tile is not None and self.vae_tile < 16:
             raise UsageError(f"--vae-tile must be >= 16 pixels, got {self.vae_tile}")
+        if self.num_sample < 1:
+            raise UsageError(f"--num-sample must be >= 1, got {self.num_sample}")
+        if self.start_index < 0 or (self.end_index is not None and self.end_index < self.start_index):
+            raise UsageError(f"--start-index/--end-index must satisfy 0 <= start <= end, got {self.start_index}/"
+                             f"{self.end_index}")  # fmt: skip
+        if self.align is not None and self.align < 1:
+            raise UsageError(f"--align must be >= 1 latent frame, got {self.align}")
+        parse_mask_strategy(self.mask_strategy)
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise UsageError(f"--memory-budget must be > 0 GiB, got {self.memory_budget}")
         if self.reference is not None:
-            if not os.path.isfile(self.reference):
-                raise UsageError(f"--reference {self.reference!r} does not exist")
+            for path in self.reference.split(";"):  # several references: "a.mp4;b.png"
+                if not os.path.isfile(path):
+                    raise UsageError(f"--reference {path!r} does not exist")
             if self.reference_frames < 1:
                 raise UsageError(f"--reference-frames must be >= 1, got {self.reference_frames}")
         try:
@@ -155,7 +171,103 @@ def write_image(path: str, frame: torch.Tensor) -> str:
     return path
 
 
-def reference_latents(opts: SampleOptions, vae, lat_frames: int, device, dtype) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------------
+# Open-Sora 1.2's per-prompt conditioning: a JSON suffix on a prompt, mask-strategy strings
+
+
+def split_prompt_json(prompt: str) -> tuple[str, str | None, str | None]:
+    """``'text{"reference_path": "a.mp4;b.png", "mask_strategy": "0"}'`` -> (text, reference paths or
+    None, mask strategy or None), as Open-Sora's prompt files carry them (everything from the first "{")."""
+    import json
+
+    cut = prompt.find("{")
+    if cut < 0:
+        return prompt, None, None
+    text, suffix = prompt[:cut], prompt[cut:]
+    try:
+        info = json.loads(suffix)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"prompt {prompt!r}: the part from '{{' is not one JSON object ({e})") from None
+    if not isinstance(info, dict) or set(info) - {"reference_path", "mask_strategy"}:
+        raise UsageError(f"prompt {prompt!r}: the JSON suffix may hold only reference_path and mask_strategy")
+    return text, info.get("reference_path"), info.get("mask_strategy")
+
+
+@dataclass(frozen=True)
+class MaskItem:
+    """One ``;``-separated part of a mask strategy: in loop ``loop``, latent frames ``ref_start`` ..
+    ``ref_start + length`` of reference ``ref`` condition the clip's frames from ``target_start``
+    (negative starts count from the end), noised to ``edit`` (0: kept, 1: free)."""
+
+    loop: int = 0
+    ref: int = 0
+    ref_start: int = 0
+    target_start: int = 0
+    length: int = 1
+    edit: float = 0.0
+
+
+def parse_mask_strategy(text: str | None) -> list[MaskItem]:
+    """Open-Sora's mask strategy string, e.g. ``"0,0,0,0,1;0,1,-1,-1,1,0.5"`` (missing trailing numbers
+    take the defaults 0,0,0,0,1,0)."""
+    items = []
+    for part in (text or "").split(";"):
+        if not part.strip():
+            continue
+        fields = [f.strip() for f in part.split(",")]
+        if len(fields) > 6:
+            raise UsageError(f"mask strategy {part!r}: at most 6 comma-separated numbers (loop,ref,ref_start,"
+                             "target_start,length,edit_ratio)")  # fmt: skip
+        try:
+            ints = [int(f) for f in fields[:5]]
+            edit = float(fields[5]) if len(fields) == 6 else 0.0
+        except ValueError:
+            raise UsageError(f"mask strategy {part!r}: expected integers (and a float edit ratio)") from None
+        item = MaskItem(*ints, edit) if len(fields) == 6 else MaskItem(*ints)
+        if item.length < 1 or item.ref < 0 or item.loop < 0 or not 0.0 <= item.edit <= 1.0:
+            raise UsageError(f"mask strategy {part!r}: need loop >= 0, ref >= 0, length >= 1, 0 <= edit <= 1")
+        items.append(item)
+    return items
+
+
+def nearest_aligned(value: int, point: int, max_value: int) -> int:
+    """Open-Sora's ``align``: round ``value`` to a multiple of ``point`` (down, or up past half, while
+    staying below the last multiple under ``max_value``)."""
+    t = value // point
+    if value % point > point / 2 and t < max_value // point - 1:
+        t += 1
+    return t * point
+
+
+def apply_mask_strategy(z: torch.Tensor, refs: list[torch.Tensor], items: list[MaskItem], loop: int = 0,
+                        align: int | None = None) -> torch.Tensor | None:  # fmt: skip
+    """Write the references' latent frames into ``z`` (1, C, T, h, w) where ``items`` say, for loop
+    ``loop``; returns the (1, T) frame mask (1 = generated, edit ratio where conditioned) or None."""
+    T = z.shape[2]
+    mask = torch.ones(1, T, device=z.device)
+    used = False
+    for it in items:
+        if it.loop != loop:
+            continue
+        if it.ref >= len(refs):
+            raise UsageError(f"mask strategy names reference {it.ref} but the prompt has {len(refs)}")
+        ref = refs[it.ref]  # (C, t, h, w)
+        rs = it.ref_start + ref.shape[1] if it.ref_start < 0 else it.ref_start
+        ts = it.target_start + T if it.target_start < 0 else it.target_start
+        if align is not None:
+            rs, ts = nearest_aligned(rs, align, ref.shape[1]), nearest_aligned(ts, align, T)
+        n = min(it.length, T - ts, ref.shape[1] - rs)
+        if n <= 0 or rs < 0 or ts < 0:
+            continue
+        z[0, :, ts : ts + n] = ref[:, rs : rs + n].to(z.dtype)
+        mask[0, ts : ts + n] = it.edit
+        used = True
+    return mask if used else None
+
+
+def reference_latents(
+    opts: SampleOptions, vae, lat_frames: int, device, dtype, path: str | None = None, whole: bool = False
+) -> torch.Tensor:
     """The first ``reference_frames`` frames of ``opts.reference`` (an image or a video, decoded with PyAV),
     resized to cover the output size and centre-cropped, encoded with the VAE's posterior mean:
     (1, C, k, h, w) latents for the first k latent frames of every clip (k < the clip's latent frames)."""
@@ -164,13 +276,17 @@ def reference_latents(opts: SampleOptions, vae, lat_frames: int, device, dtype) 
     H, W = opts.size()
     if opts.frames() == 1:
         raise UsageError("--reference conditions the first frames of a video: use a video duration, not 'image'")
+    path = opts.reference if path is None else path
     try:
-        ref = read_video(opts.reference, num_frames=opts.reference_frames, size=(H, W))  # (n, 3, H, W)
+        if whole:  # a mask strategy picks the frames: up to the clip's length
+            ref = read_video(path, size=(H, W))[: opts.frames()]
+        else:
+            ref = read_video(path, num_frames=opts.reference_frames, size=(H, W))  # (n, 3, H, W)
     except ValueError as e:
-        raise UsageError(f"--reference {opts.reference!r}: {e}") from None
+        raise UsageError(f"--reference {path!r}: {e}") from None
     ref = ref.permute(1, 0, 2, 3)[None].to(device=device, dtype=dtype)  # (1, 3, n, H, W)
     z = vae.encode(ref, sample=False)
-    if z.shape[2] >= lat_frames:
+    if not whole and z.shape[2] >= lat_frames:
         raise UsageError(
             f"--reference-frames {opts.reference_frames} fill {z.shape[2]} of the clip's {lat_frames} latent "
             f"frames: nothing left to generate; use fewer reference frames or a longer --duration"
@@ -257,6 +373,16 @@ def generate(opts: SampleOptions) -> list[str]:
     say = print if rank == 0 else (lambda *a, **k: None)
     from opensora_fast.memory import chunk_mlps
 
+    # prompts [start_index:end_index], each with its JSON suffix (references, mask strategy) split off
+    entries = []
+    for j in range(len(opts.prompts))[opts.start_index : opts.end_index]:
+        text_j, refs_j, ms_j = split_prompt_json(opts.prompts[j])
+        parse_mask_strategy(ms_j)
+        entries.append((j, text_j.strip(), opts.reference if refs_j is None else refs_j,
+                        opts.mask_strategy if ms_j is None else ms_j))  # fmt: skip
+        for path in (entries[-1][2] or "").split(";"):
+            if path and not os.path.isfile(path):
+                raise UsageError(f"reference {path!r} (prompt {j}) does not exist")
     # the memory plan, checked before anything is allocated (one process; under torchrun each rank holds
     # a share of the activations and the defaults apply)
     plan = plan_for(opts, device)[0] if world == 1 else None
@@ -268,7 +394,7 @@ def generate(opts: SampleOptions) -> list[str]:
     t5_dtype = torch.float32 if device.type == "cpu" or opts.t5_dtype == "fp32" else torch.bfloat16
     text = T5TextEncoder(t5_path, model_max_length=_model_max_length(model_path), device=device, dtype=t5_dtype)
     text_dim = text.output_dim
-    encoded = [text.encode([conditioning_prompt(p, opts)]) for p in opts.prompts]
+    encoded = [text.encode([conditioning_prompt(e[1], opts)]) for e in entries]
     encoded = [(e["y"].to(dtype), e["mask"]) for e in encoded]
     if offload != "none":
         del text
@@ -307,28 +433,39 @@ def generate(opts: SampleOptions) -> list[str]:
         k: torch.tensor([float(v)], device=device, dtype=dtype)
         for k, v in (("height", H), ("width", W), ("num_frames", T), ("fps", fps))
     }
-    ref, cond = None, {}
-    if opts.reference is not None:
-        ref = reference_latents(opts, vae, lat[0], device, dtype)
-        # Open-Sora's mask strategy with edit ratio 0: the reference latent frames are never noised
-        cond_mask = torch.ones(1, lat[0], device=device)
-        cond_mask[:, : ref.shape[2]] = 0.0
-        cond = dict(cond_mask=cond_mask)
-        say(f"conditioning on {opts.reference!r}: {ref.shape[2]} of {lat[0]} latent frames", flush=True)
+    conds = []  # per prompt: (reference latents [(C, t, h, w)], mask items) or None
+    for j, _, refs_j, ms_j in entries:
+        if not refs_j:
+            conds.append(None)
+            continue
+        whole = ms_j is not None
+        refs = [reference_latents(opts, vae, lat[0], device, dtype, path=p, whole=whole)[0] for p in refs_j.split(";")]
+        # without a mask strategy: the first reference's latent frames start the clip, never noised
+        items = parse_mask_strategy(ms_j) if whole else [MaskItem(length=refs[0].shape[1])]
+        conds.append((refs, items))
+        what = f"mask strategy {ms_j!r}" if whole else f"{refs[0].shape[1]} of {lat[0]} latent frames"
+        say(f"prompt {j}: conditioning on {refs_j!r}: {what}", flush=True)
     latent_channels = vae.out_channels
     if offload == "all":  # the VAE comes back for the decode, after the STDiT3 has gone
         del vae
         _free(device)
     os.makedirs(opts.out_dir, exist_ok=True)
     paths, pending = [], []  # under torchrun / --offload all: latents kept until the model is gone
-    for i, prompt in enumerate(opts.prompts):
-        g = torch.Generator(device=device).manual_seed(opts.seed + i)
+    ext = ".png" if T == 1 else ".mp4"
+    jobs = [(e, c, k, enc) for e, c, enc in zip(entries, conds, encoded) for k in range(opts.num_sample)]
+    for n, ((i, prompt, _, _), cref, k, (y, mask)) in enumerate(jobs):
+        name = f"{i:03d}_{slug(prompt)}" + (f"_s{k}" if opts.num_sample > 1 else "")
+        if opts.skip_existing and os.path.exists(os.path.join(opts.out_dir, name + ext)):
+            say(f"[{n + 1}/{len(jobs)}] {name}{ext} exists: skipped", flush=True)
+            continue
+        g = torch.Generator(device=device).manual_seed(opts.seed + i + k * len(opts.prompts))
         z = torch.randn((1, latent_channels, *lat), generator=g, device=device, dtype=dtype)
-        if ref is not None:
-            z[:, :, : ref.shape[2]] = ref
-        y, mask = encoded[i]
+        cond = {}
+        if cref is not None:
+            cond_mask = apply_mask_strategy(z, *cref, loop=0, align=opts.align)
+            cond = {} if cond_mask is None else dict(cond_mask=cond_mask)
         say(
-            f"[{i + 1}/{len(opts.prompts)}] {prompt!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}",
+            f"[{n + 1}/{len(jobs)}] {prompt!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}",
             flush=True,
         )
         z = scheduler.sample(
@@ -343,7 +480,7 @@ def generate(opts: SampleOptions) -> list[str]:
             **size_args,
             **cond,
         )
-        pending.append((i, prompt, z))
+        pending.append((name, z))
         if world == 1 and offload != "all":
             paths.append(_write(vae, *pending.pop(), T, dtype, opts, plan))
     if world == 1 and offload == "all":
@@ -351,7 +488,7 @@ def generate(opts: SampleOptions) -> list[str]:
         _free(device)
         vae = load_vae(vae_path, device=device, dtype=dtype)
         _set_micro_batch(vae, plan.vae_micro_batch)
-        paths = [_write(vae, i, prompt, z, T, dtype, opts, plan) for i, prompt, z in pending]
+        paths = [_write(vae, name, z, T, dtype, opts, plan) for name, z in pending]
     if world > 1:
         # every rank is done with the model: leave the group together (a rank leaving while another still
         # talks to it can abort under gloo), then rank 0 decodes alone
@@ -360,7 +497,7 @@ def generate(opts: SampleOptions) -> list[str]:
         dist.barrier()
         dist.destroy_process_group()
         if rank == 0:
-            paths = [_write(vae, i, prompt, z, T, dtype, opts) for i, prompt, z in pending]
+            paths = [_write(vae, name, z, T, dtype, opts) for name, z in pending]
     return paths
 
 
@@ -401,14 +538,14 @@ def dry_run(opts: SampleOptions) -> list[str]:
     return []
 
 
-def _write(vae, i: int, prompt: str, z: torch.Tensor, T: int, dtype, opts: SampleOptions, plan=None) -> str:
+def _write(vae, name: str, z: torch.Tensor, T: int, dtype, opts: SampleOptions, plan=None) -> str:
     """Decode one clip's latents (streamed to the CPU, chunk by chunk, with the plan's VAE tile) and write
     its mp4 (png for an image); returns the path."""
     from opensora_fast.io import write_video
 
     tile = plan.vae_tile if plan else None
     video = vae.decode(z.to(dtype), num_frames=T, out_device="cpu", spatial_tile=tile)[0]  # (3, T, H', W')
-    path = free_name(os.path.join(opts.out_dir, f"{i:03d}_{slug(prompt)}"), ".png" if T == 1 else ".mp4")
+    path = free_name(os.path.join(opts.out_dir, name), ".png" if T == 1 else ".mp4")
     if T == 1:
         path = write_image(path, video[:, 0])
     else:

@@ -33,6 +33,19 @@ def test_timestep_transform_hand_values():
     torch.testing.assert_close(ends, torch.tensor([0.0, 1000.0]))
 
 
+def test_timestep_transform_short_clips_are_finite():
+    """2..16 frames: Open-Sora's n_lat = num_frames // 17 * 5 = 0 made t' = 0 / 0 = NaN at t = 1000 (a NaN
+    clip from the first step); now the transform of a one-latent-frame clip (an image of that size)."""
+    for frames in (2, 9, 16):
+        got = timestep_transform(_t(1000), _t(16), _t(16), _t(frames))
+        assert torch.isfinite(got).all() and got.item() == pytest.approx(1000.0)
+        mid = timestep_transform(_t(500), _t(64), _t(64), _t(frames))
+        assert mid.item() == pytest.approx(timestep_transform(_t(500), _t(64), _t(64), _t(1)).item())
+    rf = RFlow(num_sampling_steps=4)
+    ts = rf.timesteps(1, "cpu", _t(16), _t(16), _t(9))
+    assert all(torch.isfinite(t).all() for t in ts)
+
+
 def test_sampling_timesteps():
     rf = RFlow()
     ts = rf.timesteps(2, "cpu", _t(480).repeat(2), _t(854).repeat(2), _t(102).repeat(2))

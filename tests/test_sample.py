@@ -20,6 +20,10 @@ def weights(tmp_path_factory):
     torch.manual_seed(0)
     OpenSoraVAE(OpenSoraVAEConfig.tiny()).save_pretrained(str(root / "vae"))
     model = STDiT3(STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8))
+    with torch.no_grad():  # the release's init zeroes the final layer: the velocity would be 0 everywhere
+        model.final_layer.linear.weight.normal_(0, 0.05)
+        for blk in [*model.spatial_blocks, *model.temporal_blocks]:
+            blk.scale_shift_table.normal_(0, 0.3)
     save_stdit3(model.state_dict(), model.config, str(root / "stdit3"))
     return ["--model", str(root / "stdit3"), "--vae", str(root / "vae"), "--t5", t5]
 
@@ -52,3 +56,126 @@ def test_prompts_are_cleaned_as_open_sora_cleans_them(weights, encoded, tmp_path
     encoded.clear()
     assert cli.main(["sample", prompt, *weights, "--out-dir", str(tmp_path / "c"), *TINY, "--no-prompt-cleaning"]) == 0
     assert encoded == [prompt + " aesthetic score: 6.5."]
+
+
+# ---- Open-Sora's inference options: mask strategies, per-prompt references, indices, samples per prompt
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """Every RFlow.sample call: (z in, cond_mask, z out)."""
+    from opensora_fast.rflow import RFlow
+
+    calls = []
+    real = RFlow.sample
+
+    def spy(self, model, z, *args, **kw):
+        z_in = z.clone()
+        out = real(self, model, z, *args, **kw)
+        calls.append((z_in, kw.get("cond_mask"), out))
+        return out
+
+    monkeypatch.setattr(RFlow, "sample", spy)
+    return calls
+
+
+def _clip(path, seed, frames=9):
+    from opensora_fast.io import write_video
+
+    g = torch.Generator().manual_seed(seed)
+    write_video(str(path), torch.rand(3, frames, 16, 16, generator=g) * 2 - 1, fps=8)
+    return str(path)
+
+
+def _ref_latents(weights, path, frames=None):
+    from opensora_fast.io import read_video
+    from opensora_fast.sample import load_vae
+
+    vae = load_vae(weights[3])
+    v = read_video(path, size=(16, 16))[: frames or 9]
+    with torch.no_grad():
+        return vae.encode(v.permute(1, 0, 2, 3)[None], sample=False)[0]
+
+
+CLIP = ["--image-size", "16x16", "--num-frames", "9", "--steps", "2", "--no-progress"]
+
+
+def test_prompt_file_json_suffix_conditions_any_frame(weights, sampled, encoded, tmp_path):
+    ref = _clip(tmp_path / "ref.mp4", 1)
+    pf = tmp_path / "prompts.txt"
+    pf.write_text(
+        "a red square moving right\n"
+        f'A Blue circle{{"reference_path": "{ref}", "mask_strategy": "0,0,1,2,1,0"}}\n'
+    )
+    assert cli.main(["sample", "--prompt-file", str(pf), *weights, "--out-dir", str(tmp_path / "o"), *CLIP]) == 0
+    assert encoded == ["a red square moving right aesthetic score: 6.5.", "a blue circle aesthetic score: 6.5."]
+    (z0, m0, _), (z1, m1, out1) = sampled
+    assert m0 is None
+    T = z1.shape[2]
+    assert T == 3 and m1.tolist() == [[1.0, 1.0, 0.0]]
+    lat = _ref_latents(weights, ref)
+    torch.testing.assert_close(z1[0, :, 2], lat[:, 1])  # ref latent frame 1 -> clip latent frame 2
+    assert torch.equal(out1[0, :, 2], z1[0, :, 2])  # edit ratio 0: kept through every step
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert names == ["000_a_red_square_moving_right.mp4", "001_a_blue_circle.mp4"]
+
+
+def test_mask_strategy_several_references_edit_ratio_and_align(weights, sampled, tmp_path):
+    a, b = _clip(tmp_path / "a.mp4", 2), _clip(tmp_path / "b.mp4", 3)
+    args = ["sample", "a cat", *weights, "--out-dir", str(tmp_path / "o"), *CLIP, "--reference", f"{a};{b}"]
+    assert cli.main([*args, "--mask-strategy", "0,0,0,0,1;0,1,-1,-1,1,0.5"]) == 0
+    z, m, out = sampled[-1]
+    assert m.tolist() == [[0.0, 1.0, 0.5]]
+    torch.testing.assert_close(z[0, :, 0], _ref_latents(weights, a)[:, 0])
+    torch.testing.assert_close(z[0, :, 2], _ref_latents(weights, b)[:, -1])
+    assert torch.equal(out[0, :, 0], z[0, :, 0]) and not torch.equal(out[0, :, 1], z[0, :, 1])
+    # --align 2: target start 1 rounds down to 0 (1 % 2 is not past half)
+    assert cli.main([*args, "--mask-strategy", "0,1,0,1,1", "--align", "2"]) == 0
+    z, m, _ = sampled[-1]
+    assert m.tolist() == [[0.0, 1.0, 1.0]]
+    torch.testing.assert_close(z[0, :, 0], _ref_latents(weights, b)[:, 0])
+
+
+def test_nearest_aligned_hand_values():
+    from opensora_fast.sample import nearest_aligned
+
+    assert [nearest_aligned(v, 4, 12) for v in (0, 2, 3, 5, 7, 11)] == [0, 0, 4, 4, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--mask-strategy", "0,0,x"], "expected integers"),
+        (["--mask-strategy", "0,0,0,0,0"], "length >= 1"),
+        (["--mask-strategy", "1,2,3,4,5,0.5,9"], "at most 6"),
+        (["--num-sample", "0"], "--num-sample must be >= 1"),
+        (["--start-index", "3", "--end-index", "1"], "--start-index/--end-index"),
+        (["--align", "0"], "--align must be >= 1"),
+    ],
+)
+def test_bad_inference_options_are_one_line_errors(weights, tmp_path, capsys, extra, message):
+    rc = cli.main(["sample", "a cat", *weights, "--out-dir", str(tmp_path), *CLIP, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_json_suffix(weights, tmp_path, capsys):
+    pf = tmp_path / "p.txt"
+    pf.write_text('a cat{"reference_path": "x.mp4", "seed": 3}\n')
+    rc = cli.main(["sample", "--prompt-file", str(pf), *weights, "--out-dir", str(tmp_path / "o"), *CLIP])
+    assert rc == 2 and "only reference_path and mask_strategy" in capsys.readouterr().err
+
+
+def test_num_sample_indices_and_skip_existing(weights, sampled, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = ["sample", "a red square", "a blue circle", "a green square", *weights, "--out-dir", str(out), *CLIP]
+    sel = ["--num-sample", "2", "--start-index", "1", "--end-index", "2"]
+    assert cli.main([*args, *sel]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["001_a_blue_circle_s0.mp4", "001_a_blue_circle_s1.mp4"]
+    assert len(sampled) == 2 and not torch.equal(sampled[0][0], sampled[1][0])  # seeds 42 + 1 and 42 + 1 + 3
+    g = torch.Generator().manual_seed(42 + 1 + 3)
+    assert torch.equal(sampled[1][0], torch.randn(sampled[1][0].shape, generator=g))
+    capsys.readouterr()
+    assert cli.main([*args, *sel, "--skip-existing"]) == 0
+    assert "001_a_blue_circle_s0.mp4 exists: skipped" in capsys.readouterr().out
+    assert len(sampled) == 2 and len(list(out.iterdir())) == 2

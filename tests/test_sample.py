@@ -104,8 +104,7 @@ def test_prompt_file_json_suffix_conditions_any_frame(weights, sampled, encoded,
     ref = _clip(tmp_path / "ref.mp4", 1)
     pf = tmp_path / "prompts.txt"
     pf.write_text(
-        "a red square moving right\n"
-        f'A Blue circle{{"reference_path": "{ref}", "mask_strategy": "0,0,1,2,1,0"}}\n'
+        f'a red square moving right\nA Blue circle{{"reference_path": "{ref}", "mask_strategy": "0,0,1,2,1,0"}}\n'
     )
     assert cli.main(["sample", "--prompt-file", str(pf), *weights, "--out-dir", str(tmp_path / "o"), *CLIP]) == 0
     assert encoded == ["a red square moving right aesthetic score: 6.5.", "a blue circle aesthetic score: 6.5."]

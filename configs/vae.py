@@ -46,7 +46,5 @@ STAGES = {1: STAGE1, 2: STAGE2, 3: STAGE3}
 
 def tiny(stage: int, **overrides) -> VAETrainConfig:
     """A stage with the tiny model, 17 frames at 16x16, no checkpointing, a larger lr: CPU tests."""
-    base = dict(
-        model=OpenSoraVAEConfig.tiny(), num_frames=17, image_size=(16, 16), grad_checkpoint=False, lr=1e-3
-    )
+    base = dict(model=OpenSoraVAEConfig.tiny(), num_frames=17, image_size=(16, 16), grad_checkpoint=False, lr=1e-3)
     return replace(STAGES[stage], **{**base, **overrides})

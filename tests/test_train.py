@@ -489,3 +489,23 @@ def test_tensorboard_scalars_beside_the_log_when_installed(setup, tmp_path, monk
         import tensorboard  # noqa: F401
     except ImportError:
         assert tensorboard_writer(str(tmp_path / "x")) is None  # not installed: no event files, no error
+
+
+def test_text_cache_is_bounded_and_gives_the_same_features(setup):
+    enc = setup["text"]
+    calls = []
+
+    class Counting:
+        def encode(self, prompts):
+            calls.append(list(prompts))
+            return enc.encode(prompts)
+
+    cache = T.TextCache(Counting(), max_items=2)
+    y1, m1 = cache(["a red square", "a blue circle"], "cpu")
+    y2, m2 = cache(["a green square"], "cpu")  # evicts "a red square" (least recently used)
+    assert list(cache.cache) == ["a blue circle", "a green square"]
+    y3, _ = cache(["a red square", "a blue circle"], "cpu")  # re-encoded, the same values
+    assert calls[-1] == ["a red square"] and torch.equal(y3[0], y1[0]) and torch.equal(y3[1], y1[1])
+    assert len(cache.cache) == 2
+    y4, _ = cache(["x", "y", "z"], "cpu")  # a batch larger than the cache still gets all its features
+    assert y4.shape[0] == 3 and len(cache.cache) == 2

@@ -1164,6 +1164,8 @@ def apply_preset(args, explicit: set[str]) -> None:
     from opensora_fast.configs.stdit3 import PRESETS
 
     for name, value in PRESETS[args.preset].items():
+        if name == "bucket_config" and ({"buckets", "features"} & explicit):
+            continue  # the user's own buckets (or extracted features) replace the stage's bucket_config
         if name not in explicit:
             setattr(args, name, value)
 

@@ -707,6 +707,10 @@ def test_train_presets_set_the_stage_values_unless_given():
     apply_preset(args, cli.explicit_options(argv2))
     c = options_from(DiTTrainConfig, args)
     assert c.warmup_steps == 0 and c.mask_ratios == cs.STAGE2_MASK_RATIOS and c.lr == 1e-4
+    argv3 = [*argv2, "--buckets", "9x16x16"]  # own buckets: the stage's bucket_config is not applied
+    args = cli.build_parser().parse_args(argv3)
+    apply_preset(args, cli.explicit_options(argv3))
+    assert args.bucket_config is None and args.buckets == [(9, 16, 16)] and args.warmup_steps == 0
     # the stage-1 preset agrees with the stage-1 TrainConfig dataclass where both name a value
     t, s1 = cs.TrainConfig(), cs.PRESETS["stage1"]
     for k in ("lr", "adam_eps", "grad_clip", "warmup_steps", "ema_decay", "dtype", "grad_checkpoint", "ckpt_every"):

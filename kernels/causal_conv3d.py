@@ -40,7 +40,16 @@ _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 
 # Generic strides (not FAST) load element by element: one config each, no autotuning (dW gathers
 # both operands and takes K=32 steps there to stay clear of spills). The autotuner prunes by FAST.
-_STRIDED_CONFIG = (128, 64, 64, 4, 4)
+# Forward / dX: the generic config by (K channels <= 16, N channels <= 16): the VAE's 4-channel convs
+# (post_quant_conv 4->4, conv1 4->512, conv_out 128->4) take 16-wide K or N blocks, not 64 (a 4-channel
+# operand padded to 64 wasted 15/16 of the MMA work, and 4->4 at 1x1x1 spilled 8 B at 255 registers).
+_STRIDED_CONFIGS = {
+    (False, False): (128, 64, 64, 4, 4),
+    (True, False): (128, 64, 16, 4, 4),
+    (False, True): (128, 16, 64, 4, 4),
+    (True, True): (128, 16, 16, 4, 4),
+}
+_STRIDED_CONFIG = _STRIDED_CONFIGS[(False, False)]
 _DW_STRIDED_CONFIG = (128, 128, 32, 8, 3)
 
 
@@ -58,6 +67,23 @@ def _prune(configs, named_args, **kwargs):
     """Configs are _GEMM_CONFIGS + (the generic-strides config,): FAST autotunes over the former,
     generic strides run the last one."""
     return configs[:-1] if kwargs["FAST"] else configs[-1:]
+
+
+def _gemm_prune(k_arg: str, n_arg: str):
+    """Configs are _GEMM_CONFIGS + the _STRIDED_CONFIGS values: FAST autotunes over the former, generic
+    strides run the one for (K channels <= 16, N channels <= 16). One config (the interpreter) stays."""
+
+    def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:
+            return configs
+        n_gemm = len(_GEMM_CONFIGS)
+        if kwargs["FAST"]:
+            return configs[:n_gemm]
+        args = {**named_args, **kwargs}
+        key = (args[k_arg] <= 16, args[n_arg] <= 16)
+        return [configs[n_gemm + list(_STRIDED_CONFIGS).index(key)]]
+
+    return prune
 
 
 @triton.jit
@@ -114,9 +140,9 @@ _KEY = ["m_total", "c_in", "c_out", "KT", "KH", "KW", "STRIDE_T", "FAST"]
 
 
 @triton.autotune(
-    configs=_configs(_GEMM_CONFIGS + (_STRIDED_CONFIG,)),
+    configs=_configs(_GEMM_CONFIGS + tuple(_STRIDED_CONFIGS.values())),
     key=_KEY,
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": _gemm_prune("c_in", "c_out")},
 )
 @triton.jit
 def _causal_conv3d_fwd_kernel(
@@ -186,9 +212,9 @@ def _causal_conv3d_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_configs(_GEMM_CONFIGS + (_STRIDED_CONFIG,)),
+    configs=_configs(_GEMM_CONFIGS + tuple(_STRIDED_CONFIGS.values())),
     key=_KEY,
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": _gemm_prune("c_out", "c_in")},
 )
 @triton.jit
 def _causal_conv3d_bwd_dx_kernel(

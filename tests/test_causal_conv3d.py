@@ -197,3 +197,28 @@ def test_strided_bias(layout, monkeypatch):
     for name, g, lp, r in zip(("out", "dx", "dweight", "dbias_base"), got, lowp, ref):
         assert g.shape == r.shape, name
         assert_close_to_fp64(g, lp, r, name=name)
+
+
+def test_generic_strides_config_follows_channel_counts():
+    """Forward / dX on the generic path: 16-wide K or N blocks for channel counts <= 16 (the VAE's 4-channel
+    convs: post_quant_conv 4->4 at 1x1x1 spilled 8 B at 255 registers with the 64 x 64 blocks, and a
+    4-channel operand padded to 64 wasted 15/16 of the MMA); FAST launches keep _GEMM_CONFIGS."""
+    import triton
+
+    module = importlib.import_module("opensora_fast.kernels.causal_conv3d")
+    table = module._GEMM_CONFIGS + tuple(module._STRIDED_CONFIGS.values())
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in table
+    ]
+    fwd, dx = module._gemm_prune("c_in", "c_out"), module._gemm_prune("c_out", "c_in")
+
+    def pick(prune, c_in, c_out, fast=False):
+        return [module._config_tuple(c) for c in prune(configs, {"c_in": c_in, "c_out": c_out}, FAST=fast)]
+
+    assert pick(fwd, 128, 128, fast=True) == list(module._GEMM_CONFIGS)
+    assert pick(fwd, 128, 256) == [(128, 64, 64, 4, 4)]
+    assert pick(fwd, 4, 4) == [(128, 16, 16, 4, 4)]
+    assert pick(fwd, 4, 512) == [(128, 64, 16, 4, 4)]  # conv1: K = 4 input channels
+    assert pick(fwd, 128, 4) == [(128, 16, 64, 4, 4)]  # conv_out: N = 4 output channels
+    assert pick(dx, 4, 512) == [(128, 16, 64, 4, 4)]  # dX of conv1: N = C_in = 4
+    assert pick(dx, 128, 4) == [(128, 64, 16, 4, 4)]  # dX of conv_out: K = C_out = 4

@@ -120,6 +120,18 @@ def set_latent_stats(vae, dataset, device, sample: bool = False) -> None:
     vae.scale.copy_(z.std(1).clamp_min(1e-3).reshape(1, c, 1, 1, 1))
 
 
+def sample_command(o: DemoOptions, model: str, vae: str, t5: str) -> str:
+    """The ``opensora-fast sample`` command line that repeats the demo's sampling on its own weights."""
+    import shlex
+
+    H, W = o.size
+    args = ["opensora-fast", "sample", o.caption, "--model", model, "--vae", vae, "--t5", t5]
+    args += ["--image-size", f"{H}x{W}", "--num-frames", str(o.num_frames), "--fps", str(o.fps)]
+    args += ["--steps", str(o.sample_steps), "--cfg", str(o.cfg), "--aes", "-1", "--seed", str(o.seed)]
+    args += ["--dtype", "fp32", "--out-dir", os.path.join(os.path.abspath(o.out_dir), "samples")]
+    return shlex.join(args)
+
+
 def run_demo(o: DemoOptions) -> dict:
     """Run the four stages; returns the paths written and the loss averages."""
     from opensora_fast.sample import UsageError
@@ -269,7 +281,10 @@ def _run(o: DemoOptions) -> dict:
     print(f"  video: {video} ({frames} frames, {H}x{W})")
     print(f"  loss plot: {plot}")
     print(f"  weights: {vae_dir}, {res_dit.checkpoint}, {t5_dir}")
+    command = sample_command(o, os.path.join(res_dit.checkpoint, "ema"), vae_dir, t5_dir)
+    print(f"  sample again (another caption or --seed) on these weights:\n    {command}")
     return {
+        "command": command,
         "video": video,
         "plot": plot,
         "frames": frames,

@@ -56,6 +56,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert n == 9 and shape == (16, 16, 3)
     log = [json.loads(line) for line in open(tmp_path / "stdit3" / "log.jsonl")]
     assert len(log) == 40
+    # the printed sample command runs as written on the demo's own weights and gives the demo's clip
+    import shlex
+
+    command = out.split("on these weights:\n")[1].splitlines()[0].strip()
+    argv = shlex.split(command)
+    assert argv[:2] == ["opensora-fast", "sample"]
+    assert cli.main([*argv[1:], "--no-progress"]) == 0
+    again = tmp_path / "samples" / "000_a_red_square_moving_right.mp4"
+    with av.open(str(video)) as a, av.open(str(again)) as b:
+        fa = [f.to_ndarray(format="rgb24") for f in a.decode(a.streams.video[0])]
+        fb = [f.to_ndarray(format="rgb24") for f in b.decode(b.streams.video[0])]
+    assert len(fa) == len(fb) == 9 and all((x == y).all() for x, y in zip(fa, fb))
 
 
 def test_sample_video_and_image(weights, tmp_path, capsys):

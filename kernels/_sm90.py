@@ -79,7 +79,7 @@ def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
     for ins in instrs:
         if ins.op.startswith("BRA"):
             m = re.search(r"0x([0-9a-f]+)", ins.operands)
-            if m and int(m.group(1), 16) <= ins.addr:
+            if m and int(m.group(1), 16) < ins.addr:  # a branch to itself ends every kernel: not a loop
                 out.append((int(m.group(1), 16), ins.addr))
     return out
 
@@ -221,7 +221,7 @@ class GateResult:
     error: str = ""
     failures: list = field(default_factory=list)
     waived: list = field(default_factory=list)
-    loop_profile: list = field(default_factory=list)  # [(straight counts by unit), (loop counts by unit)]
+    loop_profile: dict = field(default_factory=dict)  # _profile(): straight and per-loop unit counts
 
 
 def _cuobjdump() -> str:
@@ -238,35 +238,55 @@ def launch_name(launch) -> str:
     return f"{launch.kernel}[{'/'.join(ptr)};{keep};{ws}]"
 
 
-def _profile(instrs: list[Instr]) -> list:
-    """Per-unit warp-instruction counts outside loops and inside top-level loops (one iteration),
-    plus HGMMA FLOPs by input type (per warpgroup instruction)."""
-    tops = top_level(loops(instrs))
+def _unit_counts(ins: Instr, tgt: Counter) -> None:
+    base = ins.op.split(".")[0]
+    if base == "HGMMA":
+        s = hgmma_shape(ins.op)
+        if s:
+            tgt["hgmma_flop." + s[3]] += 2.0 * s[0] * s[1] * s[2]
+        return
+    if base == "NOP":
+        return
+    tgt["issue"] += 1
+    u = unit_of(ins.op)
+    if u == "lsu":
+        nb = access_bytes(ins.op) or 4
+        # shared/L1 moves 128 B per clock: a warp-wide 16-byte access takes 4
+        tgt["lsu"] += max(1.0, 32 * nb / 128) if base in ("LDS", "STS", "LDSM", "STSM") else 1.0
+    elif u != "issue":
+        tgt[u] += 1
 
-    def empty():
-        return Counter()
 
-    straight, looped = empty(), empty()
+def _profile(instrs: list[Instr]) -> dict:
+    """Per-unit warp-instruction counts (HGMMA as FLOPs per warpgroup instruction) of the straight code and
+    of each loop's own body (one iteration), with the loop tree: {"straight": counts, "loops": [{"parent",
+    "depth", "size", "counts"}]} in address order."""
+    ranges = sorted(set(loops(instrs)))
+    parent = []
+    for r in ranges:
+        outer = [o for o in ranges if o != r and o[0] <= r[0] and r[1] <= o[1]]
+        parent.append(ranges.index(min(outer, key=lambda o: o[1] - o[0])) if outer else -1)
+    depth = []
+    for i in range(len(ranges)):
+        d, p = 0, parent[i]
+        while p >= 0:
+            d, p = d + 1, parent[p]
+        depth.append(d)
+    straight, own = Counter(), [Counter() for _ in ranges]
+    size = [0] * len(ranges)
     for ins in instrs:
-        inside = any(lo <= ins.addr <= hi for lo, hi in tops)
-        tgt = looped if inside else straight
-        base = ins.op.split(".")[0]
-        if base == "HGMMA":
-            s = hgmma_shape(ins.op)
-            if s:
-                tgt["hgmma_flop." + s[3]] += 2.0 * s[0] * s[1] * s[2]
-            continue
-        if base in ("NOP",):
-            continue
-        tgt["issue"] += 1
-        u = unit_of(ins.op)
-        if u == "lsu":
-            nb = access_bytes(ins.op) or 4
-            # shared/L1 moves 128 B per clock: a warp-wide 16-byte access takes 4
-            tgt["lsu"] += max(1.0, 32 * nb / 128) if base in ("LDS", "STS", "LDSM", "STSM") else 1.0
-        elif u != "issue":
-            tgt[u] += 1
-    return [dict(straight), dict(looped)]
+        inner = [i for i, (lo, hi) in enumerate(ranges) if lo <= ins.addr <= hi]
+        for i in inner:
+            size[i] += 1
+        if inner:
+            _unit_counts(ins, own[max(inner, key=lambda i: depth[i])])
+        else:
+            _unit_counts(ins, straight)
+    return {
+        "straight": dict(straight),
+        "loops": [{"parent": parent[i], "depth": depth[i], "size": size[i], "counts": dict(own[i])}
+                  for i in range(len(ranges))],
+    }  # fmt: skip
 
 
 def _calls_dot(fn, seen=None) -> bool:
@@ -321,7 +341,13 @@ def compile_launch(launch) -> GateResult:
 
 # Accepted findings, each with its reason: (kernel, rule) -> why. A waiver that no longer matches a
 # finding fails the gate too (tests/test_sm90_gate.py), so this list only shrinks with the kernels.
-WAIVERS: dict[tuple[str, str], str] = {}
+WAIVERS: dict[tuple[str, str], str] = {
+    ("_attention_bwd_kernel", "narrow_hgmma"): (
+        "S^T, dP^T, dV and dK run as 64x64x16; dQ (64 queries x D 72) is split over the two warpgroups of 8 warps "
+        "into N=32 pieces plus the 8-column tail of D=72 (28% of MMA work); one warpgroup (4 warps, dQ at N=64) "
+        "spilled 24-208 B in every variant tried (2026-11-30)"
+    ),
+}
 
 
 def rule_of(failure: str) -> str:
@@ -380,35 +406,59 @@ def _cdiv(a, b):
     return -(-int(a) // max(int(b), 1))
 
 
-def trip_count(launch) -> int | None:
-    """Iterations of each top-level loop of one program at this launch's arguments (None: no model)."""
+def trip_count(launch) -> tuple | None:
+    """Iterations per program of the hot loop at each nesting depth (outermost first) at this launch's
+    arguments; None when the kernel family has no model. At each depth the biggest loop of a parent (the most
+    instructions) is the hot one; its siblings (masked diagonal blocks, zero-fill tails) count one iteration."""
     a = {**launch.args, **launch.constexpr_by_name()}
     k, g = launch.kernel, launch.grid
+
+    def half(n):
+        return max(1, n // 2) if a.get("causal") else n
+
     try:
-        if k in ("_attention_fwd_kernel", "_attention_bwd_dq_kernel"):
-            n = _cdiv(a["Lk"], a["BLOCK_N"])
-            return max(1, n // 2) if a.get("causal") else n
-        if k == "_attention_bwd_dkdv_kernel":
-            n = _cdiv(a["Lq"], a["BLOCK_M"])
-            return max(1, n // 2) if a.get("causal") else n
+        if k == "_attention_fwd_kernel":
+            return (half(_cdiv(a["Lk"], a["BLOCK_N"])),)
+        if k == "_attention_bwd_kernel":  # key blocks of this split, then every query block
+            return (_cdiv(a["Lk"], a["n_split"] * a["BLOCK_N"]), half(_cdiv(a["Lq"], a["BLOCK_M"])))
+        if k == "_dq_reduce_kernel":
+            return (a["n_split"],)
         if "rows_per_prog" in a:
-            return _cdiv(a["rows_per_prog"], a.get("BLOCK_M") or a.get("BLOCK_R") or 1)
-        if "n_rows" in a and "BLOCK_M" in a:
-            return _cdiv(_cdiv(a["n_rows"], a["BLOCK_M"]), g[0])
+            return (_cdiv(a["rows_per_prog"], a.get("BLOCK_M") or a.get("BLOCK_R") or 1),)
+        if "n_rows" in a and "BLOCK_M" in a:  # grid-stride loop over row blocks
+            return (_cdiv(_cdiv(a["n_rows"], a["BLOCK_M"]), g[0]),)
         if k.startswith("_temporal_attention"):
-            return max(1, a["BLOCK"] // a["BLOCK_M"])
+            return (max(1, a["BLOCK"] // a["BLOCK_M"]),)
         if "s_chunk" in a and "TILE" in a:
-            return _cdiv(a["s_chunk"], a["TILE"] // (a["GPP"] * a["CG_P"]))
+            return (_cdiv(a["s_chunk"], a["TILE"] // (a["GPP"] * a["CG_P"])),)
         if "m_chunk" in a:
-            return _cdiv(a["m_chunk"], a["BLOCK_K"])
+            return (_cdiv(a["m_chunk"], a["BLOCK_K"]),)
         if "K" in a and "BLOCK_K" in a:  # a GEMM's reduction loop
-            return _cdiv(a["K"], a["BLOCK_K"])
+            return (_cdiv(a["K"], a["BLOCK_K"]),)
         if "KT" in a and "c_in" in a:
             red = a["c_out"] if "dx" in k else a["c_in"]
-            return a["KT"] * a["KH"] * a["KW"] * _cdiv(red, a["BLOCK_K"])
+            return (a["KT"] * a["KH"] * a["KW"] * _cdiv(red, a["BLOCK_K"]),)
     except (KeyError, TypeError, ZeroDivisionError):
         return None
     return None
+
+
+def _loop_multipliers(prof: dict, trips: tuple) -> list[float]:
+    """Iterations of each loop of ``prof`` per program: the product of its own and its ancestors' factors."""
+    lps = prof["loops"]
+    factor = [1.0] * len(lps)
+    for par in {lp["parent"] for lp in lps}:
+        kids = [i for i, lp in enumerate(lps) if lp["parent"] == par]
+        hot = max(kids, key=lambda i: lps[i]["size"])
+        d = lps[hot]["depth"]
+        factor[hot] = float(trips[d]) if d < len(trips) else 1.0
+    mult = []
+    for i in range(len(lps)):
+        m, p = factor[i], lps[i]["parent"]
+        while p >= 0:
+            m, p = m * factor[p], lps[p]["parent"]
+        mult.append(m)
+    return mult
 
 
 def _launch_bytes(launch) -> float:
@@ -431,13 +481,14 @@ def estimate_launch(launch, res: GateResult) -> dict:
     if res.error:
         return {"s": None, "bound": "no compile"}
     trips = trip_count(launch)
-    straight, looped = res.loop_profile if res.loop_profile else ({}, {})
-    if looped and trips is None:
+    prof = res.loop_profile or {"straight": {}, "loops": []}
+    if prof["loops"] and trips is None:
         return {"s": None, "bound": "no trip model"}
-    t = trips or 1
+    mults = _loop_multipliers(prof, trips or ())
     warps = int(launch.options.get("num_warps", 4))
     per_cta = Counter()
-    for src, mult in ((straight, 1), (looped, t)):
+    parts = [(prof["straight"], 1.0)] + [(lp["counts"], m) for lp, m in zip(prof["loops"], mults)]
+    for src, mult in parts:
         for u, n in src.items():
             if u.startswith("hgmma_flop."):
                 # one HGMMA per warpgroup; the SASS counts it once per warp -> x warps / 4 warpgroups
@@ -466,7 +517,7 @@ def estimate_launch(launch, res: GateResult) -> dict:
     s_compute = sm_cycles / CLOCK_HZ
     s_mem = _launch_bytes(launch) / COPY_CEILING
     bound = bound_unit if s_compute >= s_mem else "hbm"
-    return {"s": max(s_compute, s_mem), "bound": bound, "trips": t, "occupancy": occ, "waves": waves}
+    return {"s": max(s_compute, s_mem), "bound": bound, "trips": trips, "occupancy": occ, "waves": waves}
 
 
 # ---------------------------------------------------------------------------------------------

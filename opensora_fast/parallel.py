@@ -714,11 +714,12 @@ def _gather_chunks(buf: torch.Tensor, group, dst: int):
 
 @torch.no_grad()
 def parallel_decode(vae, latents: torch.Tensor, num_frames: int, group=None, *, dst: int = 0,
-                    spatial_tile: int | None = None):  # fmt: skip
+                    spatial_tile: int | None = None, out_device=None):  # fmt: skip
     """``vae.decode(latents, num_frames)`` (an OpenSoraVAE) split over the ranks of ``group``: the temporal
     VAE's micro chunks (17 frames for the release) are independent, so rank r decodes chunks r, r + p, ...
     (temporal then 2D VAE), and the frames are gathered once, on group rank ``dst``, which gets the clamped
-    video (B, 3, num_frames, H, W); other ranks get None. Identical to one process."""
+    video (B, 3, num_frames, H, W) on ``out_device`` (default: the latents' device); other ranks get None.
+    Identical to one process."""
     group = group if group is not None else dist.group.WORLD
     vae._check_latents(latents, num_frames)
     p, r = dist.get_world_size(group), dist.get_rank(group)
@@ -735,7 +736,8 @@ def parallel_decode(vae, latents: torch.Tensor, num_frames: int, group=None, *, 
     parts = _gather_chunks(buf, group, dst)
     if parts is None:
         return None
-    out = torch.empty(B, C, num_frames, h * f, w * f, dtype=vae.dtype, device=latents.device)
+    out_device = latents.device if out_device is None else torch.device(out_device)
+    out = torch.empty(B, C, num_frames, h * f, w * f, dtype=vae.dtype, device=out_device)
     for k in range(n):
         t0 = k * m
         nf = min(m, num_frames - t0)

@@ -72,6 +72,7 @@ class SampleOptions:
     mask_strategy: str | None = None  # for every prompt without its own (JSON suffix)
     align: int | None = None  # round mask-strategy starts to multiples of this many latent frames
     num_sample: int = 1  # clips per prompt (sample k of prompt j: seed + j + k * len(prompts))
+    batch_size: int = 1  # clips per sampler forward (each keeps its own seed and noise)
     start_index: int = 0  # the prompts [start_index:end_index] (indices and seeds stay those of the full list)
     end_index: int | None = None
     skip_existing: bool = False  # a clip whose file already exists is not sampled again
@@ -99,6 +100,8 @@ class SampleOptions:
                 raise UsageError(f"{flag} must be >= 1, got {v}")
         if self.vae_tile is not None and self.vae_tile < 16:
             raise UsageError(f"--vae-tile must be >= 16 pixels, got {self.vae_tile}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.num_sample < 1:
             raise UsageError(f"--num-sample must be >= 1, got {self.num_sample}")
         if self.start_index < 0 or (self.end_index is not None and self.end_index < self.start_index):
@@ -326,12 +329,12 @@ def plan_for(opts: SampleOptions, device: torch.device):
             given[k] = getattr(opts, k)
     H, W = opts.size()
     T = opts.frames()
-    plan, ok = memory.fit_plan(budget, T, (H, W), **fixed, **given)
+    plan, ok = memory.fit_plan(budget, T, (H, W), batch=opts.batch_size, **fixed, **given)
     if ok or opts.dry_run:
         return plan, budget, what, ok
     hint = ""
     if given:
-        free, ok_free = memory.fit_plan(budget, T, (H, W), **fixed)
+        free, ok_free = memory.fit_plan(budget, T, (H, W), batch=opts.batch_size, **fixed)
         if ok_free:
             hint = f"; these flags would fit ({free.peak / GiB:.1f} GiB): {free.flags()}"
     raise UsageError(
@@ -453,6 +456,7 @@ def generate(opts: SampleOptions) -> list[str]:
     paths, pending = [], []  # under torchrun / --offload all: latents kept until the model is gone
     ext = ".png" if T == 1 else ".mp4"
     jobs = [(e, c, k, enc) for e, c, enc in zip(entries, conds, encoded) for k in range(opts.num_sample)]
+    todo = []  # (name, prompt, z, cond_mask or None, y, text mask, generator)
     for n, ((i, prompt, _, _), cref, k, (y, mask)) in enumerate(jobs):
         name = f"{i:03d}_{slug(prompt)}" + (f"_s{k}" if opts.num_sample > 1 else "")
         if opts.skip_existing and os.path.exists(os.path.join(opts.out_dir, name + ext)):
@@ -460,29 +464,34 @@ def generate(opts: SampleOptions) -> list[str]:
             continue
         g = torch.Generator(device=device).manual_seed(opts.seed + i + k * len(opts.prompts))
         z = torch.randn((1, latent_channels, *lat), generator=g, device=device, dtype=dtype)
+        cond_mask = apply_mask_strategy(z, *cref, loop=0, align=opts.align) if cref is not None else None
+        todo.append((name, prompt, z, cond_mask, y, mask, g))
+    for b0 in range(0, len(todo), opts.batch_size):  # --batch-size clips per sampler forward
+        group = todo[b0 : b0 + opts.batch_size]
+        B = len(group)
+        for j, e in enumerate(group):
+            say(f"[{b0 + j + 1}/{len(todo)}] {e[1]!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}", flush=True)
+        z = torch.cat([e[2] for e in group])
         cond = {}
-        if cref is not None:
-            cond_mask = apply_mask_strategy(z, *cref, loop=0, align=opts.align)
-            cond = {} if cond_mask is None else dict(cond_mask=cond_mask)
-        say(
-            f"[{n + 1}/{len(jobs)}] {prompt!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}",
-            flush=True,
-        )
+        if any(e[3] is not None for e in group):
+            ones = torch.ones(1, lat[0], device=device)
+            cond = dict(cond_mask=torch.cat([ones if e[3] is None else e[3] for e in group]))
         z = scheduler.sample(
             model,
             z,
-            y,
-            null_caption(model, 1),
-            text_mask=mask,
-            generator=g,
+            torch.cat([e[4] for e in group]),
+            null_caption(model, B),
+            text_mask=torch.cat([e[5] for e in group]),
+            generator=group[0][6],
             progress=opts.progress,
             cfg_sequential=bool(plan and plan.cfg_sequential),
-            **size_args,
+            **{k: v if k == "fps" else v.repeat(B) for k, v in size_args.items()},
             **cond,
         )
-        pending.append((name, z))
-        if world == 1 and offload != "all":
-            paths.append(_write(vae, *pending.pop(), T, dtype, opts, plan))
+        for e, zi in zip(group, z.split(1)):
+            pending.append((e[0], zi))
+            if world == 1 and offload != "all":
+                paths.append(_write(vae, *pending.pop(), T, dtype, opts, plan))
     if world == 1 and offload == "all":
         del model
         _free(device)
@@ -490,14 +499,25 @@ def generate(opts: SampleOptions) -> list[str]:
         _set_micro_batch(vae, plan.vae_micro_batch)
         paths = [_write(vae, name, z, T, dtype, opts, plan) for name, z in pending]
     if world > 1:
-        # every rank is done with the model: leave the group together (a rank leaving while another still
-        # talks to it can abort under gloo), then rank 0 decodes alone
+        # every rank decodes a share of each clip's temporal chunks (parallel.parallel_decode), rank 0 gets
+        # the frames; then the ranks leave the group together (a rank leaving while another still talks to
+        # it can abort under gloo) and rank 0 writes the files
         import torch.distributed as dist
 
+        from opensora_fast.parallel import parallel_decode
+
+        if offload == "all":
+            del model
+            _free(device)
+            vae = load_vae(vae_path, device=device, dtype=dtype)
+        tile = plan.vae_tile if plan else None
+        videos = [
+            (name, parallel_decode(vae, z.to(dtype), T, out_device="cpu", spatial_tile=tile)) for name, z in pending
+        ]
         dist.barrier()
         dist.destroy_process_group()
         if rank == 0:
-            paths = [_write(vae, name, z, T, dtype, opts) for name, z in pending]
+            paths = [_write_frames(name, video[0], T, opts) for name, video in videos]
     return paths
 
 
@@ -541,10 +561,15 @@ def dry_run(opts: SampleOptions) -> list[str]:
 def _write(vae, name: str, z: torch.Tensor, T: int, dtype, opts: SampleOptions, plan=None) -> str:
     """Decode one clip's latents (streamed to the CPU, chunk by chunk, with the plan's VAE tile) and write
     its mp4 (png for an image); returns the path."""
-    from opensora_fast.io import write_video
-
     tile = plan.vae_tile if plan else None
     video = vae.decode(z.to(dtype), num_frames=T, out_device="cpu", spatial_tile=tile)[0]  # (3, T, H', W')
+    return _write_frames(name, video, T, opts)
+
+
+def _write_frames(name: str, video: torch.Tensor, T: int, opts: SampleOptions) -> str:
+    """Write decoded frames (3, T, H, W) in [-1, 1] as the clip's mp4 (png for an image); returns the path."""
+    from opensora_fast.io import write_video
+
     path = free_name(os.path.join(opts.out_dir, name), ".png" if T == 1 else ".mp4")
     if T == 1:
         path = write_image(path, video[:, 0])

@@ -82,10 +82,10 @@ def _pair_swap(y, BM: tl.constexpr, BD: tl.constexpr):
 
 @triton.jit
 def _cos_sin(COS, SIN, co, ok, col0, D, BD: tl.constexpr):
-    cols = col0 + tl.arange(0, BD)
-    mask = ok[:, None] & (cols < D)[None, :]
-    c = tl.load(COS + co[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(SIN + co[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    """The RoPE table rows of a tile: 16-byte aligned like the q/k rows (the host copies a table that is
+    not), so they load as 16-byte vectors too (as scalars they were 75-80% of the global loads)."""
+    c = _load(COS, co, ok, col0, D, BD).to(tl.float32)
+    s = _load(SIN, co, ok, col0, D, BD).to(tl.float32)
     return c, s
 
 

@@ -522,8 +522,14 @@ def _temporal_geometry(qkv, num_heads, num_frames):
 
 
 def _rope_args(cos, sin, dummy):
+    """The packed kernels' RoPE tables: rows 16-byte aligned like qkv's (their tile loads carry the same
+    vector hints), else one contiguous copy each (T x D: small)."""
     if cos is None:
         return dummy, dummy, 0, False
+    cos, sin = _aligned(cos), _aligned(sin)
+    if cos.stride() != sin.stride():
+        sin = sin.clone(memory_format=torch.contiguous_format)
+        cos = cos.clone(memory_format=torch.contiguous_format)
     return cos, sin, cos.stride(0), True
 
 

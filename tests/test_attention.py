@@ -626,6 +626,58 @@ def test_temporal_packed_kernel_unaligned_view(temporal_launches):
     assert temporal_launches[0].n == 1
 
 
+class _CaptureLaunches(_CountLaunches):
+    """Counts launches and keeps each launch's arguments."""
+
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self.args = []
+
+    def __getitem__(self, grid):
+        launch = super().__getitem__(grid)
+
+        def call(*args, **kwargs):
+            self.args.append(args)
+            return launch(*args, **kwargs)
+
+        return call
+
+
+def test_temporal_packed_kernel_unaligned_rope_tables(monkeypatch, temporal_launches):
+    """cos / sin as views whose rows are not 16-byte aligned (row stride D + 1): the kernels load the
+    tables with 16-byte vector hints, so the op hands them aligned copies; same result as fp64."""
+    from opensora_fast.kernels import attention as A
+
+    fwd, bwd = _CaptureLaunches(A._temporal_attention_fwd_kernel), _CaptureLaunches(A._temporal_attention_bwd_kernel)
+    monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
+    monkeypatch.setattr(A, "_temporal_attention_bwd_kernel", bwd)
+    T, S, H, D = 5, 3, 2, 72
+    cos64, sin64 = R.rope_cos_sin(T, D, dtype=torch.float64)
+    wide = torch.full((2, T, D + 1), float("nan"), dtype=torch.float32)
+    wide[0, :, 1:], wide[1, :, 1:] = cos64, sin64
+    cos, sin = wide[0, :, 1:], wide[1, :, 1:]
+    assert cos.stride(0) % 8 != 0
+    qkv = randn(1, T * S, 3 * H * D, dtype=torch.float64, seed=53)
+    w = 1 + 0.3 * randn(D, dtype=torch.float64, seed=54)
+    q32 = qkv.float().requires_grad_()
+    out = self_attention(q32, w.float(), w.float(), num_heads=H, num_frames=T, layout="temporal", rope=(cos, sin))
+    gout = randn(*out.shape, seed=55)
+    out.backward(gout)
+    q64 = qkv.clone().requires_grad_()
+    ref = R.self_attention_ref(q64, w, w, H, T, "temporal", 1e-6, (cos64, sin64))
+    ref.backward(gout.double())
+    ql = qkv.float().requires_grad_()
+    low = R.self_attention_ref(ql, w.float(), w.float(), H, T, "temporal", 1e-6, (cos, sin))
+    low.backward(gout)
+    assert_close_to_fp64(out, low, ref)
+    assert_close_to_fp64(q32.grad, ql.grad, q64.grad, name="dqkv")
+    for launch in fwd.args + bwd.args:
+        tables = [a for a in launch if isinstance(a, torch.Tensor) and a.shape == (T, D)]
+        assert len(tables) == 2
+        assert all(t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 and t.stride(1) == 1 for t in tables)
+    assert (len(fwd.args), len(bwd.args)) == (1, 1)
+
+
 def test_temporal_long_sequence_uses_generic_path(triton_backend, monkeypatch):
     """T = 129 > 128 frames: the generic flash schedule (RMSNorm + RoPE pre-pass), not the packed kernels."""
     from opensora_fast.kernels import attention as A

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         'with {"reference_path": ..., "mask_strategy": ...}',
     )
     s.add_argument("--align", type=int, metavar="N", help="round mask-strategy starts to multiples of N latent frames")
+    s.add_argument("--batch-size", type=int, default=1, help="clips per sampler forward (each keeps its seed)")
     s.add_argument("--num-sample", type=int, default=1, help="clips per prompt (sample k of prompt j: seed + j + k*P)")
     s.add_argument("--start-index", type=int, default=0, help="sample the prompts from this index (0-based)")
     s.add_argument("--end-index", type=int, help="... up to this index (exclusive); names and seeds stay the same")
@@ -245,6 +246,7 @@ def _sample(args) -> int:
         mask_strategy=args.mask_strategy,
         align=args.align,
         num_sample=args.num_sample,
+        batch_size=args.batch_size,
         start_index=args.start_index,
         end_index=args.end_index,
         skip_existing=args.skip_existing,

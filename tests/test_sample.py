@@ -178,3 +178,19 @@ def test_num_sample_indices_and_skip_existing(weights, sampled, tmp_path, capsys
     assert cli.main([*args, *sel, "--skip-existing"]) == 0
     assert "001_a_blue_circle_s0.mp4 exists: skipped" in capsys.readouterr().out
     assert len(sampled) == 2 and len(list(out.iterdir())) == 2
+
+
+def test_batch_size_runs_prompts_together_with_the_same_clips(weights, sampled, tmp_path):
+    ref = _clip(tmp_path / "ref.mp4", 4)
+    prompts = ["a red square", f'a blue circle{{"reference_path": "{ref}"}}', "a green square"]
+    base = ["sample", *prompts, *weights, *CLIP]
+    assert cli.main([*base, "--out-dir", str(tmp_path / "one")]) == 0
+    one = list(sampled)
+    sampled.clear()
+    assert cli.main([*base, "--out-dir", str(tmp_path / "two"), "--batch-size", "2"]) == 0
+    assert [c[0].shape[0] for c in sampled] == [2, 1]  # 3 prompts in forwards of 2 and 1
+    assert sampled[0][1].tolist() == [[1.0, 1.0, 1.0], [0.0, 1.0, 1.0]]  # only prompt 1 is conditioned
+    z_two = torch.cat([c[2] for c in sampled])
+    z_one = torch.cat([c[2] for c in one])
+    torch.testing.assert_close(z_two, z_one, rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

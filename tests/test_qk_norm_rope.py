@@ -195,3 +195,17 @@ def test_tiling_splits_columns_and_claims_alignment_only_when_checked():
     cos_odd = torch.zeros(5, 73)[:, :72]  # cos rows 292 B apart
     assert _tiling(x, cos_odd, cos_odd, (x,))["ALIGNED"] is False
     assert _tiling(x, cos.expand(5, 72)[:1].expand(5, 72), cos, (x,))["ALIGNED"] is True  # stride 0 rows
+
+
+def test_unaligned_rows_skip_the_spilling_config():
+    """BLOCK_R=64 x 4 warps spilled 128 B in the unaligned backward (sm_90, bf16, D=72): pruned there only."""
+    import importlib
+
+    import triton
+
+    module = importlib.import_module("opensora_fast.kernels.qk_norm_rope")
+    configs = list(module._CONFIGS)
+    assert module._prune(configs, {}, ALIGNED=True) == configs
+    kept = [(c.kwargs["BLOCK_R"], c.num_warps) for c in module._prune(configs, {}, ALIGNED=False)]
+    assert (64, 4) not in kept and len(kept) == len(configs) - 1
+    assert all(isinstance(c, triton.Config) for c in configs)

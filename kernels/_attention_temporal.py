@@ -21,7 +21,9 @@ dV += P^T dO and dK += dS^T q accumulated over the steps; up to 64 frames (one s
 the same kernel. The gradients w.r.t. the normalised/rotated q and k are mapped through RoPE^T and the
 RMSNorm backward in registers and written straight into dqkv; the norm weights get fp32 (D,) partials
 per program (and query step), summed on the host (deterministic). For 65..128 frames the dK/dV kernel
-takes 32-row query steps and writes each row's lse and delta; ``_temporal_attention_bwd_dq_kernel``
+takes 32-row query steps with the 128 keys as the MMA rows (S^T = k q^T, softmax down the columns; as
+query rows these products were mma.sync on sm_90) and writes each row's lse and delta;
+``_temporal_attention_bwd_dq_kernel``
 then computes dQ per 64 query rows with the keys 64 at a time (P = exp2(s - lse)): the three fused into
 one kernel did not fit in 255 registers on sm_90.
 
@@ -171,6 +173,25 @@ def _scores(q0, q1, k0, k1, gq, gk, okk, qk_scale, HAS_D1: tl.constexpr, DOT_PRE
 
 
 @triton.jit
+def _scores_t(k0, k1, q0, q1, gk, gq, okk, qk_scale, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``_scores`` transposed: P^T (BLOCK, BLOCK_M) from S^T = k q^T, the softmax down each column, and
+    each query's log2-sum-exp2. The key tile's rows are the MMA's M (128 or 64 rows), so the products
+    are wgmma at any query step (32-row steps as rows were mma.sync)."""
+    s = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
+    if HAS_D1:
+        s += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
+    vis = (gk[:, None] == gq[None, :]) & okk[:, None]
+    s = tl.where(vis, s * qk_scale, float("-inf"))
+    m = tl.max(s, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m[None, :])
+    den = tl.sum(p, 0)
+    pos = den > 0.0
+    inv = tl.where(pos, 1.0 / tl.where(pos, den, 1.0), 0.0)
+    return p * inv[None, :], m + tl.log2(tl.where(pos, den, 1.0))
+
+
+@triton.jit
 def _temporal_attention_fwd_kernel(
     QKV,  # (B, T*S, 3C) through (sqb, sqn); columns [q heads | k heads | v heads], head h at h*D
     O,  # (B, T*S, C) through (sob, son)
@@ -249,6 +270,54 @@ def _prologue_bwd(gt0, gt1, X, ro, W, COS, SIN, co, ok, DX, rdo, DWP, pid, D, ep
 
 
 @triton.jit
+def _bwd_step_qt(q0, q1, k0, k1, do0, do1, V, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
+                 BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """One query step of the dK/dV backward with the queries as the MMA rows (S, dP are (BLOCK_M, BLOCK)):
+    returns (dS, lse, delta, dk0, dk1, dv0, dv1)."""
+    dt = q0.dtype
+    p, lse = _scores(q0, q1, k0, k1, g, gk, okk, qk_scale, HAS_D1, DOT_PREC)
+    v0 = _load(V, rok, okk, 0, D, BD0)
+    dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+    pt = tl.trans(p.to(dt))
+    dv0 = tl.dot(pt, do0, dv0, input_precision=DOT_PREC)
+    if HAS_D1:
+        v1 = _load(V, rok, okk, BD0, D, BD1)
+        dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+        dv1 = tl.dot(pt, do1, dv1, input_precision=DOT_PREC)
+    delta = tl.sum(p * dp, 1)
+    ds = (p * (dp - delta[:, None])).to(dt)
+    dst = tl.trans(ds)
+    dk0 = tl.dot(dst, q0, dk0, input_precision=DOT_PREC)
+    if HAS_D1:
+        dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
+    return ds, lse, delta, dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _bwd_step_kt(q0, q1, k0, k1, do0, do1, V, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
+                 BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """``_bwd_step_qt`` with the keys as the MMA rows (S^T, dP^T are (BLOCK, BLOCK_M)): wgmma needs 64
+    rows per warpgroup, so 32-row query steps as rows compiled to mma.sync. Returns (dS^T, lse, delta,
+    dk0, dk1, dv0, dv1)."""
+    dt = q0.dtype
+    pt, lse = _scores_t(k0, k1, q0, q1, gk, g, okk, qk_scale, HAS_D1, DOT_PREC)
+    v0 = _load(V, rok, okk, 0, D, BD0)
+    dpt = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
+    ptl = pt.to(dt)
+    dv0 = tl.dot(ptl, do0, dv0, input_precision=DOT_PREC)
+    if HAS_D1:
+        v1 = _load(V, rok, okk, BD0, D, BD1)
+        dpt += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
+        dv1 = tl.dot(ptl, do1, dv1, input_precision=DOT_PREC)
+    delta = tl.sum(pt * dpt, 0)
+    dst = (pt * (dpt - delta[None, :])).to(dt)
+    dk0 = tl.dot(dst, q0, dk0, input_precision=DOT_PREC)
+    if HAS_D1:
+        dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
+    return dst, lse, delta, dk0, dk1, dv0, dv1
+
+
+@triton.jit
 def _temporal_attention_bwd_kernel(
     QKV,  # (B, T*S, 3C) through (sqb, sqn)
     DO,  # (B, T*S, C) through (sdb, sdn)
@@ -264,12 +333,12 @@ def _temporal_attention_bwd_kernel(
     sqb, sqn, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
     D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
-    DQ: tl.constexpr, STATS: tl.constexpr,
+    DQ: tl.constexpr, STATS: tl.constexpr, KT: tl.constexpr,
 ):  # fmt: skip
     """dK, dV (and dQ with DQ) of one key tile, its queries taken BLOCK_M rows at a time. Without DQ the
-    rows' lse and delta are written instead (STATS) for ``_temporal_attention_bwd_dq_kernel``."""
+    rows' lse and delta are written instead (STATS) for ``_temporal_attention_bwd_dq_kernel``. KT: the
+    keys are the MMA rows (``_bwd_step_kt``; for BLOCK_M < 64), else the queries."""
     NM: tl.constexpr = BLOCK // BLOCK_M
-    dt = QKV.dtype.element_ty
     pid = tl.program_id(0)
     h = pid % H
     tile = pid // H
@@ -286,24 +355,20 @@ def _temporal_attention_bwd_kernel(
         _, tok, co, g, ok = _tile_rows(tile, m * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
         ro = tok.to(tl.int64) * sqn
         q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
-        p, lse = _scores(q0, q1, k0, k1, g, gk, okk, qk_scale, HAS_D1, DOT_PREC)
         rdo = tok.to(tl.int64) * sdn
         do0 = _load(dob, rdo, ok, 0, D, BD0)
-        v0 = _load(qb + 2 * C, rok, okk, 0, D, BD0)
-        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
-        pt = tl.trans(p.to(dt))
-        dv0 = tl.dot(pt, do0, dv0, input_precision=DOT_PREC)
+        do1 = do0
         if HAS_D1:
             do1 = _load(dob, rdo, ok, BD0, D, BD1)
-            v1 = _load(qb + 2 * C, rok, okk, BD0, D, BD1)
-            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
-            dv1 = tl.dot(pt, do1, dv1, input_precision=DOT_PREC)
-        delta = tl.sum(p * dp, 1)
-        ds = (p * (dp - delta[:, None])).to(dt)
-        dst = tl.trans(ds)
-        dk0 = tl.dot(dst, q0, dk0, input_precision=DOT_PREC)
-        if HAS_D1:
-            dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
+        if KT:
+            dst, lse, delta, dk0, dk1, dv0, dv1 = _bwd_step_kt(
+                q0, q1, k0, k1, do0, do1, qb + 2 * C, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
+                BD0, BD1, HAS_D1, DOT_PREC)  # fmt: skip
+            ds = tl.trans(dst)
+        else:
+            ds, lse, delta, dk0, dk1, dv0, dv1 = _bwd_step_qt(
+                q0, q1, k0, k1, do0, do1, qb + 2 * C, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
+                BD0, BD1, HAS_D1, DOT_PREC)  # fmt: skip
         if STATS:
             rows = pid.to(tl.int64) * BLOCK + m * BLOCK_M + tl.arange(0, BLOCK_M)
             tl.store(LSE + rows, lse)

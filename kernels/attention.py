@@ -462,7 +462,9 @@ class TemporalTile:
     (TP = 128, one sequence per tile) the forward takes the queries BLOCK_M = 64 rows at a time against
     all 128 keys; the backward is two launches: dK / dV with the queries BLOCK_M_DKV = 32 rows at a time
     (also writing each row's lse and delta), then dQ per 64 query rows with the keys 64 at a time. As one
-    kernel that backward spilled 312-1024 B on sm_90 (255 registers); so did dQ next to 128 keys."""
+    kernel that backward spilled 312-1024 B on sm_90 (255 registers); so did dQ next to 128 keys. The dK /
+    dV kernel's products take the 128 keys as the MMA rows (S^T = k q^T): 32 query rows as the rows compiled
+    to mma.sync (wgmma needs 64 rows per warpgroup); 64-row query steps spilled 24-80 B."""
 
     TP: int
     BLOCK: int
@@ -586,7 +588,7 @@ def _temporal_bwd_op(
               num_stages=1, **DSplit.of(D).kwargs())  # fmt: skip
     _temporal_attention_bwd_kernel[_grid_x(n_prog)](
         qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, lse, delta, *args,
-        BLOCK_M=tile.BLOCK_M_DKV, DQ=not tile.split_bwd, STATS=tile.split_bwd, **kw,
+        BLOCK_M=tile.BLOCK_M_DKV, DQ=not tile.split_bwd, STATS=tile.split_bwd, KT=tile.BLOCK_M_DKV < 64, **kw,
     )  # fmt: skip
     if tile.split_bwd:
         _temporal_attention_bwd_dq_kernel[_grid_x(n_prog * (tile.BLOCK // tile.BLOCK_M))](

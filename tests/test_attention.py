@@ -631,13 +631,14 @@ class _CaptureLaunches(_CountLaunches):
 
     def __init__(self, kernel):
         super().__init__(kernel)
-        self.args = []
+        self.args, self.kwargs = [], []
 
     def __getitem__(self, grid):
         launch = super().__getitem__(grid)
 
         def call(*args, **kwargs):
             self.args.append(args)
+            self.kwargs.append(kwargs)
             return launch(*args, **kwargs)
 
         return call
@@ -676,6 +677,31 @@ def test_temporal_packed_kernel_unaligned_rope_tables(monkeypatch, temporal_laun
         assert len(tables) == 2
         assert all(t.data_ptr() % 16 == 0 and t.stride(0) % 8 == 0 and t.stride(1) == 1 for t in tables)
     assert (len(fwd.args), len(bwd.args)) == (1, 1)
+
+
+@pytest.mark.parametrize("T", [30, 67])
+def test_temporal_packed_bwd_orientation(monkeypatch, temporal_launches, T):
+    """65..128 frames: the dK/dV kernel takes 32-row query steps with the 128 keys as the MMA rows (KT;
+    32 query rows as the rows compiled to mma.sync on sm_90); up to 64 frames the queries are the rows.
+    Gradients against fp64 either way."""
+    from opensora_fast.kernels import attention as A
+
+    bwd = _CaptureLaunches(A._temporal_attention_bwd_kernel)
+    monkeypatch.setattr(A, "_temporal_attention_bwd_kernel", bwd)
+    S, H, D = 2, 2, 72
+    qkv = randn(1, T * S, 3 * H * D, dtype=torch.float64, seed=61)
+    w = 1 + 0.3 * randn(D, dtype=torch.float64, seed=62)
+    cos, sin = R.rope_cos_sin(T, D, dtype=torch.float64)
+
+    def kern(qkv, w):
+        return self_attention(qkv, w, w, num_heads=H, num_frames=T, layout="temporal", rope=(cos.float(), sin.float()))
+
+    def refn(qkv, w):
+        return R.self_attention_ref(qkv, w, w, H, T, "temporal", 1e-6, (cos, sin))
+
+    _check(kern, refn, [qkv, w], torch.float32, ["dqkv", "dnorm_weight"], "cpu")
+    assert len(bwd.kwargs) == 1
+    assert bwd.kwargs[0]["KT"] == (T > 64) and bwd.kwargs[0]["BLOCK_M"] == (32 if T > 64 else 64)
 
 
 def test_temporal_long_sequence_uses_generic_path(triton_backend, monkeypatch):

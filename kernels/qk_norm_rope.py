@@ -4,9 +4,13 @@ For each head row x (D values): n = w * cast(x * rsqrt(mean(x^2) + eps)) with fp
 to x's dtype before the weight (LlamaRMSNorm); then, when cos/sin are given, out = n * cos + rot(n) * sin
 with rot pairing (n[2i], n[2i+1]) -> (-n[2i+1], n[2i]) over the whole head (rotary_embedding_torch).
 
-The pair partner of column j is column j ^ 1, read with a second (cache-resident) load, so any even D
-(72 included) works without reshaping pairs. The attention kernels fuse this prologue; this standalone op
-is their reference point and serves models that need normalised q/k on their own.
+Tiles: a head row of D columns is a power-of-two head chunk (64 of D = 72) plus a tail chunk (8 of 72,
+padded to a power of two and masked only when D - 64 is not one), so the head has no column mask and
+loads / stores in 16-byte vectors; the host checks that every row start is 16-byte aligned (ALIGNED) before
+the kernels claim it with multiple_of hints, and unaligned views run the same code without them. RoPE pairs
+are rotated in registers (tl.split / tl.join of the (.., D/2, 2) view), no second load of the partner.
+The attention kernels fuse this prologue; this standalone op is their reference point and serves models
+that need normalised q/k on their own.
 """
 
 from __future__ import annotations

@@ -470,7 +470,8 @@ class TemporalTile:
     BLOCK: int
     BLOCK_M: int
     BLOCK_M_DKV: int
-    num_warps: int
+    num_warps: int  # the backward's
+    fwd_warps: int
 
     @property
     def split_bwd(self) -> bool:
@@ -480,12 +481,14 @@ class TemporalTile:
     def of(T: int) -> TemporalTile:
         TP = max(16, next_pow2(T))
         if TP <= _TEMPORAL_BLOCK:
-            return TemporalTile(TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_WARPS)
-        return TemporalTile(TP, TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK // 2, _TEMPORAL_WARPS)
+            return TemporalTile(TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_WARPS, 4)
+        return TemporalTile(TP, TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK // 2, _TEMPORAL_WARPS, _TEMPORAL_WARPS)
 
 
 # (BLOCK 64, 8 warps): every TP in {16, 32, 64, 128} x D in _TEMPORAL_D passes the sm_90 gate (no
-# spills; 4 warps spilled in the backward, 16 warps spilled more at TP = 128).
+# spills; 4 warps spilled in the backward, 16 warps spilled more at TP = 128). The forward up to 64 frames
+# runs 4 warps: one warpgroup over the 64-row tile makes S and P V 64x64 wgmma (8 warps split N: 64x32,
+# 64x8); sm_90, bf16, D=72: 200 registers, stack 0. At TP = 128 4 warps spilled 56 B: 8 warps there.
 _TEMPORAL_BLOCK = 64
 _TEMPORAL_WARPS = 8
 _TEMPORAL_MAX_T = 128
@@ -550,7 +553,7 @@ def _temporal_fwd_op(
         qkv, out, q_weight, k_weight, cs, sn, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, eps,
         D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, BLOCK_M=tile.BLOCK_M, DOT_PREC=_dot_prec(qkv.dtype),
-        num_warps=tile.num_warps, num_stages=1, **DSplit.of(D).kwargs(),
+        num_warps=tile.fwd_warps, num_stages=1, **DSplit.of(D).kwargs(),
     )  # fmt: skip
     return out
 

@@ -586,7 +586,9 @@ def test_temporal_packed_routing():
     assert not temporal_supported(qkv[..., : 3 * 144], 129, 72)
     assert not temporal_supported(qkv[..., : 3 * 80], 8, 40)
     assert not temporal_supported(torch.zeros(1, 8, 3 * 144 + 4)[..., : 3 * 144], 8, 72)  # row stride % 8
-    assert TemporalTile.of(1) == TemporalTile.of(16) == TemporalTile(16, 64, 64, 64, TemporalTile.of(1).num_warps)
+    assert TemporalTile.of(1) == TemporalTile.of(16) == TemporalTile(16, 64, 64, 64, TemporalTile.of(1).num_warps, 4)
+    # one warpgroup over a 64-row forward tile (N = 64 wgmma); 8 warps at TP = 128 (4 spilled on sm_90)
+    assert TemporalTile.of(30).fwd_warps == TemporalTile.of(64).fwd_warps == 4 and TemporalTile.of(65).fwd_warps == 8
     assert TemporalTile.of(17).TP == 32 and TemporalTile.of(64).TP == 64 and not TemporalTile.of(64).split_bwd
     long = TemporalTile.of(65)
     assert (long.TP, long.BLOCK, long.BLOCK_M, long.BLOCK_M_DKV) == (128, 128, 64, 32) and long.split_bwd

@@ -221,6 +221,8 @@ def cases() -> list[Case]:
              flops=3.5 * _flops_attn(B * HEADS, N720, 300, D)),
         Case("qk_norm_rope fwd 720p-2s", _qk_case(B, N720, False), bytes=4 * B * N720 * tok,
              note="read q, k; write both"),
+        Case("qk_norm_rope fwd+bwd 720p-2s", _qk_case(B, N720, True), bytes=(4 + 6) * B * N720 * tok,
+             note="bwd reads dq, dk, q, k; writes dq, dk"),
         Case("causal_conv3d fwd 512->512 720p chunk", _conv_case(1, 512, 512, 5, 90, 160, False),
              flops=2.0 * 512 * 512 * 27 * 5 * 90 * 160, note="temporal VAE width, channels_last_3d"),
         Case("group_norm_silu fwd 512ch 720p chunk", _gn_case(1, 512, 5, 90, 160, False),

@@ -459,9 +459,11 @@ class SelfAttentionFunction(torch.autograd.Function):
 class TemporalTile:
     """T padded to TP frames; BLOCK // TP whole sequences of one head per program (the key tile). Up to
     64 frames the tile is 64 rows and forward and backward each take it at once. For 65..128 frames
-    (TP = 128, one sequence per tile) the forward takes the queries BLOCK_M = 64 rows at a time against
-    all 128 keys; the backward is two launches: dK / dV with the queries BLOCK_M_DKV = 32 rows at a time
-    (also writing each row's lse and delta), then dQ per 64 query rows with the keys 64 at a time. As one
+    (TP = 128, one sequence per tile) the forward takes all 128 queries at once too (8 warps: each
+    warpgroup 64 query rows, so S and P V are 64x128 / 64x64 wgmma; 180 registers, stack 0 on sm_90,
+    bf16, D=72; in two 64-row steps P V was split into 64x32 / 64x8); the backward is two launches:
+    dK / dV with the queries BLOCK_M_DKV = 32 rows at a time (also writing each row's lse and delta),
+    then dQ per BLOCK_M = 64 query rows with the keys 64 at a time. As one
     kernel that backward spilled 312-1024 B on sm_90 (255 registers); so did dQ next to 128 keys. The dK /
     dV kernel's products take the 128 keys as the MMA rows (S^T = k q^T): 32 query rows as the rows compiled
     to mma.sync (wgmma needs 64 rows per warpgroup); 64-row query steps spilled 24-80 B."""
@@ -552,7 +554,7 @@ def _temporal_fwd_op(
     _temporal_attention_fwd_kernel[_grid_x(n_prog)](
         qkv, out, q_weight, k_weight, cs, sn, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
         S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, eps,
-        D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, BLOCK_M=tile.BLOCK_M, DOT_PREC=_dot_prec(qkv.dtype),
+        D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, BLOCK_M=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype),
         num_warps=tile.fwd_warps, num_stages=1, **DSplit.of(D).kwargs(),
     )  # fmt: skip
     return out

@@ -683,12 +683,14 @@ def test_temporal_packed_kernel_unaligned_rope_tables(monkeypatch, temporal_laun
 
 @pytest.mark.parametrize("T", [30, 67])
 def test_temporal_packed_bwd_orientation(monkeypatch, temporal_launches, T):
-    """65..128 frames: the dK/dV kernel takes 32-row query steps with the 128 keys as the MMA rows (KT;
+    """Every query of a tile in one forward step (at TP = 128 too: 64x128 / 64x64 wgmma on 8 warps).
+    65..128 frames: the dK/dV kernel takes 32-row query steps with the 128 keys as the MMA rows (KT;
     32 query rows as the rows compiled to mma.sync on sm_90); up to 64 frames the queries are the rows.
     Gradients against fp64 either way."""
     from opensora_fast.kernels import attention as A
 
-    bwd = _CaptureLaunches(A._temporal_attention_bwd_kernel)
+    fwd, bwd = _CaptureLaunches(A._temporal_attention_fwd_kernel), _CaptureLaunches(A._temporal_attention_bwd_kernel)
+    monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
     monkeypatch.setattr(A, "_temporal_attention_bwd_kernel", bwd)
     S, H, D = 2, 2, 72
     qkv = randn(1, T * S, 3 * H * D, dtype=torch.float64, seed=61)
@@ -702,7 +704,8 @@ def test_temporal_packed_bwd_orientation(monkeypatch, temporal_launches, T):
         return R.self_attention_ref(qkv, w, w, H, T, "temporal", 1e-6, (cos, sin))
 
     _check(kern, refn, [qkv, w], torch.float32, ["dqkv", "dnorm_weight"], "cpu")
-    assert len(bwd.kwargs) == 1
+    assert len(fwd.kwargs) == len(bwd.kwargs) == 1
+    assert fwd.kwargs[0]["BLOCK_M"] == fwd.kwargs[0]["BLOCK"]  # every query of the tile in one step
     assert bwd.kwargs[0]["KT"] == (T > 64) and bwd.kwargs[0]["BLOCK_M"] == (32 if T > 64 else 64)
 
 

@@ -355,13 +355,30 @@ _FOUR_CHANNELS = (
 WAIVERS: dict[tuple[str, str], list] = {
     ("_attention_bwd_kernel", "narrow_hgmma"): [
         (
-            {},
+            {"D": 72},
             "S^T, dP^T, dV and dK run as 64x64x16; dQ (64 queries x D 72) is split over the two warpgroups of 8 "
             "warps into N=32 pieces plus the 8-column tail of D=72 (28% of MMA work); one warpgroup (4 warps, dQ at "
             "N=64) spilled 24-208 B in every variant tried (2026-11-30)",
         )
     ],
 }
+_TEMPORAL_BWD = (
+    "OPEN (issue 9): the packed temporal backward splits its 64-row tiles over the two warpgroups of 8 warps "
+    "(HGMMA 64x32 / 64x8); 4 warps spilled 408 B (T' <= 64), 64-row query steps at T' 65..128 spilled 24-80 B in "
+    "five variants, the dQ kernel with 128 query rows 144-320 B; async copies for the T' 65..128 loops not yet "
+    "attempted. Memory-bound op: estimate 1.85x (T' 30) and 3.4x (T' 120) its HBM floor (2026-11-30)"
+)
+WAIVERS[("_temporal_attention_bwd_kernel", "narrow_hgmma")] = [({}, _TEMPORAL_BWD)]
+WAIVERS[("_temporal_attention_bwd_kernel", "plain_ldg_loop")] = [({"TP": 128}, _TEMPORAL_BWD)]
+WAIVERS[("_temporal_attention_bwd_dq_kernel", "narrow_hgmma")] = [({}, _TEMPORAL_BWD)]
+WAIVERS[("_temporal_attention_bwd_dq_kernel", "plain_ldg_loop")] = [({}, _TEMPORAL_BWD)]
+_D128_BWD = (
+    "OPEN (issue 9): flash_attn_func at head_dim 128 only (STDiT3 uses 72): its backward config 32x64 / 8 warps "
+    "uses mma.sync and 64x16 HGMMA; 64x64 / 8 warps spilled 32-40 B, 64x64 / 8 warps / 1 stage spilled 8 B causal, "
+    "64x128 48-72 B, 16 warps 408-464 B, 4 warps 192-208 B (2026-11-30)"
+)
+WAIVERS[("_attention_bwd_kernel", "hmma")] = [({"D": 128}, _D128_BWD)]
+WAIVERS[("_attention_bwd_kernel", "narrow_hgmma")].append(({"D": 128}, _D128_BWD))
 for _rule in ("narrow_global", "narrow_hgmma", "plain_ldg_loop"):
     WAIVERS[("_causal_conv3d_fwd_kernel", _rule)] = [
         ({"FAST": False, "c_in": _small}, _FOUR_CHANNELS),

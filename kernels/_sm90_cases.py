@@ -238,6 +238,7 @@ def cases() -> list[Case]:
         Case("VAE decode 720p 17 frames", _vae_case(17, 720, 1280)),
         Case("flash_attn_func fwd+bwd D 72 causal", _flash_case(2, 1000, 16, 72, BF16, causal=True, fwd_bwd=True)),
         Case("flash_attn_func fwd+bwd D 64", _flash_case(2, 1024, 16, 64, BF16, fwd_bwd=True)),
+        Case("flash_attn_func fwd+bwd D 128 causal", _flash_case(2, 1000, 16, 128, BF16, causal=True, fwd_bwd=True)),
         Case("cross attention fwd+bwd varlen", _cross_case(B, 1590, (37, 300), True)),
         Case("causal_conv3d fwd+bwd 128->128 240p", _conv_case(1, 128, 128, 5, 30, 53, True)),
         Case("group_norm_silu fwd+bwd 256ch", _gn_case(1, 256, 5, 30, 53, True)),

@@ -251,8 +251,8 @@ def _n_split(p: Problem, max_lk: int, device: torch.device) -> int:
 
 
 def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks, dvs, p: Problem, scale, eps,
-                qw=None, kw=None, cos=None, sin=None, cu=None, max_lk=None):  # fmt: skip
-    """Writes dq, dk, dv; returns (dqw, dkw) fp32 (None without norm).
+                qw=None, kw=None, cos=None, sin=None, cu=None, max_lk=None, n_split=None):  # fmt: skip
+    """Writes dq, dk, dv; returns (dqw, dkw) fp32 (None without norm). n_split: key splits (None: _n_split).
 
     With norm (self-attention): the pre-pass writes the transformed q and k to scratch (Z, L, H, D); the
     attention backward reads those and writes the gradients w.r.t. the transformed q / k to separate
@@ -281,7 +281,8 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks,
         lq, lqs, lk_, lks = q, qs, k, ks
         gq, gqs, gk, gks = dq, dqs, dk, dks
     lk = max_lk if p.varlen else p.Lk
-    n_split = _n_split(p, lk, dev)
+    if n_split is None:
+        n_split = _n_split(p, lk, dev)
     dqp = empty((n_split, p.Z * p.H, p.Lq, p.D), torch.float32, dev)
     aligned = _is_aligned((lq, lqs), (lk_, lks), (v, vs), (do, dos), (gk, gks), (dv, dvs))
     _tuned("bwd", _dclass(p.D))[_grid_x(p.Z * p.H * n_split)](
@@ -664,26 +665,37 @@ def _(q, kv, cu_seqlens, max_kv_len, num_heads, softmax_scale):
     return q.new_empty((B, N, C)), q.new_empty((B * num_heads, N), dtype=torch.float32)
 
 
-_MAX_CROSS_CHUNKS = 4
+_MAX_CROSS_CHUNKS = 1024
+_CROSS_SLACK = 1.03
 
 
-def _cross_chunks(B: int, H: int, N: int, max_kv_len: int, device: torch.device) -> int:
-    """Query chunks of the cross-attention backward. Its programs are (sample, head, key split) and the
-    text has few key blocks (300 tokens: 3 of 128), so at 720p-16s, batch 2, only 32 programs would run
-    on 132 SMs; chunking the queries (a divisor of N, chunks >= 64 rows, at most 4 chunks) gives 96. Two
-    under the interpreter (N even), to test the chunked path."""
-    if B == 0:
-        return 1
+def _cross_schedule(B: int, H: int, N: int, max_kv_len: int, D: int, device: torch.device) -> tuple[int, int | None]:
+    """(query chunks, key splits) of the cross-attention backward; key splits None = ``_n_split``'s choice.
+
+    The text is short (300 tokens: 3 key blocks of 128), so the fused backward's programs (sample, head,
+    key split) are few and each walks all N queries. On a GPU the queries go in n chunks (each chunk its
+    own sequence against a copy of its sample's text; n divides N, chunks of >= BLOCK_M rows) with ONE key
+    split: every program runs all key blocks of its chunk, so the fp32 dQ partial is written once instead
+    of once per split (720p-2s: 497 MB per partial). n: the fewest chunks whose per-SM work in whole waves,
+    ceil(B * H * n / SMs) x query blocks per chunk, is within 3% of the least: 720p-2s, B 2, 16 heads,
+    132 SMs: 4 chunks, 128 programs (one wave; was 3 chunks x 3 key splits = 288 programs, 3 waves).
+    Under the interpreter: 2 chunks (N even) and the default splits, to test the chunked path."""
     sms = sm_count(device)
+    if B == 0:
+        return 1, None
     if sms is None:
-        target = 2
-    else:
-        blocks = max(1, triton.cdiv(max_kv_len, _BWD_TABLE["small"][0].kwargs["BLOCK_N"]))
-        target = min(triton.cdiv(2 * sms, max(1, B * H * blocks)), N // 64, _MAX_CROSS_CHUNKS)
-    for n in range(max(1, target), 1, -1):
-        if N % n == 0:
-            return n
-    return 1
+        return (2 if N % 2 == 0 else 1), None
+    bm = _BWD_TABLE[_dclass(D)][0].kwargs["BLOCK_M"]
+    cost = {
+        n: triton.cdiv(B * H * n, sms) * triton.cdiv(N // n, bm)
+        for n in range(1, max(1, min(N // bm, _MAX_CROSS_CHUNKS)) + 1)
+        if N % n == 0
+    }
+    least = min(cost.values())
+    # the fewest chunks within _CROSS_SLACK of the least work: each chunk costs a copy of the text and a d(kv)
+    # partial (720p-2s: 45 chunks would be 1% less kernel work than 4, for 41 more copies, 0.11 GB)
+    n = min(n for n, c in cost.items() if c <= least * _CROSS_SLACK)
+    return (n, 1) if n > 1 else (1, None)  # no chunks (N < 2 BLOCK_M, or prime): key splits as elsewhere
 
 
 @torch.library.custom_op("opensora_fast::cross_attention_bwd", mutates_args=())
@@ -696,7 +708,7 @@ def _cross_bwd_op(
     sq, skv, C, D = _cross_seqs(q, kv, num_heads)
     dq = empty(q.shape, q.dtype, q.device)
     H, bucket = num_heads, _lk_bucket(max_kv_len)
-    n_qc = _cross_chunks(B, H, N, max_kv_len, q.device)
+    n_qc, n_split = _cross_schedule(B, H, N, max_kv_len, D, q.device)
     if n_qc == 1:
         dkv = empty(kv.shape, kv.dtype, kv.device)
         p = Problem(B, 1, H, N, bucket, D, varlen=True)
@@ -706,7 +718,7 @@ def _cross_bwd_op(
         sdkv = Seq(0, 0, dkv.stride(0), D)
         k, v, dk, dv = kv[:, :C], kv[:, C:], dkv[:, :C], dkv[:, C:]
         _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, sq, skv, skv, so, sdo, sdq, sdkv, sdkv, p,
-                    softmax_scale, 0.0, cu=cu_seqlens, max_lk=max_kv_len)  # fmt: skip
+                    softmax_scale, 0.0, cu=cu_seqlens, max_lk=max_kv_len, n_split=n_split)  # fmt: skip
         return dq, dkv
     # The queries as n_qc chunks of N / n_qc rows, each chunk c of sample b its own sequence z = c * B + b
     # (Seq: chunk stride as s1, Z2 = B) attending to its own copy of b's text (kv tiled n_qc times, tiny):
@@ -727,7 +739,8 @@ def _cross_bwd_op(
     skv2, sdkv2 = Seq(0, 0, kv2.stride(0), D), Seq(0, 0, dkv2.stride(0), D)
     k, v, dk, dv = kv2[:, :C], kv2[:, C:], dkv2[:, :C], dkv2[:, C:]
     _launch_bwd(dout, q, k, v, out, lse2, dq, dk, dv, chunked(q), skv2, skv2, chunked(out), chunked(dout),
-                chunked(dq), sdkv2, sdkv2, p, softmax_scale, 0.0, cu=cu, max_lk=max_kv_len)  # fmt: skip
+                chunked(dq), sdkv2, sdkv2, p, softmax_scale, 0.0, cu=cu, max_lk=max_kv_len,
+                n_split=n_split)  # fmt: skip
     return dq, dkv2.view(n_qc, *kv.shape).float().sum(0).to(kv.dtype)
 
 

@@ -345,15 +345,20 @@ def test_cross_attention(triton_backend, dtype, D, lens, N):
     )
 
 
-@pytest.mark.parametrize("dtype,n_qc", [(torch.float32, 2), (torch.float16, 3), (torch.float32, 4)])
-def test_cross_attention_backward_query_chunks(triton_backend, monkeypatch, dtype, n_qc):
+@pytest.mark.parametrize(
+    "dtype,n_qc,n_split",
+    [(torch.float32, 2, None), (torch.float16, 3, None), (torch.float32, 4, None), (torch.float32, 6, 1),
+     (torch.float16, 4, 1), (torch.float32, 1, 1)],
+)  # fmt: skip
+def test_cross_attention_backward_query_chunks(triton_backend, monkeypatch, dtype, n_qc, n_split):
     """The cross-attention backward with its queries in n_qc chunks (each chunk a sequence of its own
-    against a copy of its sample's text; d(kv) of the copies summed): same gradients as the reference."""
+    against a copy of its sample's text; d(kv) of the copies summed), with the default key splits (None)
+    or one key split (every program runs all key blocks of its chunk): same gradients as the reference."""
     from opensora_fast.kernels import attention as A
 
     chunks = []
-    monkeypatch.setattr(A, "_cross_chunks", lambda B, H, N, lk, device: chunks.append(n_qc) or n_qc)
-    H, D, lens, N = 2, 72, [5, 0, 18], 12
+    monkeypatch.setattr(A, "_cross_schedule", lambda B, H, N, lk, D, dev: chunks.append(n_qc) or (n_qc, n_split))
+    H, D, lens, N = 2, 72, [5, 0, 40], 12
     q = randn(len(lens), N, H * D, dtype=torch.float64, seed=9)
     kv = randn(sum(lens), 2 * H * D, dtype=torch.float64, seed=10)
     _check(
@@ -365,6 +370,59 @@ def test_cross_attention_backward_query_chunks(triton_backend, monkeypatch, dtyp
         "cpu",
     )
     assert chunks == [n_qc]
+
+
+def test_cross_attention_backward_schedule():
+    """On a GPU (132 SMs) the short-text backward runs one key split and enough query chunks for whole
+    waves: 720p-2s (B 2, 16 heads, 54,000 queries, 300 keys) as 4 chunks x 1 split = 128 programs (the
+    old schedule: 3 chunks x 3 key splits = 288 programs in 3 waves, 3 fp32 dQ partials of 497 MB)."""
+    from opensora_fast.kernels import attention as A
+
+    dev = torch.device("meta")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(A, "sm_count", lambda device: 132)
+        assert A._cross_schedule(2, 16, 54000, 300, 72, dev) == (4, 1)
+        for B, H, N, lk, D in [(2, 16, 54000, 300, 72), (2, 16, 432000, 300, 72), (1, 16, 3600 * 8, 300, 72),
+                               (4, 16, 1590 * 15, 120, 72), (2, 8, 997, 77, 128), (2, 16, 30, 300, 72)]:  # fmt: skip
+            n_qc, n_split = A._cross_schedule(B, H, N, lk, D, dev)
+            bm = A._BWD_TABLE[A._dclass(D)][0].kwargs["BLOCK_M"]
+            assert n_split == (1 if n_qc > 1 else None) and N % n_qc == 0 and (n_qc == 1 or N // n_qc >= bm)
+            assert B * H * n_qc < 2**31
+            # within 3% of the least whole-wave query blocks per SM, and no fewer chunks are
+            work = {n: -(-B * H * n // 132) * -(-(N // n) // bm) for n in range(1, max(1, N // bm) + 1) if N % n == 0}
+            least = min(work.values())
+            assert work[n_qc] <= 1.03 * least
+            assert all(work[n] > 1.03 * least for n in work if n < n_qc)
+        mp.setattr(A, "sm_count", lambda device: None)
+        assert A._cross_schedule(2, 16, 12, 300, 72, dev) == (2, None)
+
+
+def test_cross_attention_backward_one_key_split_on_gpu(triton_backend, monkeypatch):
+    """With a GPU's SM count the cross-attention backward launches one key split over query chunks, and its
+    gradients stay right (interpreter; sm_count patched to 12: 3 samples x 2 heads x 2 chunks)."""
+    from opensora_fast.kernels import attention as A
+
+    seen = []
+    launch = A._launch_bwd
+
+    def spy(*args, **kwargs):
+        seen.append((args[17].Z, kwargs.get("n_split")))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(A, "sm_count", lambda device: 12)
+    monkeypatch.setattr(A, "_launch_bwd", spy)
+    H, D, lens, N = 2, 72, [5, 0, 130], 128
+    q = randn(len(lens), N, H * D, dtype=torch.float64, seed=19)
+    kv = randn(sum(lens), 2 * H * D, dtype=torch.float64, seed=20)
+    _check(
+        lambda q, kv: cross_attention(q, kv, lens, num_heads=H),
+        lambda q, kv: R.cross_attention_ref(q, kv, lens, H),
+        [q, kv],
+        torch.float32,
+        ["dq", "dkv"],
+        "cpu",
+    )
+    assert seen == [(2 * len(lens), 1)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ Three public ops share one forward and one backward kernel, specialised by const
 x is (B, N, C) with N = T * S tokens, frame-major. shift/scale/gate are per sample, (B, C) or (B, 1, C).
 With ``x_mask`` (B, T) bool, the frames where it is False take ``shift0/scale0/gate0`` (the t0 modulation).
 LayerNorm has no affine and its statistics are fp32; every output is rounded once to x's dtype.
+The forward's row loop uses the plain two-pass statistics and flags a row whose variance is not finite
+(|r| >= ~1e19 overflows it; inf / NaN inputs); only then does the program redo its rows, one at a time, with
+statistics on r scaled by a power of two from the row's max |r| (exact; fp32 |r| up to ~1e37 gives the
+fp64 result). Ordinary rows pay one compare and a flag, not the max|r| reduction and scaling (issue 9).
 
 Schedule: the grid is (row chunks, B); a program owns ``rows_per_prog`` consecutive tokens of one sample,
 loads that sample's modulation rows once, and walks its tokens BLOCK_M at a time. The backward keeps the
@@ -57,23 +61,91 @@ def _pick(p, p0, sel, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(r, m2, n_ch, eps):
-    """LayerNorm statistics of the rows of r (BLOCK_M, BLOCK_C) fp32 (m2: valid elements): (mean, rstd,
-    xhat = (r - mean) * rstd), each row computed on r * 2**-e with 2**e <= max|r| (rows with max|r| < 1
-    unscaled). Scaling by a power of two is exact, so the results equal the unscaled two-pass formula,
-    but the sums cannot overflow before r itself does (unscaled, |r| >= ~1e19 overflowed the variance,
-    rstd became 0 and the output silently equalled shift)."""
-    amax = tl.max(tl.where(m2, tl.abs(r), 0.0), axis=1)
-    e = tl.maximum(tl.floor(tl.log2(tl.maximum(amax, 1.0))), 0.0)
-    s = tl.exp2(-e)  # in (0, 1]; 0 for an infinite row, whose statistics are then NaN as they should be
-    rs = r * s[:, None]
-    mean_s = tl.sum(rs, axis=1) / n_ch
-    ds = tl.where(m2, rs - mean_s[:, None], 0.0)
+def _max_sum(a_max, a_sum, b_max, b_sum):
+    """Combine of the fused (max, sum) row reduction."""
+    return tl.maximum(a_max, b_max), a_sum + b_sum
+
+
+@triton.jit
+def _inv_pow2_le(amax):
+    """2**-e with e = floor(log2(amax)) clamped to [0, 126], from amax's exponent bits (amax >= 0 or NaN): no
+    log2 / exp2. amax < 1 gives 1; inf gives 2**-126 (the row's sums are then inf - inf = NaN, as they should)."""
+    e = (amax.to(tl.int32, bitcast=True) >> 23) - 127
+    e = tl.minimum(tl.maximum(e, 0), 126)
+    return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_stats(r, m2, n_ch, n_p, p_scale, eps):
+    """LayerNorm statistics of the rows of r (BLOCK_M, BLOCK_C) fp32 (m2: valid elements, r is 0 elsewhere):
+    (mean, rstd, xhat = (r - mean) * rstd).
+
+    One fused reduction gives each row's max|r| and sum(r * p_scale) (p_scale = 2**-p with 2**p >= n_ch, so
+    the sum cannot overflow; mean = that sum / n_p with n_p = n_ch * p_scale, the same rounding as sum / n_ch);
+    the variance is then summed on (r - mean) * 2**-e with 2**e <= max|r| (rows with max|r| < 1 unscaled).
+    Scaling by a power of two is exact, so the results equal the unscaled two-pass formula, but the sums
+    cannot overflow before r itself does (unscaled, |r| >= ~1e19 overflowed the variance, rstd became 0 and
+    the output silently equalled shift). Per element: max, 3 FMAs and a select (2 cross-warp reductions)."""
+    amax, sum_p = tl.reduce((tl.abs(r), r * p_scale), 1, _max_sum)
+    mean = sum_p / n_p
+    s = _inv_pow2_le(amax)
+    mean_s = mean * s
+    ds = tl.where(m2, r * s[:, None] - mean_s[:, None], 0.0)
     var_s = tl.sum(ds * ds, axis=1) / n_ch
     # 1 / sqrt(var + eps) in scaled units; capped so a constant huge row (eps * s^2 underflows) stays finite
     inv_s = tl.minimum(1.0 / tl.sqrt(var_s + eps * s * s), 3.0e38)
     rstd = tl.minimum(inv_s * s, 1.0 / tl.sqrt(eps))
-    return mean_s / s, rstd, ds * inv_s[:, None]
+    return mean, rstd, ds * inv_s[:, None]
+
+
+@triton.jit
+def _fwd_rows(
+    start, row_hi, b, cols, cmask,  # rows [start, start + BLOCK_M) below row_hi of sample b; (BLOCK_C,) columns
+    X, Y, R, H, Mean, Rstd, XMask,  # the kernel's tensors (see _layernorm_modulate_fwd_kernel)
+    shift, shift0, scale, scale0, gate, gate0,  # (BLOCK_C,) fp32 modulation rows of sample b
+    n_tok, n_ch, frame_len, stride_xb, stride_xn, stride_yb, stride_yn, stride_mb, stride_mt, eps,
+    HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_LN: tl.constexpr, HAS_MASK: tl.constexpr, I64: tl.constexpr,
+    SCALED: tl.constexpr,  # overflow-proof statistics (the fix-up pass; r is not stored again)
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """One block of rows of the forward. Returns 1 (int32) when a row's plain statistics were not finite."""
+    rows = start + tl.arange(0, BLOCK_M)
+    if I64:
+        rows = rows.to(tl.int64)
+    rmask = rows < row_hi
+    m2 = rmask[:, None] & cmask[None, :]
+    sel = rmask[:, None]
+    if HAS_MASK:
+        sel = tl.load(XMask + b * stride_mb + (rows // frame_len) * stride_mt, mask=rmask, other=0)[:, None] != 0
+    x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=m2, other=0.0)
+    r = x.to(tl.float32)
+    out_off = (b * n_tok + rows)[:, None] * n_ch + cols[None, :]
+    if HAS_Y:
+        y = tl.load(Y + b * stride_yb + rows[:, None] * stride_yn + cols[None, :], mask=m2, other=0.0)
+        if HAS_GATE:
+            r += _pick(gate, gate0, sel, HAS_MASK) * y.to(tl.float32)
+        else:
+            r += y.to(tl.float32)
+        if not SCALED:
+            tl.store(R + out_off, r.to(R.dtype.element_ty), mask=m2)
+    bad = tl.zeros((), tl.int32)
+    if HAS_LN:
+        if SCALED:
+            mean, rstd, xhat = _row_stats(r, m2, n_ch, n_ch * (1.0 / BLOCK_C), 1.0 / BLOCK_C, eps)
+        else:
+            mean = tl.sum(r, axis=1) / n_ch
+            xhat = tl.where(m2, r - mean[:, None], 0.0)
+            var = tl.sum(xhat * xhat, axis=1) / n_ch
+            rstd = 1.0 / tl.sqrt(var + eps)
+            xhat = xhat * rstd[:, None]
+            # not finite (inf, or NaN from inf - inf / a NaN input): the caller redoes these rows with SCALED
+            bad = tl.max(tl.where(var <= 3.4028234663852886e38, 0, 1), axis=0)
+        h = xhat * (1.0 + _pick(scale, scale0, sel, HAS_MASK)) + _pick(shift, shift0, sel, HAS_MASK)
+        tl.store(H + out_off, h.to(H.dtype.element_ty), mask=m2)
+        tl.store(Mean + b * n_tok + rows, mean, mask=rmask)
+        tl.store(Rstd + b * n_tok + rows, rstd, mask=rmask)
+    return bad
 
 
 @triton.jit
@@ -122,6 +194,8 @@ def _layernorm_modulate_fwd_kernel(
         b = b.to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < n_ch
+    zero = tl.zeros((BLOCK_C,), tl.float32)
+    shift, shift0, scale, scale0, gate, gate0 = zero, zero, zero, zero, zero, zero  # placeholders where unused
     if HAS_LN:
         shift, shift0 = _load_mod(Shift, Shift0, b, stride_shift, stride_shift0, cols, cmask, HAS_MASK)
         scale, scale0 = _load_mod(Scale, Scale0, b, stride_scale, stride_scale0, cols, cmask, HAS_MASK)
@@ -129,31 +203,23 @@ def _layernorm_modulate_fwd_kernel(
         gate, gate0 = _load_mod(Gate, Gate0, b, stride_gate, stride_gate0, cols, cmask, HAS_MASK)
     row_lo = chunk * rows_per_prog
     row_hi = tl.minimum(row_lo + rows_per_prog, n_tok)
+    bad = tl.zeros((), tl.int32)
     for start in range(row_lo, row_hi, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        if I64:
-            rows = rows.to(tl.int64)
-        rmask = rows < row_hi
-        m2 = rmask[:, None] & cmask[None, :]
-        sel = rmask[:, None]
-        if HAS_MASK:
-            sel = tl.load(XMask + b * stride_mb + (rows // frame_len) * stride_mt, mask=rmask, other=0)[:, None] != 0
-        x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=m2, other=0.0)
-        r = x.to(tl.float32)
-        out_off = (b * n_tok + rows)[:, None] * n_ch + cols[None, :]
-        if HAS_Y:
-            y = tl.load(Y + b * stride_yb + rows[:, None] * stride_yn + cols[None, :], mask=m2, other=0.0)
-            if HAS_GATE:
-                r += _pick(gate, gate0, sel, HAS_MASK) * y.to(tl.float32)
-            else:
-                r += y.to(tl.float32)
-            tl.store(R + out_off, r.to(R.dtype.element_ty), mask=m2)
-        if HAS_LN:
-            mean, rstd, xhat = _row_stats(r, m2, n_ch, eps)
-            h = xhat * (1.0 + _pick(scale, scale0, sel, HAS_MASK)) + _pick(shift, shift0, sel, HAS_MASK)
-            tl.store(H + out_off, h.to(H.dtype.element_ty), mask=m2)
-            tl.store(Mean + b * n_tok + rows, mean, mask=rmask)
-            tl.store(Rstd + b * n_tok + rows, rstd, mask=rmask)
+        bad |= _fwd_rows(
+            start, row_hi, b, cols, cmask, X, Y, R, H, Mean, Rstd, XMask,
+            shift, shift0, scale, scale0, gate, gate0, n_tok, n_ch, frame_len,
+            stride_xb, stride_xn, stride_yb, stride_yn, stride_mb, stride_mt, eps,
+            HAS_Y, HAS_GATE, HAS_LN, HAS_MASK, I64, False, BLOCK_M, BLOCK_C,
+        )  # fmt: skip
+    if HAS_LN:
+        if bad != 0:  # rare: some row's plain statistics overflowed (|r| >= ~1e19) or r holds inf / NaN
+            for row in range(row_lo, row_hi):
+                _fwd_rows(
+                    row, row_hi, b, cols, cmask, X, Y, R, H, Mean, Rstd, XMask,
+                    shift, shift0, scale, scale0, gate, gate0, n_tok, n_ch, frame_len,
+                    stride_xb, stride_xn, stride_yb, stride_yn, stride_mb, stride_mt, eps,
+                    HAS_Y, HAS_GATE, HAS_LN, HAS_MASK, I64, True, 1, BLOCK_C,
+                )  # fmt: skip
 
 
 @triton.jit

@@ -12,6 +12,7 @@ from opensora_fast.kernels import cross_attention, flash_attn_func, self_attenti
 from opensora_fast.kernels import reference as R
 
 from tests._close import assert_close_to_fp64, randn
+from tests.test_attention_idempotent import repeat_launches  # noqa: F401 (fixture)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -423,6 +424,27 @@ def test_cross_attention_backward_one_key_split_on_gpu(triton_backend, monkeypat
         "cpu",
     )
     assert seen == [(2 * len(lens), 1)]
+
+
+def test_cross_attention_one_key_split_idempotent(triton_backend, monkeypatch, repeat_launches):  # noqa: F811
+    """The GPU schedule (sm_count patched to 12: 2 query chunks, one key split, so each program reads back its
+    own fp32 dQ partial after its first key block) gives bit-identical results with every launch run 3 times."""
+    from opensora_fast.kernels import attention as A
+
+    from tests.test_attention_idempotent import REPEATS, _run
+
+    monkeypatch.setattr(A, "sm_count", lambda device: 12)
+    H, lens = 2, [5, 0, 130]
+    inputs = [randn(3, 128, H * 72, seed=21), randn(sum(lens), 2 * H * 72, seed=22)]
+    fn = lambda q, kv: cross_attention(q, kv, lens, num_heads=H)  # noqa: E731
+    assert A._cross_schedule(3, H, 128, 130, 72, torch.device("cpu")) == (2, 1)
+    once = _run(fn, inputs)
+    n_once = repeat_launches["launches"]
+    repeat_launches["on"] = True
+    again = _run(fn, inputs)
+    assert repeat_launches["launches"] == (1 + REPEATS) * n_once
+    for a, b in zip(once, again):
+        assert not torch.isnan(a).any() and torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------------------------

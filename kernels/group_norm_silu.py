@@ -4,7 +4,10 @@ images (B, C, H, W), in contiguous or channels-last memory format (outputs keep 
 Forward, two passes over x:
 1. statistics: the S = T*H*W positions of every (b, group) are split into chunks, one program per
    (b, group block, chunk); each program merges per-tile (mean, M2) pairs in fp32 (Chan et al.'s
-   parallel variance, no E[x^2] - E[x]^2 cancellation) and writes its chunk's partial;
+   parallel variance, no E[x^2] - E[x]^2 cancellation) and writes its chunk's partial. Its tile loop
+   uses plain moments; only when a group's M2 or mean ends non-finite (|x| >= ~1e19 overflows the sum of
+   squares; inf / NaN inputs) does the program redo its chunk with moments of x scaled by a power of two
+   from the tile's max |x| (exact; fp32 |x| up to ~1e37 gives the fp64 result), in quarter tiles;
 2. normalise: each program merges the chunk partials of its groups, then writes
    y = silu((x - mean) * rstd * weight + bias) for its chunk.
 Backward likewise: a reduction pass (per-group sums of dxhat and dxhat*xhat, per-channel sums of
@@ -124,6 +127,7 @@ def _group_norm_silu_stats_kernel(
     TILE: tl.constexpr,
 ):
     BLOCK_S: tl.constexpr = TILE // (GPP * CG_P)
+    FIX_S: tl.constexpr = BLOCK_S // 4 if BLOCK_S >= 4 else BLOCK_S
     b = tl.program_id(0)
     g = tl.program_id(1) * GPP + tl.arange(0, GPP)
     sp = tl.program_id(2)
@@ -133,6 +137,7 @@ def _group_norm_silu_stats_kernel(
     base = X + b.to(tl.int64) * sxb
     s_start = sp * s_chunk
     s_end = tl.minimum(s_start + s_chunk, spatial)
+    # plain (unscaled) moments first; Chan's merge without the 4**e units
     n = 0.0
     mean = tl.zeros((GPP,), dtype=tl.float32)
     m2 = tl.zeros((GPP,), dtype=tl.float32)
@@ -143,8 +148,30 @@ def _group_norm_silu_stats_kernel(
         off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
         x = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
         cnt = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
-        tmean, tm2, te = _tile_moments(x, mask, cnt)
-        n, mean, m2, e = _merge(n, mean, m2, e, cnt, tmean, tm2, te)
+        tmean = tl.sum(tl.sum(x, axis=0), axis=1) / cnt
+        d = tl.where(mask, x - tmean[None, :, None], 0.0)
+        tm2 = tl.sum(tl.sum(d * d, axis=0), axis=1)
+        n_new = n + cnt
+        delta = tmean - mean
+        mean = mean + delta * (cnt / n_new)
+        m2 = m2 + tm2 + delta * delta * (n * cnt / n_new)
+        n = n_new
+    # an overflow (|x| >= ~1e19) or an inf / NaN input leaves m2 or mean non-finite for good: only then (rare)
+    # redo the chunk with the power-of-two scaled moments (exact, cannot overflow before x itself does)
+    fmax = 3.4028234663852886e38
+    bad = tl.max(tl.where((m2 <= fmax) & (tl.abs(mean) <= fmax), 0, 1), axis=0)
+    if bad != 0:
+        n = 0.0
+        mean = tl.zeros((GPP,), dtype=tl.float32)
+        m2 = tl.zeros((GPP,), dtype=tl.float32)
+        for s0 in range(s_start, s_end, FIX_S):  # a quarter tile: fewer live registers on this rare path
+            s = s0 + tl.arange(0, FIX_S)
+            mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
+            off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
+            x = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
+            cnt = (tl.minimum(s_end - s0, FIX_S) * CG).to(tl.float32)
+            tmean, tm2, te = _tile_moments(x, mask, cnt)
+            n, mean, m2, e = _merge(n, mean, m2, e, cnt, tmean, tm2, te)
     out = Partial + ((b * num_groups + g) * nsplit + sp) * 3
     g_ok = g < num_groups
     tl.store(out, mean, mask=g_ok)

@@ -63,6 +63,7 @@ class VAETrainConfig:
     mixed_strategy: str | None = "mixed_video_random"  # or "mixed_video_image" or None
     mixed_image_ratio: float = 0.0
     kl_loss_weight: float = 1e-6
+    rec_loss: str = "l1"  # pixel loss: "l1" (the release) or "l2" (squared error: the demo's tiny VAE, see demo.py)
     num_frames: int = 33
     image_size: tuple[int, int] = (256, 256)
     batch_size: int = 1
@@ -86,6 +87,8 @@ class VAETrainConfig:
             )
         if not (self.use_real_rec_loss or self.use_z_rec_loss or self.use_image_identity_loss):
             raise ValueError("at least one of use_real_rec_loss, use_z_rec_loss, use_image_identity_loss is needed")
+        if self.rec_loss not in ("l1", "l2"):
+            raise ValueError(f"rec_loss must be 'l1' or 'l2', got {self.rec_loss!r}")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be 'bf16', 'fp16' or 'fp32', got {self.dtype!r}")
 
@@ -101,9 +104,11 @@ class TrainResult:
 # ------------------------------------------------------------------ loss
 
 
-def rec_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum |a - b| over (C, H, W), averaged over the B*T frames of (B, C, T, H, W) tensors."""
-    return (a.float() - b.float()).abs().sum() / (a.shape[0] * a.shape[2])
+def rec_loss(a: torch.Tensor, b: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """sum |a - b| (``kind`` "l1") or sum (a - b)^2 ("l2") over (C, H, W), averaged over the B*T frames of
+    (B, C, T, H, W) tensors."""
+    d = a.float() - b.float()
+    return (d.abs() if kind == "l1" else d.square()).sum() / (a.shape[0] * a.shape[2])
 
 
 def vae_loss(
@@ -116,7 +121,7 @@ def vae_loss(
     loss = torch.zeros((), device=x.device)
     parts = {}
     if cfg.use_real_rec_loss:
-        parts["rec"] = rec_loss(x, out.x_rec)
+        parts["rec"] = rec_loss(x, out.x_rec, cfg.rec_loss)
         if lpips is not None and cfg.lpips_weight > 0:
             B, C, T, H, W = x.shape
             frames = x.transpose(1, 2).reshape(B * T, C, H, W)

@@ -56,6 +56,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert n == 9 and shape == (16, 16, 3)
     log = [json.loads(line) for line in open(tmp_path / "stdit3" / "log.jsonl")]
     assert len(log) == 40
+    # the quick check: the clip of the next seed exists and differs (the full demo checks colour and motion too)
+    assert (tmp_path / "seed" / "000_a_red_square_moving_right.mp4").is_file()
+    assert "check (quick):" in out and "PASS seeds 0 and 1 differ" in out and "FAIL" not in out
     # the printed sample command runs as written on the demo's own weights and gives the demo's clip
     import shlex
 

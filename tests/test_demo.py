@@ -37,3 +37,31 @@ def test_flat_or_still_clips_fail():
 def test_bad_shape():
     with pytest.raises(ValueError, match=r"video must be \(T, 3, H, W\)"):
         clip_content(torch.zeros(3, 9, 16, 16))
+
+
+def _clip(color, shape, direction, T=9, size=(16, 16), offset=0.0):
+    return synthetic_clip(color, shape, direction, T, size, offset).permute(1, 0, 2, 3)  # (T, 3, H, W)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_demo_check_passes_only_what_was_asked(full, capsys):
+    from opensora_fast.demo import DemoOptions, demo_check
+
+    o = DemoOptions(full_check=full)
+    red, blue = _clip("red", "square", "right"), _clip("blue", "circle", "left")
+    red2 = _clip("red", "square", "right", offset=0.12)
+    good = {(o.caption, 0): red, (o.caption, 1): red2, (o.contrast, 0): blue}
+    results = demo_check(o, good, red)
+    assert all(ok for _, ok, _ in results), results
+    assert len(results) == (5 if full else 1)
+    assert "PASS" in capsys.readouterr().out
+    # the same clip for both seeds fails; a flat reconstruction (the collapsed VAE) fails
+    same = {**good, (o.caption, 1): red}
+    assert [ok for name, ok, _ in demo_check(o, same, red) if "seeds" in name] == [False]
+    flat = torch.full_like(red, 0.2)
+    assert (not demo_check(o, good, flat)[0][1]) == full
+    # the contrast caption's clip showing the caption's object fails the full check only
+    swapped = {**good, (o.contrast, 0): red}
+    assert all(ok for _, ok, _ in demo_check(o, swapped, red)) == (not full)
+    wrong_seed = {**good, (o.caption, 1): blue}
+    assert all(ok for _, ok, _ in demo_check(o, wrong_seed, red)) == (not full)

@@ -65,3 +65,18 @@ def test_demo_check_passes_only_what_was_asked(full, capsys):
     assert all(ok for _, ok, _ in demo_check(o, swapped, red)) == (not full)
     wrong_seed = {**good, (o.caption, 1): blue}
     assert all(ok for _, ok, _ in demo_check(o, wrong_seed, red)) == (not full)
+
+
+def test_vae_rec_loss_l2_and_bad_value():
+    """The demo's tiny VAE trains with the squared-error pixel loss (L1 collapsed it to the background)."""
+    from opensora_fast.vae_train import VAETrainConfig, rec_loss
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 3, 5, 7, 6, generator=g), torch.randn(2, 3, 5, 7, 6, generator=g)
+    ref = ((a.double() - b.double()) ** 2).sum() / (2 * 5)
+    assert float(rec_loss(a, b, "l2")) == pytest.approx(float(ref), rel=1e-5)
+    assert float(rec_loss(a, b)) == pytest.approx(float((a.double() - b.double()).abs().sum() / 10), rel=1e-5)
+    assert torch.isnan(rec_loss(a, b.clone().index_fill_(2, torch.tensor([1]), float("nan")), "l2"))
+    assert VAETrainConfig(rec_loss="l2").rec_loss == "l2"
+    with pytest.raises(ValueError, match="rec_loss must be 'l1' or 'l2'"):
+        VAETrainConfig(rec_loss="l3")

@@ -2,14 +2,16 @@
 
 1. writes a synthetic captioned video set (coloured squares and circles moving on a grey background,
    mp4s + a CSV; ``data.make_synthetic_dataset``) and a tiny random T5 (``text.build_tiny_t5``);
-2. trains a tiny VAE on the clips (``vae_train.train_vae``, pixel L1 + KL) and sets its latent
+2. trains a tiny VAE on the clips (``vae_train.train_vae``, squared pixel error + KL: with the release's L1
+   the tiny VAE decoded every latent to the grey background in this budget) and sets its latent
    normalisation (shift, scale) to the latents' per-channel mean and std;
 3. trains a tiny STDiT3 on the clips through ``train.train_dit`` (the code of ``opensora-fast train``);
 4. samples one caption from the EMA checkpoint through ``sample.generate`` (the code of
    ``opensora-fast sample``), and plots both loss curves.
 
 Each training stage must end with a lower loss than it started with (mean of the last vs the first
-fifth of the steps), or the demo fails. On CUDA the models run on the Triton kernels; on a CPU on the
+fifth of the steps), and the clips must pass ``demo_check`` (the captions' colour and motion, seeds
+differ; ``--quick``: seeds differ), or the demo fails. On CUDA the models run on the Triton kernels; on a CPU on the
 PyTorch reference path.
 """
 
@@ -386,7 +388,7 @@ def _run(o: DemoOptions) -> dict:
         clips_seen[(o.contrast, o.seed)] = sample(o.contrast, o.seed, os.path.join(out, "contrast"))
     plot = plot_losses(
         os.path.join(out, "losses.png"),
-        {"VAE (L1 + KL)": res_vae.losses, "STDiT3 (rflow MSE)": res_dit.losses},
+        {"VAE (L2 + KL)": res_vae.losses, "STDiT3 (rflow MSE)": res_dit.losses},
     )
     secs = time.perf_counter() - t_start
     print(f"demo done in {secs:.0f} s")

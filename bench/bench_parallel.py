@@ -263,5 +263,30 @@ def main(argv=None):
     os._exit(0)  # gloo teardown (see NOTES.md)
 
 
+def test_one_rank_machinery(tmp_path):
+    """The suite as pytest collects it: one process on a 1-rank gloo group (what a single GPU measures: the
+    overlap machinery's own cost) - every mode runs, counts 0 bytes as the formula says for p = 1, and times
+    overlap on / off / without communication."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "parallel.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(MASTER_PORT=str(port), OPENSORA_FAST_BACKEND="reference")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_parallel", "--steps", "1", "--out", str(out)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["mode"] for r in rows} == {"dsp", "ulysses", "fastseq"}
+    for r in rows:
+        assert r["match"] and r["bytes"]["act"] == 0 and r["formula_act"] == 0, r
+        assert r["t_on"] > 0 and r["t_off"] > 0 and r["t_plain"] > 0, r
+
+
 if __name__ == "__main__":
     main()

@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="data, training and sampling seed")
     d.add_argument("--quick", action="store_true", help="an even smaller run (for tests / CI, < 1 min on CPU)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--strict", action="store_true", help="a failed check (colour, direction, seeds) is an error")
     d.set_defaults(func=_demo)
     return p
 
@@ -315,6 +316,7 @@ def _demo(args) -> int:
             steps_dit=args.steps_dit,
             seed=args.seed,
             progress=not args.no_progress,
+            strict=args.strict,
         )
     )
     return 0

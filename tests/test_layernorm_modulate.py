@@ -273,6 +273,7 @@ m = torch.randn(1, 1152).bfloat16()
 with capture_launches() as launches:
     LN._fwd_op(x, None, m, m, None, None, None, None, None, 1e-6, True)
 import os, subprocess, tempfile, triton
+from opensora_fast.kernels._sm90 import loops as sass_loops, parse_sass
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = []
 for lc in launches:
@@ -282,14 +283,11 @@ for lc in launches:
         f.write(ck.asm["cubin"])
     sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     os.unlink(f.name)
-    ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass)]
+    ins = parse_sass(sass)
     loops = []
-    bra = r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\S*\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)"
-    for m_ in re.finditer(bra, sass):
-        lo, hi = int(m_.group(2), 16), int(m_.group(1), 16)
-        if lo < hi:
-            body = [op for a, op in ins if lo <= a <= hi]
-            loops.append(dict(size=len(body), mufu=sum(op.startswith("MUFU") for op in body)))
+    for lo, hi in sass_loops(ins):
+        body = [i.op for i in ins if lo <= i.addr <= hi]
+        loops.append(dict(size=len(body), mufu=sum(op.startswith("MUFU") for op in body)))
     out.append(dict(BLOCK_M=lc.kwargs["BLOCK_M"], warps=lc.kwargs.get("num_warps"), regs=st["regs"],
                     stack=st["stack"], loops=loops))
 print(json.dumps(out))

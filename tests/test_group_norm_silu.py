@@ -255,47 +255,16 @@ def test_stats_kernel_sm90_loop_is_the_plain_one():
     699 instructions, 200 LSU-unit ones, 12 MUFU per tile). The tile loop is now the plain two-pass one
     (<= 450 instructions, <= 2 MUFU); the scaled moments run in a separate loop over quarter tiles, only after
     an overflow or a non-finite input. No spills."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from tests._sass import launch_loops
 
-    code = r"""
-import json, os, re, subprocess, tempfile, torch, triton
-from tests.test_attention import capture_launches, sass_stats
-import importlib
+    setup = """
 G = importlib.import_module("opensora_fast.kernels.group_norm_silu")
 x = torch.randn(1, 512, 2, 16, 16).bfloat16().to(memory_format=torch.channels_last_3d)
 w = torch.randn(512).bfloat16()
 with capture_launches() as launches:
     G._fwd_impl(x, w.float(), w.float(), 32, 1e-6, True)
-from opensora_fast.kernels._sm90 import loops as sass_loops, parse_sass
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-out = []
-for lc in launches:
-    if lc.name != "_group_norm_silu_stats_kernel":
-        continue
-    ck = lc.compile()
-    st = sass_stats(ck)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(ck.asm["cubin"])
-    sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    ins = parse_sass(sass)
-    loops = []
-    for lo, hi in sass_loops(ins):
-        body = [i.op for i in ins if lo <= i.addr <= hi]
-        loops.append(dict(size=len(body), mufu=sum(op.startswith("MUFU") for op in body)))
-    out.append(dict(TILE=lc.kwargs["TILE"], warps=lc.kwargs.get("num_warps"), regs=st["regs"],
-                    stack=st["stack"], loops=loops))
-print(json.dumps(out))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = launch_loops(setup, "_group_norm_silu_stats_kernel", ("TILE",))
     assert [r["TILE"] for r in res] == [4096, 2048], res
     for r in res:
         assert r["stack"] == 0 and len(r["loops"]) == 2, r

@@ -259,45 +259,16 @@ def _sm90_forward_loops():
     """sm_90 compile (no GPU; TRITON_INTERPRET unset, in a subprocess) of the forward launches the autotuner
     would try for layernorm_modulate at STDiT3-XL's width (bf16, C = 1152): per config, the instruction counts
     of its loops (a backward branch closes one), registers and stack."""
-    import json
-    import subprocess
-    import sys
+    from tests._sass import launch_loops
 
-    code = r"""
-import json, re, torch
-from tests.test_attention import capture_launches, sass_stats
-import importlib
+    setup = """
 LN = importlib.import_module("opensora_fast.kernels.layernorm_modulate")
 x = torch.randn(1, 8, 1152).bfloat16()
 m = torch.randn(1, 1152).bfloat16()
 with capture_launches() as launches:
     LN._fwd_op(x, None, m, m, None, None, None, None, None, 1e-6, True)
-import os, subprocess, tempfile, triton
-from opensora_fast.kernels._sm90 import loops as sass_loops, parse_sass
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-out = []
-for lc in launches:
-    ck = lc.compile()
-    st = sass_stats(ck)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(ck.asm["cubin"])
-    sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    ins = parse_sass(sass)
-    loops = []
-    for lo, hi in sass_loops(ins):
-        body = [i.op for i in ins if lo <= i.addr <= hi]
-        loops.append(dict(size=len(body), mufu=sum(op.startswith("MUFU") for op in body)))
-    out.append(dict(BLOCK_M=lc.kwargs["BLOCK_M"], warps=lc.kwargs.get("num_warps"), regs=st["regs"],
-                    stack=st["stack"], loops=loops))
-print(json.dumps(out))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return launch_loops(setup, None, ("BLOCK_M",))
 
 
 @pytest.mark.slow

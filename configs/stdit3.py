@@ -106,25 +106,11 @@ STAGE3_BUCKET_CONFIG = {
     "1080p": {1: (0.1, 5)},
     "2048": {1: (0.05, 5)},
 }
-# stage2.py's mask ratios (25% of samples conditioned). opensora_fast.masks.MASK_RATIOS["stage2"] holds stage 1's;
-# the stage2.py version read here differs from it in these values.
-STAGE2_MASK_RATIOS = {
-    "random": 0.005,
-    "intepolate": 0.002,
-    "quarter_random": 0.007,
-    "quarter_head": 0.002,
-    "quarter_tail": 0.002,
-    "quarter_head_tail": 0.002,
-    "image_random": 0.0,
-    "image_head": 0.22,
-    "image_tail": 0.005,
-    "image_head_tail": 0.005,
-}
-
 _COMMON = dict(lr=1e-4, adam_eps=1e-15, grad_clip=1.0, ema_decay=0.99, dtype="bf16", grad_checkpoint=True,
                seed=42, log_every=10, ckpt_every=200)  # fmt: skip
 PRESETS = {
     "stage1": dict(_COMMON, warmup_steps=1000, mask_ratios="stage1", bucket_config=STAGE1_BUCKET_CONFIG),
-    "stage2": dict(_COMMON, warmup_steps=0, mask_ratios=STAGE2_MASK_RATIOS, bucket_config=STAGE2_BUCKET_CONFIG),
+    # stage2.py at tag v1.2.0 has stage 1's mask ratios (a later commit, 3b6d136, changed them) and no warm-up
+    "stage2": dict(_COMMON, warmup_steps=0, mask_ratios="stage2", bucket_config=STAGE2_BUCKET_CONFIG),
     "stage3": dict(_COMMON, warmup_steps=1000, mask_ratios="stage3", bucket_config=STAGE3_BUCKET_CONFIG),
 }

@@ -707,7 +707,7 @@ def test_train_presets_set_the_stage_values_unless_given():
     from opensora_fast.configs import stdit3 as cs
 
     from opensora_fast.common import options_from
-    from opensora_fast.masks import STAGE3_MASK_RATIOS
+    from opensora_fast.masks import MASK_RATIOS, STAGE3_MASK_RATIOS
     from opensora_fast.train import DiTTrainConfig, apply_preset
 
     argv = ["train", "--data", "d", "--vae", "v", "--t5", "t", "--out-dir", "o", "--preset", "stage3", "--lr", "2e-4"]
@@ -721,7 +721,7 @@ def test_train_presets_set_the_stage_values_unless_given():
     args = cli.build_parser().parse_args(argv2)
     apply_preset(args, cli.explicit_options(argv2))
     c = options_from(DiTTrainConfig, args)
-    assert c.warmup_steps == 0 and c.mask_ratios == cs.STAGE2_MASK_RATIOS and c.lr == 1e-4
+    assert c.warmup_steps == 0 and c.mask_ratios == MASK_RATIOS["stage2"] == STAGE1_MASK_RATIOS and c.lr == 1e-4
     argv3 = [*argv2, "--buckets", "9x16x16"]  # own buckets: the stage's bucket_config is not applied
     args = cli.build_parser().parse_args(argv3)
     apply_preset(args, cli.explicit_options(argv3))

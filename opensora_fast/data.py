@@ -178,25 +178,41 @@ def parse_buckets(text: str) -> list[tuple[int, int, int]]:
 
 
 class VideoTextDataset:
-    """Clips from a CSV of (path, caption), each in one (T, H, W) bucket.
+    """Clips from a CSV of (path, caption), each in one (T, H, W) bucket, with Open-Sora's random temporal crop.
 
-    A clip goes to the bucket whose H/W is nearest its own aspect ratio among those with T no longer
-    than the clip (at ``fps`` when given), preferring more frames, then more pixels; clips shorter than
-    every bucket are dropped (``dropped`` lists them), and files that cannot be opened or have no video
-    stream are left out (``bad`` lists (path, CSV line, reason)). Item i is {"video": (3, T, H, W) in
-    [-1, 1], "text": caption, "fps": frame rate}: the first T frames, resized to cover (H, W) and
-    centre-cropped; a clip that fails to decode raises BadClipError naming the file and CSV line.
+    A clip takes T frames every ``frame_interval`` frames, a window of (T - 1) x frame_interval + 1 frames (at
+    ``fps`` when given, else as stored). It goes to the bucket whose H/W is nearest its own aspect ratio among
+    those whose window fits the clip, preferring more frames, then more pixels. Clips shorter than every window
+    are left out and named (``left_out``: (path, reason); ``dropped``: their paths); files that cannot be opened
+    or have no video stream are left out too (``bad``: (path, CSV line, reason)).
+
+    Items are fetched by key ``(i, T, H, W, start)``: the window from frame ``start`` (``crop_key`` draws it,
+    seeded by (seed, epoch, clip), and ``bucket_batches`` yields such keys), resized to cover (H, W) and
+    centre-cropped; a plain index ``i`` is the window at frame 0 (evaluation, fixed inputs). An item is
+    {"video": (3, T, H, W) in [-1, 1], "text": caption, "fps": frame rate / frame_interval, or 120 for a
+    single frame as in Open-Sora}; a clip that fails to decode raises BadClipError naming the file and CSV line.
+    (Open-Sora's crop takes ``linspace(start, start + T * interval - 1, T)``, a stride slightly above the
+    interval; here the stride is exactly ``frame_interval``, as in ``BucketConfigDataset``.)
     """
 
-    def __init__(self, csv_path: str, buckets: list[tuple[int, int, int]], fps: float | None = None):
+    def __init__(
+        self, csv_path: str, buckets: list[tuple[int, int, int]], fps: float | None = None, frame_interval: int = 1
+    ):
         if not buckets:
             raise ValueError("at least one (T, H, W) bucket is needed")
-        self.fps = fps
+        if frame_interval < 1:
+            raise ValueError(f"frame_interval must be >= 1, got {frame_interval}")
+        self.buckets = [tuple(b) for b in buckets]
+        self.fps, self.frame_interval = fps, frame_interval
         self.csv_path = csv_path
-        self.items: list[tuple[str, str, tuple[int, int, int], float]] = []
+        self.items: list[tuple[str, str, tuple[int, int, int], float]] = []  # path, caption, bucket, frame rate
         self.lines: list[int] = []  # CSV line of each item
-        self.dropped: list[str] = []
+        self.frames: list[int] = []  # frames each item has (at ``fps`` when given)
+        self.src_fps: list[float] = []  # each item's stored frame rate
+        self.left_out: list[tuple[str, str]] = []  # (path, reason)
+        self.dropped: list[str] = []  # the paths of left_out
         self.bad: list[tuple[str, int, str]] = []
+        shortest = min(b[0] for b in self.buckets)
         for path, text, line in read_csv(csv_path):
             try:
                 info = probe_video(path)
@@ -204,20 +220,30 @@ class VideoTextDataset:
                 self.bad.append((path, line, str(e)))
                 continue
             avail = info.frames if fps is None else int(math.floor((info.frames - 1) * fps / info.fps + 1e-6)) + 1
-            fits = [b for b in buckets if b[0] <= avail]
+            fits = [b for b in self.buckets if self.window(b[0]) <= avail]
             if not fits:
+                at = "" if fps is None else f" at {fps:g} fps"
+                why = (f"{avail} frame(s){at}, fewer than the {self.window(shortest)} the shortest bucket's window "
+                       f"takes ({shortest} frames, frame interval {frame_interval})")  # fmt: skip
+                self.left_out.append((path, why))
                 self.dropped.append(path)
                 continue
             r = info.height / info.width
             best = min(fits, key=lambda b: (abs(b[1] / b[2] - r), -b[0], -b[1] * b[2]))
             self.items.append((path, text, best, float(fps or info.fps)))
             self.lines.append(line)
+            self.frames.append(avail)
+            self.src_fps.append(info.fps)
         if not self.items:
             why = f" ({len(self.bad)} unreadable: {self.bad[0][2]} ...)" if self.bad else ""
-            raise ValueError(f"no clip in {csv_path!r} is long enough for any bucket {buckets}{why}")
+            raise ValueError(f"no clip in {csv_path!r} is long enough for any bucket {self.buckets}{why}")
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def window(self, t: int) -> int:
+        """Frames a crop of ``t`` frames spans: (t - 1) x frame_interval + 1."""
+        return (t - 1) * self.frame_interval + 1
 
     def bucket(self, i: int) -> tuple[int, int, int]:
         return self.items[i][2]
@@ -225,26 +251,54 @@ class VideoTextDataset:
     def describe(self, i: int) -> str:
         return f"{self.items[i][0]!r} ({self.csv_path} line {self.lines[i]})"
 
-    def __getitem__(self, i: int) -> dict:
+    def crop_key(self, i: int, seed: int, epoch: int) -> tuple[int, int, int, int, int]:
+        """The key ``(i, T, H, W, start)`` of clip i in ``epoch``: ``start`` uniform over every window that fits,
+        from a generator seeded by (seed, epoch, i) (as ``BucketSampler``), so the same on every run and rank."""
+        import numpy as np
+
+        t, h, w = self.items[i][2]
+        room = self.frames[i] - self.window(t)
+        return i, t, h, w, int(np.random.default_rng([seed, epoch, i]).integers(0, room + 1))
+
+    def item_fps(self, i: int) -> float:
+        """The model's fps input for clip i: 120 for a single frame (Open-Sora's images), else the clip's frame
+        rate / frame_interval."""
+        return float(IMAGE_FPS) if self.items[i][2][0] == 1 else self.items[i][3] / self.frame_interval
+
+    def __getitem__(self, key) -> dict:
         import av
 
-        from opensora_fast.io import read_video
-
-        path, text, (t, h, w), fps = self.items[i]
+        if isinstance(key, int):
+            i, (t, h, w), start = key, self.items[key][2], 0
+        else:
+            i, t, h, w, start = key
+        if start < 0 or start + self.window(t) > self.frames[i]:
+            last = start + self.window(t) - 1
+            raise ValueError(
+                f"key {key}: frames {start}..{last} are outside clip {self.describe(i)} ({self.frames[i]})"
+            )
+        path, text, _, _ = self.items[i]
+        idx = [start + k * self.frame_interval for k in range(t)]
+        if self.fps is not None:  # output frame k is the stored frame on screen at time k / fps (io.read_video)
+            step = self.src_fps[i] / self.fps
+            idx = [int(math.floor(k * step + 1e-6)) for k in idx]
         try:
-            video = read_video(path, num_frames=t, fps=self.fps, size=(h, w)).transpose(0, 1)
+            video = read_frames(path, idx, (h, w))
         except (av.FFmpegError, ValueError, OSError) as e:
             raise BadClipError(f"clip {self.describe(i)} failed to decode: {_av_message(e)}") from None
-        return {"video": video, "text": text, "fps": fps}
+        return {"video": video.transpose(0, 1), "text": text, "fps": self.item_fps(i)}
 
 
 def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
-    """Endless batches of dataset indices, every batch from one bucket (``dataset.bucket(i)``).
+    """Endless batches of item keys, every batch from one bucket (``dataset.bucket(i)``): dataset indices, or for a
+    dataset with a random temporal crop (``crop_key``, as ``VideoTextDataset``) the keys ``(i, T, H, W, start)``
+    its crop draws for (seed, epoch, i).
 
     Per epoch: each bucket's indices are shuffled and cut into full batches (the remainder waits for
     the next epoch's shuffle), then the batches of all buckets are shuffled together; everything is
     seeded by (seed, epoch), so the order is the same on every run and every rank. With several ranks,
     rank r takes batches r, r + world_size, ... of each epoch (whole rounds only)."""
+    crop = getattr(dataset, "crop_key", None)
     groups: dict[tuple, list[int]] = {}
     for i in range(len(dataset)):
         groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
@@ -269,7 +323,8 @@ def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_siz
         if rounds == 0:
             raise ValueError(f"{len(order)} batches per epoch is fewer than world_size={world_size}")
         for k in range(rounds):
-            yield batches[order[k * world_size + rank]]
+            b = batches[order[k * world_size + rank]]
+            yield b if crop is None else [crop(i, seed, epoch) for i in b]
         epoch += 1
 
 
@@ -407,6 +462,21 @@ class BucketAssigner:
         return f"{what} of {H}x{W}: no bucket with a non-zero probability takes it"
 
 
+def _draw(assigner: BucketAssigner, info: VideoInfo, i: int, seed: int, epoch: int):
+    """(resolution, key (i, T, H, W, start)) of clip i (``info``) drawn in ``epoch``, or None (``BucketConfigDataset
+    .draw``)."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, epoch, i])
+    got = assigner.assign(info.frames, info.height, info.width, rng)
+    if got is None:
+        return None
+    res, t = got
+    h, w = bucket_hw(res, info.height, info.width)
+    span = (t - 1) * assigner.frame_interval + 1
+    return res, (i, t, h, w, int(rng.integers(0, info.frames - span + 1)))
+
+
 def _keep(prob) -> float:
     return prob[0] if isinstance(prob, tuple) else prob
 
@@ -449,6 +519,23 @@ class BucketConfigDataset:
     def describe(self, i: int) -> str:
         return f"{self.items[i][0]!r} ({self.csv_path} line {self.lines[i]})"
 
+    def draw(self, i: int, seed: int, epoch: int) -> tuple[str, tuple[int, int, int, int, int]] | None:
+        """Clip i's draw in ``epoch`` from a generator seeded by (seed, epoch, i): (resolution, key
+        ``(i, T, H, W, start)``), ``start`` uniform over the windows that fit; None: the keep probabilities
+        leave the clip out this epoch."""
+        return _draw(self.assigner, self.items[i][2], i, seed, epoch)
+
+    def first_draw(self, i: int, seed: int, max_epochs: int = 100_000) -> tuple[int, str, tuple]:
+        """(epoch, resolution, key) of the first epoch whose draw places clip i (``draw``): one bucket and crop per
+        clip, as for extracting features once. A clip that ``max_epochs`` draws leave out is a ValueError."""
+        for epoch in range(max_epochs):
+            got = self.draw(i, seed, epoch)
+            if got is not None:
+                return (epoch, *got)
+        raise ValueError(
+            f"clip {self.describe(i)}: no bucket drawn in {max_epochs} epochs (keep probabilities too low)"
+        )
+
     def fps(self, i: int) -> float:
         info = self.items[i][2]
         return float(IMAGE_FPS) if info.frames == 1 else info.fps / self.assigner.frame_interval
@@ -466,19 +553,23 @@ class BucketConfigDataset:
 
 
 def read_frames(path: str, indices: list[int], size: tuple[int, int]) -> torch.Tensor:
-    """Frames ``indices`` (increasing) of ``path`` as (T, 3, H, W) float32 in [-1, 1], resized to cover ``size``
-    and centre-cropped; only those frames are converted."""
+    """Frames ``indices`` (non-decreasing; a frame may repeat) of ``path`` as (T, 3, H, W) float32 in [-1, 1],
+    resized to cover ``size`` and centre-cropped; only those frames are converted."""
     import av
 
     from opensora_fast.io import resize_center_crop
 
-    want = {k: n for n, k in enumerate(indices)}
+    want: dict[int, list[int]] = {}
+    for n, k in enumerate(indices):
+        want.setdefault(k, []).append(n)
     out: list[torch.Tensor | None] = [None] * len(indices)
     with av.open(path) as c:
         for k, frame in enumerate(c.decode(c.streams.video[0])):
             if k in want:
                 x = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1).float().div_(127.5).sub_(1)
-                out[want[k]] = resize_center_crop(x[None], size)[0].clamp_(-1, 1)
+                x = resize_center_crop(x[None], size)[0].clamp_(-1, 1)
+                for n in want[k]:
+                    out[n] = x
             if k >= indices[-1]:
                 break
     if any(x is None for x in out):
@@ -508,16 +599,12 @@ class BucketSampler:
         groups: dict[tuple, list[tuple]] = {}
         skipped = 0
         for i, (_, _, info) in enumerate(self.dataset.items):
-            rng = np.random.default_rng([self.seed, epoch, i])
-            got = a.assign(info.frames, info.height, info.width, rng)
+            got = _draw(a, info, i, self.seed, epoch)
             if got is None:
                 skipped += 1
                 continue
-            res, t = got
-            h, w = bucket_hw(res, info.height, info.width)
-            span = (t - 1) * a.frame_interval + 1
-            start = int(rng.integers(0, info.frames - span + 1))
-            groups.setdefault((res, t, h, w), []).append((i, t, h, w, start))
+            res, key = got
+            groups.setdefault((res, *key[1:4]), []).append(key)
         if self.epoch_log is not None:
             self.epoch_log(
                 f"epoch {epoch}: {skipped} of {len(self.dataset)} clip(s) not drawn by the keep probabilities"

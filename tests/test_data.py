@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from _video import frame_index, indexed_video
 
 from opensora_fast import data as D
 from opensora_fast.io import write_video
@@ -125,17 +126,94 @@ def test_buckets_and_batches(tmp_path):
 
     it = D.bucket_batches(ds, 2, seed=3)
     got = [next(it) for _ in range(12)]
-    for b in got:
-        assert len(b) == 2 and len({ds.bucket(i) for i in b}) == 1
+    for b in got:  # keys (i, T, H, W, start) of one bucket, each with a window inside its clip
+        assert len(b) == 2 and len({k[1:4] for k in b}) == 1 and all(k[1:4] == ds.bucket(k[0]) for k in b)
+        assert all(0 <= k[4] <= ds.frames[k[0]] - k[1] for k in b)
     it2 = D.bucket_batches(ds, 2, seed=3)
     assert [next(it2) for _ in range(12)] == got  # deterministic
     # an epoch has 2 (5 square clips) + 1 (3 wide) full batches; two ranks split each epoch's batches
     r0, r1 = D.bucket_batches(ds, 2, 3, 0, 2), D.bucket_batches(ds, 2, 3, 1, 2)
     e0 = next(r0)
     e1 = next(r1)
-    assert not set(e0) & set(e1)
+    assert not {k[0] for k in e0} & {k[0] for k in e1}
     with pytest.raises(ValueError, match="no bucket holds batch_size=6"):
         next(D.bucket_batches(ds, 6, 0))
+
+
+def _indexed_csv(tmp_path, specs, fps=8):
+    """specs: (name, frames) -> 16 x 16 ``indexed_video`` mp4s (an int) or PNG images (None) + a CSV."""
+    from PIL import Image
+
+    with open(tmp_path / "ix.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["path", "text"])
+        for name, t in specs:
+            if t is None:
+                Image.new("RGB", (16, 16), (30, 60, 90)).save(tmp_path / name)
+            else:
+                write_video(str(tmp_path / name), indexed_video(t), fps=fps)
+            wr.writerow([name, f"caption {name}"])
+    return str(tmp_path / "ix.csv")
+
+
+def test_temporal_crop_positions_are_uniform_over_a_long_clip(tmp_path):
+    import numpy as np
+
+    seed = int(np.random.default_rng().integers(0, 2**31))  # a fresh seed each run: the crop is uniform for any
+    ds = D.VideoTextDataset(_indexed_csv(tmp_path, [("long.mp4", 30)]), [(7, 16, 16)], frame_interval=3)
+    assert ds.window(7) == 19 and ds.frames == [30]  # starts 0..11
+    n, k = 3600, 12
+    starts = [ds.crop_key(0, seed, epoch)[4] for epoch in range(n)]
+    counts = np.bincount(starts, minlength=k)
+    assert len(counts) == k, f"a start past the last window: {max(starts)} (seed {seed})"
+    expect = n / k
+    chi2 = float(((counts - expect) ** 2 / expect).sum())
+    assert chi2 < 45.0, (chi2, counts.tolist(), seed)  # 11 degrees of freedom: P(chi2 > 45) < 1e-5
+    assert counts.min() > 0.7 * expect, (counts.tolist(), seed)  # every window, the first and the last included
+    # bucket_batches gives those keys: with one clip and batches of 1, batch e is epoch e's draw
+    it = D.bucket_batches(ds, 1, seed)
+    assert [next(it)[0] for _ in range(20)] == [ds.crop_key(0, seed, e) for e in range(20)]
+
+
+def test_temporal_crop_is_deterministic_and_takes_every_interval_th_frame(tmp_path):
+    path = _indexed_csv(tmp_path, [("a.mp4", 30), ("b.mp4", 24)])
+    ds = D.VideoTextDataset(path, [(7, 16, 16)], frame_interval=3)
+    key = ds.crop_key(1, 11, 4)
+    again = D.VideoTextDataset(path, [(7, 16, 16)], frame_interval=3)
+    assert again.crop_key(1, 11, 4) == key and key[:4] == (1, 7, 16, 16) and 0 <= key[4] <= 24 - 19
+    assert len({ds.crop_key(1, 11, e)[4] for e in range(30)}) > 1  # drawn per epoch
+    a, b = ds[key], again[key]
+    assert torch.equal(a["video"], b["video"]) and a["video"].shape == (3, 7, 16, 16)
+    assert frame_index(a["video"]) == [key[4] + 3 * j for j in range(7)]  # every 3rd frame of the window
+    assert a["fps"] == pytest.approx(8 / 3) and a["text"] == "caption b.mp4"
+    assert frame_index(ds[0]["video"]) == list(range(0, 19, 3))  # an index: the window at frame 0
+    with pytest.raises(ValueError, match=r"frames 6\.\.24 are outside clip '.*b\.mp4'"):
+        ds[(1, 7, 16, 16, 6)]
+    # resampled to 4 fps (stored frame 2 k is frame k) and to 16 fps (each stored frame twice)
+    half = D.VideoTextDataset(path, [(5, 16, 16)], fps=4, frame_interval=2)
+    assert half.frames == [15, 12]
+    k = half.crop_key(0, 3, 0)
+    assert frame_index(half[k]["video"]) == [2 * (k[4] + 2 * j) for j in range(5)] and half[k]["fps"] == 2.0
+    double = D.VideoTextDataset(path, [(5, 16, 16)], fps=16)
+    k = double.crop_key(0, 3, 1)
+    assert frame_index(double[k]["video"]) == [(k[4] + j) // 2 for j in range(5)]
+
+
+def test_short_clips_are_left_out_by_name_and_images_get_fps_120(tmp_path):
+    path = _indexed_csv(tmp_path, [("short.mp4", 12), ("long.mp4", 30), ("img.png", None)])
+    ds = D.VideoTextDataset(path, [(7, 16, 16), (1, 16, 16)], frame_interval=2)
+    buckets = {os.path.basename(p): b for p, _, b, _ in ds.items}
+    assert buckets == {"short.mp4": (1, 16, 16), "long.mp4": (7, 16, 16), "img.png": (1, 16, 16)}
+    for i, (p, *_) in enumerate(ds.items):
+        item = ds[ds.crop_key(i, 0, 0)]
+        assert item["video"].shape[1] == ds.bucket(i)[0]
+        assert item["fps"] == (4.0 if p.endswith("long.mp4") else 120.0)  # 8 fps / frame interval 2; single frames
+    only7 = D.VideoTextDataset(path, [(7, 16, 16)], frame_interval=2)
+    assert [os.path.basename(p) for p, _ in only7.left_out] == ["short.mp4", "img.png"]
+    why = dict((os.path.basename(p), r) for p, r in only7.left_out)["short.mp4"]
+    assert "12 frame(s)" in why and "fewer than the 13" in why and "frame interval 2" in why
+    assert only7.dropped == [p for p, _ in only7.left_out]
+    assert [os.path.basename(p) for p, *_ in D.VideoTextDataset(path, [(7, 16, 16)]).items] == ["short.mp4", "long.mp4"]
 
 
 def test_csv_errors(tmp_path):

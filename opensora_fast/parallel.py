@@ -1100,6 +1100,91 @@ def parallel_groups(world: int, sp_size: int, device: torch.device):
     return mesh["dp"].get_local_rank(), world // sp_size, mesh["dp"], mesh["sp"].get_group()
 
 
+FSDP_MODES = ("zero2", "zero3")
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """What ``shard`` returns: the (dp, sp) mesh (its flattened dim "dp_sp" is what FSDP2 shards over),
+    this rank's place in it, the sequence-parallel group (None when ``sp_size`` is 1; pass it to
+    ``enable_sequence_parallel``) and the gradient divide factor FSDP2's reduce-scatter applies."""
+
+    mesh: object
+    dp_rank: int
+    dp_size: int
+    sp_rank: int
+    sp_size: int
+    sp_group: object
+    grad_divide_factor: float
+
+
+def shard(model: nn.Module, *, sp_size: int = 1, dp_size: int | None = None, mode: str = "zero2", mp_policy=None,
+          device=None, sp_mode: str | None = None, overlap: bool = True) -> Sharding:  # fmt: skip
+    """FSDP2 over every rank of a (dp_size, sp_size) mesh, the sequence-parallel gradient sum included.
+
+    The world's ranks form a (dp, sp) mesh: consecutive ranks share a sample (sequence parallel), ranks
+    ``sp_size`` apart see different data. Every block (spatial and temporal) is one FSDP2 unit, the rest
+    (embedders, final layer) the root's; all are sharded over the flattened (dp, sp) mesh, so FSDP2's own
+    reduce-scatter, issued per unit during the backward, sums the gradients over all ranks: no collective
+    over the sequence-parallel group after the backward. The wanted gradient is the mean over dp of the
+    sum over sp, so the reduction divides by ``dp_size`` instead of the world size. For a model whose
+    blocks were built with Open-Sora's ``enable_sequence_parallelism`` (its forward scales the split /
+    gather gradients by 1 / p and p, as Open-Sora's zero2-seq expects) the mean over all ranks is right,
+    and FSDP2's default (divide by the world size) is kept.
+
+    A divide factor other than the world size runs as a SUM reduce-scatter followed by a division of its
+    output (this rank's shard, 1 / world of the gradient) on the reduce-scatter stream, not as NCCL's
+    PreMulSum: gloo has no PREMUL_SUM, and a bf16 PreMulSum by a power of two reads its factor as zero
+    in NCCL builds of torch <= 2.13 (pytorch/pytorch#190745).
+
+    ``mode``: "zero2" (parameters stay gathered from the forward to the backward) or "zero3" (resharded
+    after the forward). ``mp_policy``: a ``MixedPrecisionPolicy`` (``fsdp_mixed_precision``; None: full
+    precision). ``device``: the mesh's device type (default: cuda under nccl, else cpu). ``sp_mode``: when
+    given, ``parallelize(model, sp_group, sp_mode=sp_mode, overlap=overlap)`` is installed before sharding;
+    otherwise install it (or ``opensora_fast.apply(model, sp_group=...)``) with the returned ``sp_group``.
+    ``dp_size`` defaults to world / sp_size."""
+    if not dist.is_initialized():
+        raise RuntimeError("shard needs torch.distributed initialised (torchrun)")
+    world = dist.get_world_size()
+    if not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"sp_size must be an int >= 1, got {sp_size!r}")
+    if dp_size is None:
+        dp_size = world // sp_size
+    if not isinstance(dp_size, int) or dp_size < 1 or dp_size * sp_size != world:
+        raise ValueError(f"dp_size x sp_size must equal the world size {world}, got dp_size={dp_size!r} x {sp_size}")
+    if mode not in FSDP_MODES:
+        raise ValueError(f"mode must be one of {FSDP_MODES}, got {mode!r}")
+    blocks = [*getattr(model, "spatial_blocks", []), *getattr(model, "temporal_blocks", [])]
+    if not blocks:
+        raise ValueError(f"model: expected an STDiT3 (spatial_blocks / temporal_blocks), got {type(model).__name__}")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    dev = torch.device(device).type if device is not None else ("cuda" if dist.get_backend() == "nccl" else "cpu")
+    mesh = init_device_mesh(dev, (dp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    flat = mesh["dp", "sp"]._flatten("dp_sp")  # torchtitan's idiom; rank order = the world's
+    sp_group = mesh["sp"].get_group() if sp_size > 1 else None
+    if sp_mode is not None and sp_group is not None:
+        parallelize(model, sp_group, sp_mode=sp_mode, cfg_parallel=False, overlap=overlap)
+    opensora_sp = any(getattr(b, "enable_sequence_parallelism", False) for b in blocks)
+    factor = float(world if opensora_sp else dp_size)
+    if factor != world and not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise RuntimeError(f"shard with sp_size > 1 needs torch >= 2.8 (FSDP2's gradient divide factor with SUM "
+                           f"reductions), this is {torch.__version__}")  # fmt: skip
+    reshard = mode == "zero3"
+    mp = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    for blk in blocks:
+        fully_shard(blk, mesh=flat, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=flat, reshard_after_forward=reshard, mp_policy=mp)
+    if factor != world:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(factor)
+                m.set_force_sum_reduction_for_comms(True)
+    return Sharding(mesh, mesh["dp"].get_local_rank(), dp_size, mesh["sp"].get_local_rank(), sp_size, sp_group,
+                    factor)  # fmt: skip
+
+
 def fsdp_mixed_precision(dtype: torch.dtype | None):
     """FSDP2's policy for ``dtype`` training: bf16 parameters in the forward / backward and bf16 gradient
     reduction, the sharded fp32 parameters (master weights) and the optimizer state staying fp32; None
@@ -1139,6 +1224,7 @@ __all__ = [
     "GradSync",
     "SP_MODES",
     "SeqLayout",
+    "Sharding",
     "all_reduce_grads",
     "batch_parallel_forward",
     "build_mesh",
@@ -1155,6 +1241,7 @@ __all__ = [
     "parallel_mesh",
     "parallelize",
     "record_schedule",
+    "shard",
     "split_frames",
     "tokens_to_frames",
     "ulysses_attention",

@@ -5,12 +5,15 @@ argv[2] "T,H,W" latent size; argv[3] "kernels" (Triton interpreter) or "referenc
 batch-parallel size (the batch of 2 split over that many ranks, sequence parallel over the rest);
 argv[5] the sequence-parallel modes, comma-separated (dsp, ulysses, fastseq), or "opensora" (a module
 tree of Open-Sora's structure built with enable_sequence_parallelism, run through opensora_fast.apply,
-against the same tree in one process), or "vae" (parallel_decode / parallel_encode).
+against the same tree in one process), optionally followed by ",shard" (``parallel.shard``: FSDP2 over a
+(dp, sp) mesh, argv[4] the dp size, one training step against one process on the whole batch, its
+collectives recorded), or "vae" (parallel_decode / parallel_encode).
 
 Our STDiT3 is run three ways on the same inputs: in one process, ``parallelize(overlap=True)`` with
 ``GradSync`` (bucketed, overlapped gradient sum) and ``parallelize(overlap=False)`` with
 ``all_reduce_grads``; forward and backward of the overlapped one are recorded with ``record_schedule``."""
 
+import inspect
 import json
 import os
 import sys
@@ -28,6 +31,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import opensora_fast  # noqa: E402
 import opensora_fast.parallel as P  # noqa: E402
+from opensora_fast import patch  # noqa: E402
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config  # noqa: E402
 
 
@@ -77,15 +81,13 @@ def opensora_case(T, H, W):
     from _opensora_like import STDiT3 as OSSTDiT3
 
     torch.manual_seed(0)
-    single = OSSTDiT3(depth=2)
-    with torch.no_grad():
-        for n, p in single.named_parameters():
-            if n.endswith("bias") or "norm" in n or "proj.weight" in n or "fc2" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    par = OSSTDiT3(depth=2, enable_sequence_parallelism=True)
+    p = dist.get_world_size()
+    dims = dict(depth=2, hidden_size=64, num_heads=4) if p == 4 else dict(depth=2)  # Ulysses: heads % p == 0
+    single = perturbed(OSSTDiT3(**dims))
+    par = OSSTDiT3(**dims, enable_sequence_parallelism=True)
     par.load_state_dict(single.state_dict())
     opensora_fast.apply(single)
-    raw = OSSTDiT3(depth=2, enable_sequence_parallelism=True)  # without apply: wrong spatial attention
+    raw = OSSTDiT3(**dims, enable_sequence_parallelism=True)  # without apply: wrong spatial attention
     raw.load_state_dict(single.state_dict())
     opensora_fast.apply(par)
     x, t, y, args, go = inputs(T, H, W)
@@ -94,7 +96,6 @@ def opensora_case(T, H, W):
         out_p, xp = run(par, x, t, y, args, go)
     with torch.no_grad():
         out_raw = raw(x, t, y, **args)
-    p = dist.get_world_size()
     for q in par.parameters():  # zero2-seq: gradients averaged over the group (Open-Sora's grad scaling)
         if q.grad is not None:
             dist.all_reduce(q.grad)
@@ -102,7 +103,7 @@ def opensora_case(T, H, W):
     # the same tree built without enable_sequence_parallelism, apply() then parallelize() from outside
     outside = {}
     for mode in ("dsp", "ulysses"):
-        m = opensora_fast.apply(OSSTDiT3(depth=2))
+        m = opensora_fast.apply(OSSTDiT3(**dims))
         m.load_state_dict(single.state_dict())
         P.parallelize(m, sp_mode=mode)
         out_m, xm = run(m, x, t, y, args, go)
@@ -124,6 +125,161 @@ def opensora_case(T, H, W):
         "depth": 2,
         "overlaps": overlaps(ev),
     }
+
+
+class CollectiveLog:
+    """Records (phase, collective, group ranks) of every torch.distributed collective called while it is
+    entered (the module attributes are wrapped, which is what FSDP2 and opensora_fast call); ``phase`` is
+    set by the caller."""
+
+    OPS = (
+        *("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter", "all_gather_single"),
+        *("all_gather_into_tensor", "all_gather", "all_to_all_single", "all_to_all", "broadcast", "gather"),
+    )
+
+    def __init__(self):
+        self.events, self.phase, self._orig = [], None, {}
+
+    def __enter__(self):
+        world = tuple(range(dist.get_world_size()))
+        for name in self.OPS:
+            f = getattr(dist, name, None)
+            if f is None:
+                continue
+            self._orig[name] = f
+            sig = inspect.signature(f)
+
+            def wrapped(*a, _f=f, _n=name, _sig=sig, **k):
+                g = _sig.bind_partial(*a, **k).arguments.get("group")
+                ranks = tuple(dist.get_process_group_ranks(g)) if g is not None else world
+                self.events.append((self.phase, _n, ranks))
+                return _f(*a, **k)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, f in self._orig.items():
+            setattr(dist, name, f)
+        self._orig = {}
+
+
+def batch_inputs(B, T, H, W, seed):
+    """A batch of B samples with per-sample timesteps, text lengths and a conditioning frame."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 4, T, H, W, generator=g)
+    y = torch.randn(B, 1, 8, 64, generator=g)
+    mask = (torch.arange(8)[None] < torch.randint(1, 9, (B, 1), generator=g)).long()
+    x_mask = torch.rand(B, T, generator=g) > 0.3
+    t = torch.rand(B, generator=g) * 1000
+    kw = dict(mask=mask, x_mask=x_mask, fps=torch.full((B,), 24.0), height=torch.full((B,), 64.0),
+              width=torch.full((B,), 64.0))  # fmt: skip
+    target = torch.randn(B, 8, T, H, W, generator=g)
+    return x, t, y, kw, target
+
+
+def shard_step(build, dp, T, H, W, sp_mode=None, opensora=False):
+    """One AdamW step of ``build(False)`` (seeded) in one process on the whole batch (2 * dp samples)
+    against ``build(True)`` under ``parallel.shard`` over the (dp, world / dp) mesh, each dp rank on its 2
+    samples; the collectives of the sharded forward, backward and optimizer step recorded."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sp = world // dp
+    single = build(False)
+    par = build(True)
+    par.load_state_dict(single.state_dict())
+    if opensora:
+        opensora_fast.apply(single)
+    x, t, y, kw, target = batch_inputs(2 * dp, T, H, W, seed=5)
+    opt_kw = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-4, weight_decay=0.01)
+
+    def loss_of(model, sl):
+        out = model(x[sl], t[sl], y[sl], **{k: v[sl] for k, v in kw.items()})
+        return (out - target[sl]).square().mean()
+
+    loss_of(single, slice(None)).backward()
+    grads = {n: q.grad.clone() for n, q in single.named_parameters() if q.grad is not None}
+    torch.optim.AdamW(single.parameters(), **opt_kw).step()
+
+    info = P.shard(par, sp_size=sp, mode="zero2", sp_mode=sp_mode)
+    if opensora:  # Open-Sora's model reads its group at forward time (its registry); apply() after fully_shard
+        par.sp_group = info.sp_group
+        patch.apply(par, sp_group=info.sp_group)  # (opensora_fast.apply takes no sp_group)
+    opt = torch.optim.AdamW(par.parameters(), **opt_kw)
+    sl = slice(2 * info.dp_rank, 2 * info.dp_rank + 2)
+    with CollectiveLog() as log:
+        log.phase = "forward"
+        loss = loss_of(par, sl)
+        log.phase = "backward"
+        loss.backward()
+        log.phase = "step"
+        opt.step()
+    sp_ranks = tuple(dist.get_process_group_ranks(info.sp_group)) if info.sp_group is not None else (rank,)
+    grad_err, grad_abs_err, step_err, n_grads = 0.0, 0.0, 0.0, 0
+    with torch.no_grad():
+        params = dict(single.named_parameters())
+        for n, q in par.named_parameters():
+            if n not in grads:
+                assert q.grad is None, n
+                continue
+            n_grads += 1
+            g = q.grad.full_tensor()
+            grad_err = max(grad_err, ((g - grads[n]).abs().max() / grads[n].abs().max().clamp_min(1e-30)).item())
+            grad_abs_err = max(grad_abs_err, (g - grads[n]).abs().max().item())
+            # the step moves each parameter by about lr: its error relative to lr
+            step_err = max(step_err, (q.full_tensor() - params[n]).abs().max().item() / opt_kw["lr"])
+    units = 2 * len(par.spatial_blocks) + 1
+    ev = log.events
+    return {
+        "dp": info.dp_size,
+        "sp": info.sp_size,
+        "dp_rank": info.dp_rank,
+        "divide": info.grad_divide_factor,
+        "grad_rel_err": grad_err,
+        "grad_abs_err": grad_abs_err,
+        "step_err": step_err,
+        "eps": opt_kw["eps"],
+        "n_grads": n_grads,
+        "units": units,
+        "world_rs_in_backward": sum(
+            1 for ph, op, r in ev if ph == "backward" and op.startswith("reduce_scatter") and len(r) == world
+        ),
+        "all_reduce_after_forward": [r for ph, op, r in ev if ph != "forward" and op == "all_reduce"],
+        "sp_all_reduce": [ph for ph, op, r in ev if op == "all_reduce" and r == sp_ranks and sp > 1],
+        "step_collectives": [op for ph, op, r in ev if ph == "step"],
+        "sp_in_backward": sorted({op for ph, op, r in ev if ph == "backward" and r == sp_ranks and sp > 1}),
+    }
+
+
+def shard_case(T, H, W, dp):
+    """``parallel.shard`` for our STDiT3 (``sp_mode`` installed by shard) and for Open-Sora's zero2-seq
+    set-up (its tree built with enable_sequence_parallelism, apply() after sharding)."""
+    from _opensora_like import STDiT3 as OSSTDiT3
+
+    sp = dist.get_world_size() // dp
+
+    def ours(sharded):
+        torch.manual_seed(0)
+        cfg = STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8, depth=2, num_heads=2,
+                                hidden_size=48)  # fmt: skip
+        return perturbed(STDiT3(cfg).eval())
+
+    def theirs(sharded):
+        torch.manual_seed(0)
+        return perturbed(OSSTDiT3(depth=2, enable_sequence_parallelism=sharded and sp > 1))
+
+    return {
+        "ours": shard_step(ours, dp, T, H, W, sp_mode="ulysses" if dp > 1 else "dsp"),
+        "opensora": shard_step(theirs, dp, T, H, W, opensora=True),
+    }
+
+
+def perturbed(model):
+    """No zero-initialised paths (biases, norms, projections, fc2 get noise)."""
+    with torch.no_grad():
+        for n, q in model.named_parameters():
+            if n.endswith("bias") or "norm" in n or "proj.weight" in n or "fc2" in n:
+                q.add_(torch.randn_like(q) * 0.1)
+    return model
 
 
 def vae_case(T, H, W):
@@ -214,8 +370,10 @@ def main():
     T, H, W = (int(v) for v in sys.argv[2].split(","))
     bp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     modes = sys.argv[5] if len(sys.argv) > 5 else "dsp"
-    if modes == "opensora":
+    if modes.startswith("opensora"):
         res = opensora_case(T, H, W)
+        if modes == "opensora,shard":
+            res["shard"] = shard_case(T, H, W, bp)
     elif modes == "vae":
         res = vae_case(T, H, W)
     else:  # one process group for every mode listed (comma-separated)

@@ -3,7 +3,9 @@ STDiT3 over 2-4 CPU processes (gloo) equals the same model in one process and ``
 and gradients, with uneven splits, an image (T = 1), a conditioning frame (x_mask), the Triton kernels
 (interpreter) and a (cfg 2 x seq 2) mesh; schedules recorded with ``record_schedule`` prove the overlap
 (independent compute between a collective's issue and its wait, forward and backward); an Open-Sora
-module tree built with enable_sequence_parallelism runs under ``apply()``."""
+module tree built with enable_sequence_parallelism runs under ``apply()`` over 2 and 4 processes; ``shard``
+(FSDP2 over a (dp, sp) mesh) does the sequence-parallel gradient sum in its reduce-scatter: one training
+step equals one process on the whole batch, with no collective after the backward."""
 
 import ast
 import inspect
@@ -16,7 +18,7 @@ import torch
 from _dist import torchrun
 
 from opensora_fast.models import stdit3
-from opensora_fast.parallel import SeqLayout, enable_sequence_parallel, parallelize
+from opensora_fast.parallel import SeqLayout, enable_sequence_parallel, parallelize, shard
 
 WORKER = os.path.join(os.path.dirname(__file__), "_sp_worker.py")
 
@@ -98,11 +100,28 @@ def test_parallel_equals_one_process_and_no_overlap(tmp_path, nproc, size, path,
             _check_schedule(res, mode)
 
 
-@pytest.mark.parametrize("nproc", [2])
-def test_apply_opensora_sequence_parallel(tmp_path, nproc):
+@pytest.fixture(scope="module")
+def opensora_runs(tmp_path_factory):
+    """One torchrun per process count (2, 4), shared by the tests below (one test file per xdist worker):
+    the Open-Sora tree over all ranks (sequence parallel 2 / 4), then ``shard`` over a (dp = nproc / 2,
+    sp = 2) mesh for our STDiT3 and for the Open-Sora tree (zero2-seq)."""
+    cache = {}
+
+    def get(nproc):
+        if nproc not in cache:  # S 12: Open-Sora needs S % p == 0
+            cache[nproc] = _run(tmp_path_factory.mktemp(f"os{nproc}"), nproc, "3,8,6", "reference", nproc // 2,
+                                "opensora,shard")  # fmt: skip
+        return cache[nproc]
+
+    return get
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_apply_opensora_sequence_parallel(opensora_runs, nproc):
     """Open-Sora's inference / zero2-seq set-up: its model built with enable_sequence_parallelism splits the
-    tokens itself; after apply() its spatial blocks run Ulysses on our kernels; equal to one process."""
-    res = _run(tmp_path, nproc, "3,8,6", "reference", 1, "opensora")  # S 12: Open-Sora needs S % p == 0
+    tokens itself (over 2 or 4 ranks; 4 heads at 4); after apply() its spatial blocks run Ulysses on our
+    kernels; equal to one process."""
+    res = opensora_runs(nproc)
     assert res["raw_err"] > 1e-3 * res["out_scale"]  # without apply the spatial attention is local: wrong
     assert res["out_err"] <= 1e-5 * res["out_scale"] and res["dx_err"] <= 1e-5
     assert res["n_grads"] > 40 * res["depth"] and res["grad_rel_err"] <= 1e-5
@@ -110,6 +129,27 @@ def test_apply_opensora_sequence_parallel(tmp_path, nproc):
     # the same tree built plainly (Open-Sora's forward, one block loop): apply() + parallelize() from outside
     for mode, r in res["outside"].items():
         assert r["out_err"] <= 1e-5 * res["out_scale"] and r["dx_err"] <= 1e-5 and r["grad_rel_err"] <= 1e-5, mode
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_shard_folds_the_sp_gradient_sum_into_fsdp2(opensora_runs, nproc):
+    """parallel.shard over (dp 1 x sp 2) and (dp 2 x sp 2) gloo processes, each dp rank on its share of the
+    batch: the gradients and one AdamW step equal one process on the whole batch, for our STDiT3 (DSP at
+    dp 1, Ulysses at dp 2; gradients summed over sp, averaged over dp: divide factor dp) and for the
+    Open-Sora tree of zero2-seq (its forward scales the gradients itself: the mean over all ranks). The
+    collectives recorded: the sum is FSDP2's reduce-scatter over all ranks, one per unit, issued during the
+    backward; no all-reduce at all after the forward, nothing in the optimizer step."""
+    res = opensora_runs(nproc)["shard"]
+    dp = nproc // 2
+    for which, divide in (("ours", dp), ("opensora", nproc)):
+        r = res[which]
+        assert (r["dp"], r["sp"], r["divide"]) == (dp, 2, divide), which
+        assert r["n_grads"] > 40 * 2 and r["grad_rel_err"] <= 1e-5, which
+        # AdamW's first update g / (|g| + eps) moves by at most |dg| / eps (in units of lr), plus rounding
+        assert r["step_err"] <= r["grad_abs_err"] / r["eps"] + 1e-3, which
+        assert r["world_rs_in_backward"] == r["units"] == 5, which
+        assert r["all_reduce_after_forward"] == [] and r["sp_all_reduce"] == [], which
+        assert r["step_collectives"] == [], which
 
 
 def test_vae_split_by_temporal_chunk(tmp_path):
@@ -148,6 +188,8 @@ def test_layout_shapes_and_local_x_mask():
 def test_needs_a_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         enable_sequence_parallel(torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        shard(torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         parallelize(torch.nn.Linear(2, 2))
 
@@ -193,6 +235,14 @@ def test_bad_arguments_raise_value_error(one_rank_group, reference_backend):
         parallelize(OSSTDiT3(enable_sequence_parallelism=True))
     with pytest.raises(ValueError, match="bucket_mb"):
         GradSync(model, bucket_mb=0)
+    with pytest.raises(ValueError, match="dp_size x sp_size"):
+        shard(model, sp_size=2)
+    with pytest.raises(ValueError, match="sp_size"):
+        shard(model, sp_size=0)
+    with pytest.raises(ValueError, match="mode"):
+        shard(model, mode="zero1")
+    with pytest.raises(ValueError, match="model"):
+        shard(torch.nn.Linear(2, 2))
     assert parallelize(model) is model and "forward" not in model.spatial_blocks[0].__dict__  # world 1: nothing
 
 

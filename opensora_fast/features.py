@@ -3,9 +3,12 @@ without loading the VAE or T5 (Open-Sora 1.2's feature-training mode).
 
 ``extract_features`` writes ``OUT/shard-AAAAAA-BBBBBB.safetensors`` (clips A..B-1: ``"{i}.z"`` the latent
 (C, T', H', W') as the VAE's posterior mode, ``"{i}.y"`` the T5 embedding of the caption's valid tokens (n, d); the
-clip's caption, fps, bucket and file in the shard's metadata) and ``OUT/features.json`` (what the set holds). Each
+clip's caption, the prompt T5 encoded, fps, bucket, crop start and file, and the extraction's settings, in the
+shard's metadata) and ``OUT/features.json`` (what the set holds). Fixed buckets (``--buckets``) and Open-Sora's
+``bucket_config`` are both accepted: each clip's bucket and temporal crop are drawn once, with a fixed seed. Each
 shard is written to a temporary name and renamed into place, so a killed extraction is resumed by running the same
-command again: finished shards are kept. ``FeatureDataset`` reads them back as training items.
+command again: finished shards are kept (when their settings and clips are the same). ``FeatureDataset`` reads
+them back as training items.
 """
 
 from __future__ import annotations
@@ -23,6 +26,56 @@ def _shard_name(a: int, b: int) -> str:
     return f"shard-{a:06d}-{b:06d}.safetensors"
 
 
+def _extraction_key(dataset, i: int, seed: int):
+    """(key, extra metadata) of clip i: with a bucket_config its first draw for ``seed`` (bucket and crop), with
+    fixed buckets its crop of epoch 0 for ``seed``, else the index."""
+    if hasattr(dataset, "assigner"):  # data.BucketConfigDataset
+        epoch, res, key = dataset.first_draw(i, seed)
+        return key, {"resolution": res, "batch_size": dataset.assigner.batch_size(res, key[1]), "draw_epoch": epoch}
+    if hasattr(dataset, "crop_key"):  # data.VideoTextDataset
+        return dataset.crop_key(i, seed, 0), {}
+    return i, {}
+
+
+def _settings(dataset, seed: int, prompt_cleaning: bool, dtype: str) -> dict:
+    """What decides the features besides the clips, recorded in every shard and in features.json."""
+    out = {"prompt_cleaning": bool(prompt_cleaning), "seed": int(seed), "dtype": dtype}
+    if hasattr(dataset, "assigner"):
+        out["bucket_config"] = dataset.assigner.config
+        out["frame_interval"] = dataset.assigner.frame_interval
+    elif hasattr(dataset, "buckets"):
+        out["buckets"] = [list(b) for b in dataset.buckets]
+        out["frame_interval"] = dataset.frame_interval
+        out["data_fps"] = dataset.fps
+    return json.loads(json.dumps(out))  # as read back (tuples as lists, frame counts as strings)
+
+
+def _check_shard(path: str, settings: dict, paths: list[str]) -> None:
+    """A finished shard kept on resume must have been extracted with these settings from these clips."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    got = json.loads(meta["settings"]) if "settings" in meta else None
+    if got != settings:
+        if got is None:
+            diff = "it records no settings (an older extract)"
+        else:
+            keys = sorted(k for k in set(got) | set(settings) if got.get(k) != settings.get(k))
+            diff = "; ".join(f"{k}: {got.get(k)!r} there, {settings.get(k)!r} now" for k in keys)
+        raise ValueError(
+            f"{path!r} was extracted with other settings ({diff}): give another output directory, or the settings "
+            "it was extracted with"
+        )
+    had = [m["path"] for m in json.loads(meta["clips"])]  # the shard's name fixes its clip range
+    for a, b in zip(had, paths):
+        if a != b:
+            raise ValueError(
+                f"{path!r} holds other clips than the data CSV gives now ({a!r} there, {b!r} now): the CSV changed; "
+                "give another output directory"
+            )
+
+
 def extract_features(
     dataset,
     vae,
@@ -33,18 +86,31 @@ def extract_features(
     shard_size: int = 64,
     device=None,
     progress: bool = True,
+    seed: int = 42,
+    prompt_cleaning: bool = True,
 ) -> str:
-    """Encode every clip of ``dataset`` (``data.VideoTextDataset``: its fixed bucket) with ``vae`` (posterior mode,
-    one clip at a time) and its caption with ``text_encoder``; returns ``out_dir/features.json``."""
+    """Encode every clip of ``dataset`` with ``vae`` (posterior mode, one clip at a time) and its caption with
+    ``text_encoder``; returns ``out_dir/features.json``.
+
+    ``dataset``: ``data.VideoTextDataset`` (fixed buckets: each clip's temporal crop drawn once, epoch 0 of
+    ``seed``) or ``data.BucketConfigDataset`` (each clip's bucket and crop drawn once: its first draw for
+    ``seed`` that places it, ``BucketConfigDataset.first_draw``); every clip is written with its bucket, so
+    ``FeatureDataset.bucket`` groups equal shapes. ``prompt_cleaning``: T5 encodes
+    ``text.preprocess_prompt(caption)`` (Open-Sora's text_preprocessing) instead of the caption as written; the
+    setting is recorded (``FeatureDataset.prompt_cleaning``). A shard already there is kept only if it was
+    extracted with the same settings from the same clips (else ValueError)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from opensora_fast.text import preprocess_prompt
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if not hasattr(dataset, "bucket"):
-        raise ValueError("features are extracted from fixed buckets (--buckets), not from a bucket_config")
+    if not hasattr(dataset, "bucket") and not hasattr(dataset, "assigner"):
+        raise ValueError("dataset must have fixed buckets (bucket(i)) or a bucket_config (assigner)")
+    settings = _settings(dataset, seed, prompt_cleaning, dtype)
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # temporaries of a killed run
         if name.endswith(".tmp"):
@@ -52,8 +118,11 @@ def extract_features(
     dev = torch.device(device or "cpu")
     vae = vae.to(dev).eval()
     n = len(dataset)
+    clip_path = [dataset.items[i][0] if hasattr(dataset, "items") else str(i) for i in range(n)]
     ranges = [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
     done = {r for r in ranges if os.path.isfile(os.path.join(out_dir, _shard_name(*r)))}
+    for a, b in sorted(done):
+        _check_shard(os.path.join(out_dir, _shard_name(a, b)), settings, clip_path[a:b])
     bar = tqdm(total=n, initial=sum(b - a for a, b in done), desc="extract", unit="clip", disable=not progress)
     text_len, channels = None, None
     for a, b in ranges:
@@ -61,20 +130,23 @@ def extract_features(
             continue
         tensors, meta = {}, []
         for i in range(a, b):
-            item = dataset[i]
+            key, extra = _extraction_key(dataset, i, seed)
+            item = dataset[key]
+            prompt = preprocess_prompt(item["text"]) if prompt_cleaning else item["text"]
             with torch.no_grad():
                 z = vae.encode(item["video"][None].to(dev, vae.dtype), sample=False)[0].float().cpu()
-                enc = text_encoder.encode([item["text"]])
+                enc = text_encoder.encode([prompt])
             valid = int(enc["mask"][0].sum())
             text_len, channels = enc["mask"].shape[1], z.shape[0]
             tensors[f"{i}.z"] = z.to(_DTYPES[dtype]).contiguous()
             tensors[f"{i}.y"] = enc["y"][0, 0, :valid].float().cpu().to(_DTYPES[dtype]).contiguous()
-            path = dataset.items[i][0] if hasattr(dataset, "items") else str(i)
-            meta.append({"i": i, "text": item["text"], "fps": float(item["fps"]), "bucket": list(dataset.bucket(i)),
-                         "path": path})  # fmt: skip
+            bucket = list(key[1:4]) if isinstance(key, tuple) else list(dataset.bucket(i))
+            m = {"i": i, "text": item["text"], "prompt": prompt, "fps": float(item["fps"]), "bucket": bucket}
+            m.update(path=clip_path[i], start=key[4] if isinstance(key, tuple) else 0, **extra)
+            meta.append(m)
             bar.update(1)
         dst = os.path.join(out_dir, _shard_name(a, b))
-        save_file(tensors, dst + ".tmp", metadata={"clips": json.dumps(meta)})
+        save_file(tensors, dst + ".tmp", metadata={"clips": json.dumps(meta), "settings": json.dumps(settings)})
         os.replace(dst + ".tmp", dst)
     bar.close()
     if text_len is None:  # every shard was already there: keep the description
@@ -88,6 +160,7 @@ def extract_features(
         "latent_channels": channels,
         "text_dim": None,
         "dtype": dtype,
+        "settings": settings,
     }
     from safetensors import safe_open
 
@@ -101,9 +174,12 @@ def extract_features(
 
 
 class FeatureDataset:
-    """The clips of an extracted feature set: ``bucket(i)`` (T, H, W in pixels) and items {"z": latent (fp32),
-    "y": (1, L, d) fp32 zero-padded, "ymask": (L,) int64, "text", "fps"}. Shard files are opened lazily in each
-    process (DataLoader workers included)."""
+    """The clips of an extracted feature set: ``bucket(i)`` (T, H, W in pixels: the fixed bucket, or the bucket
+    the bucket_config draw gave the clip at extraction) and items {"z": latent (fp32), "y": (1, L, d) fp32
+    zero-padded, "ymask": (L,) int64, "text", "fps"}. ``settings``: what the extraction used (features.json);
+    ``prompt_cleaning``: whether T5 encoded the cleaned captions (``text.preprocess_prompt``); sets written before
+    the setting was recorded encoded them as written (False). Shard files are opened lazily in each process
+    (DataLoader workers included)."""
 
     features = True
 
@@ -119,6 +195,8 @@ class FeatureDataset:
         self.path = path
         self.text_len, self.text_dim = self.desc["text_len"], self.desc["text_dim"]
         self.latent_channels = self.desc["latent_channels"]
+        self.settings: dict = self.desc.get("settings", {})
+        self.prompt_cleaning = bool(self.settings.get("prompt_cleaning", False))
         from safetensors import safe_open
 
         self.meta: list[dict] = []
@@ -165,6 +243,7 @@ class FeatureDataset:
 # ---------------------------------------------------------------------------------------------
 # ``opensora-fast extract``
 
+import argparse  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from opensora_fast.common import UsageError, check_device, load_vae, option, options_from, require_path  # noqa: E402
@@ -174,6 +253,16 @@ def _parse_buckets(text: str):
     from opensora_fast.data import parse_buckets
 
     return parse_buckets(text)
+
+
+class _TurnOff(argparse.Action):
+    """``--no-X`` for a bool option that is on by default: the flag sets it False (takes no value)."""
+
+    def __init__(self, option_strings, dest, type=None, **kw):  # noqa: A002 (add_options passes the field's type)
+        super().__init__(option_strings, dest, nargs=0, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, False)
 
 
 @dataclass
@@ -188,7 +277,22 @@ class ExtractOptions:
     buckets: list | None = option(
         "51x240x426", "frames x height x width buckets, as for train", parse=_parse_buckets, metavar="TxHxW[,...]"
     )
+    bucket_config: str | None = option(
+        None,
+        "Open-Sora's bucket_config, as train --bucket-config (a .py stage config or a .json): each clip's bucket and "
+        "crop are drawn once (--seed); replaces --buckets",
+        metavar="FILE",
+    )
+    frame_interval: int = option(1, "take every N-th frame of a random window (Open-Sora's frame_interval)")
+    seed: int = option(42, "the draw of each clip's temporal crop (and, with --bucket-config, its bucket)")
     data_fps: float | None = option(None, "resample clips to this frame rate (default: as stored)", parse=float)
+    prompt_cleaning: bool = option(
+        True,
+        "give T5 the captions as written, not Open-Sora's text_preprocessing of them (prompt_cleaning=%(default)s "
+        "without this flag); the setting is recorded with the features",
+        flag="--no-prompt-cleaning",
+        action=_TurnOff,
+    )
     text_len: int = option(
         300, "T5 tokens per caption: the STDiT3's model_max_length (Open-Sora 1.2: 300; --model-config tiny: 8)"
     )
@@ -199,7 +303,7 @@ class ExtractOptions:
 
 
 def run_extract(args) -> int:
-    from opensora_fast.data import VideoTextDataset
+    from opensora_fast.data import BucketConfigDataset, VideoTextDataset
     from opensora_fast.text import T5TextEncoder
 
     o = options_from(ExtractOptions, args)
@@ -207,17 +311,34 @@ def run_extract(args) -> int:
     dev = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if os.path.exists(o.out) and not os.path.isdir(o.out):
         raise UsageError(f"--out {o.out!r} is a file; give a directory for the features")
-    dataset = VideoTextDataset(require_path(o.data, "--data", "the data CSV"), o.buckets, fps=o.data_fps)
-    for path in dataset.dropped:
-        print(f"left out: {path}: shorter than every bucket ({min(b[0] for b in o.buckets)} frames)", file=sys.stderr)
+    if o.frame_interval < 1:
+        raise UsageError(f"--frame-interval must be >= 1, got {o.frame_interval}")
+    data = require_path(o.data, "--data", "the data CSV")
+    if o.bucket_config:
+        if "buckets" in (getattr(args, "explicit", None) or ()):
+            raise UsageError("--bucket-config and --buckets exclude each other (the bucket_config names the buckets)")
+        if o.data_fps is not None:
+            raise UsageError("--data-fps is not used with --bucket-config (clips keep their fps / --frame-interval)")
+        try:
+            dataset = BucketConfigDataset(data, o.bucket_config, o.frame_interval)
+        except ValueError as e:
+            raise UsageError(f"--bucket-config: {e}") from None
+    else:
+        dataset = VideoTextDataset(data, o.buckets, fps=o.data_fps, frame_interval=o.frame_interval)
+    for path, why in dataset.left_out:
+        print(f"left out: {path}: {why}", file=sys.stderr)
     for path, line, why in dataset.bad:
         print(f"left out: {path} (line {line}): {why}", file=sys.stderr)
     vae = load_vae(require_path(o.vae, "--vae", "the VAE weights"), device=dev)
     t5_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     t5 = require_path(o.t5, "--t5", "the T5 encoder directory")
     text = T5TextEncoder(t5, model_max_length=o.text_len, device=dev, dtype=t5_dtype)
-    out = extract_features(
-        dataset, vae, text, o.out, dtype=o.dtype, shard_size=o.shard_size, device=dev, progress=not o.no_progress
-    )
+    try:
+        out = extract_features(
+            dataset, vae, text, o.out, dtype=o.dtype, shard_size=o.shard_size, device=dev,
+            progress=not o.no_progress, seed=o.seed, prompt_cleaning=o.prompt_cleaning,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(f"{len(dataset)} clip(s) -> {out} (train with: opensora-fast train --features {o.out} ...)")
     return 0

@@ -11,7 +11,9 @@ A ``meta`` tensor's ``data_ptr()`` is its byte offset from a 0 base: a fresh all
 divisibility that a view such as ``qkv[..., C:]`` has on a GPU is the one recorded here.
 
 Used by the sm_90 gate (``_sm90``), by tests (grids within CUDA limits at 720p, pointer types) and as a
-library: ``with recording() as rec: op(...)`` then ``rec.launches``.
+library: ``with recording() as rec: op(...)`` then ``rec.launches``. Under ``TRITON_INTERPRET=1`` (where
+``@triton.jit`` gives interpreter functions) launches are recorded the same way, bound through a
+``JITFunction`` of the same Python function.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.utils._python_dispatch
@@ -30,6 +33,19 @@ H200_SMS = 132
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 _state = threading.local()
+
+
+class TensorArg(NamedTuple):
+    """A tensor argument as recorded: no data, only what the runtime and the launch-limit checks read."""
+
+    dtype: str  # "bfloat16", "float32", ...
+    shape: tuple
+    ident: int  # id() of the tensor: the same tensor passed twice has one identity
+    stride: tuple
+
+    def max_offset(self) -> int:
+        """Largest element offset from the first element (views and stride-0 expansions included)."""
+        return sum((n - 1) * abs(st) for n, st in zip(self.shape, self.stride)) if all(self.shape) else 0
 
 
 def active() -> Recorder | None:
@@ -50,7 +66,11 @@ class Launch:
     grid: tuple
     autotuned: bool = False
     call: int = 0  # one number per launch site call: the configs one autotuner call tries share it
-    args: dict = field(default_factory=dict)  # arg name -> value (ints) or (dtype, shape) of tensors
+    args: dict = field(default_factory=dict)  # arg name -> value (numbers, None) or TensorArg
+
+    def named(self) -> dict:
+        """Every argument by name: the runtime values (tensors as TensorArg) and the constexprs."""
+        return {**self.args, **self.constexpr_by_name()}
 
     def key(self) -> tuple:
         """Identity of the compiled binary: same key, same cubin."""
@@ -107,11 +127,11 @@ class Recorder:
         opts, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound_args, specialization, options)
         if callable(grid):
             grid = grid(bound_args)
-        grid = tuple(int(g) for g in grid)
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))  # (x, y, z)
         desc = {}
         for name, v in bound_args.items():
-            if isinstance(v, torch.Tensor):  # (dtype, shape, identity: the same tensor passed twice)
-                desc[name] = (str(v.dtype).replace("torch.", ""), tuple(v.shape), id(v))
+            if isinstance(v, torch.Tensor):
+                desc[name] = TensorArg(str(v.dtype).replace("torch.", ""), tuple(v.shape), id(v), tuple(v.stride()))
             elif isinstance(v, (int, float, bool)) or v is None:
                 desc[name] = v
         self.launches.append(
@@ -139,6 +159,19 @@ def _jit_run(self, *args, grid, warmup=False, **kwargs):
         rec.calls += 1
     rec.record(self, args, kwargs, grid, autotuned=tuning, call=rec.calls)
     return None
+
+
+def _interpreted_run(self, *args, grid, warmup=False, **kwargs):
+    """InterpretedFunction.run inside recording(): bound and recorded like a JITFunction of the same function."""
+    rec = active()
+    if rec is None:
+        return _orig["interp_run"](self, *args, grid=grid, warmup=warmup, **kwargs)
+    jf = getattr(self, "_osf_jit", None)
+    if jf is None:
+        from triton.runtime.jit import JITFunction
+
+        jf = self._osf_jit = JITFunction(self.fn)
+    return _jit_run(jf, *args, grid=grid, warmup=warmup, **kwargs)
 
 
 def _autotune_run(self, *args, **kwargs):
@@ -190,12 +223,20 @@ def recording(sms: int = H200_SMS):
 
     if active() is not None:
         raise RuntimeError("recording() does not nest")
+    try:  # under TRITON_INTERPRET=1 the @triton.jit objects are InterpretedFunction
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        InterpretedFunction = None
     if not _orig:
         _orig["jit_run"] = JITFunction.run
         _orig["autotune_run"] = Autotuner.run
+        if InterpretedFunction is not None:
+            _orig["interp_run"] = InterpretedFunction.run
     rec = Recorder(sms)
     JITFunction.run = _jit_run
     Autotuner.run = _autotune_run
+    if InterpretedFunction is not None:
+        InterpretedFunction.run = _interpreted_run
     _state.recorder = rec
     try:
         with _RunCustomOps():
@@ -204,6 +245,8 @@ def recording(sms: int = H200_SMS):
         _state.recorder = None
         JITFunction.run = _orig["jit_run"]
         Autotuner.run = _orig["autotune_run"]
+        if InterpretedFunction is not None:
+            InterpretedFunction.run = _orig["interp_run"]
 
 
 def sm_count(device: torch.device) -> int | None:

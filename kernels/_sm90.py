@@ -31,6 +31,8 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from opensora_fast.kernels._record import TensorArg
+
 SM90_MAX_SHARED = 232448  # per block (227 KiB)
 SM90_SHARED_PER_SM = 233472  # 228 KiB
 REGS_PER_SM = 65536
@@ -514,13 +516,12 @@ def _launch_bytes(launch) -> float:
     absent operands are usually another argument's tensor and count once)."""
     total, seen = 0.0, set()
     for v in launch.args.values():
-        if isinstance(v, tuple) and len(v) == 3 and isinstance(v[1], tuple):
-            dt, shape, ident = v
-            if ident in seen:
+        if isinstance(v, TensorArg):
+            if v.ident in seen:
                 continue
-            seen.add(ident)
-            size = {"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8, "bool": 1}.get(dt, 2)
-            total += size * math.prod(shape)
+            seen.add(v.ident)
+            size = {"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8, "bool": 1}.get(v.dtype, 2)
+            total += size * math.prod(v.shape)
     return total
 
 

@@ -9,36 +9,28 @@ import subprocess
 import sys
 
 _BODY = r"""
-import os, subprocess, tempfile, triton
-from opensora_fast.kernels._sm90 import loops as sass_loops, parse_sass
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+from opensora_fast.kernels._sm90 import compile_launch
 out = []
 for lc in launches:
-    if KERNEL is not None and lc.name != KERNEL:
+    if KERNEL is not None and lc.kernel != KERNEL:
         continue
-    ck = lc.compile()
-    st = sass_stats(ck)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(ck.asm["cubin"])
-    sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    ins = parse_sass(sass)
-    loops = []
-    for lo, hi in sass_loops(ins):
-        body = [i.op for i in ins if lo <= i.addr <= hi]
-        loops.append(dict(size=len(body), mufu=sum(op.startswith("MUFU") for op in body)))
-    row = {k: lc.kwargs.get(k) for k in KEYS}
-    row.update(warps=lc.kwargs.get("num_warps"), regs=st["regs"], stack=st["stack"], loops=loops)
+    res = compile_launch(lc)
+    assert not res.error, res.error
+    named = lc.named()
+    row = {k: named.get(k) for k in KEYS}
+    loops = [dict(size=lp["size"], mufu=lp["counts"].get("mufu", 0)) for lp in res.loop_profile["loops"]]
+    row.update(warps=lc.options.get("num_warps"), regs=res.sass.registers, stack=res.sass.stack, loops=loops)
     out.append(row)
 print(json.dumps(out))
 """
 
 
 def launch_loops(setup: str, kernel: str | None, keys: tuple[str, ...]) -> list[dict]:
-    """``setup``: Python that fills ``launches`` with ``tests.test_attention.capture_launches()`` (imported for
-    it, with torch and importlib). Returns, per launch of ``kernel`` (None: every one), the ``keys`` of its
-    config, warps, registers, stack and its loops' instruction and MUFU counts (a backward branch closes one)."""
-    head = "import importlib, json, torch\nfrom tests.test_attention import capture_launches, sass_stats\n"
+    """``setup``: Python that records launches with ``recording()`` (``kernels._record``; imported for it,
+    with torch and importlib) and sets ``launches = rec.launches``. Returns, per launch of ``kernel`` (None:
+    every one), the ``keys`` of its config, warps, registers, stack and its loops' instruction and MUFU counts
+    (a backward branch closes one)."""
+    head = "import importlib, json, torch\nfrom opensora_fast.kernels._record import recording\n"
     code = head + setup + f"\nKERNEL = {kernel!r}\nKEYS = {tuple(keys)!r}\n" + _BODY
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,8 +4,6 @@ validation, torch.compile tracing, and bf16 real shapes on a GPU."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from opensora_fast.kernels import cross_attention, flash_attn_func, self_attention
@@ -44,112 +42,15 @@ def _check(kernel_fn, ref_fn, inputs, dtype, names, device, grad_mask=None):
 
 
 # --------------------------------------------------------------------------------------------
-# sm_90 compile of the launches a real call makes (no GPU): the launch arguments are captured at
-# JITFunction.run / Autotuner.run (nothing executes) and typed by Triton's own runtime binder.
+# launches a real call makes, recorded without running (kernels._record: Triton's own binder, sm_90)
 
 
-@contextlib.contextmanager
 def capture_launches():
-    """Inside the block, Triton kernel launches are recorded instead of run. Yields a list of
-    ``Launch(fn, args, kwargs, grid)``: one per launch, one per autotune config for autotuned kernels
-    (``kwargs`` then include the config's meta-parameters and num_warps / num_stages). Works with the
-    interpreter (InterpretedFunction) and without it (JITFunction)."""
-    from triton.runtime import autotuner, interpreter, jit
+    """``with capture_launches() as rec:`` records (never runs) the Triton launches made inside;
+    ``rec.launches`` then holds one ``_record.Launch`` per launch and per autotune config."""
+    from opensora_fast.kernels._record import recording
 
-    launches = []
-
-    def fake_run(self, *args, grid, warmup=False, **kwargs):
-        launches.append(Launch(self, args, kwargs, grid))
-
-    def fake_tune(self, *args, **kwargs):
-        for cfg in self.configs:
-            fake_run(self.fn, *args, **kwargs, **cfg.all_kwargs())
-
-    saved = (jit.JITFunction.run, interpreter.InterpretedFunction.run, autotuner.Autotuner.run)
-    jit.JITFunction.run = interpreter.InterpretedFunction.run = fake_run
-    autotuner.Autotuner.run = fake_tune
-    try:
-        yield launches
-    finally:
-        jit.JITFunction.run, interpreter.InterpretedFunction.run, autotuner.Autotuner.run = saved
-
-
-class Launch:
-    def __init__(self, fn, args, kwargs, grid):
-        self.fn, self.args, self.kwargs, self.grid = fn, args, kwargs, grid
-
-    @property
-    def name(self) -> str:
-        return self.fn.fn.__name__ if hasattr(self.fn, "fn") else self.fn.__name__
-
-    def named_args(self) -> dict:
-        names = self.jit().arg_names
-        return {**dict(zip(names, self.args)), **self.kwargs}
-
-    def grid_dims(self) -> tuple[int, int, int]:
-        g = self.grid(self.named_args()) if callable(self.grid) else self.grid
-        g = tuple(g) + (1,) * (3 - len(g))
-        return tuple(int(x) for x in g)
-
-    def jit(self):
-        from triton.runtime.jit import JITFunction
-
-        return self.fn if isinstance(self.fn, JITFunction) else JITFunction(self.fn.fn)
-
-    def bind(self, arch: int = 90):
-        """(signature, constexprs, attrs, options) as Triton's runtime binder derives them from the real
-        arguments for a CUDA sm_<arch> target (what JITFunction.run would compile)."""
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-        from triton.runtime.jit import create_function_from_signature
-
-        jf = self.jit()
-        backend = make_backend(GPUTarget("cuda", arch, 32))
-        binder = create_function_from_signature(jf.signature, jf.params, backend)
-        kwargs = {k: v for k, v in self.kwargs.items()}
-        bound, spec, _ = binder(*self.args, **kwargs)
-        options, signature, constexprs, attrs = jf._pack_args(backend, kwargs, bound, spec, None)
-        return signature, constexprs, attrs, options
-
-    def compile(self, arch: int = 90):
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        signature, constexprs, attrs, options = self.bind(arch)
-        src = ASTSource(fn=self.jit(), signature=signature, constexprs=constexprs, attrs=attrs)
-        opts = {k: getattr(options, k) for k in ("num_warps", "num_stages")}
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-
-
-def sass_stats(ck) -> dict:
-    """Registers, stack, shared memory and instruction counts of a compiled kernel (cuobjdump)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(ck.asm["cubin"])
-        path = f.name
-    try:
-        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
-    finally:
-        os.unlink(path)
-    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    count = lambda pat: len(re.findall(pat, sass))
-    hgmma = sorted(set(re.findall(r"HGMMA\.(\d+x\d+x\d+)", sass)))
-    return {
-        "regs": int(m.group(1)) if m else -1, "stack": int(m.group(2)) if m else -1,
-        "smem": int(ck.metadata.shared), "LDG.128": count(r"LDG\.E\.128"), "STG.128": count(r"STG\.E\.128"),
-        "LDGSTS.128": count(r"LDGSTS\.E\.BYPASS\.128"), "LDGSTS": count(r"LDGSTS"),
-        "U16": count(r"(?:LDG|STG|STS|LDS)\.(?:E\.)?U16"), "HGMMA": count(r"HGMMA\."), "HMMA": count(r"\bHMMA\."),
-        "hgmma_shapes": hgmma,
-    }  # fmt: skip
+    return recording()
 
 
 # --------------------------------------------------------------------------------------------
@@ -835,14 +736,14 @@ def _capture_all_ops(dtype=torch.float16, D=72):
     kv = randn(30, 2 * H * D, dtype=dtype, seed=7)
     cu = torch.tensor([0, 10, 30], dtype=torch.int32)
     scale = D**-0.5
-    with capture_launches() as launches:
+    with capture_launches() as rec:
         A._self_fwd_op(qkv, w, w, None, None, H, T, "spatial", 1e-6, scale)
         A._self_bwd_op(out, qkv, w, w, None, None, out, lse, H, T, "spatial", 1e-6, scale)
         A._flash_fwd_op(q4, q4, q4, scale, False)
         A._flash_bwd_op(q4, q4, q4, q4, q4, randn(4, 40, seed=8), scale, False)
         A._cross_fwd_op(q3, kv, cu, 20, H, scale)
         A._cross_bwd_op(q3, q3, kv, cu, q3, randn(4, 40, seed=9), 20, H, scale)
-    return launches
+    return rec.launches
 
 
 def test_launches_type_integer_pointers_as_integers():
@@ -854,10 +755,10 @@ def test_launches_type_integer_pointers_as_integers():
     assert launches
     seen = 0
     for launch in launches:
-        sig = launch.bind()[0]
+        sig = launch.signature
         for name in _INT_POINTERS & set(sig):
             seen += 1
-            assert sig[name] in ("*i32", "*i64"), f"{launch.name}: {name} bound as {sig[name]}"
+            assert sig[name] in ("*i32", "*i64"), f"{launch.kernel}: {name} bound as {sig[name]}"
     assert seen >= 6
 
 
@@ -865,16 +766,16 @@ def test_model_layout_launches_are_16_byte_aligned():
     """At the model's layout (qkv Linear output, head_dim 72) every generic attention kernel launches with
     ALIGNED=True (16-byte vector loads); a qkv view 8 bytes off a 16-byte boundary gets ALIGNED=False."""
     launches = _capture_all_ops()
-    flags = {(lc.name, lc.named_args().get("ALIGNED")) for lc in launches if "ALIGNED" in lc.named_args()}
+    flags = {(lc.kernel, lc.named().get("ALIGNED")) for lc in launches if "ALIGNED" in lc.named()}
     assert flags and all(a is True for _, a in flags), flags
     from opensora_fast.kernels import attention as A
 
     wide = randn(1, 80, 3 * 144 + 8, dtype=torch.float16, seed=1)
     qkv = wide[..., 4 : 4 + 3 * 144]
     w = randn(72, dtype=torch.float16, seed=2)
-    with capture_launches() as launches:
+    with capture_launches() as rec:
         A._self_fwd_op(qkv, w, w, None, None, 2, 2, "spatial", 1e-6, 72**-0.5)
-    assert [lc.named_args()["ALIGNED"] for lc in launches if lc.name == "_qk_norm_rope_fwd_kernel"] == [False]
+    assert [lc.named()["ALIGNED"] for lc in rec.launches if lc.kernel == "_qk_norm_rope_fwd_kernel"] == [False]
 
 
 @pytest.mark.slow
@@ -889,18 +790,27 @@ def test_spatial_attention_sm90_vectorised():
 
     code = (
         "import json, torch\n"
-        "from tests.test_attention import _capture_all_ops, sass_stats\n"
-        "res = [dict(name=lc.name, **sass_stats(lc.compile())) for lc in _capture_all_ops(torch.bfloat16)\n"
-        "       if lc.name in ('_attention_fwd_kernel', '_attention_bwd_kernel')][:2]\n"
-        "print(json.dumps(res))\n"
+        "from opensora_fast.kernels._sm90 import compile_launch\n"
+        "from tests.test_attention import _capture_all_ops\n"
+        "first = {}\n"
+        "for lc in _capture_all_ops(torch.bfloat16):\n"
+        "    first.setdefault(lc.kernel, lc)\n"
+        "res = [compile_launch(first[k]) for k in ('_attention_fwd_kernel', '_attention_bwd_kernel')]\n"
+        "print(json.dumps([dict(name=r.name, error=r.error, stack=r.sass.stack, widths=r.sass.global_widths)\n"
+        "                  for r in res]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for r in json.loads(proc.stdout.strip().splitlines()[-1]):
-        assert r["U16"] == 0 and r["LDG.128"] + r["LDGSTS.128"] > 0 and r["stack"] == 0, r
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["name"].split("[")[0] for r in res} == {"_attention_fwd_kernel", "_attention_bwd_kernel"}, res
+    for r in res:  # widths in bytes: "LDG.16" is a 16-byte load
+        w = r["widths"]
+        assert not r["error"] and r["stack"] == 0, r
+        assert not [k for k in w if int(k.split(".")[1]) <= 2], r
+        assert w.get("LDG.16", 0) + w.get("LDGSTS.16", 0) > 0, r
 
 
 def _expanded_empty(shape, dtype, device):
@@ -925,7 +835,7 @@ def test_grids_within_cuda_limits_at_720p(monkeypatch, layout, T):
     L, Z = (S, B * T) if layout == "spatial" else (T, B * S)
     lse = torch.zeros(1, 1).expand(Z * H, L)
     scale = D**-0.5
-    with capture_launches() as launches:
+    with capture_launches() as rec:
         if layout == "temporal" and A.temporal_supported(qkv, T, D):
             A._temporal_fwd_op(qkv, w, w, cos, sin, H, T, 1e-6, scale)
             A._temporal_bwd_op(out, qkv, w, w, cos, sin, H, T, 1e-6, scale)
@@ -938,10 +848,10 @@ def test_grids_within_cuda_limits_at_720p(monkeypatch, layout, T):
             cu = torch.tensor([0, 300, 600], dtype=torch.int32)
             A._cross_fwd_op(out, kv, cu, 300, H, scale)
             A._cross_bwd_op(out, out, kv, cu, out, torch.zeros(1, 1).expand(B * H, T * S), 300, H, scale)
-    assert launches
-    for launch in launches:
-        x, y, z = launch.grid_dims()
-        assert 0 < x < 2**31 and y <= 65535 and z <= 65535, (launch.name, (x, y, z))
+    assert rec.launches
+    for launch in rec.launches:
+        x, y, z = launch.grid
+        assert 0 < x < 2**31 and y <= 65535 and z <= 65535, (launch.kernel, (x, y, z))
 
 
 # --------------------------------------------------------------------------------------------
@@ -957,9 +867,9 @@ def test_cross_attention_autotune_key_is_bucketed():
     keys = []
     for lens in ([117, 3], [120, 0]):
         kv = randn(sum(lens), 2 * H * D, dtype=torch.float16, seed=2)
-        with capture_launches() as launches:
+        with capture_launches() as rec:
             A._cross_fwd_op(q, kv, A.cu_seqlens(lens, "cpu"), max(lens), H, D**-0.5)
-        args = [lc.named_args() for lc in launches if lc.name == "_attention_fwd_kernel"][0]
+        args = [lc.named() for lc in rec.launches if lc.kernel == "_attention_fwd_kernel"][0]
         keys.append(tuple(args[k] for k in A._FWD_KEY))
     assert keys[0] == keys[1]
     assert A._lk_bucket(117) == A._lk_bucket(128) == 128 and A._lk_bucket(129) == 256
@@ -1046,8 +956,8 @@ def test_spatial_normalises_qk_once_and_backward_is_one_five_matmul_kernel():
     out, lse = randn(1, 80, 144, dtype=torch.float16, seed=3), randn(4, 40, seed=4)
     with capture_launches() as fwd:
         A._self_fwd_op(qkv, w, w, None, None, 2, 2, "spatial", 1e-6, 72**-0.5)
-    assert [lc.name for lc in fwd] == ["_qk_norm_rope_fwd_kernel", "_attention_fwd_kernel"]
+    assert [lc.kernel for lc in fwd.launches] == ["_qk_norm_rope_fwd_kernel", "_attention_fwd_kernel"]
     with capture_launches() as bwd:
         A._self_bwd_op(out, qkv, w, w, None, None, out, lse, 2, 2, "spatial", 1e-6, 72**-0.5)
-    dots = {lc.name: len(re.findall(r"tl\.dot\(", inspect.getsource(lc.jit().fn))) for lc in bwd}
+    dots = {lc.kernel: len(re.findall(r"tl\.dot\(", inspect.getsource(lc.fn.fn))) for lc in bwd.launches}
     assert {n: d for n, d in dots.items() if d} == {"_attention_bwd_kernel": 10}

@@ -261,8 +261,9 @@ def test_stats_kernel_sm90_loop_is_the_plain_one():
 G = importlib.import_module("opensora_fast.kernels.group_norm_silu")
 x = torch.randn(1, 512, 2, 16, 16).bfloat16().to(memory_format=torch.channels_last_3d)
 w = torch.randn(512).bfloat16()
-with capture_launches() as launches:
+with recording() as rec:
     G._fwd_impl(x, w.float(), w.float(), 32, 1e-6, True)
+launches = rec.launches
 """
     res = launch_loops(setup, "_group_norm_silu_stats_kernel", ("TILE",))
     assert [r["TILE"] for r in res] == [4096, 2048], res

@@ -11,19 +11,12 @@ must have picked the int64 variant (``I64=True``), and every grid must be within
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import pytest
 import torch
-import triton
+from opensora_fast.kernels._record import TensorArg, recording
 from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
-
-try:  # under TRITON_INTERPRET=1 the @triton.jit objects are InterpretedFunction
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover
-    InterpretedFunction = None
 
 # the package re-exports each module's public function under the module's name: import the modules
 conv_mod = importlib.import_module("opensora_fast.kernels.causal_conv3d")
@@ -41,54 +34,18 @@ N_TOK = T_LAT * S_TOK
 VAE_FRAMES, VAE_H, VAE_W = 408, 90, 160  # 2D-VAE latents of the whole clip (temporal VAE input)
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) if t.numel() else 0
-
-
-@contextlib.contextmanager
 def capture_launches():
-    """Record every Triton launch (kernel name, named args, constexprs, grid per config) without running."""
-    launches = []
-
-    def _grid_dims(grid, named):
-        g = grid(named) if callable(grid) else grid
-        return tuple(g) + (1,) * (3 - len(g))
-
-    def autotuner_run(self, *args, **kwargs):
-        grid = kwargs.pop("grid")
-        kwargs.pop("warmup", None)
-        named = dict(zip(self.arg_names, args))
-        configs = self.configs
-        if self.early_config_prune and len(configs) > 1:  # as Autotuner.run: one config is never pruned
-            configs = self.early_config_prune(configs, named, **kwargs)
-        for cfg in configs:
-            full = {**named, **kwargs, **cfg.all_kwargs()}
-            launches.append((self.base_fn.__name__, full, _grid_dims(grid, full)))
-
-    def jit_run(self, *args, **kwargs):
-        grid = kwargs.pop("grid")
-        kwargs.pop("warmup", None)
-        full = {**dict(zip(self.arg_names, args)), **kwargs}
-        launches.append((getattr(self.fn, "__name__", "?"), full, _grid_dims(grid, full)))
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(Autotuner, "run", autotuner_run)
-    mp.setattr(JITFunction, "run", jit_run)
-    if InterpretedFunction is not None:
-        mp.setattr(InterpretedFunction, "run", jit_run)
-    mp.setattr(ln_mod, "sm_count", lambda device: 132)  # size grids as on an H200
-    mp.setattr(qk_mod, "sm_count", lambda device: 132)
-    try:
-        yield launches
-    finally:
-        mp.undo()
+    """Record every Triton launch (kernel, arguments, constexprs, grid per autotune config) without running,
+    with launch geometry sized for an H200 (``kernels._record.recording``)."""
+    return recording()
 
 
-def _check_launches(launches, expect_i64: bool | None):
-    assert launches, "no launch captured"
-    for name, args, grid in launches:
-        tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
-        big = [k for k, t in tensors.items() if _max_offset(t) >= INT32_MAX]
+def _check_launches(rec, expect_i64: bool | None):
+    assert rec.launches, "no launch captured"
+    for launch in rec.launches:
+        name, args, grid = launch.kernel, launch.named(), launch.grid
+        tensors = {k: v for k, v in args.items() if isinstance(v, TensorArg)}
+        big = [k for k, t in tensors.items() if t.max_offset() >= INT32_MAX]
         if big:
             assert args.get("I64") is True, (
                 f"{name}: {big} span >= 2**31 elements but the launch uses int32 offsets (I64={args.get('I64')})"
@@ -116,14 +73,14 @@ def test_layernorm_modulate_720p_16s(B, variant):
     shift0, scale0 = (mod(), mod()) if (masked and has_ln) else (None, None)
     gate0 = mod() if (masked and gate is not None) else None
     x_mask = torch.empty(B, T_LAT, dtype=torch.bool, device=META) if masked else None
-    with capture_launches() as launches:
+    with capture_launches() as rec:
         r, h, mean, rstd = ln_mod._fwd_impl(x, y, shift, scale, gate, shift0, scale0, gate0, x_mask, 1e-6, has_ln)
         dh = _meta(B, N_TOK, HIDDEN) if has_ln else None
         dr = _meta(B, N_TOK, HIDDEN) if y is not None else None
         saved = r if (has_ln and y is not None) else x
         ln_mod._bwd_impl(dh, dr, saved, y, scale, gate, scale0, gate0, x_mask, mean, rstd, has_ln)
-    assert len(launches) == 2
-    _check_launches(launches, expect_i64=B == 5)
+    assert len(rec.launches) == 2
+    _check_launches(rec, expect_i64=B == 5)
 
 
 @pytest.mark.parametrize("B", [2, 5])
@@ -132,11 +89,11 @@ def test_qk_norm_rope_720p_16s(B, rope):
     q = _meta(B, N_TOK, HEADS, HEAD_DIM)
     w = _meta(HEAD_DIM)
     cos = sin = _meta(N_TOK, HEAD_DIM, dtype=torch.float32) if rope else None
-    with capture_launches() as launches:
+    with capture_launches() as rec:
         out, rstd = qk_mod._fwd_impl(q, w, cos, sin, 1e-6)
         qk_mod._bwd_impl(out, q, w, cos, sin, rstd)
-    assert len(launches) == 2
-    _check_launches(launches, expect_i64=B == 5)
+    assert len(rec.launches) == 2
+    _check_launches(rec, expect_i64=B == 5)
 
 
 def _vae_input(B, C, layout):
@@ -149,11 +106,11 @@ def _vae_input(B, C, layout):
 def test_group_norm_silu_720p_16s(B, layout):
     x = _vae_input(B, 128, layout)
     w, b = _meta(128), _meta(128)
-    with capture_launches() as launches:
+    with capture_launches() as rec:
         y, mean, rstd = gn_mod._fwd_impl(x, w, b, 32, 1e-5, True)
         gn_mod._bwd_impl(y, x, w, b, mean, rstd, 32, True)
-    assert len(launches) >= 4
-    _check_launches(launches, expect_i64=B == 5)
+    assert len(rec.launches) >= 4
+    _check_launches(rec, expect_i64=B == 5)
 
 
 @pytest.mark.parametrize("B", [2, 5])
@@ -163,13 +120,13 @@ def test_causal_conv3d_720p_16s(B, layout, stride_t):
     x = _vae_input(B, 128, layout)
     w = _meta(128, 128, 3, 3, 3)
     bias = _meta(128)
-    with capture_launches() as launches:
+    with capture_launches() as rec:
         y = conv_mod._fwd_impl(x, w, bias, stride_t)
         conv_mod._bwd_dx_impl(y, x, w, stride_t)
         conv_mod._bwd_dw_impl(y, x, w, True, stride_t)
-    assert len(launches) >= 3
-    _check_launches(launches, expect_i64=B == 5)
-    assert any(a.get("FAST") for _, a, _ in launches) == (layout == "channels_last")
+    assert len(rec.launches) >= 3
+    _check_launches(rec, expect_i64=B == 5)
+    assert any(lc.named().get("FAST") for lc in rec.launches) == (layout == "channels_last")
 
 
 def test_needs_int64_threshold():
@@ -180,7 +137,7 @@ def test_needs_int64_threshold():
     assert not ln_mod.needs_int64(_meta(1, 2**31 - 1))
     assert ln_mod.needs_int64(_meta(4, 2**30)[::3])  # a strided view spans more than it holds
     assert not ln_mod.needs_int64(None, _meta(0, 2**40))
-    assert triton.cdiv(5 * N_TOK * HIDDEN, 1) > INT32_MAX  # the batch-5 case really is past int32
+    assert 5 * N_TOK * HIDDEN > INT32_MAX  # the batch-5 case really is past int32
 
 
 # --------------------------------------------------------------------------------------------

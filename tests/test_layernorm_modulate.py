@@ -265,8 +265,9 @@ def _sm90_forward_loops():
 LN = importlib.import_module("opensora_fast.kernels.layernorm_modulate")
 x = torch.randn(1, 8, 1152).bfloat16()
 m = torch.randn(1, 1152).bfloat16()
-with capture_launches() as launches:
+with recording() as rec:
     LN._fwd_op(x, None, m, m, None, None, None, None, None, 1e-6, True)
+launches = rec.launches
 """
     return launch_loops(setup, None, ("BLOCK_M",))
 

@@ -295,19 +295,17 @@ def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_siz
     its crop draws for (seed, epoch, i).
 
     Per epoch: each bucket's indices are shuffled and cut into full batches (the remainder waits for
-    the next epoch's shuffle), then the batches of all buckets are shuffled together; everything is
+    the next epoch's shuffle; a bucket with fewer clips than ``batch_size`` fills one batch with its clips
+    repeated, as ``BucketSampler`` does, so that no bucket is never drawn), then the batches of all buckets are
+    shuffled together; everything is
     seeded by (seed, epoch), so the order is the same on every run and every rank. With several ranks,
     rank r takes batches r, r + world_size, ... of each epoch (whole rounds only)."""
     crop = getattr(dataset, "crop_key", None)
     groups: dict[tuple, list[int]] = {}
     for i in range(len(dataset)):
         groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
-    if all(len(g) < batch_size for g in groups.values()):
-        raise ValueError(
-            f"no bucket holds batch_size={batch_size} clips (bucket sizes: "
-            + ", ".join(f"{k}: {len(v)}" for k, v in sorted(groups.items()))
-            + ")"
-        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     epoch = 0
     while True:
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -315,6 +313,9 @@ def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_siz
         for key in sorted(groups):
             idx = groups[key]
             perm = torch.randperm(len(idx), generator=g).tolist()
+            if len(idx) < batch_size:  # its clips, repeated in the shuffled order
+                batches.append([idx[perm[k % len(idx)]] for k in range(batch_size)])
+                continue
             batches += [
                 [idx[j] for j in perm[k : k + batch_size]] for k in range(0, len(idx) - batch_size + 1, batch_size)
             ]

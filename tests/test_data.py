@@ -136,8 +136,19 @@ def test_buckets_and_batches(tmp_path):
     e0 = next(r0)
     e1 = next(r1)
     assert not {k[0] for k in e0} & {k[0] for k in e1}
-    with pytest.raises(ValueError, match="no bucket holds batch_size=6"):
-        next(D.bucket_batches(ds, 6, 0))
+    # a bucket with fewer clips than the batch is drawn too (the one long clip, in a batch of itself twice); with
+    # batch_size 6 every bucket fills one batch with its clips repeated, so none is left out of training
+    assert any(k[1] == 17 for b in got for k in b)
+    it6 = D.bucket_batches(ds, 6, 0)
+    epoch = [next(it6) for _ in range(3)]
+    by_bucket = {b[0][1:4]: b for b in epoch}
+    assert sorted(by_bucket) == sorted(buckets) and all(len(b) == 6 for b in epoch)
+    for bucket, b in by_bucket.items():
+        clips = [k[0] for k in b]
+        assert set(clips) == {i for i in range(len(ds)) if ds.bucket(i) == bucket}
+        assert max(clips.count(i) for i in clips) - min(clips.count(i) for i in clips) <= 1  # repeated evenly
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(D.bucket_batches(ds, 0, 0))
 
 
 def _indexed_csv(tmp_path, specs, fps=8):

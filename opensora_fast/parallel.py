@@ -34,7 +34,9 @@ full tensor every rank holds; ``gather_tokens`` all-gathers the final output (it
 rank's part). So when every rank computes the same loss from the gathered output, each rank's parameter
 gradients are the contribution of its own tokens, and their SUM over the group (all-reduce) is the
 single-process gradient; ``GradSync`` does that bucketed and overlapped with the backward (hooks),
-``all_reduce_grads`` blocking after it (FSDP2 DTensor gradients included).
+``all_reduce_grads`` blocking after it (FSDP2 DTensor gradients included). With FSDP2, ``shard`` shards
+over the flattened (dp, sp) mesh instead, so FSDP2's reduce-scatter, issued per block during the
+backward, does the sum (divided by dp: mean over dp, sum over sp) and nothing runs after the backward.
 """
 
 from __future__ import annotations
@@ -1119,12 +1121,13 @@ class Sharding:
 
 
 def shard(model: nn.Module, *, sp_size: int = 1, dp_size: int | None = None, mode: str = "zero2", mp_policy=None,
-          device=None, sp_mode: str | None = None, overlap: bool = True) -> Sharding:  # fmt: skip
+          device=None, sp_mode: str | None = None, overlap: bool = True, units=None) -> Sharding:  # fmt: skip
     """FSDP2 over every rank of a (dp_size, sp_size) mesh, the sequence-parallel gradient sum included.
 
     The world's ranks form a (dp, sp) mesh: consecutive ranks share a sample (sequence parallel), ranks
-    ``sp_size`` apart see different data. Every block (spatial and temporal) is one FSDP2 unit, the rest
-    (embedders, final layer) the root's; all are sharded over the flattened (dp, sp) mesh, so FSDP2's own
+    ``sp_size`` apart see different data. Every module of ``units`` (default: an STDiT3's spatial and
+    temporal blocks; units must be called in the forward) is one FSDP2 unit, the rest (embedders, final
+    layer) the root's; all are sharded over the flattened (dp, sp) mesh, so FSDP2's own
     reduce-scatter, issued per unit during the backward, sums the gradients over all ranks: no collective
     over the sequence-parallel group after the backward. The wanted gradient is the mean over dp of the
     sum over sp, so the reduction divides by ``dp_size`` instead of the world size. For a model whose
@@ -1155,8 +1158,10 @@ def shard(model: nn.Module, *, sp_size: int = 1, dp_size: int | None = None, mod
     if mode not in FSDP_MODES:
         raise ValueError(f"mode must be one of {FSDP_MODES}, got {mode!r}")
     blocks = [*getattr(model, "spatial_blocks", []), *getattr(model, "temporal_blocks", [])]
-    if not blocks:
-        raise ValueError(f"model: expected an STDiT3 (spatial_blocks / temporal_blocks), got {type(model).__name__}")
+    if units is None and not blocks:
+        raise ValueError(f"model: expected an STDiT3 (spatial_blocks / temporal_blocks) or units, got "
+                         f"{type(model).__name__}")  # fmt: skip
+    units = blocks if units is None else list(units)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -1173,8 +1178,8 @@ def shard(model: nn.Module, *, sp_size: int = 1, dp_size: int | None = None, mod
                            f"reductions), this is {torch.__version__}")  # fmt: skip
     reshard = mode == "zero3"
     mp = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
-    for blk in blocks:
-        fully_shard(blk, mesh=flat, reshard_after_forward=reshard, mp_policy=mp)
+    for unit in units:
+        fully_shard(unit, mesh=flat, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=flat, reshard_after_forward=reshard, mp_policy=mp)
     if factor != world:
         for m in model.modules():

@@ -747,27 +747,65 @@ def parallel_decode(vae, latents: torch.Tensor, num_frames: int, group=None, *, 
     return out
 
 
+def _draw_encode_noise(vae, B: int, frames: int, h: int, w: int, generator) -> None:
+    """Draw, and drop, the posterior noise ``vae.encode(..., sample=True)`` draws for one temporal chunk of
+    ``frames`` frames (the 2D VAE's per micro-batch of frames, then the temporal VAE's), through the same
+    distributions' ``sample`` on zero moments of the same shapes, dtypes and devices: ``generator`` ends
+    where the real encode of that chunk leaves it, without running the encoders."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from opensora_fast.models.vae_temporal import DiagonalGaussian
+
+    dev = vae.device
+    # the 2D VAE's moments come out of a conv: the autocast dtype when autocast is on for this device
+    sdt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else vae.dtype
+    n, bs, lc = B * frames, vae.cfg.spatial.micro_batch_size, vae.cfg.spatial.latent_channels
+    for i in range(0, n, bs):
+        DiagonalGaussianDistribution(torch.zeros(min(bs, n - i), 2 * lc, h, w, dtype=sdt, device=dev)).sample(generator)
+    tz = vae.temporal_vae.latent_frames(frames)
+    DiagonalGaussian(torch.zeros(B, 2 * vae.out_channels, tz, h, w, dtype=vae.dtype, device=dev)).sample(generator)
+
+
 @torch.no_grad()
-def parallel_encode(vae, video: torch.Tensor, group=None, *, dst: int = 0) -> torch.Tensor | None:
-    """``vae.encode(video, sample=False)`` split over the ranks of ``group`` by 17-frame chunk (rank r encodes
-    chunks r, r + p, ...), gathered once on group rank ``dst`` (None elsewhere). Posterior means only: a
-    sampled encode draws its noise chunk after chunk from one generator."""
+def parallel_encode(vae, video: torch.Tensor, group=None, *, dst: int | None = 0, sample: bool = False,
+                    generator=None) -> torch.Tensor | None:  # fmt: skip
+    """``vae.encode(video, sample=sample, generator=generator)`` split over the ranks of ``group`` by 17-frame
+    chunk (rank r encodes chunks r, r + p, ...), gathered once: on group rank ``dst`` (None elsewhere), or
+    with ``dst=None`` on every rank (an all-gather: what a sequence-parallel group of a trainer needs, its
+    ranks sharing each sample). Every rank passes the same video.
+
+    ``sample=True``: posterior samples drawn from ``generator`` (None: the default generator), which must
+    be in the same state on every rank (seeded alike). A sampled encode draws its noise chunk after chunk,
+    so each rank also draws, and drops, the noise of the chunks it does not encode (the draws only, no
+    encoder): chunk k gets the noise ``vae.encode`` gives it, and every rank's generator ends where
+    ``vae.encode``'s would. The latents (B, C, t, h, w) land on the video's device."""
     group = group if group is not None else dist.group.WORLD
     vae._check_video(video)
     p, r = dist.get_world_size(group), dist.get_rank(group)
+    if dst is not None and not (isinstance(dst, int) and 0 <= dst < p):
+        raise ValueError(f"dst must be None or a group rank in [0, {p}), got {dst!r}")
     B, _, T, H, W = video.shape
     m, mz = vae.cfg.micro_frame_size, vae.micro_z_frame_size
     n = math.ceil(T / m)
     t, h, w = vae.get_latent_size((T, H, W))
     buf = torch.zeros(math.ceil(n / p), B, vae.out_channels, mz, h, w, dtype=vae.dtype, device=vae.device)
-    for i, k in enumerate(range(r, n, p)):
+    for k in range(n):
+        if k % p != r:
+            if sample:
+                _draw_encode_noise(vae, B, min(m, T - k * m), h, w, generator)
+            continue
         chunk = video[:, :, k * m : (k + 1) * m].to(device=vae.device, dtype=vae.dtype)
-        z = vae.temporal_vae.encode(vae._spatial_encode(chunk, False)).mode()
+        posterior = vae.temporal_vae.encode(vae._spatial_encode(chunk, sample, generator))
+        z = posterior.sample(generator) if sample else posterior.mode()
         z = (z - vae.shift.to(z.dtype)) / vae.scale.to(z.dtype)
-        buf[i, :, :, : z.shape[2]] = z
-    parts = _gather_chunks(buf, group, dst)
-    if parts is None:
-        return None
+        buf[k // p, :, :, : z.shape[2]] = z
+    if dst is None:
+        parts = [torch.empty_like(buf) for _ in range(p)]
+        dist.all_gather(parts, buf, group=group)
+    else:
+        parts = _gather_chunks(buf, group, dst)
+        if parts is None:
+            return None
     out = torch.empty(B, vae.out_channels, t, h, w, dtype=vae.dtype, device=video.device)
     for k in range(n):
         z0 = k * mz

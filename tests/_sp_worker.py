@@ -283,7 +283,8 @@ def perturbed(model):
 
 
 def vae_case(T, H, W):
-    """parallel_decode / parallel_encode (posterior means) against the same tiny VAE in one process."""
+    """parallel_decode / parallel_encode (posterior means on rank 0; posterior samples on every rank) against
+    the same tiny VAE in one process."""
     from test_vae import tiny_vae
 
     vae = tiny_vae()
@@ -291,12 +292,21 @@ def vae_case(T, H, W):
     video = torch.rand(2, 3, T, H, W, generator=g) * 2 - 1
     lat = torch.randn(2, vae.out_channels, vae.latent_frames(T), H // 2, W // 2, generator=g)
     dec, enc = P.parallel_decode(vae, lat, T), P.parallel_encode(vae, video)
+    # sampled posteriors on every rank (dst=None), from generators seeded alike, against one process's
+    g_par, g_one = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    smp = P.parallel_encode(vae, video, dst=None, sample=True, generator=g_par)
+    smp_s = vae.encode(video, sample=True, generator=g_one)
+    same_state = torch.equal(g_par.get_state(), g_one.get_state())
+    smp_err = torch.tensor([(smp - smp_s).abs().max().item(), float(not same_state)])
+    dist.all_reduce(smp_err, op=dist.ReduceOp.MAX)  # the worst rank
     if dist.get_rank() != 0:
         assert dec is None and enc is None
         return {}
     dec_s, enc_s = vae.decode(lat, T), vae.encode(video, sample=False)
     assert dec.shape == dec_s.shape and enc.shape == enc_s.shape
     err = {"dec_err": (dec - dec_s).abs().max().item(), "enc_err": (enc - enc_s).abs().max().item()}
+    err["sample_err"], err["generator_differs"] = smp_err.tolist()
+    err["sample_minus_mean"] = (smp_s - enc_s).abs().max().item()  # sampling moved the latents
     return {**err, "dec_shape": list(dec.shape), "enc_shape": list(enc.shape)}
 
 

@@ -18,7 +18,7 @@ import torch
 from _dist import torchrun
 
 from opensora_fast.models import stdit3
-from opensora_fast.parallel import SeqLayout, enable_sequence_parallel, parallelize, shard
+from opensora_fast.parallel import SeqLayout, enable_sequence_parallel, parallel_encode, parallelize, shard
 
 WORKER = os.path.join(os.path.dirname(__file__), "_sp_worker.py")
 
@@ -154,10 +154,13 @@ def test_shard_folds_the_sp_gradient_sum_into_fsdp2(opensora_runs, nproc):
 
 def test_vae_split_by_temporal_chunk(tmp_path):
     """57 frames = 4 temporal chunks (17, 17, 17, 6) over 3 ranks (uneven: 2 + 1 + 1): decode and encode
-    (posterior means) gathered on rank 0 equal one process."""
+    (posterior means) gathered on rank 0 equal one process; a sampled encode gathered on every rank
+    (dst=None) equals one process's ``vae.encode(sample=True)`` from a generator seeded alike, and every
+    rank's generator ends in the same state (each rank draws the noise of the chunks it skips)."""
     res = _run(tmp_path, 3, "57,8,8", "reference", 1, "vae")
     assert res["dec_shape"] == [2, 3, 57, 8, 8] and res["enc_shape"][2] == 17  # 3 x 5 + 2 latent frames
     assert res["dec_err"] == 0 and res["enc_err"] == 0
+    assert res["sample_err"] == 0 and res["generator_differs"] == 0 and res["sample_minus_mean"] > 1e-3
 
 
 def test_bench_parallel_bytes_match_the_formula(tmp_path):
@@ -243,6 +246,10 @@ def test_bad_arguments_raise_value_error(one_rank_group, reference_backend):
         shard(model, mode="zero1")
     with pytest.raises(ValueError, match="model"):
         shard(torch.nn.Linear(2, 2))
+    from test_vae import tiny_vae
+
+    with pytest.raises(ValueError, match="dst"):
+        parallel_encode(tiny_vae(), torch.zeros(1, 3, 2, 8, 8), dst=1)
     assert parallelize(model) is model and "forward" not in model.spatial_blocks[0].__dict__  # world 1: nothing
 
 

@@ -36,16 +36,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from opensora_fast import trainer
 from opensora_fast.checkpoint import (
     CheckpointError,
     has_checkpoint,
-    load_safetensors_checked,
-    load_torch_checked,
     newest_checkpoint,
     recover,
     resolve_resume,
-    verify_checkpoint,
-    write_step_dir,
 )
 from opensora_fast.common import (
     UsageError,
@@ -241,93 +238,33 @@ class TrainRun:
     no_progress: bool = option(False, "no progress bar")
 
 
-@dataclass
-class TrainResult:
-    losses: list[float]  # one per step run in this call (mean over ranks)
-    step: int  # steps done in total, including those before a resume
-    checkpoint: str | None
-    model: torch.nn.Module
-    ema: dict
-
-
 # ---------------------------------------------------------------------------------------------
-# distributed
+# state and checkpoints: opensora_fast.trainer's (the names here are kept for callers)
+
+TrainResult = trainer.TrainResult
+_is_dist = trainer.is_dist
+_full = trainer.full_tensor
+model_state = trainer.model_state
+optimizer_state = trainer.optimizer_state
+load_optimizer_state = trainer.load_optimizer_state
+init_ema = trainer.init_ema
+update_ema = trainer.update_ema
+ema_state = trainer.ema_state
+load_ema = trainer.load_ema
+_truncate_log = trainer.truncate_log
+_micro_batches = trainer.micro_batches
+_step_seed = trainer.step_seed
 
 
 def shard_model(model: torch.nn.Module, mode: str = "zero2", mesh=None, mp_policy=None) -> torch.nn.Module:
-    """FSDP2: each spatial/temporal block is one unit, the rest (embedders, final layer) the root's.
-    ``mesh``: the (1-D) data-parallel device mesh to shard over (default: every rank). ``mp_policy``: a
+    """FSDP2 (``trainer.shard``): each spatial/temporal block is one unit, the rest (embedders, final layer) the
+    root's. ``mesh``: the (1-D) data-parallel device mesh to shard over (default: every rank). ``mp_policy``: a
     ``MixedPrecisionPolicy`` (``parallel.fsdp_mixed_precision``; None: full precision)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    reshard = mode == "zero3"
-    mp = dict(mp_policy=mp_policy if mp_policy is not None else MixedPrecisionPolicy())
-    for blk in [*model.spatial_blocks, *model.temporal_blocks]:
-        fully_shard(blk, reshard_after_forward=reshard, mesh=mesh, **mp)
-    fully_shard(model, reshard_after_forward=reshard, mesh=mesh, **mp)
-    return model
+    return trainer.shard(model, [*model.spatial_blocks, *model.temporal_blocks], mode, mesh, mp_policy)
 
 
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-# ---------------------------------------------------------------------------------------------
-# state
-
-
-def model_state(model) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    opts = StateDictOptions(full_state_dict=_is_dist(), cpu_offload=_is_dist())
-    return {k: _full(v).detach().cpu() for k, v in get_model_state_dict(model, options=opts).items()}
-
-
-def optimizer_state(model, optimizer) -> dict:
-    """Optimizer state keyed by parameter name, full tensors (the same layout with and without FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=_is_dist(), cpu_offload=_is_dist())
-    return get_optimizer_state_dict(model, optimizer, options=opts)
-
-
-def load_optimizer_state(model, optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=_is_dist()))
-
-
-def init_ema(model) -> dict:
-    """fp32 copies of the trainable parameters (sharded like them under FSDP)."""
-    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def update_ema(ema: dict, model, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * param, for the trainable parameters (Open-Sora's update_ema)."""
-    for n, p in model.named_parameters():
-        if n in ema:
-            ema[n].mul_(decay).add_(p.detach().float(), alpha=1 - decay)
-
-
-def ema_state(ema: dict, full_model_state: dict) -> dict:
-    """The model's state dict with the EMA values for the trainable parameters."""
-    return {**full_model_state, **{n: _full(v).detach().cpu() for n, v in ema.items()}}
-
-
-def load_ema(ema: dict, state: dict) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    for n, v in ema.items():
-        src = state[n].to(device=v.device, dtype=v.dtype)
-        if isinstance(v, DTensor):
-            v.copy_(distribute_tensor(src, v.device_mesh, v.placements))
-        else:
-            v.copy_(src)
+def _write_stdit3(config):
+    return lambda directory, state: save_stdit3(state, config, directory)
 
 
 def save_checkpoint(
@@ -344,22 +281,13 @@ def save_checkpoint(
 ) -> str:
     """Write ``ckpt_dir/step-XXXXXXXX`` atomically (rank 0) with checksums, point ``latest`` at it and keep
     the newest ``keep_last``. ``run`` (the training options) goes to ``run.json``. Every rank must call this
-    (gathering the shards is collective)."""
-    sd = model_state(model)
-    osd = optimizer_state(model, optimizer)
-    esd = ema_state(ema, sd)
+    (gathering the shards is collective). ``extra``: {"scaler": state} of an fp16 run."""
+    msd = model_state(model)
+    sd = {"step": step, "model": msd, "ema": ema_state(ema, msd), "optimizer": optimizer_state(model, optimizer),
+          "scaler": (extra or {}).get("scaler")}  # fmt: skip
     final = os.path.join(ckpt_dir, f"step-{step:08d}")
     if rank == 0:
-
-        def write(tmp: str) -> None:
-            save_stdit3(sd, config, tmp)
-            save_stdit3(esd, config, os.path.join(tmp, "ema"))
-            torch.save({"step": step, "optimizer": osd, **(extra or {})}, os.path.join(tmp, "train_state.pt"))
-            if run is not None:
-                with open(os.path.join(tmp, "run.json"), "w") as f:
-                    json.dump(run, f, indent=1, default=str)
-
-        write_step_dir(ckpt_dir, step, write, keep_last=keep_last)
+        trainer.write_checkpoint(ckpt_dir, sd, _write_stdit3(config), run, keep_last)
     if _is_dist():
         dist.barrier()
     return final
@@ -367,25 +295,9 @@ def save_checkpoint(
 
 def read_checkpoint(path: str) -> dict:
     """A training checkpoint directory, checksums verified: {"path", "step", "model", "ema", "train_state",
-    "run" (run.json or None)}. Missing, corrupt or unreadable files raise CheckpointError naming them."""
-    verify_checkpoint(path)
-    model_sd = load_safetensors_checked(os.path.join(path, "model.safetensors"))
-    ema_sd = load_safetensors_checked(os.path.join(path, "ema", "model.safetensors"))
-    train_state = load_torch_checked(os.path.join(path, "train_state.pt"))
-    if not isinstance(train_state, dict) or "step" not in train_state or "optimizer" not in train_state:
-        raise CheckpointError(f"checkpoint file {os.path.join(path, 'train_state.pt')!r} holds no step / optimizer")
-    run = None
-    if os.path.isfile(os.path.join(path, "run.json")):
-        with open(os.path.join(path, "run.json")) as f:
-            run = json.load(f)
-    return {
-        "path": path,
-        "step": int(train_state["step"]),
-        "model": model_sd,
-        "ema": ema_sd,
-        "train_state": train_state,
-        "run": run,
-    }
+    "run" (run.json or None)} and the rest of ``trainer.read_checkpoint``'s. Missing, corrupt or unreadable files
+    raise CheckpointError naming them."""
+    return trainer.read_checkpoint(path, ema=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,36 +330,6 @@ class TextCache:
         y = torch.stack([got[c][0] for c in captions]).to(device)
         mask = torch.stack([got[c][1] for c in captions]).to(device)
         return y, mask
-
-
-def _truncate_log(path: str, step: int) -> None:
-    """Drop records after ``step`` (steps a crashed run logged after its last checkpoint). A last line
-    without its newline was torn by a kill mid-write and is dropped; any other line that is not a JSON
-    record with a "step" is a ValueError naming the file and line."""
-    if not os.path.isfile(path):
-        return
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    torn = lines.pop()  # b"" when the file ends with a newline, else a record cut short
-    if torn.strip():
-        print(f"{path}: dropping a torn last line ({len(torn)} bytes, written when the run was killed)")
-    keep = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            s = int(rec["step"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{path} line {n} is not a log record ({type(e).__name__}: {e}); fix or remove that line to resume"
-            ) from None
-        if s <= step:
-            keep.append(line + b"\n")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
 
 
 class TooManyBadClips(ValueError):
@@ -601,12 +483,6 @@ def _loader(dataset, batches, num_workers: int | None, dev: torch.device):
     )
 
 
-def _micro_batches(B: int, n: int) -> list[slice]:
-    """``B`` samples in ``n`` consecutive slices as equal as possible (empty ones dropped)."""
-    edges = [round(k * B / n) for k in range(n + 1)]
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
 # dense bf16 peak TFLOP/s by GPU name (vendor data sheets; SXM parts)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
@@ -670,8 +546,160 @@ def _mfu(config, z_shape, text_len: int, dp: int, dt: float, dev, override_tflop
     return step_flops(config, z_shape, text_len) * dp / dt / peak
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + rank) % (2**63)
+class _DiTTask(trainer.Task):
+    """The STDiT3's part of a training step: batches of clips (or extracted features), VAE and T5 encoding,
+    frame masks, timesteps and noise for the whole step, the rectified-flow loss per micro-batch."""
+
+    def __init__(self, cfg: DiTTrainConfig, dataset, model, vae, text_encoder, dev, *, rank, dp_rank, dp, sp_group,
+                 use_fsdp, eval_dataset):  # fmt: skip
+        from opensora_fast.rflow import RFlow
+
+        self.cfg, self.dataset, self.inner, self.vae, self.text_encoder = cfg, dataset, model, vae, text_encoder
+        self.dev, self.rank, self.dp_rank, self.dp, self.sp_group = dev, rank, dp_rank, dp, sp_group
+        self.use_fsdp, self.eval_dataset = use_fsdp, eval_dataset
+        self.features = getattr(dataset, "features", False)  # latents + T5 embeddings extracted once: no VAE, no T5
+        self.texts = TextCache(text_encoder)
+        self.scheduler = RFlow(sample_method=cfg.sample_method, use_timestep_transform=cfg.use_timestep_transform)
+        self.masker = MaskGenerator(cfg.mask_ratios) if cfg.mask_ratios else None
+        self.amp = trainer.PRECISIONS[cfg.dtype]
+        self.use_amp = dev.type == "cuda" and self.amp is not None
+        self.latents: dict[int, tuple[torch.Tensor, dict]] = {}  # cache_latents: index -> (latent, item sans video)
+        prefix = f"rank {rank}: " if _is_dist() else ""
+        self.load = ClipLoader(dataset, cfg.max_bad_clips, lambda msg: tqdm.write(prefix + msg, file=sys.stderr))
+        self.fetched = None
+        self.sync = None
+
+    def setup(self, model, params) -> None:
+        self.params = params
+        # sequence-parallel gradient sum: bucketed, overlapped with the backward (FSDP2's DTensor grads: after it)
+        if self.sp_group is not None and not self.use_fsdp:
+            self.sync = GradSync(params, self.sp_group)
+
+    def step_seed(self, step: int, dp_rank: int) -> int:
+        return _step_seed(self.cfg.seed, step, dp_rank)  # the same draws on the ranks of an sp group
+
+    def batches(self, start: int):
+        keys = _batch_keys(self.dataset, self.cfg, self.dp_rank, self.dp,
+                           lambda msg: self.rank == 0 and tqdm.write(msg))  # fmt: skip
+        for _ in range(start):  # batches the resumed run already consumed
+            next(keys)
+        if self.cfg.cache_latents and not self.features:
+            return ({"idx": idx} for idx in keys)
+        self.fetched = iter(_loader(self.dataset, keys, self.cfg.num_workers, self.dev))
+        return self._fetch()
+
+    def _fetch(self):
+        while True:
+            items, stacked = self.load.batch(next(self.fetched))
+            yield {"idx": [it["key"] for it in items], "items": items, "stacked": stacked}
+
+    def close(self) -> None:
+        self.fetched = None  # stops the DataLoader's workers
+
+    @torch.no_grad()
+    def _encode(self, video, sample, generator):
+        with torch.autocast(self.dev.type, dtype=self.amp or torch.bfloat16, enabled=self.use_amp):
+            return self.vae.encode(video.to(self.dev, self.vae.dtype), sample=sample, generator=generator).float()
+
+    def plan(self, step: int, batch: dict, seed: int, model) -> trainer.StepPlan:
+        from opensora_fast.rflow import timestep_transform
+
+        cfg, dev, scheduler = self.cfg, self.dev, self.scheduler
+        idx = batch["idx"]
+        torch.manual_seed(seed)  # caption dropout (CaptionEmbedder) draws from the global RNG
+        g_cpu = torch.Generator().manual_seed(seed)
+        g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
+        if self.features:
+            items, z = batch["items"], batch["stacked"]["z"].to(dev)
+        elif cfg.cache_latents:  # one latent per clip (with bucket_config: its first draw's crop)
+            for k in idx:
+                i = _clip(k)
+                if i not in self.latents:
+                    _, it = self.load(k)
+                    meta = {k: v for k, v in it.items() if k != "video"}
+                    self.latents[i] = (self._encode(it["video"][None], False, None)[0].cpu(), meta)
+            items = [self.latents[_clip(k)][1] for k in idx]
+            z = torch.stack([self.latents[_clip(k)][0] for k in idx]).to(dev)
+        else:
+            items, z = batch["items"], self._encode(batch["stacked"]["video"], True, g_dev)
+        B = z.shape[0]
+        T, H, W = _key_shape(self.dataset, idx[0])
+        if self.features:
+            y, mask = batch["stacked"]["y"].to(dev), batch["stacked"]["ymask"].to(dev)
+        else:
+            y, mask = self.texts([it["text"] for it in items], dev)
+
+        hw_t = torch.tensor([[float(H), float(W), float(T)]], device=dev).expand(B, 3)
+        kwargs = dict(y=y, mask=mask, height=hw_t[:, 0], width=hw_t[:, 1], num_frames=hw_t[:, 2])
+        kwargs["fps"] = torch.tensor([float(it["fps"]) for it in items], device=dev)
+        fmask = None
+        if self.masker is not None:  # conditioning frames: clean input, out of the loss, t0 modulation
+            fmask = self.masker.masks(B, z.shape[2], g_cpu).to(dev)
+            kwargs["x_mask"] = fmask
+        # the whole step's timesteps and noise first (as training_losses would draw them), so that N
+        # accumulated batches equal one batch N times larger
+        t = scheduler.sample_t(B, dev, g_cpu)
+        if scheduler.use_timestep_transform:
+            t = timestep_transform(
+                t, kwargs["height"], kwargs["width"], kwargs["num_frames"],
+                scale=scheduler.transform_scale, num_timesteps=scheduler.num_timesteps,
+            )  # fmt: skip
+        noise = torch.randn(z.shape, generator=g_cpu, dtype=z.dtype).to(dev)
+        chunks = _micro_batches(B, cfg.grad_accum)
+
+        def micro(sl: slice):
+            def loss():
+                kw = {k: v[sl] for k, v in kwargs.items()}
+                out = scheduler.training_losses(
+                    model, z[sl], kw, noise=noise[sl], mask=None if fmask is None else fmask[sl], t=t[sl]
+                )
+                part = out["loss"].mean() if len(chunks) == 1 else out["loss"].mean() * ((sl.stop - sl.start) / B)
+                return part, {}
+
+            return loss
+
+        patch = self.inner.config.patch_size
+        tokens = B * z.shape[2] * math.ceil(z.shape[3] / patch[1]) * math.ceil(z.shape[4] / patch[2]) * self.dp
+
+        def finish(rec: dict, dt: float) -> None:
+            rec["tokens_per_s"] = tokens / dt
+            rec["shape"], rec["batch"] = [T, H, W], B
+            rec["mfu"] = _mfu(self.inner.config, z.shape, y.shape[1], self.dp, dt, dev, cfg.peak_tflops)
+
+        return trainer.StepPlan([micro(sl) for sl in chunks], samples=B, finish=finish)
+
+    def before_micro(self, m: int, n: int) -> None:
+        if self.sync is not None:  # one sum, in the last batch's backward
+            self.sync.enabled = m == n - 1
+
+    def after_backward(self) -> None:
+        if self.sp_group is not None and self.sync is None:
+            all_reduce_grads(self.params, self.sp_group)  # each rank's gradients cover its own tokens
+
+    def after_step(self, step: int, rec: dict, model) -> None:
+        cfg = self.cfg
+        if self.load.count:
+            rec["bad_clips"] = self.load.count
+        if cfg.eval_every and self.eval_dataset is not None and (step + 1) % cfg.eval_every == 0:
+            res = evaluate_loss(model, self.eval_dataset, self.vae, self.text_encoder, seed=cfg.seed,
+                                batch_size=cfg.batch_size, device=self.dev)  # fmt: skip
+            rec["eval_loss"] = res["mean"]
+            rec["eval"] = {k: b["mean"] for k, b in res["buckets"].items()}
+            if self.rank == 0:
+                tqdm.write(f"evaluation loss at step {step + 1}:\n" + format_eval(res))
+
+    def describe(self, rec: dict) -> str:
+        mfu = "n/a" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"
+        return f" {rec['tokens_per_s']:.0f} tokens/s MFU {mfu}"
+
+    def check_model(self, model, state: dict, path: str) -> None:
+        _check_model_state(model, state, path)
+
+    def write_model(self, directory: str, state: dict) -> None:
+        save_stdit3(state, self.inner.config, directory)
+
+    def read_checkpoint(self, path: str) -> dict:
+        return read_checkpoint(path)
 
 
 def train_dit(
@@ -690,7 +718,7 @@ def train_dit(
     on_step: Callable[[int, dict], None] | None = None,
     eval_dataset=None,
 ) -> TrainResult:
-    """Train ``model`` (an STDiT3, unwrapped, fp32) until ``cfg.steps`` steps in total.
+    """Train ``model`` (an STDiT3, unwrapped, fp32) until ``cfg.steps`` steps in total (``trainer.Trainer``).
 
     ``dataset``: ``data.VideoTextDataset``-like (``bucket(i)``, items {"video", "text", "fps"}).
     ``vae`` (frozen OpenSoraVAE) and ``text_encoder`` (``encode(list[str])`` -> {"y", "mask"}) stay
@@ -699,8 +727,6 @@ def train_dit(
     killed checkpoint writes in ``ckpt_dir`` are cleaned up first (``checkpoint.recover``). ``run_meta``
     is saved with each checkpoint (``run.json``). Logs to stdout every ``cfg.log_every`` steps and every step to
     ``log_path`` (JSONL: step, loss, lr, grad_norm, samples_per_s, tokens_per_s)."""
-    from opensora_fast.rflow import RFlow, timestep_transform
-
     rank, world, dev = init_distributed() if device is None else (0, 1, torch.device(device))
     if _is_dist():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -709,218 +735,31 @@ def train_dit(
     if use_fsdp and not _is_dist():
         raise RuntimeError("fsdp=True needs a process group (run under torchrun, or init one first)")
 
-    if ckpt_dir and rank == 0:
-        for line in recover(ckpt_dir):
-            print(f"checkpoints: {line}")
-    if _is_dist():
-        dist.barrier()
-    if resume == "auto":
-        resume = ckpt_dir if ckpt_dir and has_checkpoint(ckpt_dir) else None
-    start, train_state, ema_sd = 0, None, None
-    if resume:
-        ck = resume if isinstance(resume, dict) else read_checkpoint(resolve_resume(resume))
-        _load_model_state(model, ck["model"], ck["path"])
-        ema_sd, train_state, start = ck["ema"], ck["train_state"], ck["step"]
-
     model.config.grad_checkpoint = cfg.grad_checkpoint
     model.to(dev).train()
     if sp_group is not None:
         from opensora_fast.parallel import enable_sequence_parallel
 
         enable_sequence_parallel(model, sp_group, mode=cfg.sp_mode)
-    if use_fsdp:
-        # bf16 on CUDA: FSDP2 gathers bf16 parameters and reduces bf16 gradients (fp32 master weights / Adam)
-        mp = fsdp_mixed_precision(torch.bfloat16) if dev.type == "cuda" and cfg.dtype == "bf16" else None
-        shard_model(model, cfg.fsdp_mode, dp_mesh, mp_policy=mp)
-    ema = init_ema(model)
-    if ema_sd is not None:
-        load_ema(ema, ema_sd)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # sequence-parallel gradient sum: bucketed, overlapped with the backward (FSDP2's DTensor grads: after it)
-    sync = GradSync(params, sp_group) if sp_group is not None and not use_fsdp else None
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr_at(start), eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=dev.type == "cuda"
-    )
-    # fp16: loss scaling (also on the CPU, where the step itself runs fp32: the scaler's skip logic is the same)
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.dtype == "fp16")
-    if train_state is not None:
-        load_optimizer_state(model, optimizer, train_state["optimizer"])
-        if train_state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(train_state["scaler"])
-
-    features = getattr(dataset, "features", False)  # latents + T5 embeddings extracted once: no VAE, no T5
-    if not features:
+    if not getattr(dataset, "features", False):
         vae = vae.to(dev).eval().requires_grad_(False)
-    texts = TextCache(text_encoder)
-    scheduler = RFlow(sample_method=cfg.sample_method, use_timestep_transform=cfg.use_timestep_transform)
-    masker = MaskGenerator(cfg.mask_ratios) if cfg.mask_ratios else None
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.dtype]
-    use_amp = dev.type == "cuda" and amp is not None
-    patch = model.config.patch_size
-
-    latents: dict[int, tuple[torch.Tensor, dict]] = {}  # cache_latents: index -> (latent, item without video)
-
-    @torch.no_grad()
-    def encode(video, sample, generator):
-        with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
-            return vae.encode(video.to(dev, vae.dtype), sample=sample, generator=generator).float()
-
-    prefix = f"rank {rank}: " if _is_dist() else ""
-    batches = _batch_keys(dataset, cfg, dp_rank, dp, lambda msg: rank == 0 and tqdm.write(msg))  # per sp group
-    for _ in range(start):  # batches the resumed run already consumed
-        next(batches)
-    if log_path and rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-        _truncate_log(log_path, start)
-    log = open(log_path, "a") if (log_path and rank == 0) else None
-    tb = tensorboard_writer(os.path.join(os.path.dirname(os.path.abspath(log_path)), "tb")) if log else None
-    losses, last_ckpt = [], (ck["path"] if resume else None)
-    load = ClipLoader(dataset, cfg.max_bad_clips, lambda msg: tqdm.write(prefix + msg, file=sys.stderr))
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="STDiT3", disable=not progress or rank)
-    fetched = None if cfg.cache_latents and not features else iter(_loader(dataset, batches, cfg.num_workers, dev))
-    data_s = 0.0
-    try:
-        for step in bar:
-            t0 = time.perf_counter()
-            if fetched is not None:
-                items, stacked = load.batch(next(fetched))
-                idx = [it["key"] for it in items]
-            else:
-                idx = next(batches)
-            data_s = time.perf_counter() - t0
-            seed = _step_seed(cfg.seed, step, dp_rank)  # the same draws on the ranks of an sp group
-            torch.manual_seed(seed)  # caption dropout (CaptionEmbedder) draws from the global RNG
-            g_cpu = torch.Generator().manual_seed(seed)
-            g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
-            if features:
-                z = stacked["z"].to(dev)
-            elif cfg.cache_latents:  # one latent per clip (with bucket_config: its first draw's crop)
-                for k in idx:
-                    i = _clip(k)
-                    if i not in latents:
-                        _, it = load(k)
-                        meta = {k: v for k, v in it.items() if k != "video"}
-                        latents[i] = (encode(it["video"][None], False, None)[0].cpu(), meta)
-                items = [latents[_clip(k)][1] for k in idx]
-                z = torch.stack([latents[_clip(k)][0] for k in idx]).to(dev)
-            else:
-                z = encode(stacked["video"], True, g_dev)
-            B = z.shape[0]
-            T, H, W = _key_shape(dataset, idx[0])
-            if features:
-                y, mask = stacked["y"].to(dev), stacked["ymask"].to(dev)
-            else:
-                y, mask = texts([it["text"] for it in items], dev)
-
-            hw_t = torch.tensor([[float(H), float(W), float(T)]], device=dev).expand(B, 3)
-            kwargs = dict(y=y, mask=mask, height=hw_t[:, 0], width=hw_t[:, 1], num_frames=hw_t[:, 2])
-            kwargs["fps"] = torch.tensor([float(it["fps"]) for it in items], device=dev)
-            for grp in optimizer.param_groups:
-                grp["lr"] = cfg.lr_at(step)
-            fmask = None
-            if masker is not None:  # conditioning frames: clean input, out of the loss, t0 modulation
-                fmask = masker.masks(B, z.shape[2], g_cpu).to(dev)
-                kwargs["x_mask"] = fmask
-            # the whole step's timesteps and noise first (as training_losses would draw them), so that N
-            # accumulated batches equal one batch N times larger
-            t = scheduler.sample_t(B, dev, g_cpu)
-            if scheduler.use_timestep_transform:
-                t = timestep_transform(
-                    t, kwargs["height"], kwargs["width"], kwargs["num_frames"],
-                    scale=scheduler.transform_scale, num_timesteps=scheduler.num_timesteps,
-                )  # fmt: skip
-            noise = torch.randn(z.shape, generator=g_cpu, dtype=z.dtype).to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=dev)
-            chunks = _micro_batches(B, cfg.grad_accum)
-            for m, sl in enumerate(chunks):
-                if use_fsdp and len(chunks) > 1:  # reduce-scatter the gradients once, after the last batch
-                    model.set_requires_gradient_sync(m == len(chunks) - 1)
-                if sync is not None:  # one sum, in the last batch's backward
-                    sync.enabled = m == len(chunks) - 1
-                kw = {k: v[sl] for k, v in kwargs.items()}
-                with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=use_amp):
-                    out = scheduler.training_losses(
-                        model, z[sl], kw, noise=noise[sl], mask=None if fmask is None else fmask[sl], t=t[sl]
-                    )
-                part = out["loss"].mean() if len(chunks) == 1 else out["loss"].mean() * ((sl.stop - sl.start) / B)
-                if not math.isfinite(part.item()):
-                    raise FloatingPointError(f"STDiT3 loss is {part.item()} at step {step}")
-                scaler.scale(part).backward()
-                loss = loss + part.detach()
-            if sp_group is not None and sync is None:
-                all_reduce_grads(params, sp_group)  # each rank's gradients cover its own tokens
-            scale = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.unscale_(optimizer)
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            skipped = scale is not None and scaler.get_scale() < scale  # fp16 overflow: no update this step
-            if not skipped:
-                update_ema(ema, model, cfg.ema_decay)
-
-            lv = loss.detach()
-            if _is_dist():
-                dist.all_reduce(lv)
-                lv = lv / world
-            dt = time.perf_counter() - t0
-            tokens = B * z.shape[2] * math.ceil(z.shape[3] / patch[1]) * math.ceil(z.shape[4] / patch[2]) * dp
-            rec = {
-                "step": step + 1,
-                "loss": float(lv),
-                "lr": cfg.lr_at(step),
-                "grad_norm": float(_full(gn)),
-                "samples_per_s": B * dp / dt,
-                "data_s": data_s,
-                "tokens_per_s": tokens / dt,
-                "shape": [T, H, W],
-                "batch": B,
-                "mfu": _mfu(model.config, z.shape, y.shape[1], dp, dt, dev, cfg.peak_tflops),
-            }
-            if load.count:
-                rec["bad_clips"] = load.count
-            if cfg.eval_every and eval_dataset is not None and (step + 1) % cfg.eval_every == 0:
-                res = evaluate_loss(model, eval_dataset, vae, text_encoder, seed=cfg.seed, batch_size=cfg.batch_size,
-                                    device=dev)  # fmt: skip
-                rec["eval_loss"] = res["mean"]
-                rec["eval"] = {k: b["mean"] for k, b in res["buckets"].items()}
-                if rank == 0:
-                    tqdm.write(f"evaluation loss at step {step + 1}:\n" + format_eval(res))
-            if scale is not None:
-                rec["loss_scale"] = scale
-                rec["skipped"] = bool(skipped)
-            losses.append(rec["loss"])
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if log is not None:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if tb is not None:
-                for k, v in rec.items():
-                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                        tb.add_scalar(f"train/{k}", v, step + 1)
-            if rank == 0 and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-                tqdm.write(
-                    f"step {step + 1}/{cfg.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} grad_norm "
-                    f"{rec['grad_norm']:.3f} {rec['samples_per_s']:.2f} samples/s "
-                    f"{rec['tokens_per_s']:.0f} tokens/s MFU "
-                    + ("n/a" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%")
-                )
-            if on_step is not None:
-                on_step(step, rec)
-            done = step + 1
-            if ckpt_dir and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-                last_ckpt = save_checkpoint(
-                    ckpt_dir, model, model.config, optimizer, ema, done, rank, run_meta, cfg.keep_last,
-                    extra={"scaler": scaler.state_dict()} if scaler.is_enabled() else None,
-                )  # fmt: skip
-    finally:
-        bar.close()
-        del fetched  # stops the DataLoader's workers
-        if log is not None:
-            log.close()
-        if tb is not None:
-            tb.close()
-    return TrainResult(losses, start + len(losses), last_ckpt, model, ema)
+    task = _DiTTask(cfg, dataset, model, vae, text_encoder, dev, rank=rank, dp_rank=dp_rank, dp=dp,
+                    sp_group=sp_group, use_fsdp=use_fsdp, eval_dataset=eval_dataset)  # fmt: skip
+    opts = trainer.TrainerOptions(
+        name="STDiT3", steps=cfg.steps, seed=cfg.seed, lr_at=cfg.lr_at, adam_eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay, dtype=cfg.dtype,
+        ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, log_every=cfg.log_every, tb_prefix="train",
+    )  # fmt: skip
+    # bf16 on CUDA: FSDP2 gathers bf16 parameters and reduces bf16 gradients (fp32 master weights / Adam)
+    mp = fsdp_mixed_precision(torch.bfloat16) if use_fsdp and dev.type == "cuda" and cfg.dtype == "bf16" else None
+    t = trainer.Trainer(
+        opts, task, model, device=dev, rank=rank, world=world, dp_rank=dp_rank, dp=dp,
+        parallel="fsdp" if use_fsdp else "none", fsdp_units=[*model.spatial_blocks, *model.temporal_blocks],
+        fsdp_mode=cfg.fsdp_mode, dp_mesh=dp_mesh, mp_policy=mp, ckpt_dir=ckpt_dir, run_meta=run_meta,
+        log_path=log_path, progress=progress, on_step=on_step,
+        ema_update=update_ema, tensorboard=tensorboard_writer,  # looked up here: tests replace them in this module
+    )  # fmt: skip
+    return t.fit(resume)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1063,8 +902,8 @@ def run_eval_loss(args) -> int:
     return 0
 
 
-def _load_model_state(model, sd: dict, path: str) -> None:
-    """Load a checkpoint's weights; a mismatch is one line (counts and a few names), not a state-dict dump."""
+def _check_model_state(model, sd: dict, path: str) -> None:
+    """A checkpoint's weights that do not fit ``model``: one line (counts and a few names), not a state-dict dump."""
     from opensora_fast.checkpoint import check_state_dict, format_mismatch
 
     missing, unexpected, shapes = check_state_dict(model, sd)
@@ -1073,6 +912,11 @@ def _load_model_state(model, sd: dict, path: str) -> None:
             f"checkpoint {path!r} does not fit this STDiT3 ({model.config.hidden_size} wide, depth "
             f"{model.config.depth}): " + format_mismatch(missing, unexpected, shapes, limit=3)
         )
+
+
+def _load_model_state(model, sd: dict, path: str) -> None:
+    """Load a checkpoint's weights (``_check_model_state`` first)."""
+    _check_model_state(model, sd, path)
     model.load_state_dict(sd)
 
 

@@ -1,4 +1,5 @@
-"""Training the Open-Sora 1.2 VAE (``scripts/train_vae.py`` of the release, without LPIPS / GAN terms).
+"""Training the Open-Sora 1.2 VAE (``scripts/train_vae.py`` of the release, without the GAN terms), through the
+shared ``opensora_fast.trainer``.
 
 Losses, as the release's ``VAELoss`` with its (untrained) logvar at 0:
 
@@ -7,37 +8,43 @@ Losses, as the release's ``VAELoss`` with its (untrained) logvar at 0:
     stage 1:  rec(x_z, x_z_rec) + [one-frame batches] rec(x_z, z)   2D VAE frozen (identity loss pulls
               the temporal latents of an image towards its 2D latents); 20% of batches are one frame
     stage 2:  rec(x_z, x_z_rec)                                       temporal VAE only
-    stage 3:  rec(x, x_rec) + kl                                      whole VAE, random clip lengths
+    stage 3:  rec(x, x_rec) + kl [+ 0.1 LPIPS]                        whole VAE, random clip lengths
 
-Every step draws its randomness (mixed-length choice, posterior noise) from a generator seeded by
-(seed, step), so a run resumed from a checkpoint repeats the uninterrupted run exactly. Checkpoints are
-directories ``step-XXXXXXXX`` holding ``model.safetensors`` (weights) and ``train_state.pt`` (optimizer
-and step, read back with ``weights_only=True``), written under a temporary name and renamed into place;
-the file ``latest`` names the newest.
+Every step draws its randomness from (seed, step): the mixed-length choice from one generator shared by every
+rank, the posterior noise of each micro-batch from its own generator (seeded by its index in the global batch),
+so a run resumed from a checkpoint repeats the uninterrupted run exactly, and N processes (DDP or FSDP2) train
+as one process with ``grad_accum`` N does. Checkpoints are directories ``step-XXXXXXXX`` holding
+``model.safetensors`` + ``config.json`` (weights) and ``train_state.pt`` (optimizer, step, data position, read
+back with ``weights_only=True``), written under a temporary name with checksums and renamed into place; the
+file ``latest`` names the newest.
+
+``micro_frame_size``: the temporal VAE encodes and decodes a clip in pieces of this many frames (the model's
+config: 17 for the release, as Open-Sora 1.2 samples with); 0 gives it the whole clip in one call, as the 1.2
+VAE training configs (``configs/vae/train/stage{1,2,3}.py``) do, which leave ``micro_frame_size`` unset.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import dataclasses
+import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
-from opensora_fast.checkpoint import (
-    has_checkpoint,
-    honour_umask,
-    load_safetensors_checked,
-    load_torch_checked,
-    recover,
-    resolve_resume,
-    verify_checkpoint,
-    write_step_dir,
+from opensora_fast import trainer
+from opensora_fast.checkpoint import resolve_resume
+from opensora_fast.common import (
+    UsageError,
+    check_device,
+    option,
+    options_from,
+    require_path,
+    tensorboard_writer,
 )
 
 if TYPE_CHECKING:  # the models import the kernels: only when a model is built (``check`` sets the backend first)
@@ -66,16 +73,20 @@ class VAETrainConfig:
     rec_loss: str = "l1"  # pixel loss: "l1" (the release) or "l2" (squared error: the demo's tiny VAE, see demo.py)
     num_frames: int = 33
     image_size: tuple[int, int] = (256, 256)
-    batch_size: int = 1
+    batch_size: int = 1  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (each backpropagated on its own)
+    micro_frame_size: int | None = None  # frames per temporal VAE call: None the model's (17), 0 the whole clip
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     grad_clip: float | None = 1.0
     grad_checkpoint: bool = True
-    dtype: str = "bf16"  # autocast dtype on CUDA ("bf16", "fp16" or "fp32"); CPU runs fp32
+    dtype: str = "bf16"  # autocast dtype on CUDA ("bf16", "fp16" or "fp32"); CPU runs fp32; fp16 scales the loss
     seed: int = 42
     steps: int = 1000
     ckpt_every: int = 1000
+    keep_last: int | None = None  # keep only the newest N checkpoints (None: all)
+    log_every: int = 10  # a loss line every N steps
     init_from: str | None = None  # an OpenSoraVAE checkpoint (file or directory)
     init_spatial_from: str | None = None  # a diffusers AutoencoderKL checkpoint for the 2D VAE
     lpips_weight: float = 0.1  # the release's perceptual_loss_weight; used when an LPIPS module is given
@@ -91,15 +102,18 @@ class VAETrainConfig:
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {self.rec_loss!r}")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be 'bf16', 'fp16' or 'fp32', got {self.dtype!r}")
+        for name in ("batch_size", "grad_accum", "steps", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_frame_size is not None and self.micro_frame_size < 0:
+            raise ValueError(f"micro_frame_size must be >= 0 (0: the whole clip), got {self.micro_frame_size}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
 
 
-@dataclass
-class TrainResult:
-    model: OpenSoraVAE
-    losses: list[float]  # one per step run in this call
-    step: int  # steps done in total (including those before a resume)
-    checkpoint: str | None  # the last checkpoint written
+TrainResult = trainer.TrainResult  # losses, step, checkpoint, model (ema None)
 
+LOSS_PARTS = ("rec", "lpips", "kl", "z_rec", "identity")  # what vae_loss logs
 
 # ------------------------------------------------------------------ loss
 
@@ -243,21 +257,28 @@ def _video(item) -> torch.Tensor:
     return v if v.dim() == 5 else v[None]
 
 
-def batches(data, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+def batches(data, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
     """A map-style dataset (``__len__`` + ``__getitem__``, items (3, T, H, W) or {"video": ...}) is
-    shuffled per epoch with a seeded permutation and stacked into batches; anything else is iterated
-    as ready batches (B, 3, T, H, W)."""
+    shuffled per epoch with a seeded permutation and cut into global batches of ``batch_size * world`` clips,
+    of which process ``rank`` stacks its ``batch_size``; anything else is iterated as ready batches
+    (B, 3, T, H, W) (one process only)."""
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, (list, tuple)):
-        n = len(data)
-        if n < batch_size:
-            raise ValueError(f"the dataset has {n} items, fewer than batch_size={batch_size}")
+        n, size = len(data), batch_size * world
+        if n < size:
+            each = f" x {world} processes" if world > 1 else ""
+            raise ValueError(f"the dataset has {n} items, fewer than batch_size={batch_size}{each}")
         epoch = 0
         while True:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-            for i in range(0, n - batch_size + 1, batch_size):
-                yield torch.cat([_video(data[int(j)]) for j in perm[i : i + batch_size]])
+            for i in range(0, n - size + 1, size):
+                mine = perm[i + rank * batch_size : i + (rank + 1) * batch_size]
+                yield torch.cat([_video(data[int(j)]) for j in mine])
             epoch += 1
     else:
+        if world > 1:
+            raise ValueError(
+                "data: an iterable of ready batches cannot be split over processes; give a map-style dataset"
+            )
         for item in data:
             yield _video(item)
 
@@ -265,37 +286,39 @@ def batches(data, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
 # ------------------------------------------------------------------ checkpoints
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    os.close(fd)
-    torch.save(obj, tmp)
-    honour_umask(tmp)
-    os.replace(tmp, path)
+def _write_vae(config: OpenSoraVAEConfig) -> Callable[[str, dict], None]:
+    """Weights as ``OpenSoraVAE.save_pretrained`` writes them: ``model.safetensors`` + ``config.json``."""
+
+    def write(directory: str, state: dict) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(directory, "model.safetensors")
+        )
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1)
+
+    return write
 
 
 def save_checkpoint(ckpt_dir: str, model: OpenSoraVAE, optimizer: torch.optim.Optimizer, step: int) -> str:
-    """Write ``ckpt_dir/step-XXXXXXXX`` atomically and point ``ckpt_dir/latest`` at it."""
-
-    def write(tmp: str) -> None:
-        model.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "train_state.pt"))
-
-    return write_step_dir(ckpt_dir, step, write)
+    """Write ``ckpt_dir/step-XXXXXXXX`` atomically and point ``ckpt_dir/latest`` at it (one process)."""
+    state = trainer.TrainState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, seed=None, step=step)
+    return trainer.write_checkpoint(ckpt_dir, state.state_dict(), _write_vae(model.cfg))
 
 
 def load_checkpoint(path: str, model: OpenSoraVAE, optimizer: torch.optim.Optimizer) -> int:
     """Restore weights and optimizer from a checkpoint directory (or the newest complete one in a
-    ``ckpt_dir``), its checksums verified; returns its step."""
+    ``ckpt_dir``), its checksums verified (also one written before the shared trainer, whose optimizer state is
+    keyed by position); returns its step."""
     from opensora_fast.models.vae import check_state_dict
 
-    path = resolve_resume(path)
-    verify_checkpoint(path)
-    state = load_safetensors_checked(os.path.join(path, "model.safetensors"))
-    check_state_dict(model, state)
-    model.load_state_dict(state)
-    train_state = load_torch_checked(os.path.join(path, "train_state.pt"))
-    optimizer.load_state_dict(train_state["optimizer"])
-    return int(train_state["step"])
+    ck = trainer.read_checkpoint(resolve_resume(path))
+    check_state_dict(model, ck["model"])
+    state = trainer.TrainState(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None, seed=None)
+    state.load_state_dict({**ck, "seed": None})
+    return state.step
 
 
 # ------------------------------------------------------------------ the loop
@@ -316,10 +339,83 @@ def build_model(cfg: VAETrainConfig, device) -> OpenSoraVAE:
     return model.to(device=device, dtype=torch.float32)
 
 
+def _step_seed(seed: int, step: int) -> int:
+    """The seed of one step's draws (the same on every rank)."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def _micro_seed(step_seed: int, index: int) -> int:
+    """The posterior-noise seed of micro-batch ``index`` of the global batch (index 0: ``step_seed + 1``)."""
+    return (step_seed + 1 + index * 1_000_000_007) % (2**63)
+
+
 def _step_generators(seed: int, step: int, device: torch.device):
-    """(cpu generator for data choices, device generator for posterior noise), both from (seed, step)."""
-    s = (seed * 1_000_003 + step) % (2**63)
-    return torch.Generator().manual_seed(s), torch.Generator(device=device).manual_seed(s + 1)
+    """(cpu generator for data choices, device generator for the posterior noise of the first micro-batch)."""
+    s = _step_seed(seed, step)
+    return torch.Generator().manual_seed(s), torch.Generator(device=device).manual_seed(_micro_seed(s, 0))
+
+
+@contextlib.contextmanager
+def micro_frames(model: OpenSoraVAE, frames: int | None):
+    """Within the block ``model`` runs its temporal VAE on pieces of ``frames`` frames (None: as configured)."""
+    if frames is None:
+        yield
+        return
+    old = model.cfg
+    model.cfg = dataclasses.replace(old, micro_frame_size=frames)
+    try:
+        yield
+    finally:
+        model.cfg = old
+
+
+class _VAETask(trainer.Task):
+    """The VAE's part of a step: a mixed-length crop of the batch (one draw per step, shared by the ranks) and the
+    stage's loss per micro-batch, each with its own posterior-noise generator."""
+
+    def __init__(self, cfg: VAETrainConfig, data, model: OpenSoraVAE, lpips, device, dp_rank: int, dp: int):
+        self.cfg, self.data, self.inner, self.lpips, self.device = cfg, data, model, lpips, device
+        self.dp_rank, self.dp = dp_rank, dp
+        self.config = model.cfg  # the architecture saved with the weights (micro_frames changes it only in steps)
+
+    def batches(self, start: int):
+        it = batches(self.data, self.cfg.batch_size * self.cfg.grad_accum, self.cfg.seed, self.dp_rank, self.dp)
+        for _ in range(start):  # batches the resumed run already consumed
+            next(it)
+        return it
+
+    def step_seed(self, step: int, dp_rank: int) -> int:
+        return _step_seed(self.cfg.seed, step)
+
+    def plan(self, step: int, x: torch.Tensor, seed: int, model) -> trainer.StepPlan:
+        cfg, dev = self.cfg, self.device
+        x = mixed_length(cfg, x, torch.Generator().manual_seed(seed)).to(device=dev, dtype=torch.float32)
+        B = x.shape[0]
+        chunks = trainer.micro_batches(B, cfg.grad_accum)
+        frames = None if cfg.micro_frame_size is None else (cfg.micro_frame_size or x.shape[2])
+
+        def micro(k: int, sl: slice):
+            def loss():
+                g = torch.Generator(device=dev).manual_seed(_micro_seed(seed, self.dp_rank * len(chunks) + k))
+                with micro_frames(self.inner, frames):
+                    value, parts = vae_loss(cfg, model, x[sl], g, self.lpips)
+                if len(chunks) == 1:
+                    return value, parts
+                w = (sl.stop - sl.start) / B
+                return value * w, {n: v * w for n, v in parts.items()}
+
+            return loss
+
+        micros = [micro(k, sl) for k, sl in enumerate(chunks)]
+        return trainer.StepPlan(micros, record={"frames": x.shape[2]}, samples=B, postfix={"frames": x.shape[2]})
+
+    def check_model(self, model, state: dict, path: str) -> None:
+        from opensora_fast.models.vae import check_state_dict
+
+        check_state_dict(model, state)
+
+    def write_model(self, directory: str, state: dict) -> None:
+        _write_vae(self.config)(directory, state)
 
 
 def train_vae(
@@ -334,14 +430,32 @@ def train_vae(
     progress: bool = True,
     on_step: Callable[[int, float, dict], None] | None = None,
     lpips: LPIPS | None = None,
+    log_path: str | None = None,
+    run_meta: dict | None = None,
+    parallel: str | None = None,
+    fsdp_mode: str = "zero2",
 ) -> TrainResult:
-    """Train ``model`` (built from ``cfg`` when None) until ``steps`` (default ``cfg.steps``) steps in total.
+    """Train ``model`` (built from ``cfg`` when None) until ``steps`` (default ``cfg.steps``) steps in total
+    (``trainer.Trainer``).
 
     ``data``: a map-style dataset of clips (3, T, H, W) / {"video": ...} or an iterable of batches
     (B, 3, T, H, W) in [-1, 1]. When resuming (``resume``: a checkpoint directory or a ``ckpt_dir``
     with a ``latest`` file; ``"auto"`` = ``ckpt_dir`` if it has one), the batches already consumed are
     skipped, so a deterministic ``data`` reproduces the uninterrupted run. Checkpoints go to
-    ``ckpt_dir`` every ``cfg.ckpt_every`` steps and at the end."""
+    ``ckpt_dir`` every ``cfg.ckpt_every`` steps and at the end; ``log_path``: ``log.jsonl`` (and TensorBoard
+    scalars beside it when installed). ``on_step(step, loss, parts)`` after each step.
+
+    Under a process group: ``parallel`` "ddp" (the default with more than one process) or "fsdp" (FSDP2, the
+    whole VAE one unit: its submodules are reached through methods, not calls); each process takes its
+    ``cfg.batch_size`` clips of every global batch."""
+    from opensora_fast.parallel import fsdp_mixed_precision
+
+    dist_on = trainer.is_dist()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist_on else (0, 1)
+    if parallel is None:
+        parallel = "ddp" if world > 1 else "none"
+    if world > 1 and parallel == "none":
+        raise ValueError(f"parallel='none' with {world} processes: use 'ddp' or 'fsdp' (the gradients must be synced)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     total = cfg.steps if steps is None else steps
     model = build_model(cfg, device) if model is None else model.to(device)
@@ -351,61 +465,30 @@ def train_vae(
     model.set_grad_checkpoint(cfg.grad_checkpoint)
     for p in model.spatial_vae.parameters():
         p.requires_grad_(not cfg.freeze_spatial)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
-    if ckpt_dir:
-        for line in recover(ckpt_dir):  # what killed checkpoint writes left behind
-            print(f"checkpoints: {line}")
-    if resume == "auto":
-        resume = ckpt_dir if ckpt_dir and has_checkpoint(ckpt_dir) else None
-    start = load_checkpoint(resume, model, optimizer) if resume else 0
+    task = _VAETask(cfg, data, model, lpips, device, rank, world)
+    opts = trainer.TrainerOptions(
+        name=f"VAE stage {cfg.stage}", steps=total, seed=cfg.seed, lr_at=lambda step: cfg.lr, adam_eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, ema_decay=None, dtype=cfg.dtype,
+        ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, log_every=cfg.log_every, tb_prefix="vae",
+    )  # fmt: skip
+    mp = None
+    if parallel == "fsdp" and device.type == "cuda" and cfg.dtype in ("bf16", "fp16"):
+        mp = fsdp_mixed_precision(trainer.PRECISIONS[cfg.dtype])
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.dtype]
-    use_amp = device.type == "cuda" and amp_dtype is not None
-    it = batches(data, cfg.batch_size, cfg.seed)
-    for _ in range(start):  # batches the resumed run already consumed
-        next(it)
-
-    losses, last_ckpt = [], None
-    bar = tqdm(range(start, total), initial=start, total=total, desc=f"VAE stage {cfg.stage}", disable=not progress)
-    for step in bar:
-        try:
-            x = next(it)
-        except StopIteration:
-            break
-        g_cpu, g_dev = _step_generators(cfg.seed, step, device)
-        x = mixed_length(cfg, x, g_cpu).to(device=device, dtype=torch.float32)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
-            loss, parts = vae_loss(cfg, model, x, g_dev, lpips)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"VAE loss is {loss.item()} at step {step} ({parts})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4g}", frames=x.shape[2])
+    def step_done(step: int, rec: dict) -> None:
         if on_step is not None:
-            on_step(step, losses[-1], parts)
-        done = step + 1
-        if ckpt_dir and (done % cfg.ckpt_every == 0 or done == total):
-            last_ckpt = save_checkpoint(ckpt_dir, model, optimizer, done)
-    bar.close()
-    return TrainResult(model, losses, start + len(losses), last_ckpt)
+            on_step(step, rec["loss"], {k: rec[k] for k in LOSS_PARTS if k in rec})
+
+    t = trainer.Trainer(
+        opts, task, model, device=device, rank=rank, world=world, dp_rank=rank, dp=world, parallel=parallel,
+        fsdp_mode=fsdp_mode, mp_policy=mp, ckpt_dir=ckpt_dir, run_meta=run_meta, log_path=log_path,
+        progress=progress, on_step=step_done, tensorboard=tensorboard_writer,
+    )  # fmt: skip
+    return t.fit(resume)
 
 
 # ------------------------------------------------------------------ ``opensora-fast train-vae``
-
-from opensora_fast.common import (  # noqa: E402
-    UsageError,
-    check_device,
-    option,
-    options_from,
-    require_path,
-    tensorboard_writer,
-)
 
 
 @dataclass
@@ -416,7 +499,7 @@ class VAERunOptions:
                               metavar="CSV")  # fmt: skip
     stage: int = option(3, "Open-Sora 1.2 VAE stage: 1 (z-rec + image identity, 2D VAE frozen), 2 (z-rec), "
                         "3 (pixel L1 + KL [+ LPIPS], random lengths)", choices=(1, 2, 3))  # fmt: skip
-    out_dir: str | None = option(None, "checkpoints (step-N/ with model.safetensors + train_state.pt)",
+    out_dir: str | None = option(None, "checkpoints (step-N/ with model.safetensors + train_state.pt), log.jsonl",
                                  required=True, metavar="DIR")  # fmt: skip
     steps: int = option(1000, "train until this step (in total)")
     resume: str | None = option(None, "a checkpoint, or (no value) the newest in --out-dir", nargs="?", const="auto")
@@ -424,33 +507,56 @@ class VAERunOptions:
     model_config: str = option("release", "release: Open-Sora 1.2's VAE; tiny: for tests", choices=("release", "tiny"))
     num_frames: int | None = option(None, "clip length (default: the stage's, 17 or 33)", parse=int, metavar="T")
     image_size: str | None = option(None, "HxW (default: the stage's, 256x256)", metavar="HxW")
-    batch_size: int | None = option(None, "clips per step (default: the stage's, 1)", parse=int)
+    batch_size: int | None = option(None, "clips per process and micro-batch (default: the stage's, 1)", parse=int)
+    grad_accum: int = option(1, "gradient accumulation: micro-batches per optimizer step (global batch: "
+                             "batch size x N x processes)", metavar="N")  # fmt: skip
+    micro_frame_size: int | None = option(
+        None,
+        "frames per temporal-VAE call in training (default: the model's, 17 as Open-Sora 1.2 samples; 0: the "
+        "whole clip in one call, as the 1.2 VAE training configs)",
+        parse=int,
+        metavar="N",
+    )
     lr: float | None = option(None, "AdamW learning rate (default: the stage's, 1e-5)", parse=float)
+    dtype: str | None = option(None, "autocast on CUDA (default: the stage's, bf16; fp16 adds loss scaling); the "
+                               "CPU runs fp32", choices=("bf16", "fp16", "fp32"))  # fmt: skip
     seed: int = option(42, "data order and every random draw")
     ckpt_every: int = option(1000, "write a checkpoint every N steps (and at the end)", metavar="N")
+    keep_last: int | None = option(None, "keep only the newest N checkpoints (default: keep all)", parse=int,
+                                   metavar="N")  # fmt: skip
+    log_every: int = option(10, "print a loss line every N steps", metavar="N")
     lpips_weights: str | None = option(None, "local VGG16 + LPIPS weights for the perceptual term (stage 3; weight "
                                        "0.1 as in Open-Sora 1.2); never downloaded", metavar="PATH")  # fmt: skip
     grad_checkpoint: bool = option(False, "gradient checkpointing (the stage configs use it on GPUs)")
-    device: str | None = option(None, "cuda or cpu (default: cuda when available)")
+    fsdp: bool = option(False, "under torchrun: FSDP2 (the VAE sharded over the processes) instead of DDP")
+    fsdp_mode: str = option(
+        "zero2", "with --fsdp; zero2: keep gathered weights to backward", choices=("zero2", "zero3")
+    )
+    dist_timeout: float = option(
+        600.0, "under torchrun: a rank that waits longer than S seconds for another fails the job", metavar="S"
+    )
+    device: str | None = option(None, "cuda or cpu (default: cuda when every local process gets a GPU, else cpu)")
     no_progress: bool = option(False, "no progress bar")
 
 
 def run_train_vae(args) -> int:
+    """``opensora-fast train-vae``: one process, or several under torchrun (DDP, or FSDP2 with ``--fsdp``)."""
     from dataclasses import replace
 
     from opensora_fast.configs.vae import STAGES
     from opensora_fast.data import VideoTextDataset, parse_size
+    from opensora_fast.parallel import init_distributed
 
     o = options_from(VAERunOptions, args)
     check_device(o.device)
-    dev = torch.device(o.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = STAGES[o.stage]
-    over = dict(seed=o.seed, steps=o.steps, ckpt_every=o.ckpt_every, grad_checkpoint=o.grad_checkpoint)
+    over = dict(seed=o.seed, steps=o.steps, ckpt_every=o.ckpt_every, grad_checkpoint=o.grad_checkpoint,
+                grad_accum=o.grad_accum, keep_last=o.keep_last, log_every=o.log_every)  # fmt: skip
     if o.model_config == "tiny":
         from opensora_fast.models.vae import OpenSoraVAEConfig
 
         over["model"] = OpenSoraVAEConfig.tiny()
-    for name in ("num_frames", "batch_size", "lr", "init_from"):
+    for name in ("num_frames", "batch_size", "lr", "init_from", "dtype", "micro_frame_size"):
         if getattr(o, name) is not None:
             over[name] = getattr(o, name)
     try:
@@ -459,6 +565,10 @@ def run_train_vae(args) -> int:
         cfg = replace(cfg, **over)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    rank, world, dev = init_distributed(device=o.device, timeout=o.dist_timeout)
+    if o.fsdp and not trainer.is_dist():
+        raise UsageError("--fsdp needs a process group: run under torchrun (e.g. torchrun --nproc_per_node 2 ...)")
+    say = print if rank == 0 else (lambda *a, **k: None)
     lpips = None
     if o.lpips_weights:
         try:
@@ -466,7 +576,7 @@ def run_train_vae(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
     elif cfg.use_real_rec_loss:
-        print(
+        say(
             "LPIPS term off: no --lpips-weights given (Open-Sora 1.2 weighs it 0.1; give local VGG16 + LPIPS "
             "weights to add it)",
             file=sys.stderr,
@@ -474,31 +584,22 @@ def run_train_vae(args) -> int:
     T, (H, W) = cfg.num_frames, cfg.image_size
     dataset = VideoTextDataset(require_path(o.data, "--data", "the data CSV"), [(T, H, W)])
     for path in dataset.dropped:
-        print(f"left out: {path}: shorter than {T} frames", file=sys.stderr)
+        say(f"left out: {path}: shorter than {T} frames", file=sys.stderr)
     for path, line, why in dataset.bad:
-        print(f"left out: {path} (line {line}): {why}", file=sys.stderr)
+        say(f"left out: {path} (line {line}): {why}", file=sys.stderr)
     if o.resume and o.resume != "auto":
         require_path(o.resume, "--resume", "a VAE checkpoint")
     ckpt_dir = os.path.join(o.out_dir, "checkpoints")
-    log_path = os.path.join(o.out_dir, "log.jsonl")
-    os.makedirs(o.out_dir, exist_ok=True)
-    import json
-
-    tb = tensorboard_writer(os.path.join(o.out_dir, "tb"))
-    with open(log_path, "a") as log:
-
-        def on_step(step, loss, parts):
-            rec = {"step": step + 1, "loss": loss, **parts}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if tb is not None:
-                for k, v in rec.items():
-                    if k != "step":
-                        tb.add_scalar(f"vae/{k}", v, step + 1)
-
-        res = train_vae(cfg, dataset, ckpt_dir=ckpt_dir, resume=o.resume, device=dev, progress=not o.no_progress,
-                        on_step=on_step, lpips=lpips)  # fmt: skip
-    if tb is not None:
-        tb.close()
-    print(f"VAE stage {cfg.stage} trained to step {res.step}; checkpoint {res.checkpoint}")
+    if rank == 0:
+        os.makedirs(o.out_dir, exist_ok=True)
+    run_meta = {k: v for k, v in vars(args).items() if k not in ("func", "resume", "no_progress", "explicit", "argv")}
+    if world > 1:
+        say(f"VAE stage {cfg.stage}: world size {world} ({'FSDP2' if o.fsdp else 'DDP'}), device {dev}")
+    res = train_vae(cfg, dataset, ckpt_dir=ckpt_dir, resume=o.resume, device=dev, progress=not o.no_progress,
+                    lpips=lpips, log_path=os.path.join(o.out_dir, "log.jsonl"), run_meta=run_meta,
+                    parallel="fsdp" if o.fsdp else None, fsdp_mode=o.fsdp_mode)  # fmt: skip
+    say(f"VAE stage {cfg.stage} trained to step {res.step}; checkpoint {res.checkpoint}")
+    if trainer.is_dist():
+        torch.distributed.barrier()  # leave together (as train does)
+        torch.distributed.destroy_process_group()
     return 0

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start-index", type=int, default=0, help="sample the prompts from this index (0-based)")
     s.add_argument("--end-index", type=int, help="... up to this index (exclusive); names and seeds stay the same")
     s.add_argument("--skip-existing", action="store_true", help="do not sample a clip whose file already exists")
+    from opensora_fast.common import add_options
+    from opensora_fast.sample import SampleOptions
+
+    add_options(s, SampleOptions)  # the flags of SampleOptions' option() fields (--loop, ...)
     s.add_argument(
         "--no-cfg-parallel",
         action="store_true",
@@ -162,7 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="train STDiT3 on a CSV of (path, text) videos; torchrun for several GPUs",
         formatter_class=_HelpFormatter,
     )
-    from opensora_fast.common import add_options
     from opensora_fast.train import DiTTrainConfig, TrainRun
 
     add_options(t, TrainRun)  # the flags and their defaults come from these two dataclasses
@@ -222,6 +225,7 @@ def _check(args) -> int:
 
 
 def _sample(args) -> int:
+    from opensora_fast.common import cli_fields
     from opensora_fast.sample import SampleOptions, generate, read_prompt_file
 
     prompts = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
@@ -266,6 +270,7 @@ def _sample(args) -> int:
         reference_frames=args.reference_frames,
         cfg_parallel=not args.no_cfg_parallel,
         sp_mode=args.sp_mode,
+        **{f.name: getattr(args, f.name) for f in cli_fields(SampleOptions)},
     )
     try:
         paths = generate(opts)

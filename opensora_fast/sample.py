@@ -16,8 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-from opensora_fast.common import UsageError, load_vae, require_path, save_stdit3, stdit3_config_dict  # noqa: F401
+from opensora_fast.common import (  # noqa: F401
+    UsageError,
+    load_vae,
+    option,
+    require_path,
+    save_stdit3,
+    stdit3_config_dict,
+)
 from opensora_fast.data import DURATIONS, IMAGE_FPS, image_size, num_frames_for
+from opensora_fast.text import split_prompt
 
 
 def check_compatible(model, vae, text_dim: int | None = None) -> None:
@@ -76,6 +84,20 @@ class SampleOptions:
     start_index: int = 0  # the prompts [start_index:end_index] (indices and seeds stay those of the full list)
     end_index: int | None = None
     skip_existing: bool = False  # a clip whose file already exists is not sampled again
+    # Open-Sora's loop generation (flags derived from these fields: common.add_options)
+    loop: int = option(
+        1,
+        "sample N clips one after the other, each conditioned on the last --condition-frame-length latent frames "
+        "of the one before; the output is their concatenation (Open-Sora's loop; a prompt '|0|a cat|2|a dog' "
+        "changes the text from loop 2)",
+        metavar="N",
+    )
+    condition_frame_length: int = option(
+        5, "with --loop: latent frames of the previous clip that start the next (whole VAE chunks: 5 = 17 frames)"
+    )
+    condition_frame_edit: float = option(
+        0.0, "with --loop: edit ratio of those frames (0: kept as decoded, 1: generated freely)"
+    )
 
     def __post_init__(self):
         if not self.prompts or any(not p.strip() for p in self.prompts):
@@ -110,6 +132,12 @@ class SampleOptions:
         if self.align is not None and self.align < 1:
             raise UsageError(f"--align must be >= 1 latent frame, got {self.align}")
         parse_mask_strategy(self.mask_strategy)
+        if self.loop < 1:
+            raise UsageError(f"--loop must be >= 1, got {self.loop}")
+        if self.condition_frame_length < 1:
+            raise UsageError(f"--condition-frame-length must be >= 1 latent frame, got {self.condition_frame_length}")
+        if not 0.0 <= self.condition_frame_edit <= 1.0:
+            raise UsageError(f"--condition-frame-edit must be in [0, 1], got {self.condition_frame_edit}")
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise UsageError(f"--memory-budget must be > 0 GiB, got {self.memory_budget}")
         if self.reference is not None:
@@ -123,6 +151,13 @@ class SampleOptions:
             self.frames()
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if self.loop > 1 and self.frames() == 1:
+            raise UsageError("--loop extends a video: use a video duration or --num-frames > 1, not an image")
+        for prompt in self.prompts:
+            try:
+                split_prompt(split_prompt_json(prompt)[0].strip())
+            except ValueError as e:
+                raise UsageError(str(e)) from None
 
     def size(self) -> tuple[int, int]:
         return self.image_size or image_size(self.resolution, self.aspect_ratio)
@@ -142,6 +177,17 @@ def conditioning_prompt(prompt: str, opts: SampleOptions) -> str:
 
     p = append_score([prompt], opts.aes, opts.flow, opts.camera_motion)[0]
     return preprocess_prompt(p) if opts.clean_prompts else p
+
+
+def loop_prompts(prompt: str, opts: SampleOptions) -> list[str]:
+    """The text T5 encodes in each of the ``opts.loop`` loops, as Open-Sora 1.2's inference builds it: a
+    multi-part prompt ``"|0|a cat|2|a dog"`` split into its parts, each part given the score suffixes and cleaned
+    (``conditioning_prompt``), merged back and the part of each loop picked (``text.prompt_for_loop``)."""
+    from opensora_fast.text import merge_prompt, prompt_for_loop, split_prompt
+
+    texts, starts = split_prompt(prompt)
+    merged = merge_prompt([conditioning_prompt(t, opts) for t in texts], starts)
+    return [prompt_for_loop(merged, i) for i in range(opts.loop)]
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -392,13 +438,30 @@ def generate(opts: SampleOptions) -> list[str]:
     offload = plan.offload if plan else "t5"
     if plan:
         say(f"memory plan: peak {plan.peak / 2**30:.1f} GiB ({plan.flags()})", flush=True)
+    drop = 0  # with --loop: the pixel frames of each later loop that repeat the previous loop's last ones
+    if opts.loop > 1:  # checked before any weights are read
+        if world > 1:
+            raise UsageError("--loop runs one process: it is not supported under torchrun")
+        if offload == "all":
+            raise UsageError(
+                f"--loop decodes and encodes between loops, so the STDiT3 and the VAE stay together, but the memory "
+                f"plan offloads all ({plan.flags()}): give --offload t5 with a larger --memory-budget, or fewer frames"
+            )
+        drop = loop_drop_frames(vae_path, opts.condition_frame_length, opts.frames(), opts.size())
 
     # 1. T5 (bf16 on a GPU unless --t5-dtype fp32): every prompt encoded, then T5 freed (unless --offload none)
     t5_dtype = torch.float32 if device.type == "cpu" or opts.t5_dtype == "fp32" else torch.bfloat16
     text = T5TextEncoder(t5_path, model_max_length=_model_max_length(model_path), device=device, dtype=t5_dtype)
     text_dim = text.output_dim
-    encoded = [text.encode([conditioning_prompt(e[1], opts)]) for e in entries]
-    encoded = [(e["y"].to(dtype), e["mask"]) for e in encoded]
+    encoded = []  # per prompt: per loop, (y, text mask); a text is encoded once per prompt
+    for e in entries:
+        texts = loop_prompts(e[1], opts)
+        once = {}
+        for t in texts:
+            if t not in once:
+                out = text.encode([t])
+                once[t] = (out["y"].to(dtype), out["mask"])
+        encoded.append([once[t] for t in texts])
     if offload != "none":
         del text
         _free(device)
@@ -456,42 +519,66 @@ def generate(opts: SampleOptions) -> list[str]:
     paths, pending = [], []  # under torchrun / --offload all: latents kept until the model is gone
     ext = ".png" if T == 1 else ".mp4"
     jobs = [(e, c, k, enc) for e, c, enc in zip(entries, conds, encoded) for k in range(opts.num_sample)]
-    todo = []  # (name, prompt, z, cond_mask or None, y, text mask, generator)
-    for n, ((i, prompt, _, _), cref, k, (y, mask)) in enumerate(jobs):
+    todo = []  # (name, prompt, loop 0's noise z, (refs, mask items) or None, [(y, text mask)] per loop, generator)
+    for n, ((i, prompt, _, _), cref, k, enc) in enumerate(jobs):
         name = f"{i:03d}_{slug(prompt)}" + (f"_s{k}" if opts.num_sample > 1 else "")
         if opts.skip_existing and os.path.exists(os.path.join(opts.out_dir, name + ext)):
             say(f"[{n + 1}/{len(jobs)}] {name}{ext} exists: skipped", flush=True)
             continue
         g = torch.Generator(device=device).manual_seed(opts.seed + i + k * len(opts.prompts))
         z = torch.randn((1, latent_channels, *lat), generator=g, device=device, dtype=dtype)
-        cond_mask = apply_mask_strategy(z, *cref, loop=0, align=opts.align) if cref is not None else None
-        todo.append((name, prompt, z, cond_mask, y, mask, g))
+        todo.append((name, prompt, z, cref, enc, g))
+    tile = plan.vae_tile if plan else None
     for b0 in range(0, len(todo), opts.batch_size):  # --batch-size clips per sampler forward
         group = todo[b0 : b0 + opts.batch_size]
         B = len(group)
-        for j, e in enumerate(group):
-            say(f"[{b0 + j + 1}/{len(todo)}] {e[1]!r}: {T} frame(s) at {H}x{W}, latent {tuple(lat)}", flush=True)
-        z = torch.cat([e[2] for e in group])
-        cond = {}
-        if any(e[3] is not None for e in group):
-            ones = torch.ones(1, lat[0], device=device)
-            cond = dict(cond_mask=torch.cat([ones if e[3] is None else e[3] for e in group]))
-        z = scheduler.sample(
-            model,
-            z,
-            torch.cat([e[4] for e in group]),
-            null_caption(model, B),
-            text_mask=torch.cat([e[5] for e in group]),
-            generator=group[0][6],
-            progress=opts.progress,
-            cfg_sequential=bool(plan and plan.cfg_sequential),
-            **{k: v if k == "fps" else v.repeat(B) for k, v in size_args.items()},
-            **cond,
-        )
-        for e, zi in zip(group, z.split(1)):
-            pending.append((e[0], zi))
-            if world == 1 and offload != "all":
-                paths.append(_write(vae, *pending.pop(), T, dtype, opts, plan))
+        generated = [[] for _ in group]  # with --loop: each loop's clip re-encoded, the references of the next
+        videos = [[] for _ in group]  # with --loop: each loop's frames
+        for li in range(opts.loop):
+            zs, masks = [], []
+            for j, e in enumerate(group):
+                # loop li > 0: fresh noise from the clip's generator, the last condition_frame_length latent frames
+                # of loop li - 1 (decoded and encoded again) at its start (Open-Sora's append_generated)
+                z = e[2] if li == 0 else torch.randn(e[2].shape, generator=e[5], device=device, dtype=dtype)
+                refs, items = e[3] if e[3] is not None else ([], [])
+                refs = [*refs, *generated[j]]
+                if li > 0:
+                    cfl = opts.condition_frame_length
+                    items = [*items, MaskItem(li, len(refs) - 1, -cfl, 0, cfl, opts.condition_frame_edit)]
+                zs.append(z)
+                masks.append(apply_mask_strategy(z, refs, items, loop=li, align=opts.align) if items else None)
+                what = f" (loop {li + 1}/{opts.loop})" if opts.loop > 1 else ""
+                say(f"[{b0 + j + 1}/{len(todo)}] {e[1]!r}{what}: {T} frame(s) at {H}x{W}, "
+                    f"latent {tuple(lat)}", flush=True)  # fmt: skip
+            cond = {}
+            if any(m is not None for m in masks):
+                ones = torch.ones(1, lat[0], device=device)
+                cond = dict(cond_mask=torch.cat([ones if m is None else m for m in masks]))
+            z = scheduler.sample(
+                model,
+                torch.cat(zs),
+                torch.cat([e[4][li][0] for e in group]),
+                null_caption(model, B),
+                text_mask=torch.cat([e[4][li][1] for e in group]),
+                generator=group[0][5],
+                progress=opts.progress,
+                cfg_sequential=bool(plan and plan.cfg_sequential),
+                **{k: v if k == "fps" else v.repeat(B) for k, v in size_args.items()},
+                **cond,
+            )
+            for j, (e, zi) in enumerate(zip(group, z.split(1))):
+                if opts.loop == 1:
+                    pending.append((e[0], zi))
+                    if world == 1 and offload != "all":
+                        paths.append(_write(vae, *pending.pop(), T, dtype, opts, plan))
+                    continue
+                video = vae.decode(zi.to(dtype), num_frames=T, spatial_tile=tile)  # (1, 3, T, H, W) on the device
+                if li < opts.loop - 1:
+                    generated[j].append(vae.encode(video.to(dtype), sample=False)[0])
+                videos[j].append(video[0, :, drop if li > 0 else 0 :].float().cpu())
+        for e, frames in zip(group, videos):
+            if frames:
+                paths.append(_write_frames(e[0], torch.cat(frames, dim=1), T, opts))
     if world == 1 and offload == "all":
         del model
         _free(device)
@@ -519,6 +606,28 @@ def generate(opts: SampleOptions) -> list[str]:
         if rank == 0:
             paths = [_write_frames(name, video[0], T, opts) for name, video in videos]
     return paths
+
+
+def loop_drop_frames(vae_path: str, condition_frame_length: int, num_frames: int, size: tuple[int, int]) -> int:
+    """The pixel frames that the conditioning of a later loop repeats (Open-Sora's ``dframe_to_frame``: 5 latent
+    frames = 17 frames for the release's VAE, i.e. whole VAE chunks), from the VAE's configuration at ``vae_path``
+    (built on the meta device: no weights read); UsageError unless ``condition_frame_length`` is whole chunks and
+    shorter than the clip's latent frames."""
+    from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+
+    with torch.device("meta"):
+        vae = OpenSoraVAE(OpenSoraVAEConfig.from_json_beside(vae_path) or OpenSoraVAEConfig.v1_2())
+    m = vae.cfg.micro_frame_size
+    per_chunk = vae.get_latent_size((m, *size))[0]
+    latent_frames = vae.get_latent_size((num_frames, *size))[0]
+    cfl = condition_frame_length
+    if cfl % per_chunk:
+        raise UsageError(f"--condition-frame-length must be a multiple of {per_chunk} latent frames (one VAE chunk of "
+                         f"{m} frames), got {cfl}")  # fmt: skip
+    if cfl >= latent_frames:
+        raise UsageError(f"--condition-frame-length {cfl} fills the clip's {latent_frames} latent frames: nothing left "
+                         "to generate in a loop; use a longer clip or fewer condition frames")  # fmt: skip
+    return cfl // per_chunk * m
 
 
 def _free(device: torch.device) -> None:

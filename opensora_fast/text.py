@@ -141,6 +141,56 @@ def preprocess_prompt(text: str) -> str:
         ) from None
 
 
+# ---------------------------------------------------------------------------------------------
+# multi-part prompts for loop generation: "|0|a cat|2|a dog" = "a cat" in loops 0 and 1, "a dog" from loop 2
+# (Open-Sora 1.2's split_prompt / merge_prompt / extract_prompts_loop in opensora/utils/inference_utils.py)
+
+
+def split_prompt(prompt: str) -> tuple[list[str], list[int] | None]:
+    """``"|0| a cat |2| a dog"`` -> (["a cat", "a dog"], [0, 2]): the parts (stripped) and the loop each starts
+    at; a prompt that does not start with ``|0|`` is one part: ([prompt], None). The starts must be integers
+    rising from 0 and every start needs a text, else ValueError."""
+    if not prompt.startswith("|0|"):
+        return [prompt], None
+    fields = prompt.split("|")[1:]
+    if len(fields) % 2:
+        raise ValueError(f"prompt {prompt!r}: every |loop| marker needs a text after it ('|0|a cat|2|a dog')")
+    texts, starts = [], []
+    for i in range(0, len(fields), 2):
+        try:
+            start = int(fields[i])
+        except ValueError:
+            raise ValueError(f"prompt {prompt!r}: loop marker |{fields[i]}| is not an integer") from None
+        if starts and start <= starts[-1]:
+            raise ValueError(f"prompt {prompt!r}: loop markers must rise (|{starts[-1]}| then |{start}|)")
+        texts.append(fields[i + 1].strip())
+        starts.append(start)
+    return texts, starts
+
+
+def merge_prompt(texts: list[str], starts: list[int] | None = None) -> str:
+    """``split_prompt``'s inverse on (cleaned) parts: (["a cat", "a dog"], [0, 2]) -> ``"|0|a cat|2|a dog"``;
+    without starts, the one part."""
+    if starts is None:
+        if len(texts) != 1:
+            raise ValueError(f"texts must be one part when starts is None, got {len(texts)}")
+        return texts[0]
+    if len(texts) != len(starts):
+        raise ValueError(f"texts and starts must have the same length, got {len(texts)} and {len(starts)}")
+    return "".join(f"|{s}|{t}" for s, t in zip(starts, texts))
+
+
+def prompt_for_loop(prompt: str, loop: int) -> str:
+    """The text of loop ``loop`` (0-based) of a merged multi-part prompt: the part with the last start <= loop
+    (``"|0|a cat|2|a dog"``: loops 0, 1 -> "a cat", 2, 3, ... -> "a dog"); any other prompt unchanged."""
+    if loop < 0:
+        raise ValueError(f"loop must be >= 0, got {loop}")
+    texts, starts = split_prompt(prompt)
+    if starts is None:
+        return prompt
+    return texts[max(i for i, s in enumerate(starts) if s <= loop)]
+
+
 def null_caption(model, n: int) -> torch.Tensor:
     """The learned null caption (n, 1, L, D) from the STDiT3 checkpoint's ``y_embedder.y_embedding``."""
     return model.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]

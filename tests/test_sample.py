@@ -194,3 +194,109 @@ def test_batch_size_runs_prompts_together_with_the_same_clips(weights, sampled, 
     z_one = torch.cat([c[2] for c in one])
     torch.testing.assert_close(z_two, z_one, rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+# ---- --loop: each loop conditioned on the end of the previous one; multi-part prompts "|0|...|2|..."
+
+LOOP = ["--image-size", "8x8", "--num-frames", "34", "--steps", "2", "--no-progress"]
+
+
+@pytest.fixture
+def loop_spy(monkeypatch):
+    """Every RFlow.sample call as (z in, y, cond_mask, z out), and the frames every written mp4 got."""
+    from opensora_fast import io
+    from opensora_fast.rflow import RFlow
+
+    calls, written = [], []
+    real_sample, real_write = RFlow.sample, io.write_video
+
+    def spy(self, model, z, y, *args, **kw):
+        z_in = z.clone()
+        out = real_sample(self, model, z, y, *args, **kw)
+        calls.append((z_in, y.clone(), kw.get("cond_mask"), out.clone()))
+        return out
+
+    def write(path, video, *args, **kw):
+        written.append(video.clone())
+        return real_write(path, video, *args, **kw)
+
+    monkeypatch.setattr(RFlow, "sample", spy)
+    monkeypatch.setattr(io, "write_video", write)
+    return calls, written
+
+
+def test_loop_conditions_each_clip_on_the_last_frames_of_the_one_before(weights, loop_spy, tmp_path):
+    from opensora_fast.io import read_video
+    from opensora_fast.sample import load_vae
+
+    calls, written = loop_spy
+    out = tmp_path / "o"
+    args = ["sample", "a red square", *weights, "--out-dir", str(out), *LOOP, "--loop", "3"]
+    assert cli.main([*args, "--condition-frame-length", "5"]) == 0
+    assert len(calls) == 3 and len(written) == 1
+    vae = load_vae(weights[3])
+    decoded = []
+    with torch.no_grad():
+        for li, (z_in, _, mask, z_out) in enumerate(calls):
+            decoded.append(vae.decode(z_out, num_frames=34)[0])
+            if li == 0:
+                assert mask is None
+                continue
+            # the last 5 latent frames of the previous loop, decoded and encoded again, start this loop, kept
+            # through every step (edit ratio 0); the rest is fresh noise
+            assert mask.tolist() == [[0.0] * 5 + [1.0] * 5]
+            ref = vae.encode(vae.decode(calls[li - 1][3], num_frames=34), sample=False)[0]
+            torch.testing.assert_close(z_in[0, :, :5], ref[:, 5:])
+            assert torch.equal(z_out[0, :, :5], z_in[0, :, :5])
+            assert not torch.equal(z_in[0, :, 5:], calls[li - 1][0][0, :, 5:])
+    # the output: loop 0's 34 frames, then each later loop without its first 17 (the repeated chunk)
+    want = torch.cat([decoded[0], decoded[1][:, 17:], decoded[2][:, 17:]], dim=1)
+    assert written[0].shape == (3, 68, 8, 8)
+    torch.testing.assert_close(written[0].float(), want, rtol=1e-4, atol=1e-4)
+    assert read_video(str(out / "000_a_red_square.mp4")).shape[0] == 68
+    # --condition-frame-edit 0.5: the condition frames are noised again (mask 0.5) and change
+    calls.clear()
+    assert cli.main([*args, "--out-dir", str(tmp_path / "e"), "--condition-frame-edit", "0.5"]) == 0
+    assert calls[1][2].tolist() == [[0.5] * 5 + [1.0] * 5]
+    assert not torch.equal(calls[1][3][0, :, :5], calls[1][0][0, :, :5])
+
+
+def test_loop_prompt_parts_pick_the_text_of_each_loop(weights, loop_spy, encoded, tmp_path):
+    calls, _ = loop_spy
+    prompt = "|0|A RED square|2| a Blue circle "
+    argv = ["sample", prompt, *weights, "--out-dir", str(tmp_path), *LOOP, "--loop", "4"]
+    assert cli.main(argv) == 0
+    # each part gets the score suffix and Open-Sora's cleaning, encoded once
+    assert encoded == ["a red square aesthetic score: 6.5.", "a blue circle aesthetic score: 6.5."]
+    t5 = T5TextEncoder(weights[5], model_max_length=8)
+    red, blue = [t5.encode([t])["y"] for t in list(encoded)]
+    for li, (_, y, _, _) in enumerate(calls):
+        torch.testing.assert_close(y, red if li < 2 else blue)
+    assert [p.name for p in tmp_path.iterdir()] == ["000_0_a_red_square_2_a_blue_circle.mp4"]
+    # one loop: the first part only
+    encoded.clear()
+    assert cli.main([*argv[:-2], "--out-dir", str(tmp_path / "one")]) == 0
+    assert encoded == ["a red square aesthetic score: 6.5."]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--loop", "0"], "--loop must be >= 1"),
+        (["--condition-frame-length", "0"], "--condition-frame-length must be >= 1"),
+        (["--condition-frame-edit", "1.5"], "--condition-frame-edit must be in [0, 1]"),
+        (["--loop", "2", "--condition-frame-length", "3"], "must be a multiple of 5 latent frames"),
+        (["--loop", "2", "--condition-frame-length", "10"], "fills the clip's 10 latent frames"),
+        (["--loop", "2", "--num-frames", "1"], "--loop extends a video"),
+        (["--prompt", "|0|a cat|x|a dog"], "loop marker |x| is not an integer"),
+        (["--prompt", "|0|a cat|2"], "needs a text after it"),
+        (["--prompt", "|0|a cat|0|a dog"], "loop markers must rise"),
+    ],
+)
+def test_bad_loop_options_are_one_line_errors(weights, tmp_path, capsys, extra, message):
+    prompt = "a cat"
+    if extra[0] == "--prompt":
+        prompt, extra = extra[1], []
+    rc = cli.main(["sample", prompt, *weights, "--out-dir", str(tmp_path), *LOOP, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err

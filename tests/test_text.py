@@ -110,3 +110,53 @@ def test_preprocess_prompt_bad_input():
 
     with pytest.raises(ValueError, match="text must be a str"):
         preprocess_prompt(None)
+
+
+# ---- multi-part prompts "|0|...|2|..." (Open-Sora 1.2's split_prompt / merge_prompt / extract_prompts_loop);
+# the expected strings are written by hand from Open-Sora's code
+
+
+def test_split_merge_and_pick_the_part_of_each_loop():
+    from opensora_fast.text import merge_prompt, prompt_for_loop, split_prompt
+
+    text = "|0| a beautiful day |1| a sunny day |3|a rainy day"
+    assert split_prompt(text) == (["a beautiful day", "a sunny day", "a rainy day"], [0, 1, 3])
+    merged = merge_prompt(*split_prompt(text))
+    assert merged == "|0|a beautiful day|1|a sunny day|3|a rainy day"
+    want = ["a beautiful day", "a sunny day", "a sunny day", "a rainy day", "a rainy day", "a rainy day"]
+    assert [prompt_for_loop(merged, i) for i in range(6)] == want
+    # a prompt that does not start with |0| is one part, whatever it holds
+    for plain in ("a cat", "a cat|0|a dog", " |0|a cat", "|1|a cat|2|a dog"):
+        assert split_prompt(plain) == ([plain], None)
+        assert merge_prompt([plain]) == plain
+        assert prompt_for_loop(plain, 3) == plain
+    assert split_prompt("|0|a cat") == (["a cat"], [0]) and prompt_for_loop("|0|a cat", 5) == "a cat"
+
+
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        ("|0|a cat|2", "needs a text after it"),
+        ("|0|a cat|two|a dog", "loop marker |two| is not an integer"),
+        ("|0|a cat|2|a dog|2|a cow", "loop markers must rise"),
+        ("|0|a cat|-1|a dog", "loop markers must rise"),
+    ],
+)
+def test_bad_multi_part_prompts(prompt, message):
+    from opensora_fast.text import prompt_for_loop, split_prompt
+
+    with pytest.raises(ValueError, match=message.replace("|", r"\|")):
+        split_prompt(prompt)
+    with pytest.raises(ValueError, match=message.replace("|", r"\|")):
+        prompt_for_loop(prompt, 0)
+
+
+def test_merge_prompt_and_loop_bad_values():
+    from opensora_fast.text import merge_prompt, prompt_for_loop
+
+    with pytest.raises(ValueError, match="texts and starts must have the same length"):
+        merge_prompt(["a", "b"], [0])
+    with pytest.raises(ValueError, match="texts must be one part"):
+        merge_prompt(["a", "b"])
+    with pytest.raises(ValueError, match="loop must be >= 0"):
+        prompt_for_loop("|0|a", -1)

@@ -456,21 +456,28 @@ def _cdiv(a, b):
     return -(-int(a) // max(int(b), 1))
 
 
-def trip_count(launch) -> tuple | None:
+def trip_count(launch, kv_lens: tuple | None = None) -> tuple | None:
     """Iterations per program of the hot loop at each nesting depth (outermost first) at this launch's
     arguments; None when the kernel family has no model. At each depth the biggest loop of a parent (the most
-    instructions) is the hot one; its siblings (masked diagonal blocks, zero-fill tails) count one iteration."""
+    instructions) is the hot one; its siblings (masked diagonal blocks, zero-fill tails) count one iteration.
+    ``kv_lens``: the real key lengths of a varlen launch (its ``Lk`` is the bucketed autotune key, e.g. 512
+    for 300-token captions): key loops then run the mean over sequences of their own block counts."""
     a = {**launch.args, **launch.constexpr_by_name()}
     k, g = launch.kernel, launch.grid
 
     def half(n):
         return max(1, n // 2) if a.get("causal") else n
 
+    def key_blocks(block):
+        if a.get("VARLEN") and kv_lens:
+            return sum(_cdiv(n, block) for n in kv_lens) / len(kv_lens)
+        return _cdiv(a["Lk"], block)
+
     try:
         if k == "_attention_fwd_kernel":
-            return (half(_cdiv(a["Lk"], a["BLOCK_N"])),)
+            return (half(key_blocks(a["BLOCK_N"])),)
         if k == "_attention_bwd_kernel":  # key blocks of this split, then every query block
-            return (_cdiv(a["Lk"], a["n_split"] * a["BLOCK_N"]), half(_cdiv(a["Lq"], a["BLOCK_M"])))
+            return (key_blocks(a["n_split"] * a["BLOCK_N"]), half(_cdiv(a["Lq"], a["BLOCK_M"])))
         if k == "_dq_reduce_kernel":
             return (a["n_split"],)
         if "rows_per_prog" in a:
@@ -525,11 +532,11 @@ def _launch_bytes(launch) -> float:
     return total
 
 
-def estimate_launch(launch, res: GateResult) -> dict:
-    """Static time estimate of one launch (seconds) and what bounds it."""
+def estimate_launch(launch, res: GateResult, kv_lens: tuple | None = None) -> dict:
+    """Static time estimate of one launch (seconds) and what bounds it (``kv_lens``: see ``trip_count``)."""
     if res.error:
         return {"s": None, "bound": "no compile"}
-    trips = trip_count(launch)
+    trips = trip_count(launch, kv_lens)
     prof = res.loop_profile or {"straight": {}, "loops": []}
     if prof["loops"] and trips is None:
         return {"s": None, "bound": "no trip model"}
@@ -634,7 +641,7 @@ def run_gate(case_names=None, jobs: int = 0):
             by_call.setdefault(launch.call, []).append(launch)
         total, complete, bounds = 0.0, True, Counter()
         for launches in by_call.values():
-            ests = [(estimate_launch(lc, results[repr(lc.key())]), lc) for lc in launches]
+            ests = [(estimate_launch(lc, results[repr(lc.key())], case.kv_lens), lc) for lc in launches]
             ok = [(e, lc) for e, lc in ests if e["s"] is not None]
             if not ok:
                 complete = False

@@ -28,6 +28,7 @@ class Case:
     flops: float = 0.0  # useful FLOPs
     bytes: float = 0.0  # bytes that must cross HBM at least once
     note: str = ""
+    kv_lens: tuple | None = None  # varlen cases: the real key lengths (the launches carry the bucketed one)
 
     @property
     def has_floor(self) -> bool:
@@ -216,9 +217,9 @@ def cases() -> list[Case]:
         Case("temporal attention fwd+bwd T'=120 720p-16s",
              _self_attn_case(1, 120, 3600, "temporal", True, rope=True), bytes=120 * 3600 * 11 * tok),
         Case("cross attention fwd 720p-2s", _cross_case(B, N720, (300, 300), False),
-             flops=_flops_attn(B * HEADS, N720, 300, D), note="N 54000, 300 text tokens"),
+             flops=_flops_attn(B * HEADS, N720, 300, D), note="N 54000, 300 text tokens", kv_lens=(300, 300)),
         Case("cross attention fwd+bwd 720p-2s", _cross_case(B, N720, (300, 300), True),
-             flops=3.5 * _flops_attn(B * HEADS, N720, 300, D)),
+             flops=3.5 * _flops_attn(B * HEADS, N720, 300, D), kv_lens=(300, 300)),
         Case("qk_norm_rope fwd 720p-2s", _qk_case(B, N720, False), bytes=4 * B * N720 * tok,
              note="read q, k; write both"),
         Case("qk_norm_rope fwd+bwd 720p-2s", _qk_case(B, N720, True), bytes=(4 + 6) * B * N720 * tok,
@@ -239,7 +240,7 @@ def cases() -> list[Case]:
         Case("flash_attn_func fwd+bwd D 72 causal", _flash_case(2, 1000, 16, 72, BF16, causal=True, fwd_bwd=True)),
         Case("flash_attn_func fwd+bwd D 64", _flash_case(2, 1024, 16, 64, BF16, fwd_bwd=True)),
         Case("flash_attn_func fwd+bwd D 128 causal", _flash_case(2, 1000, 16, 128, BF16, causal=True, fwd_bwd=True)),
-        Case("cross attention fwd+bwd varlen", _cross_case(B, 1590, (37, 300), True)),
+        Case("cross attention fwd+bwd varlen", _cross_case(B, 1590, (37, 300), True), kv_lens=(37, 300)),
         Case("causal_conv3d fwd+bwd 128->128 240p", _conv_case(1, 128, 128, 5, 30, 53, True)),
         Case("group_norm_silu fwd+bwd 256ch", _gn_case(1, 256, 5, 30, 53, True)),
     ]  # fmt: skip

@@ -205,3 +205,82 @@ def test_train_vae_command_per_stage_with_exact_resume(tmp_path, stage, capsys):
     assert cli.main([*base, "--steps", "1", "--out-dir", str(tmp_path / "c"), "--stage", "3"]) == 0
     assert "LPIPS term off: no --lpips-weights" in capsys.readouterr().err
     assert cli.main([*base, "--steps", "1", "--out-dir", str(tmp_path / "e"), "--lpips-weights", "/nope.pth"]) == 2
+
+
+def test_micro_frame_size_sets_the_temporal_vae_pieces(tmp_path):
+    """Open-Sora 1.2's micro_frame_size: the temporal VAE sees pieces of N frames (None: the model's 17; 0: the
+    whole clip, as the 1.2 training configs); the saved config keeps the model's 17."""
+    import json
+
+    clips = smooth_clips(2, 20, 8, 8, seed=3)
+    seen, losses = {}, {}
+    for m in (None, 8, 0):
+        torch.manual_seed(0)
+        cfg = cv.tiny(2, mixed_image_ratio=0.0, micro_frame_size=m)
+        model = vt.build_model(cfg, "cpu")
+        real = model.temporal_vae.encode
+        seen[m] = []
+
+        def encode(x, *a, _real=real, _seen=seen[m], **k):
+            _seen.append(x.shape[2])
+            return _real(x, *a, **k)
+
+        model.temporal_vae.encode = encode
+        res = vt.train_vae(cfg, clips, steps=1, model=model, progress=False, ckpt_dir=str(tmp_path / str(m)))
+        losses[m] = res.losses[0]
+        assert model.cfg.micro_frame_size == 17
+        with open(os.path.join(res.checkpoint, "config.json")) as f:
+            assert json.load(f)["micro_frame_size"] == 17
+    assert seen == {None: [17, 3], 8: [8, 8, 4], 0: [20]}
+    assert len({losses[None], losses[8], losses[0]}) == 3
+    with pytest.raises(ValueError, match="micro_frame_size must be >= 0"):
+        cv.tiny(2, micro_frame_size=-1)
+
+
+def test_train_vae_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """`torchrun --nproc_per_node 2 -m opensora_fast.cli train-vae` (CPU, gloo): DDP with one clip per process
+    trains as one process with --grad-accum 2 (the same global batch of 2 clips, the same draws for each clip);
+    FSDP2, stopped after 2 steps and resumed, too; one process with a global batch of 1 does not."""
+    import json
+    import subprocess
+
+    from _dist import torchrun as torchrun_cmd
+    from safetensors.torch import load_file
+
+    from opensora_fast import cli
+    from opensora_fast.data import make_synthetic_dataset
+
+    csv_path = make_synthetic_dataset(str(tmp_path / "d"), 17, (16, 16), 8, colors=("red",), shapes=("square",))
+    argv = ["train-vae", "--data", csv_path, "--stage", "3", "--model-config", "tiny", "--image-size", "16x16",
+            "--num-frames", "17", "--lr", "1e-3", "--ckpt-every", "2", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+    def torchrun(*extra):
+        cmd = torchrun_cmd(2, "-m", "opensora_fast.cli", *argv, *extra)
+        r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    def losses(name):
+        return [json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")]
+
+    def weights(name):
+        return load_file(str(tmp_path / name / "checkpoints" / "step-00000003" / "model.safetensors"))
+
+    assert "world size 2 (DDP)" in torchrun("--steps", "3", "--out-dir", str(tmp_path / "ddp"))
+    assert "world size 2 (FSDP2)" in torchrun("--fsdp", "--steps", "2", "--out-dir", str(tmp_path / "fsdp"))
+    torchrun("--fsdp", "--steps", "3", "--out-dir", str(tmp_path / "fsdp"), "--resume")
+    assert cli.main([*argv, "--grad-accum", "2", "--steps", "3", "--out-dir", str(tmp_path / "one")]) == 0
+    assert cli.main([*argv, "--steps", "3", "--out-dir", str(tmp_path / "batch1")]) == 0
+    one = losses("one")
+    assert len(one) == 3 and losses("ddp") == pytest.approx(one, rel=1e-5)
+    assert losses("fsdp") == pytest.approx(one, rel=1e-5)
+    assert losses("batch1") != pytest.approx(one, rel=1e-3)  # control: half the global batch
+    w1, wd, wf = weights("one"), weights("ddp"), weights("fsdp")
+    assert set(wd) == set(w1) == set(wf)
+    for k in w1:
+        torch.testing.assert_close(wd[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(wf[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert sorted(os.listdir(tmp_path / "ddp" / "checkpoints" / "step-00000003")) == sorted(
+        os.listdir(tmp_path / "one" / "checkpoints" / "step-00000003")
+    )

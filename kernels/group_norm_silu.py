@@ -3,9 +3,10 @@ images (B, C, H, W), in contiguous or channels-last memory format (outputs keep 
 
 Forward, two passes over x:
 1. statistics: the S = T*H*W positions of every (b, group) are split into chunks, one program per
-   (b, group block, chunk); each program merges per-tile (mean, M2) pairs in fp32 (Chan et al.'s
-   parallel variance, no E[x^2] - E[x]^2 cancellation) and writes its chunk's partial. Its tile loop
-   uses plain moments; only when a group's M2 or mean ends non-finite (|x| >= ~1e19 overflows the sum of
+   (b, group block, chunk); over the chunk's whole tiles each tile element keeps a running (mean, M2) in
+   fp32 (Welford: no cross-thread reduction inside the loop, no E[x^2] - E[x]^2 cancellation), merged per
+   group after the loop and with the partial tail tile by Chan et al.'s parallel variance; each program
+   writes its chunk's partial. Its tile loop uses plain moments; only when a group's M2 or mean ends non-finite (|x| >= ~1e19 overflows the sum of
    squares; inf / NaN inputs) does the program redo its chunk with moments of x scaled by a power of two
    from the tile's max |x| (exact; fp32 |x| up to ~1e37 gives the fp64 result), in quarter tiles;
 2. normalise: each program merges the chunk partials of its groups, then writes
@@ -137,17 +138,35 @@ def _group_norm_silu_stats_kernel(
     base = X + b.to(tl.int64) * sxb
     s_start = sp * s_chunk
     s_end = tl.minimum(s_start + s_chunk, spatial)
-    # plain (unscaled) moments first; Chan's merge without the 4**e units
-    n = 0.0
-    mean = tl.zeros((GPP,), dtype=tl.float32)
-    m2 = tl.zeros((GPP,), dtype=tl.float32)
-    e = tl.zeros((GPP,), dtype=tl.float32)
-    for s0 in range(s_start, s_end, BLOCK_S):
+    # plain (unscaled) moments first. Over the chunk's whole tiles every tile element (position slot x channel)
+    # keeps its own running (mean, M2) (Welford: no cross-thread reduction inside the loop); the slots are
+    # merged per group after it (equal counts), then the partial tail tile joins by Chan's merge.
+    n_full = tl.maximum(s_end - s_start, 0) // BLOCK_S
+    s_tail = s_start + n_full * BLOCK_S
+    smean = tl.zeros((BLOCK_S, GPP, CG_P), dtype=tl.float32)
+    sm2 = tl.zeros((BLOCK_S, GPP, CG_P), dtype=tl.float32)
+    k = 0.0
+    for s0 in range(s_start, s_tail, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
+        off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
+        x = tl.load(base + off, mask=ch_ok[None, :, :], other=0.0).to(tl.float32)
+        k += 1.0
+        d = x - smean
+        smean += d * (1.0 / k)
+        sm2 += d * (x - smean)
+    slot_ok = ch_ok[None, :, :] & (tl.arange(0, BLOCK_S) >= 0)[:, None, None]
+    per_tile = BLOCK_S * CG * 1.0
+    mean = tl.sum(tl.sum(tl.where(slot_ok, smean, 0.0), axis=0), axis=1) / per_tile
+    dm = tl.where(slot_ok, smean - mean[None, :, None], 0.0)
+    m2 = tl.sum(tl.sum(tl.where(slot_ok, sm2, 0.0), axis=0), axis=1) + k * tl.sum(tl.sum(dm * dm, axis=0), axis=1)
+    n = k * per_tile
+    e = tl.zeros((GPP,), dtype=tl.float32)
+    if s_tail < s_end:
+        s = s_tail + tl.arange(0, BLOCK_S)
         mask = (s < s_end)[:, None, None] & ch_ok[None, :, :]
         off = _offsets(s, ch, height, width, sxc, sxt, sxh, sxw, LAYOUT, I64)
         x = tl.load(base + off, mask=mask, other=0.0).to(tl.float32)
-        cnt = (tl.minimum(s_end - s0, BLOCK_S) * CG).to(tl.float32)
+        cnt = ((s_end - s_tail) * CG).to(tl.float32)
         tmean = tl.sum(tl.sum(x, axis=0), axis=1) / cnt
         d = tl.where(mask, x - tmean[None, :, None], 0.0)
         tm2 = tl.sum(tl.sum(d * d, axis=0), axis=1)

@@ -55,6 +55,7 @@ from opensora_fast.common import (
     tensorboard_writer,
 )
 from opensora_fast.data import BadClipError, bucket_batches
+from opensora_fast.features import _TurnOff  # the --no-X action of a bool option that is on by default
 from opensora_fast.masks import MASK_RATIOS, MaskGenerator
 from opensora_fast.parallel import (  # noqa: F401  (set-up moved to parallel; names kept for callers)
     DIST_TIMEOUT_S,
@@ -129,6 +130,13 @@ class DiTTrainConfig:
     )
     keep_last: int | None = option(
         None, "keep only the newest N checkpoints (default: keep all)", parse=int, metavar="N"
+    )
+    prompt_cleaning: bool = option(
+        True,
+        "give T5 the captions as written, not Open-Sora's text_preprocessing of them (prompt_cleaning=%(default)s "
+        "without this flag; with --features it must match the extraction's setting)",
+        flag="--no-prompt-cleaning",
+        action=_TurnOff,
     )
     extra: dict = field(default_factory=dict)
 
@@ -306,15 +314,29 @@ def read_checkpoint(path: str) -> dict:
 
 class TextCache:
     """T5 features per caption, computed once (the encoder is frozen) and kept on the CPU, at most ``max_items``
-    captions (least recently used dropped first; 4.9 MB each for T5-XXL at 300 tokens in fp32)."""
+    captions (least recently used dropped first; 4.9 MB each for T5-XXL at 300 tokens in fp32). ``clean``: each
+    caption goes through ``text.preprocess_prompt`` (Open-Sora's text_preprocessing) before T5."""
 
-    def __init__(self, encoder, max_items: int = 1024):
+    def __init__(self, encoder, max_items: int = 1024, clean: bool = False):
         from collections import OrderedDict
 
         self.encoder, self.max_items = encoder, max_items
         self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.cleaned: OrderedDict[str, str] = OrderedDict()  # caption -> its cleaned text, as bounded as the cache
+        self.clean = clean
+
+    def _clean(self, caption: str) -> str:
+        from opensora_fast.text import preprocess_prompt
+
+        if caption not in self.cleaned:
+            self.cleaned[caption] = preprocess_prompt(caption)
+            while len(self.cleaned) > self.max_items:
+                self.cleaned.popitem(last=False)
+        return self.cleaned[caption]
 
     def __call__(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.clean:
+            captions = [self._clean(c) for c in captions]
         new = sorted({c for c in captions if c not in self.cache})
         got = {}
         if new:
@@ -558,7 +580,7 @@ class _DiTTask(trainer.Task):
         self.dev, self.rank, self.dp_rank, self.dp, self.sp_group = dev, rank, dp_rank, dp, sp_group
         self.use_fsdp, self.eval_dataset = use_fsdp, eval_dataset
         self.features = getattr(dataset, "features", False)  # latents + T5 embeddings extracted once: no VAE, no T5
-        self.texts = TextCache(text_encoder)
+        self.texts = TextCache(text_encoder, clean=cfg.prompt_cleaning)
         self.scheduler = RFlow(sample_method=cfg.sample_method, use_timestep_transform=cfg.use_timestep_transform)
         self.masker = MaskGenerator(cfg.mask_ratios) if cfg.mask_ratios else None
         self.amp = trainer.PRECISIONS[cfg.dtype]
@@ -682,7 +704,8 @@ class _DiTTask(trainer.Task):
             rec["bad_clips"] = self.load.count
         if cfg.eval_every and self.eval_dataset is not None and (step + 1) % cfg.eval_every == 0:
             res = evaluate_loss(model, self.eval_dataset, self.vae, self.text_encoder, seed=cfg.seed,
-                                batch_size=cfg.batch_size, device=self.dev)  # fmt: skip
+                                batch_size=cfg.batch_size, device=self.dev,
+                                prompt_cleaning=cfg.prompt_cleaning)  # fmt: skip
             rec["eval_loss"] = res["mean"]
             rec["eval"] = {k: b["mean"] for k, b in res["buckets"].items()}
             if self.rank == 0:
@@ -734,6 +757,12 @@ def train_dit(
     use_fsdp = cfg.fsdp if cfg.fsdp is not None else dp > 1
     if use_fsdp and not _is_dist():
         raise RuntimeError("fsdp=True needs a process group (run under torchrun, or init one first)")
+    if getattr(dataset, "features", False) and bool(getattr(dataset, "prompt_cleaning", False)) != cfg.prompt_cleaning:
+        raise ValueError(
+            f"prompt_cleaning={cfg.prompt_cleaning} but the features were extracted with prompt_cleaning="
+            f"{bool(getattr(dataset, 'prompt_cleaning', False))}: extract them again, or train with the same setting "
+            "(--no-prompt-cleaning turns it off)"
+        )
 
     model.config.grad_checkpoint = cfg.grad_checkpoint
     model.to(dev).train()
@@ -773,12 +802,13 @@ def eval_timesteps() -> list[float]:
 
 @torch.no_grad()
 def evaluate_loss(model, dataset, vae=None, text_encoder=None, *, seed: int = 42, batch_size: int = 4, device=None,
-                  max_batches: int | None = None) -> dict:  # fmt: skip
+                  max_batches: int | None = None, prompt_cleaning: bool = True) -> dict:  # fmt: skip
     """The rectified-flow loss of ``model`` at each of Open-Sora 1.2's 10 evaluation timesteps, per bucket of
     ``dataset`` (fixed buckets or extracted features): the clips' posterior-mode latents, noise drawn from a
     generator seeded by (seed, bucket, batch) so every call sees the same noise, no frame masks, no caption
-    dropout (eval mode). Returns {"buckets": {"TxHxW": {"per_t": {t: loss}, "mean": m, "clips": n}}, "mean": m}
-    (the average over buckets of their means)."""
+    dropout (eval mode), captions cleaned as in training (``prompt_cleaning``: ``text.preprocess_prompt`` before
+    T5). Returns {"buckets": {"TxHxW": {"per_t": {t: loss}, "mean": m, "clips": n}}, "mean": m} (the average over
+    buckets of their means)."""
     from opensora_fast.rflow import RFlow
 
     dev = torch.device(device or "cpu")
@@ -786,7 +816,7 @@ def evaluate_loss(model, dataset, vae=None, text_encoder=None, *, seed: int = 42
     model.eval()
     scheduler = RFlow()
     features = getattr(dataset, "features", False)
-    texts = None if features else TextCache(text_encoder)
+    texts = None if features else TextCache(text_encoder, clean=prompt_cleaning)
     groups: dict[tuple, list[int]] = {}
     for i in range(len(dataset)):
         groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
@@ -869,6 +899,12 @@ class EvalOptions:
     max_batches: int | None = option(None, "at most N batches per bucket (default: all)", parse=int, metavar="N")
     device: str | None = option(None, "cuda or cpu (default: cuda when available)")
     out: str | None = option(None, "also write the table as JSON to this file", metavar="FILE")
+    prompt_cleaning: bool = option(
+        True,
+        "give T5 the captions as written, not Open-Sora's text_preprocessing of them (as train --no-prompt-cleaning)",
+        flag="--no-prompt-cleaning",
+        action=_TurnOff,
+    )
 
 
 def run_eval_loss(args) -> int:
@@ -893,7 +929,15 @@ def run_eval_loss(args) -> int:
     elif o.vae or o.t5:
         raise UsageError("--data is an extracted feature directory: leave out --vae / --t5")
     res = evaluate_loss(
-        model, dataset, vae, text, seed=o.seed, batch_size=o.batch_size, device=dev, max_batches=o.max_batches
+        model,
+        dataset,
+        vae,
+        text,
+        seed=o.seed,
+        batch_size=o.batch_size,
+        device=dev,
+        max_batches=o.max_batches,
+        prompt_cleaning=o.prompt_cleaning,
     )
     print(format_eval(res))
     if o.out:
@@ -1125,6 +1169,9 @@ def run_train(args) -> int:
             with open(os.path.join(args.out_dir, "config.json")) as f:
                 run = json.load(f).get("args")
         if run:
+            if "prompt_cleaning" not in run and "prompt_cleaning" not in (getattr(args, "explicit", None) or ()):
+                run = {**run, "prompt_cleaning": False}  # a run from before caption cleaning: it trained them raw
+                print("resume: the run predates caption cleaning; it goes on with the captions as written")
             _apply_resume_options(args, run, ck["path"])
     explicit = getattr(args, "explicit", None)
     explicit = set(vars(args)) if explicit is None else set(explicit)

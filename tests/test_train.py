@@ -509,3 +509,59 @@ def test_text_cache_is_bounded_and_gives_the_same_features(setup):
     assert len(cache.cache) == 2
     y4, _ = cache(["x", "y", "z"], "cpu")  # a batch larger than the cache still gets all its features
     assert y4.shape[0] == 3 and len(cache.cache) == 2
+
+
+def test_captions_are_cleaned_before_t5_unless_turned_off(setup, tmp_path):
+    """Training captions reach the text encoder as text.preprocess_prompt made them (Open-Sora's
+    text_preprocessing), on by default; --no-prompt-cleaning (prompt_cleaning=False) gives them as written."""
+    import csv
+
+    from opensora_fast import cli
+    from opensora_fast.text import preprocess_prompt
+
+    src = os.path.join(str(setup["root"]), "data")
+    rows = list(csv.DictReader(open(os.path.join(src, "data.csv"))))
+    g = torch.Generator().manual_seed(11)
+    decor = ["<b>{}</b>", "{} https://example.com/clip.mp4", "{} &amp; MORE", "@someone {}", "{}  — “quoted”"]
+    for r in rows:
+        r["path"] = os.path.join(src, r["path"])
+        r["text"] = decor[int(torch.randint(len(decor), (), generator=g))].format(r["text"].upper())
+    with open(tmp_path / "dirty.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "text"])
+        w.writeheader()
+        w.writerows(rows)
+    ds = VideoTextDataset(str(tmp_path / "dirty.csv"), [(9, 16, 16)])
+
+    class Recording:
+        def __init__(self):
+            self.prompts = []
+
+        def encode(self, prompts):
+            self.prompts += list(prompts)
+            return setup["text"].encode(prompts)
+
+    raw = {it[1] for it in ds.items}  # (path, caption, bucket, fps)
+    seen = {}
+    for clean in (True, False):
+        rec = Recording()
+        T.train_dit(cfg(steps=2, batch_size=8, prompt_cleaning=clean), ds, tiny_model(), setup["vae"], rec,
+                    device="cpu", progress=False)  # fmt: skip
+        seen[clean] = set(rec.prompts)
+    assert seen[False] <= raw and len(seen[False]) >= 8
+    assert seen[True] == {preprocess_prompt(t) for t in seen[False]}
+    assert not seen[True] & seen[False]  # every dirty caption changed (upper case at least)
+    assert all(p == p.lower() and "<b>" not in p and "http" not in p for p in seen[True])
+    rec = Recording()  # the evaluation loss cleans them the same way
+    T.evaluate_loss(tiny_model(), ds, setup["vae"], rec, batch_size=8, max_batches=1)
+    assert set(rec.prompts) <= seen[True] and len(rec.prompts) == 8
+
+    class Features:  # extracted without cleaning: training with it on is refused
+        features, prompt_cleaning = True, False
+
+    with pytest.raises(ValueError, match="features were extracted with prompt_cleaning=False"):
+        T.train_dit(cfg(steps=1), Features(), tiny_model(), None, None, device="cpu", progress=False)
+    # the flag derives from DiTTrainConfig.prompt_cleaning
+    parse = cli.build_parser().parse_args
+    assert T.options_from(T.DiTTrainConfig, parse(["train", "--out-dir", "x"])).prompt_cleaning is True
+    off = parse(["train", "--out-dir", "x", "--no-prompt-cleaning"])
+    assert T.options_from(T.DiTTrainConfig, off).prompt_cleaning is False

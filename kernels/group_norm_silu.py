@@ -2,17 +2,19 @@
 images (B, C, H, W), in contiguous or channels-last memory format (outputs keep x's format).
 
 Forward, two passes over x:
-1. statistics: the S = T*H*W positions of every (b, group) are split into chunks, one program per
-   (b, group block, chunk); over the chunk's whole tiles each tile element keeps a running (mean, M2) in
-   fp32 (Welford: no cross-thread reduction inside the loop, no E[x^2] - E[x]^2 cancellation), merged per
-   group after the loop and with the partial tail tile by Chan et al.'s parallel variance; each program
-   writes its chunk's partial. Its tile loop uses plain moments; only when a group's M2 or mean ends non-finite (|x| >= ~1e19 overflows the sum of
-   squares; inf / NaN inputs) does the program redo its chunk with moments of x scaled by a power of two
-   from the tile's max |x| (exact; fp32 |x| up to ~1e37 gives the fp64 result), in quarter tiles;
+1. statistics: the S = T*H*W positions of every (b, group) are split into chunks, one program per (b, group
+   block, chunk); over the chunk's whole tiles each tile element keeps a running (mean, M2) in fp32 (Welford:
+   no cross-thread reduction inside the loop, no E[x^2] - E[x]^2 cancellation), merged per group after the
+   loop and with the partial tail tile by Chan et al.'s parallel variance; each program writes its chunk's
+   partial. Its tile loop uses plain moments; only when a group's M2 or mean ends non-finite (|x| >= ~1e19
+   overflows the sum of squares; inf / NaN inputs) does the program redo its chunk with moments of x scaled by
+   a power of two from the tile's max |x| (exact; fp32 |x| up to ~1e37 gives the fp64 result), in quarter
+   tiles;
 2. normalise: each program merges the chunk partials of its groups, then writes
    y = silu((x - mean) * rstd * weight + bias) for its chunk.
-Backward likewise: a reduction pass (per-group sums of dxhat and dxhat*xhat, per-channel sums of
-dz*xhat and dz for dweight/dbias), then dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat)).
+Backward likewise: a reduction pass (per tile element sums of dz * xhat and dz over the chunk; from them the
+per-channel sums for dweight / dbias and the per-group sums of dxhat = dz * weight and dxhat * xhat), then dx
+= rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat)).
 
 A program's tile is (positions, groups, channels of a group): for channels-last x it spans several
 groups so that each position's channels are one contiguous load; for contiguous x it is one group
@@ -339,10 +341,10 @@ def _group_norm_silu_bwd_reduce_kernel(
     bias = tl.load(Bias + ch, mask=ch_ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
     x_base = X + b.to(tl.int64) * sxb
     d_base = DY + b.to(tl.int64) * sdb
-    sum_g = tl.zeros((GPP,), dtype=tl.float32)
-    sum_gx = tl.zeros((GPP,), dtype=tl.float32)
-    sum_dzx = tl.zeros((GPP, CG_P), dtype=tl.float32)
-    sum_dz = tl.zeros((GPP, CG_P), dtype=tl.float32)
+    # per tile element sums of dz * xhat and dz (no cross-thread reduction inside the loop); after it the
+    # per-channel sums, and the per-group ones of dxhat = dz * w as sum_c w_c * (per-channel sum)
+    acc_dzx = tl.zeros((BLOCK_S, GPP, CG_P), dtype=tl.float32)
+    acc_dz = tl.zeros((BLOCK_S, GPP, CG_P), dtype=tl.float32)
     s_start = sp * s_chunk
     s_end = tl.minimum(s_start + s_chunk, spatial)
     for s0 in range(s_start, s_end, BLOCK_S):
@@ -361,11 +363,12 @@ def _group_norm_silu_bwd_reduce_kernel(
             sg = tl.sigmoid(z)
             dz = dy * sg * (1.0 + z * (1.0 - sg))
         dz = tl.where(mask, dz, 0.0)
-        gh = dz * w[None, :, :]
-        sum_g += tl.sum(tl.sum(gh, axis=0), axis=1)
-        sum_gx += tl.sum(tl.sum(gh * xhat, axis=0), axis=1)
-        sum_dzx += tl.sum(dz * xhat, axis=0)
-        sum_dz += tl.sum(dz, axis=0)
+        acc_dzx += dz * xhat
+        acc_dz += dz
+    sum_dzx = tl.sum(acc_dzx, axis=0)
+    sum_dz = tl.sum(acc_dz, axis=0)
+    sum_g = tl.sum(sum_dz * w, axis=1)
+    sum_gx = tl.sum(sum_dzx * w, axis=1)
     pg = PartialG + ((b * num_groups + g) * nsplit + sp) * 2
     tl.store(pg, sum_g, mask=g_ok)
     tl.store(pg + 1, sum_gx, mask=g_ok)

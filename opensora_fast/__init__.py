@@ -10,12 +10,12 @@ __version__ = "0.1.0"
 __all__ = ["apply", "kernels", "models", "__version__"]
 
 
-def apply(model):
+def apply(model, *, sp_group=None, overlap: bool = True):
     """Run an Open-Sora 1.2 STDiT3 (built by Open-Sora's code) on opensora_fast's kernels, in place;
-    see :func:`opensora_fast.patch.apply`."""
+    see :func:`opensora_fast.patch.apply` (``sp_group``, ``overlap``: its sequence-parallel blocks)."""
     from opensora_fast.patch import apply as _apply
 
-    return _apply(model)
+    return _apply(model, sp_group=sp_group, overlap=overlap)
 
 
 def __getattr__(name):

@@ -133,7 +133,9 @@ def clip_content(video: torch.Tensor, min_fraction: float = 0.01) -> dict:
     differ from it by > 0.3 (L1 over channels, [-1, 1] units), their mean colour's nearest named colour
     (``data.COLORS``), and the direction of their centroid's least-squares motion (``data.DIRECTIONS``),
     with the displacement over the clip in frame widths/heights. No object (fewer than ``min_fraction``
-    of the pixels) gives colour and direction None."""
+    of the pixels) gives colour and direction None; an object whose mean colour is nearer to the
+    background than to every named colour (a washed-out blob: what a VAE that averages the colours
+    decodes) has colour "grey"."""
     from opensora_fast.data import COLORS, DIRECTIONS
 
     if video.dim() != 4 or video.shape[1] != 3:
@@ -147,7 +149,11 @@ def clip_content(video: torch.Tensor, min_fraction: float = 0.01) -> dict:
     if frac < min_fraction:
         return out
     mean = (v * fg[:, None]).sum((0, 2, 3)) / fg.sum()
-    out["color"] = min(COLORS, key=lambda c: float((torch.tensor(COLORS[c]) - mean).norm()))
+    dist = {c: float((torch.tensor(rgb) - mean).norm()) for c, rgb in COLORS.items()}
+    out["color"] = min(dist, key=dist.get)
+    out["color_distance"], out["background_distance"] = dist[out["color"]], float((mean - bg).norm())
+    if out["background_distance"] <= out["color_distance"]:
+        out["color"] = "grey"
     ys, xs = torch.arange(H).float()[:, None], torch.arange(W).float()[None, :]
     t, cy, cx = [], [], []
     for i in range(T):

@@ -80,3 +80,19 @@ def test_vae_rec_loss_l2_and_bad_value():
     assert VAETrainConfig(rec_loss="l2").rec_loss == "l2"
     with pytest.raises(ValueError, match="rec_loss must be 'l1' or 'l2'"):
         VAETrainConfig(rec_loss="l3")
+
+
+def test_a_washed_out_blob_is_no_colour():
+    """The object of the VAE that averaged the four colours (mean (0.18, 0.10, -0.07) at the object, measured
+    on the last full demo's reconstructions) read as yellow; it must read as grey and fail every caption."""
+    from opensora_fast.data import BACKGROUND, COLORS
+
+    g = torch.Generator().manual_seed(7)
+    offset = float(torch.rand((), generator=g)) * 0.2 - 0.1
+    red = _clip("red", "square", "right", T=17, size=(32, 32), offset=offset)
+    bg = torch.tensor(BACKGROUND)[None, :, None, None]
+    alpha = (red - bg)[:, :1] / (COLORS["red"][0] - BACKGROUND[0])  # (T, 1, H, W) object coverage
+    for color, expect in (((0.18, 0.10, -0.07), "grey"), (COLORS["yellow"], "yellow")):
+        clip = bg + (torch.tensor(color)[None, :, None, None] - bg) * alpha
+        ok, seen = prompt_check("a yellow square moving right", clip)
+        assert seen["color"] == expect and seen["direction"] == "right" and ok == (expect == "yellow"), seen

@@ -7,19 +7,24 @@ AdamW (eps 1e-15), linear warm-up, gradient clipping at 1.0, EMA 0.99, bf16 auto
 for image/video conditioning (``opensora_fast.masks``, Open-Sora's ``mask_ratios``; stage-1 ratios by
 default) mark conditioning frames: given clean, left out of the loss, t0 modulation through ``x_mask``.
 
-Every step seeds its randomness (timesteps, noise, frame masks, caption dropout, VAE posterior noise) from
-(seed, step, rank) and the batch order from (seed, epoch), so a run resumed from a checkpoint repeats the
-uninterrupted run exactly. A checkpoint ``step-XXXXXXXX/`` holds ``config.json`` + ``model.safetensors``
-(training weights), ``ema/`` (the EMA weights in the same layout, what ``sample --model`` wants) and
-``train_state.pt`` (step and optimizer state, read with ``weights_only=True``); it is written to a
-temporary directory and renamed into place, and the file ``latest`` names the newest.
+Captions go through ``text.preprocess_prompt`` (Open-Sora's text_preprocessing) before T5 unless
+``prompt_cleaning=False`` (``--no-prompt-cleaning``).
+
+The loop is ``opensora_fast.trainer``'s (shared with the VAE): this module supplies the batches, the loss of a
+step's micro-batches and the weight files. Every step seeds its randomness (timesteps, noise, frame masks,
+caption dropout, VAE posterior noise) from (seed, step, rank) and the batch order from (seed, epoch), so a run
+resumed from a checkpoint repeats the uninterrupted run exactly. A checkpoint ``step-XXXXXXXX/`` holds
+``config.json`` + ``model.safetensors`` (training weights), ``ema/`` (the EMA weights in the same layout, what
+``sample --model`` wants), ``train_state.pt`` (step, optimizer, scaler, data position, seed; read with
+``weights_only=True``) and ``run.json``; it is written to a temporary directory with checksums and renamed into
+place, and the file ``latest`` names the newest.
 
 With ``sp_size`` > 1, groups of that many consecutive ranks share each sample, sequence-parallel
 (``opensora_fast.parallel``: same data and random draws within a group, gradients summed over it); the
-world size / sp_size groups are data parallel. With more than one data-parallel group (or
-``fsdp=True``) every block and then the whole model are wrapped with
-``torch.distributed.fsdp.fully_shard``; ``reshard_after_forward=False`` (the default, ``fsdp_mode="zero2"``)
-keeps parameters gathered between forward and backward like ZeRO-2, ``"zero3"`` reshards them.
+world size / sp_size groups are data parallel. With more than one data-parallel group (or ``fsdp=True``) the
+model is sharded with ``parallel.shard`` (FSDP2: every block one unit, then the whole model; its reduce-scatter
+also does the sequence-parallel gradient sum); ``fsdp_mode="zero2"`` (the default) keeps parameters gathered
+between forward and backward like ZeRO-2, ``"zero3"`` reshards them.
 """
 
 from __future__ import annotations
@@ -262,13 +267,6 @@ load_ema = trainer.load_ema
 _truncate_log = trainer.truncate_log
 _micro_batches = trainer.micro_batches
 _step_seed = trainer.step_seed
-
-
-def shard_model(model: torch.nn.Module, mode: str = "zero2", mesh=None, mp_policy=None) -> torch.nn.Module:
-    """FSDP2 (``trainer.shard``): each spatial/temporal block is one unit, the rest (embedders, final layer) the
-    root's. ``mesh``: the (1-D) data-parallel device mesh to shard over (default: every rank). ``mp_policy``: a
-    ``MixedPrecisionPolicy`` (``parallel.fsdp_mixed_precision``; None: full precision)."""
-    return trainer.shard(model, [*model.spatial_blocks, *model.temporal_blocks], mode, mesh, mp_policy)
 
 
 def _write_stdit3(config):
@@ -593,7 +591,7 @@ class _DiTTask(trainer.Task):
 
     def setup(self, model, params) -> None:
         self.params = params
-        # sequence-parallel gradient sum: bucketed, overlapped with the backward (FSDP2's DTensor grads: after it)
+        # sequence-parallel gradient sum: bucketed, overlapped with the backward (with FSDP2: in its reduce-scatter)
         if self.sp_group is not None and not self.use_fsdp:
             self.sync = GradSync(params, self.sp_group)
 
@@ -694,10 +692,6 @@ class _DiTTask(trainer.Task):
         if self.sync is not None:  # one sum, in the last batch's backward
             self.sync.enabled = m == n - 1
 
-    def after_backward(self) -> None:
-        if self.sp_group is not None and self.sync is None:
-            all_reduce_grads(self.params, self.sp_group)  # each rank's gradients cover its own tokens
-
     def after_step(self, step: int, rec: dict, model) -> None:
         cfg = self.cfg
         if self.load.count:
@@ -753,7 +747,7 @@ def train_dit(
     rank, world, dev = init_distributed() if device is None else (0, 1, torch.device(device))
     if _is_dist():
         rank, world = dist.get_rank(), dist.get_world_size()
-    dp_rank, dp, dp_mesh, sp_group = parallel_groups(world, cfg.sp_size, dev)
+    dp_rank, dp, _, sp_group = parallel_groups(world, cfg.sp_size, dev)
     use_fsdp = cfg.fsdp if cfg.fsdp is not None else dp > 1
     if use_fsdp and not _is_dist():
         raise RuntimeError("fsdp=True needs a process group (run under torchrun, or init one first)")
@@ -784,7 +778,7 @@ def train_dit(
     t = trainer.Trainer(
         opts, task, model, device=dev, rank=rank, world=world, dp_rank=dp_rank, dp=dp,
         parallel="fsdp" if use_fsdp else "none", fsdp_units=[*model.spatial_blocks, *model.temporal_blocks],
-        fsdp_mode=cfg.fsdp_mode, dp_mesh=dp_mesh, mp_policy=mp, ckpt_dir=ckpt_dir, run_meta=run_meta,
+        fsdp_mode=cfg.fsdp_mode, sp_size=cfg.sp_size, mp_policy=mp, ckpt_dir=ckpt_dir, run_meta=run_meta,
         log_path=log_path, progress=progress, on_step=on_step,
         ema_update=update_ema, tensorboard=tensorboard_writer,  # looked up here: tests replace them in this module
     )  # fmt: skip

@@ -274,27 +274,6 @@ def read_checkpoint(path: str, ema: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# FSDP2
-
-
-def shard(model: torch.nn.Module, units=(), mode: str = "zero2", mesh=None, mp_policy=None) -> torch.nn.Module:
-    """FSDP2 (``fully_shard``): each module of ``units`` is one unit, the rest the root's. Units must be modules
-    that are *called* in the forward (FSDP2 gathers a unit's parameters in its pre-forward hook). ``mode`` "zero2"
-    keeps the gathered parameters from forward to backward, "zero3" reshards them. ``mesh``: the data-parallel
-    device mesh (default: every rank); ``mp_policy``: a ``MixedPrecisionPolicy`` (None: full precision)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if mode not in ("zero2", "zero3"):
-        raise ValueError(f"mode must be 'zero2' or 'zero3', got {mode!r}")
-    reshard = mode == "zero3"
-    mp = dict(mp_policy=mp_policy if mp_policy is not None else MixedPrecisionPolicy())
-    for unit in units:
-        fully_shard(unit, reshard_after_forward=reshard, mesh=mesh, **mp)
-    fully_shard(model, reshard_after_forward=reshard, mesh=mesh, **mp)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
 # logging
 
 
@@ -447,9 +426,10 @@ class TrainResult:
 class Trainer:
     """Trains ``model`` (unwrapped, on ``device``) with ``task`` until ``opts.steps``.
 
-    ``parallel``: "none", "ddp" (DistributedDataParallel over the data-parallel ranks) or "fsdp" (``shard`` with
-    ``fsdp_units``, ``fsdp_mode``, ``dp_mesh``, ``mp_policy``); ``rank`` / ``world``: this process in the job,
-    ``dp_rank`` / ``dp``: in the data-parallel dimension. ``ckpt_dir``: checkpoints; ``run_meta``: saved as
+    ``parallel``: "none", "ddp" (DistributedDataParallel over every rank) or "fsdp" (FSDP2 through
+    ``parallel.shard`` with ``fsdp_units``, ``fsdp_mode``, ``mp_policy`` over the (dp, sp_size) mesh: its
+    reduce-scatter also sums the gradients over a sequence-parallel group); ``rank`` / ``world``: this process in
+    the job, ``dp_rank`` / ``dp``: in the data-parallel dimension. ``ckpt_dir``: checkpoints; ``run_meta``: saved as
     ``run.json``; ``log_path``: ``log.jsonl`` (rank 0). ``on_step(step, rec)`` after each step. ``ema_update``
     and ``tensorboard`` (a SummaryWriter factory, or None) default to this module's."""
 
@@ -467,7 +447,7 @@ class Trainer:
         parallel: str = "none",
         fsdp_units=(),
         fsdp_mode: str = "zero2",
-        dp_mesh=None,
+        sp_size: int = 1,
         mp_policy=None,
         ckpt_dir: str | None = None,
         run_meta: dict | None = None,
@@ -487,7 +467,7 @@ class Trainer:
         self.device = torch.device(device)
         self.rank, self.world, self.dp_rank, self.dp = rank, world, dp_rank, dp
         self.parallel, self.fsdp_units, self.fsdp_mode = parallel, fsdp_units, fsdp_mode
-        self.dp_mesh, self.mp_policy = dp_mesh, mp_policy
+        self.sp_size, self.mp_policy = sp_size, mp_policy
         self.ckpt_dir, self.run_meta, self.log_path = ckpt_dir, run_meta, log_path
         self.progress, self.on_step = progress, on_step
         self.ema_update, self.tensorboard = ema_update, tensorboard
@@ -500,13 +480,16 @@ class Trainer:
 
     def _wrap(self, model):
         if self.parallel == "fsdp":
-            return shard(model, self.fsdp_units, self.fsdp_mode, self.dp_mesh, self.mp_policy)
+            from opensora_fast.parallel import shard
+
+            shard(model, sp_size=self.sp_size, dp_size=self.dp, mode=self.fsdp_mode, mp_policy=self.mp_policy,
+                  device=self.device.type, units=self.fsdp_units)  # fmt: skip
+            return model
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            pg = self.dp_mesh.get_group() if self.dp_mesh is not None else None
-            return DistributedDataParallel(model, device_ids=ids, process_group=pg)
+            return DistributedDataParallel(model, device_ids=ids)
         return model
 
     def resolve(self, resume) -> dict | None:

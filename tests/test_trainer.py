@@ -10,6 +10,7 @@ import torch.distributed as dist
 from _dist import free_port
 
 from opensora_fast import trainer
+from opensora_fast.parallel import shard
 
 
 class Toy(trainer.Task):
@@ -142,7 +143,8 @@ def test_ddp_in_a_one_process_gloo_group_matches_the_plain_run(tmp_path):
         plain_opt = torch.optim.AdamW(plain.model.parameters())
         plain.model(torch.randn(4, 8)).square().sum().backward()
         plain_opt.step()
-        sharded = trainer.shard(model(2))
+        sharded = model(2)
+        shard(sharded, units=[])  # FSDP2, the whole model one unit
         opt = torch.optim.AdamW(sharded.parameters())
         trainer.load_optimizer_state(sharded, opt, plain_opt.state_dict())
         got = trainer.optimizer_state(sharded, opt)["state"]

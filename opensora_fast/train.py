@@ -1165,7 +1165,8 @@ def run_train(args) -> int:
         if run:
             if "prompt_cleaning" not in run and "prompt_cleaning" not in (getattr(args, "explicit", None) or ()):
                 run = {**run, "prompt_cleaning": False}  # a run from before caption cleaning: it trained them raw
-                print("resume: the run predates caption cleaning; it goes on with the captions as written")
+                if rank == 0:
+                    print("resume: the run predates caption cleaning; it goes on with the captions as written")
             _apply_resume_options(args, run, ck["path"])
     explicit = getattr(args, "explicit", None)
     explicit = set(vars(args)) if explicit is None else set(explicit)

@@ -565,3 +565,32 @@ def test_captions_are_cleaned_before_t5_unless_turned_off(setup, tmp_path):
     assert T.options_from(T.DiTTrainConfig, parse(["train", "--out-dir", "x"])).prompt_cleaning is True
     off = parse(["train", "--out-dir", "x", "--no-prompt-cleaning"])
     assert T.options_from(T.DiTTrainConfig, off).prompt_cleaning is False
+
+
+def test_resuming_a_run_from_before_caption_cleaning_keeps_its_raw_captions(setup, tmp_path, capsys):
+    """A checkpoint whose run.json has no prompt_cleaning (written before the option) trained on the captions as
+    written: its resume goes on without cleaning, and says so."""
+    from opensora_fast import cli
+    from opensora_fast.checkpoint import write_checksums
+
+    root = setup["root"]
+    setup["vae"].save_pretrained(str(tmp_path / "vae"))
+
+    def argv(steps, *extra):
+        return ["train", "--data", f"{root}/data/data.csv", "--vae", str(tmp_path / "vae"), "--t5", f"{root}/t5",
+                "--model-config", "tiny", "--buckets", "9x16x16", "--batch-size", "2", "--steps", str(steps),
+                "--ckpt-every", "1", "--no-progress", "--device", "cpu", "--out-dir", str(tmp_path / "run"),
+                *extra]  # fmt: skip
+
+    assert cli.main(argv(1)) == 0
+    step = tmp_path / "run" / "checkpoints" / "step-00000001"
+    run_json = json.loads((step / "run.json").read_text())
+    assert run_json["prompt_cleaning"] is True
+    del run_json["prompt_cleaning"]
+    (step / "run.json").write_text(json.dumps(run_json))
+    os.remove(step / "checksums.json")
+    write_checksums(str(step))
+    capsys.readouterr()
+    assert cli.main(argv(2, "--resume")) == 0
+    assert "predates caption cleaning" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["prompt_cleaning"] is False

@@ -15,17 +15,17 @@ S = q k^T (BLOCK_M, BLOCK) masked to the block diagonal (same sequence) and to f
 softmax (every key of the row is in the tile: no K loop, no online rescaling). O = P V is stored in
 token order. No lse is kept: the backward recomputes P.
 
-Backward, per tile, no atomics (a key is only ever seen by its own tile): the same k, then per query
-step P, dP = dO V^T, delta = rowsum(P * dP) (= rowsum(dO * O) without reading O), dS = P (dP - delta),
-dV += P^T dO and dK += dS^T q accumulated over the steps; up to 64 frames (one step) also dQ = dS k in
-the same kernel. The gradients w.r.t. the normalised/rotated q and k are mapped through RoPE^T and the
-RMSNorm backward in registers and written straight into dqkv; the norm weights get fp32 (D,) partials
-per program (and query step), summed on the host (deterministic). For 65..128 frames the dK/dV kernel
-takes 32-row query steps with the 128 keys as the MMA rows (S^T = k q^T, softmax down the columns; as
-query rows these products were mma.sync on sm_90) and writes each row's lse and delta;
-``_temporal_attention_bwd_dq_kernel``
-then computes dQ per 64 query rows with the keys 64 at a time (P = exp2(s - lse)): the three fused into
-one kernel did not fit in 255 registers on sm_90.
+Backward, per tile, no atomics (a key is only ever seen by its own tile): the same k, then per query step P,
+dP = dO V^T, delta = rowsum(P * dP) (= rowsum(dO * O) without reading O), dS = P (dP - delta), dV += P^T dO
+and dK += dS^T q accumulated over the steps. Up to 64 frames (one step, ``_bwd_one_step``, 4 warps: every
+product 64-row wgmma over the whole N) dV, dK and dQ = dS k are computed and stored one after the other, so
+that only one gradient accumulator is live at a time. The gradients w.r.t. the normalised/rotated q and k are
+mapped through RoPE^T and the RMSNorm backward in registers and written straight into dqkv; the norm weights
+get fp32 (D,) partials per program (and query step), summed on the host (deterministic). For 65..128 frames
+the dK/dV kernel takes 32-row query steps with the 128 keys as the MMA rows (S^T = k q^T, softmax down the
+columns; as query rows these products were mma.sync on sm_90) and writes each row's lse and delta;
+``_temporal_attention_bwd_dq_kernel`` then computes dQ per 64 query rows with the keys 64 at a time (P =
+exp2(s - lse)): the three fused into one kernel did not fit in 255 registers on sm_90.
 
 Useful MMA fraction of the padding: per full tile the S / PV / backward products do BLOCK^2 (x D) work
 of which G T^2 is useful, i.e. ``T^2 / (TP * BLOCK)``: T = 64: 100%, T = 30: 44%, T = 16: 25%,
@@ -318,6 +318,46 @@ def _bwd_step_kt(q0, q1, k0, k1, do0, do1, V, rok, g, gk, okk, dk0, dk1, dv0, dv
 
 
 @triton.jit
+def _bwd_one_step(qb, rok, tok, co, g, ok, k0, k1, dob, gb, rg, DWQ, DWK, QW, KW, COS, SIN, pid, sqn, sdn, sgn, C, D,
+                  qk_scale, sm_scale, eps, ROPE: tl.constexpr, BLOCK: tl.constexpr, BD0: tl.constexpr,
+                  BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """The backward of a tile whose queries are its keys (up to 64 frames): dV, then dK, then dQ, each
+    written as soon as it is complete so that its accumulator is dead before the next one lives."""
+    dt = k0.dtype
+    q0, q1 = _load_qk(qb, rok, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
+    rdo = tok.to(tl.int64) * sdn
+    do0 = _load(dob, rdo, ok, 0, D, BD0)
+    do1 = do0
+    if HAS_D1:
+        do1 = _load(dob, rdo, ok, BD0, D, BD1)
+    p, _ = _scores(q0, q1, k0, k1, g, g, ok, qk_scale, HAS_D1, DOT_PREC)
+    pt = tl.trans(p.to(dt))
+    _store(gb + 2 * C, rg, ok, 0, D, tl.dot(pt, do0, input_precision=DOT_PREC), BD0)
+    if HAS_D1:
+        _store(gb + 2 * C, rg, ok, BD0, D, tl.dot(pt, do1, input_precision=DOT_PREC), BD1)
+    v0 = _load(qb + 2 * C, rok, ok, 0, D, BD0)
+    dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+    if HAS_D1:
+        v1 = _load(qb + 2 * C, rok, ok, BD0, D, BD1)
+        dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+    delta = tl.sum(p * dp, 1)
+    ds = (p * (dp - delta[:, None])).to(dt)
+    dst = tl.trans(ds)
+    gk0 = tl.dot(dst, q0, input_precision=DOT_PREC) * sm_scale
+    gk1 = gk0
+    if HAS_D1:
+        gk1 = tl.dot(dst, q1, input_precision=DOT_PREC) * sm_scale
+    _prologue_bwd(gk0, gk1, qb + C, rok, KW, COS, SIN, co, ok, gb + C, rg, DWK, pid, D, eps, ROPE, BLOCK, BD0, BD1,
+                  HAS_D1)  # fmt: skip
+    gq0 = tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale
+    gq1 = gq0
+    if HAS_D1:
+        gq1 = tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale
+    _prologue_bwd(gq0, gq1, qb, rok, QW, COS, SIN, co, ok, gb, rg, DWQ, pid, D, eps, ROPE, BLOCK, BD0, BD1,
+                  HAS_D1)  # fmt: skip
+
+
+@triton.jit
 def _temporal_attention_bwd_kernel(
     QKV,  # (B, T*S, 3C) through (sqb, sqn)
     DO,  # (B, T*S, C) through (sdb, sdn)
@@ -347,6 +387,10 @@ def _temporal_attention_bwd_kernel(
     k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
     dob = DO + b.to(tl.int64) * sdb + h * D
     gb, rgk = _rows(DQKV + b.to(tl.int64) * sgb + h * D, tokk, sgn)
+    if NM == 1 and DQ:  # the whole tile in one step: each gradient stored as soon as it is complete
+        _bwd_one_step(qb, rok, tokk, cok, gk, okk, k0, k1, dob, gb, rgk, DWQ, DWK, QW, KW, COS, SIN, pid, sqn, sdn,
+                      sgn, C, D, qk_scale, sm_scale, eps, ROPE, BLOCK, BD0, BD1, HAS_D1, DOT_PREC)  # fmt: skip
+        return
     dk0 = tl.zeros((BLOCK, BD0), tl.float32)
     dv0 = tl.zeros((BLOCK, BD0), tl.float32)
     dk1 = tl.zeros((BLOCK, BD1), tl.float32)

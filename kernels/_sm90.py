@@ -365,12 +365,13 @@ WAIVERS: dict[tuple[str, str], list] = {
     ],
 }
 _TEMPORAL_BWD = (
-    "OPEN (issue 9): the packed temporal backward splits its 64-row tiles over the two warpgroups of 8 warps "
-    "(HGMMA 64x32 / 64x8); 4 warps spilled 408 B (T' <= 64), 64-row query steps at T' 65..128 spilled 24-80 B in "
-    "five variants, the dQ kernel with 128 query rows 144-320 B; async copies for the T' 65..128 loops not yet "
-    "attempted. Memory-bound op: estimate 1.85x (T' 30) and 3.4x (T' 120) its HBM floor (2026-11-30)"
+    "OPEN (issue 9): at T' 65..128 the packed temporal backward's dK/dV kernel takes 32-row query steps with "
+    "the 128 keys as the MMA rows (HGMMA 64x32 / 64x16) and its dQ kernel splits 64 query rows over the two "
+    "warpgroups of 8 warps (64x32 / 64x8); 64-row query steps spilled 24-80 B in five variants, the dQ kernel "
+    "with 128 query rows 144-320 B, with all 128 keys at once 24 B, 4 warps 24-936 B; async copies for these "
+    "loops not attempted. Memory-bound op: estimate 3.4x its HBM floor at T' 120 (2026-11-30)"
 )
-WAIVERS[("_temporal_attention_bwd_kernel", "narrow_hgmma")] = [({}, _TEMPORAL_BWD)]
+WAIVERS[("_temporal_attention_bwd_kernel", "narrow_hgmma")] = [({"TP": 128}, _TEMPORAL_BWD)]
 WAIVERS[("_temporal_attention_bwd_kernel", "plain_ldg_loop")] = [({"TP": 128}, _TEMPORAL_BWD)]
 WAIVERS[("_temporal_attention_bwd_dq_kernel", "narrow_hgmma")] = [({}, _TEMPORAL_BWD)]
 WAIVERS[("_temporal_attention_bwd_dq_kernel", "plain_ldg_loop")] = [({}, _TEMPORAL_BWD)]

@@ -459,7 +459,7 @@ class SelfAttentionFunction(torch.autograd.Function):
 @dataclass(frozen=True)
 class TemporalTile:
     """T padded to TP frames; BLOCK // TP whole sequences of one head per program (the key tile). Up to
-    64 frames the tile is 64 rows and forward and backward each take it at once. For 65..128 frames
+    64 frames the tile is 64 rows and forward and backward each take it at once (4 warps). For 65..128 frames
     (TP = 128, one sequence per tile) the forward takes all 128 queries at once too (8 warps: each
     warpgroup 64 query rows, so S and P V are 64x128 / 64x64 wgmma; 180 registers, stack 0 on sm_90,
     bf16, D=72; in two 64-row steps P V was split into 64x32 / 64x8); the backward is two launches:
@@ -484,14 +484,15 @@ class TemporalTile:
     def of(T: int) -> TemporalTile:
         TP = max(16, next_pow2(T))
         if TP <= _TEMPORAL_BLOCK:
-            return TemporalTile(TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_WARPS, 4)
+            return TemporalTile(TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, 4, 4)
         return TemporalTile(TP, TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK // 2, _TEMPORAL_WARPS, _TEMPORAL_WARPS)
 
 
-# (BLOCK 64, 8 warps): every TP in {16, 32, 64, 128} x D in _TEMPORAL_D passes the sm_90 gate (no
-# spills; 4 warps spilled in the backward, 16 warps spilled more at TP = 128). The forward up to 64 frames
-# runs 4 warps: one warpgroup over the 64-row tile makes S and P V 64x64 wgmma (8 warps split N: 64x32,
-# 64x8); sm_90, bf16, D=72: 200 registers, stack 0. At TP = 128 4 warps spilled 56 B: 8 warps there.
+# Up to 64 frames (BLOCK 64) forward and backward run 4 warps: one warpgroup over the 64-row tile makes every
+# product 64x64 wgmma (+ 64x16 for the 8 head-dim columns past 64; 8 warps split N into 64x32 / 64x8). The
+# backward stores dV, then dK, then dQ as each is complete (``_bwd_one_step``): sm_90, D 72 / 64, bf16 / fp16,
+# with and without RoPE: 180-255 registers, stack 0 (the loop form with dK / dV live to the end spilled 408 B
+# at 4 warps). At TP = 128 (8 warps) 4 warps spilled 56 B in the forward and 24-936 B in the backward.
 _TEMPORAL_BLOCK = 64
 _TEMPORAL_WARPS = 8
 _TEMPORAL_MAX_T = 128

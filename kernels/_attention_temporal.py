@@ -25,7 +25,10 @@ get fp32 (D,) partials per program (and query step), summed on the host (determi
 the dK/dV kernel takes 32-row query steps with the 128 keys as the MMA rows (S^T = k q^T, softmax down the
 columns; as query rows these products were mma.sync on sm_90) and writes each row's lse and delta;
 ``_temporal_attention_bwd_dq_kernel`` then computes dQ per 64 query rows with the keys 64 at a time (P =
-exp2(s - lse)): the three fused into one kernel did not fit in 255 registers on sm_90.
+exp2(s - lse)): the three fused into one kernel did not fit in 255 registers on sm_90. The dK/dV kernel also
+writes its tile's normalised (+ rotated) keys to a scratch (programs x 128 x D, about the size of qkv's k
+part: 1.06 GB at 720p 16 s, batch 1), which the dQ kernel reads as plain MMA operands, fetched by async
+copies one 64-key chunk ahead, instead of normalising the keys again in its loop.
 
 Useful MMA fraction of the padding: per full tile the S / PV / backward products do BLOCK^2 (x D) work
 of which G T^2 is useful, i.e. ``T^2 / (TP * BLOCK)``: T = 64: 100%, T = 30: 44%, T = 16: 25%,
@@ -370,6 +373,7 @@ def _temporal_attention_bwd_kernel(
     SIN,  # (T, D) (ROPE)
     LSE,  # (num_programs, BLOCK) fp32 out: each tile row's log2-sum-exp2 of its scores (STATS)
     DELTA,  # (num_programs, BLOCK) fp32 out: each tile row's rowsum(P * dP) = rowsum(dO * O) (STATS)
+    KN,  # (num_programs, BLOCK, D) like QKV, out: the tile's normalised (+ rotated) keys (STATS)
     sqb, sqn, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
     D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -385,6 +389,12 @@ def _temporal_attention_bwd_kernel(
     b, tokk, cok, gk, okk = _tile_rows(tile, 0, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK)
     qb, rok = _rows(QKV + b.to(tl.int64) * sqb + h * D, tokk, sqn)
     k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
+    if STATS:  # for the dQ kernel, which reads them as plain (async-copied) MMA operands
+        kn, rkn = _rows(KN + pid.to(tl.int64) * BLOCK * D, tl.arange(0, BLOCK), D)
+        every = tl.arange(0, BLOCK) >= 0
+        _store(kn, rkn, every, 0, D, k0, BD0)
+        if HAS_D1:
+            _store(kn, rkn, every, BD0, D, k1, BD1)
     dob = DO + b.to(tl.int64) * sdb + h * D
     gb, rgk = _rows(DQKV + b.to(tl.int64) * sgb + h * D, tokk, sgn)
     if NM == 1 and DQ:  # the whole tile in one step: each gradient stored as soon as it is complete
@@ -444,6 +454,7 @@ def _temporal_attention_bwd_dq_kernel(
     SIN,  # (T, D) (ROPE)
     LSE,  # (num_programs, BLOCK) fp32 from _temporal_attention_bwd_kernel (STATS)
     DELTA,  # (num_programs, BLOCK) fp32 from _temporal_attention_bwd_kernel (STATS)
+    KN,  # (num_programs, BLOCK, D) the tiles' normalised (+ rotated) keys from _temporal_attention_bwd_kernel
     sqb, sqn, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
     D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -472,9 +483,14 @@ def _temporal_attention_bwd_dq_kernel(
     gq0 = tl.zeros((BLOCK_M, BD0), tl.float32)
     gq1 = tl.zeros((BLOCK_M, BD1), tl.float32)
     for n in range(NM):
-        _, tokk, cok, gk, okk = _tile_rows(tile, n * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
+        _, tokk, _, gk, okk = _tile_rows(tile, n * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
         rok = tokk.to(tl.int64) * sqn
-        k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
+        kn, rkn = _rows(KN + pid.to(tl.int64) * BLOCK * D, n * BLOCK_M + tl.arange(0, BLOCK_M), D)
+        every = tl.arange(0, BLOCK_M) >= 0
+        k0 = _load(kn, rkn, every, 0, D, BD0)
+        k1 = k0
+        if HAS_D1:
+            k1 = _load(kn, rkn, every, BD0, D, BD1)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         v0 = _load(qb + 2 * C, rok, okk, 0, D, BD0)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)

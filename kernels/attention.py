@@ -463,8 +463,8 @@ class TemporalTile:
     (TP = 128, one sequence per tile) the forward takes all 128 queries at once too (8 warps: each
     warpgroup 64 query rows, so S and P V are 64x128 / 64x64 wgmma; 180 registers, stack 0 on sm_90,
     bf16, D=72; in two 64-row steps P V was split into 64x32 / 64x8); the backward is two launches:
-    dK / dV with the queries BLOCK_M_DKV = 32 rows at a time (also writing each row's lse and delta),
-    then dQ per BLOCK_M = 64 query rows with the keys 64 at a time. As one
+    dK / dV with the queries BLOCK_M_DKV = 32 rows at a time (also writing each row's lse and delta and the
+    tile's normalised keys), then dQ per BLOCK_M = 64 query rows with the keys 64 at a time. As one
     kernel that backward spilled 312-1024 B on sm_90 (255 registers); so did dQ next to 128 keys. The dK /
     dV kernel's products take the 128 keys as the MMA rows (S^T = k q^T): 32 query rows as the rows compiled
     to mma.sync (wgmma needs 64 rows per warpgroup); 64-row query steps spilled 24-80 B."""
@@ -580,9 +580,11 @@ def _temporal_bwd_op(
     dwq = empty((n_prog * (tile.BLOCK // tile.BLOCK_M), D), torch.float32, qkv.device)
     dwk = empty((n_prog, D), torch.float32, qkv.device)
     lse = delta = dwk  # unused unless split_bwd
+    kn = qkv
     if tile.split_bwd:
         lse = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
         delta = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
+        kn = empty((n_prog, tile.BLOCK, D), qkv.dtype, qkv.device)
     if n_prog == 0:  # B == 0
         zero = torch.zeros_like(q_weight)
         return dqkv, zero, zero.clone()
@@ -594,13 +596,14 @@ def _temporal_bwd_op(
     kw = dict(D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype), num_warps=tile.num_warps,
               num_stages=1, **DSplit.of(D).kwargs())  # fmt: skip
     _temporal_attention_bwd_kernel[_grid_x(n_prog)](
-        qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, lse, delta, *args,
+        qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, lse, delta, kn, *args,
         BLOCK_M=tile.BLOCK_M_DKV, DQ=not tile.split_bwd, STATS=tile.split_bwd, KT=tile.BLOCK_M_DKV < 64, **kw,
     )  # fmt: skip
     if tile.split_bwd:
         _temporal_attention_bwd_dq_kernel[_grid_x(n_prog * (tile.BLOCK // tile.BLOCK_M))](
-            qkv, dout, dqkv, dwq, q_weight, k_weight, cs, sn, lse, delta, *args, BLOCK_M=tile.BLOCK_M, **kw
-        )
+            qkv, dout, dqkv, dwq, q_weight, k_weight, cs, sn, lse, delta, kn, *args, BLOCK_M=tile.BLOCK_M,
+            **{**kw, "num_stages": 2},  # the k and v chunks by async copies, one chunk ahead
+        )  # fmt: skip
     return dqkv, dwq.sum(0).to(q_weight.dtype), dwk.sum(0).to(k_weight.dtype)
 
 

@@ -216,7 +216,7 @@ class TrainRun:
         "batch size)}); replaces --buckets / --batch-size",
         metavar="FILE",
     )
-    frame_interval: int = option(1, "with --bucket-config: take every N-th frame (Open-Sora's frame_interval)")
+    frame_interval: int = option(1, "take every N-th frame of a random window (Open-Sora's frame_interval)")
     data_fps: float | None = option(None, "resample clips to this frame rate (default: as stored)", parse=float)
     eval_data: str | None = option(
         None, "with --eval-every: a CSV (clips in --buckets) or an extracted feature directory", metavar="CSV|DIR"
@@ -406,6 +406,16 @@ class ClipLoader:
         return out, _stack(out)
 
     def __call__(self, i) -> tuple[int, dict]:
+        if not isinstance(i, int) and self.groups and hasattr(self.dataset, "crop_key"):
+            # a fixed-bucket key (i, T, H, W, start); if clip i fails, the next readable clip of its bucket
+            # (same T, H, W) with its window at frame 0
+            if i[0] not in self.bad:
+                try:
+                    return i, self.dataset[i]
+                except BadClipError as e:
+                    self._record(i[0], str(e))
+            j, item = self(i[0])
+            return (j, *i[1:4], 0), item
         if not isinstance(i, int):  # a bucket_config key: no replacement in this path (cache_latents)
             try:
                 return i, self.dataset[i]
@@ -1203,9 +1213,12 @@ def run_train(args) -> int:
             raise UsageError(f"--bucket-config: {e}") from None
         left_out = dataset.left_out
     else:
-        dataset = VideoTextDataset(data_csv, args.buckets, fps=args.data_fps)
-        shortest = min(b[0] for b in args.buckets)
-        left_out = [(p, f"shorter than every bucket ({shortest} frames)") for p in dataset.dropped]
+        try:
+            dataset = VideoTextDataset(data_csv, args.buckets, fps=args.data_fps,
+                                       frame_interval=getattr(args, "frame_interval", 1))  # fmt: skip
+        except ValueError as e:
+            raise UsageError(f"--buckets / --frame-interval: {e}") from None
+        left_out = dataset.left_out
     if rank == 0:
         for path, why in left_out:
             print(f"left out: {path}: {why}", file=sys.stderr)

@@ -364,6 +364,9 @@ def test_train_and_resume(weights, tmp_path, capsys):
     ]
     assert cli.main([*argv, "--buckets", "51x240x426"]) == 2
     assert "long enough for any bucket" in capsys.readouterr().err
+    # --frame-interval reaches the fixed-bucket dataset: 9 frames every 2nd need a 17-frame window
+    assert cli.main([*argv, "--buckets", "9x16x16", "--frame-interval", "2"]) == 2
+    assert "long enough for any bucket" in capsys.readouterr().err
     # --resume with nothing to resume
     with pytest.raises(Exception, match="no checkpoint"):
         cli._train(

@@ -319,6 +319,21 @@ def test_bad_clips_are_skipped_counted_and_limited(setup, tmp_path, capsys):
                     device="cpu", progress=False)  # fmt: skip
 
 
+def test_bad_clip_with_cache_latents_is_replaced_from_its_bucket(setup, tmp_path, capsys):
+    """--cache-latents with fixed buckets (keys (i, T, H, W, start)): a clip that fails to decode is reported
+    once and replaced by the next readable clip of its bucket (its window at frame 0), as without the cache."""
+    from test_data import corrupt_stream
+
+    csv_path = make_synthetic_dataset(str(tmp_path / "data"), 9, (16, 16), 8, colors=("red", "blue"))
+    corrupt_stream(str(tmp_path / "data" / "videos" / "blue_circle_up_0.mp4"))
+    ds = VideoTextDataset(csv_path, [(9, 16, 16)])
+    res = T.train_dit(cfg(steps=4, ckpt_every=100, cache_latents=True), ds, tiny_model(), setup["vae"],
+                      setup["text"], device="cpu", progress=False)  # fmt: skip
+    assert len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses)
+    err = capsys.readouterr().err
+    assert err.count("skipped: clip") == 1 and "blue_circle_up_0.mp4" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # issue 11: the DataLoader pipeline and Open-Sora's bucket_config
 

@@ -628,8 +628,16 @@ class _DiTTask(trainer.Task):
 
     @torch.no_grad()
     def _encode(self, video, sample, generator):
+        video = video.to(self.dev, self.vae.dtype)
         with torch.autocast(self.dev.type, dtype=self.amp or torch.bfloat16, enabled=self.use_amp):
-            return self.vae.encode(video.to(self.dev, self.vae.dtype), sample=sample, generator=generator).float()
+            if self.sp_group is not None and self.vae.cfg.micro_frame_size:
+                # the ranks of a sequence-parallel group share each sample: they split its 17-frame VAE chunks
+                # and all-gather the latents (the same latents and generator state as one vae.encode)
+                from opensora_fast.parallel import parallel_encode
+
+                z = parallel_encode(self.vae, video, self.sp_group, dst=None, sample=sample, generator=generator)
+                return z.float()
+            return self.vae.encode(video, sample=sample, generator=generator).float()
 
     def plan(self, step: int, batch: dict, seed: int, model) -> trainer.StepPlan:
         from opensora_fast.rflow import timestep_transform

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 import torch
@@ -180,3 +181,33 @@ def tensorboard_writer(log_dir: str):
     except ImportError:
         return None
     return SummaryWriter(log_dir)
+
+
+def apply_resume_options(args, run: dict, path: str, *, skip=(), fixed=(), renamed=None, flag=None) -> None:
+    """Take a run's options from its checkpoint's ``run.json`` (``run``) onto ``args``: an option not given on
+    this command line (``args.explicit``) gets the run's value; one given that differs is kept with a warning,
+    except those in ``fixed`` (the weights decide them: UsageError, one line). ``skip``: options that are not
+    the run's (output directory, device, ...); ``renamed``: run.json keys of older checkpoints -> today's names;
+    ``flag``: an option's command-line spelling."""
+    flag = flag or (lambda dest: "--" + dest.replace("_", "-"))
+    explicit = getattr(args, "explicit", None)
+    explicit = set(vars(args)) if explicit is None else set(explicit)
+    run = {(renamed or {}).get(k, k): v for k, v in run.items()}
+    for dest, old in run.items():
+        if dest in skip or not hasattr(args, dest):
+            continue
+        new = getattr(args, dest)
+        same = json.dumps(new, default=str) == json.dumps(old, default=str)
+        if dest not in explicit:
+            if dest == "buckets" and old is not None:
+                old = [tuple(b) for b in old]
+            setattr(args, dest, old)
+        elif not same:
+            if dest in fixed:
+                raise UsageError(
+                    f"--resume: {flag(dest)} {new} does not fit the checkpoint {path!r} (trained with "
+                    f"{flag(dest)} {old}); leave {flag(dest)} out to continue that run"
+                )
+            print(
+                f"warning: {flag(dest)} {new} differs from the checkpoint's run ({old}); using {new}", file=sys.stderr
+            )

@@ -51,6 +51,7 @@ from opensora_fast.checkpoint import (
 )
 from opensora_fast.common import (
     UsageError,
+    apply_resume_options,
     check_device,
     load_vae,
     option,
@@ -1031,29 +1032,8 @@ def _flag(dest: str) -> str:
 
 
 def _apply_resume_options(args, run: dict, path: str) -> None:
-    """Take the run's options from the checkpoint's ``run.json``; a flag given on this command line that
-    differs is kept with a warning, except the model's (``_FIXED_ON_RESUME``: UsageError, one line)."""
-    explicit = getattr(args, "explicit", None)
-    explicit = set(vars(args)) if explicit is None else set(explicit)
-    run = {_RENAMED.get(k, k): v for k, v in run.items()}
-    for dest, old in run.items():
-        if dest in _NOT_RUN_OPTIONS or not hasattr(args, dest):
-            continue
-        new = getattr(args, dest)
-        same = json.dumps(new, default=str) == json.dumps(old, default=str)
-        if dest not in explicit:
-            if dest == "buckets" and old is not None:
-                old = [tuple(b) for b in old]
-            setattr(args, dest, old)
-        elif not same:
-            if dest in _FIXED_ON_RESUME:
-                raise UsageError(
-                    f"--resume: {_flag(dest)} {new} does not fit the checkpoint {path!r} (trained with "
-                    f"{_flag(dest)} {old}); leave {_flag(dest)} out to continue that run"
-                )
-            print(
-                f"warning: {_flag(dest)} {new} differs from the checkpoint's run ({old}); using {new}", file=sys.stderr
-            )
+    """``common.apply_resume_options`` with train's option names."""
+    apply_resume_options(args, run, path, skip=_NOT_RUN_OPTIONS, fixed=_FIXED_ON_RESUME, renamed=_RENAMED, flag=_flag)
 
 
 def apply_preset(args, explicit: set[str]) -> None:

@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from opensora_fast import trainer
-from opensora_fast.checkpoint import resolve_resume
+from opensora_fast.checkpoint import has_checkpoint, resolve_resume
 from opensora_fast.common import (
     UsageError,
+    apply_resume_options,
     check_device,
     option,
     options_from,
@@ -539,6 +540,34 @@ class VAERunOptions:
     no_progress: bool = option(False, "no progress bar")
 
 
+# options that are not the run's (where it writes, how this process runs)
+_NOT_RUN_OPTIONS = ("func", "resume", "out_dir", "no_progress", "device", "dist_timeout", "explicit", "argv")
+# options the checkpoint's weights and loss decide
+_FIXED_ON_RESUME = ("stage", "model_config", "init_from")
+
+
+def _resume_options(args) -> None:
+    """With ``--resume``, the options of the run being continued come from its checkpoint's ``run.json``
+    (those given on this command line win, with a warning; a different stage / model is refused)."""
+    if not getattr(args, "resume", None) or not getattr(args, "out_dir", None):
+        return
+    path = args.resume
+    if path == "auto":
+        ckpt_dir = os.path.join(args.out_dir, "checkpoints")
+        if not has_checkpoint(ckpt_dir):
+            return  # train_vae says there is nothing to resume
+        path = ckpt_dir
+    try:
+        step_dir = resolve_resume(path)
+    except (OSError, ValueError):
+        return  # train_vae reports a bad --resume path
+    run_file = os.path.join(step_dir, "run.json")
+    if os.path.isfile(run_file):
+        with open(run_file) as f:
+            run = json.load(f)
+        apply_resume_options(args, run, step_dir, skip=_NOT_RUN_OPTIONS, fixed=_FIXED_ON_RESUME)
+
+
 def run_train_vae(args) -> int:
     """``opensora-fast train-vae``: one process, or several under torchrun (DDP, or FSDP2 with ``--fsdp``)."""
     from dataclasses import replace
@@ -547,6 +576,7 @@ def run_train_vae(args) -> int:
     from opensora_fast.data import VideoTextDataset, parse_size
     from opensora_fast.parallel import init_distributed
 
+    _resume_options(args)
     o = options_from(VAERunOptions, args)
     check_device(o.device)
     cfg = STAGES[o.stage]

@@ -190,7 +190,9 @@ def test_train_vae_command_per_stage_with_exact_resume(tmp_path, stage, capsys):
         argv += ["--lpips-weights", _random_lpips_file(tmp_path / "lpips.safetensors")]
     assert cli.main([*argv, "--steps", "4", "--out-dir", str(tmp_path / "a")]) == 0
     assert cli.main([*argv, "--steps", "2", "--out-dir", str(tmp_path / "b")]) == 0
-    assert cli.main([*argv, "--steps", "4", "--out-dir", str(tmp_path / "b"), "--resume"]) == 0
+    # the options come from the checkpoint's run.json: --data, --out-dir, --resume and the new --steps suffice
+    resume = ["train-vae", "--data", csv_path, "--out-dir", str(tmp_path / "b"), "--resume", "--no-progress"]
+    assert cli.main([*resume, "--steps", "4"]) == 0
     import json
 
     la = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
@@ -205,6 +207,9 @@ def test_train_vae_command_per_stage_with_exact_resume(tmp_path, stage, capsys):
     assert cli.main([*base, "--steps", "1", "--out-dir", str(tmp_path / "c"), "--stage", "3"]) == 0
     assert "LPIPS term off: no --lpips-weights" in capsys.readouterr().err
     assert cli.main([*base, "--steps", "1", "--out-dir", str(tmp_path / "e"), "--lpips-weights", "/nope.pth"]) == 2
+    other = 1 if stage != 1 else 2  # another stage's loss cannot continue this run: one line, exit 2
+    assert cli.main([*resume, "--steps", "5", "--stage", str(other)]) == 2
+    assert "does not fit the checkpoint" in capsys.readouterr().err
 
 
 def test_micro_frame_size_sets_the_temporal_vae_pieces(tmp_path):

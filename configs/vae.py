@@ -8,7 +8,8 @@ stage 2: the same data, identity loss off, temporal VAE only. (The release's sta
          the target; the report describes stage 2 as temporal-VAE-only, which is what this does.)
 stage 3: 33 frames, random clip lengths 1..33, pixel reconstruction (+ KL), whole VAE trained.
 All: lr 1e-5, AdamW (wd 0), grad clip 1.0, bf16, gradient checkpointing, batch 1 per GPU, KL weight
-1e-6. Not reproduced: the LPIPS perceptual term (weight 0.1 in the release; needs VGG weights).
+1e-6. The LPIPS perceptual term (weight 0.1 in the release) runs when local VGG16 + LPIPS weights are
+given (`--lpips-weights`).
 """
 
 from dataclasses import replace

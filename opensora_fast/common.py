@@ -98,7 +98,8 @@ def option(
 ):
     """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` names it).
     ``parse``: the argparse ``type`` (default: the default's type; a ValueError it raises is shown as the message);
-    a bool field with default False is a switch; ``argparse_kw`` (``nargs``, ``const``) go to ``add_argument``."""
+    a bool field with default False is a switch, one with default True is turned off by its ``--no-...`` ``flag``;
+    ``argparse_kw`` (``nargs``, ``const``) go to ``add_argument``."""
     meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "metavar": metavar, "required": required}
     meta["kw"] = argparse_kw
     if default_factory is not None:
@@ -135,6 +136,11 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         if default is False and m["parse"] is None:
             kw["action"] = "store_true"
             kw["default"] = False
+        elif default is True and m["parse"] is None:  # on by default: only its --no-X flag exists
+            if not flag_of(f).startswith("--no-"):
+                raise ValueError(f"option {f.name}: a bool that defaults to True needs a --no-... flag")
+            kw["action"] = "store_false"
+            kw["default"] = True
         else:
             kw["default"] = default
             parse = m["parse"]

@@ -243,7 +243,6 @@ class FeatureDataset:
 # ---------------------------------------------------------------------------------------------
 # ``opensora-fast extract``
 
-import argparse  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 from opensora_fast.common import UsageError, check_device, load_vae, option, options_from, require_path  # noqa: E402
@@ -253,16 +252,6 @@ def _parse_buckets(text: str):
     from opensora_fast.data import parse_buckets
 
     return parse_buckets(text)
-
-
-class _TurnOff(argparse.Action):
-    """``--no-X`` for a bool option that is on by default: the flag sets it False (takes no value)."""
-
-    def __init__(self, option_strings, dest, type=None, **kw):  # noqa: A002 (add_options passes the field's type)
-        super().__init__(option_strings, dest, nargs=0, **kw)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, False)
 
 
 @dataclass
@@ -291,7 +280,6 @@ class ExtractOptions:
         "give T5 the captions as written, not Open-Sora's text_preprocessing of them (prompt_cleaning=%(default)s "
         "without this flag); the setting is recorded with the features",
         flag="--no-prompt-cleaning",
-        action=_TurnOff,
     )
     text_len: int = option(
         300, "T5 tokens per caption: the STDiT3's model_max_length (Open-Sora 1.2: 300; --model-config tiny: 8)"

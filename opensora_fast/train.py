@@ -61,7 +61,6 @@ from opensora_fast.common import (
     tensorboard_writer,
 )
 from opensora_fast.data import BadClipError, bucket_batches
-from opensora_fast.features import _TurnOff  # the --no-X action of a bool option that is on by default
 from opensora_fast.masks import MASK_RATIOS, MaskGenerator
 from opensora_fast.parallel import (  # noqa: F401  (set-up moved to parallel; names kept for callers)
     DIST_TIMEOUT_S,
@@ -142,7 +141,6 @@ class DiTTrainConfig:
         "give T5 the captions as written, not Open-Sora's text_preprocessing of them (prompt_cleaning=%(default)s "
         "without this flag; with --features it must match the extraction's setting)",
         flag="--no-prompt-cleaning",
-        action=_TurnOff,
     )
     extra: dict = field(default_factory=dict)
 
@@ -916,7 +914,6 @@ class EvalOptions:
         True,
         "give T5 the captions as written, not Open-Sora's text_preprocessing of them (as train --no-prompt-cleaning)",
         flag="--no-prompt-cleaning",
-        action=_TurnOff,
     )
 
 

@@ -289,10 +289,13 @@ class VideoTextDataset:
         return {"video": video.transpose(0, 1), "text": text, "fps": self.item_fps(i)}
 
 
-def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
+def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                   accum: int = 1) -> Iterator[list[int]]:  # fmt: skip
     """Endless batches of item keys, every batch from one bucket (``dataset.bucket(i)``): dataset indices, or for a
     dataset with a random temporal crop (``crop_key``, as ``VideoTextDataset``) the keys ``(i, T, H, W, start)``
-    its crop draws for (seed, epoch, i).
+    its crop draws for (seed, epoch, i). A dataset whose buckets carry their own batch size
+    (``bucket_batch_size(i)``, as features extracted from an Open-Sora bucket_config) gets batches of that size
+    times ``accum`` in those buckets; the others ``batch_size``.
 
     Per epoch: each bucket's indices are shuffled and cut into full batches (the remainder waits for
     the next epoch's shuffle; a bucket with fewer clips than ``batch_size`` fills one batch with its clips
@@ -301,6 +304,7 @@ def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_siz
     seeded by (seed, epoch), so the order is the same on every run and every rank. With several ranks,
     rank r takes batches r, r + world_size, ... of each epoch (whole rounds only)."""
     crop = getattr(dataset, "crop_key", None)
+    sized = getattr(dataset, "bucket_batch_size", None)
     groups: dict[tuple, list[int]] = {}
     for i in range(len(dataset)):
         groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
@@ -312,13 +316,13 @@ def bucket_batches(dataset, batch_size: int, seed: int, rank: int = 0, world_siz
         batches = []
         for key in sorted(groups):
             idx = groups[key]
+            bs = (sized(idx[0]) or 0) * accum if sized is not None else 0
+            bs = bs or batch_size
             perm = torch.randperm(len(idx), generator=g).tolist()
-            if len(idx) < batch_size:  # its clips, repeated in the shuffled order
-                batches.append([idx[perm[k % len(idx)]] for k in range(batch_size)])
+            if len(idx) < bs:  # its clips, repeated in the shuffled order
+                batches.append([idx[perm[k % len(idx)]] for k in range(bs)])
                 continue
-            batches += [
-                [idx[j] for j in perm[k : k + batch_size]] for k in range(0, len(idx) - batch_size + 1, batch_size)
-            ]
+            batches += [[idx[j] for j in perm[k : k + bs]] for k in range(0, len(idx) - bs + 1, bs)]
         order = torch.randperm(len(batches), generator=g).tolist()
         rounds = len(order) // world_size
         if rounds == 0:

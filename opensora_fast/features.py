@@ -218,6 +218,10 @@ class FeatureDataset:
     def bucket(self, i: int) -> tuple[int, int, int]:
         return tuple(self.meta[i]["bucket"])
 
+    def bucket_batch_size(self, i: int) -> int | None:
+        """The batch size of clip i's bucket in the bucket_config it was extracted with (None: --buckets)."""
+        return self.meta[i].get("batch_size")
+
     def describe(self, i: int) -> str:
         return f"{self.meta[i]['path']!r} (features {self.where[i]})"
 

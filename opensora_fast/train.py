@@ -448,12 +448,13 @@ def _key_shape(dataset, key) -> tuple[int, int, int]:
 
 def _batch_keys(dataset, cfg: DiTTrainConfig, dp_rank: int, dp: int, log: Callable[[str], None]):
     """Endless lists of item keys: an Open-Sora bucket_config dataset draws buckets, crops and per-bucket batch
-    sizes every epoch (``data.BucketSampler``); a fixed-bucket dataset gives index batches of ``cfg.batch_size``."""
+    sizes every epoch (``data.BucketSampler``); a fixed-bucket dataset gives batches of ``cfg.batch_size``, features
+    extracted from a bucket_config batches of their bucket's batch size."""
     from opensora_fast.data import BucketSampler
 
     if hasattr(dataset, "assigner"):
         return iter(BucketSampler(dataset, cfg.seed, dp_rank, dp, epoch_log=log, accum=cfg.grad_accum))
-    return bucket_batches(dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, dp_rank, dp)
+    return bucket_batches(dataset, cfg.batch_size * cfg.grad_accum, cfg.seed, dp_rank, dp, accum=cfg.grad_accum)
 
 
 def default_num_workers() -> int:

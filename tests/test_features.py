@@ -217,4 +217,6 @@ def test_training_from_bucket_config_features_batches_each_bucket_alone(setup, s
                       progress=False, log_path=str(log))  # fmt: skip
     recs = [json.loads(line) for line in open(log)]
     assert {tuple(r["shape"]) for r in recs} == {(5, 16, 16), (8, 16, 16)}  # each step one bucket's clips
+    # each bucket's batch size from the bucket_config (5 frames: 3, 8 frames: 2), not --batch-size 2
+    assert {(r["shape"][0], r["batch"]) for r in recs} == {(5, 3), (8, 2)}
     assert all(math.isfinite(v) for v in res.losses)

@@ -84,7 +84,13 @@ class SampleOptions:
     start_index: int = 0  # the prompts [start_index:end_index] (indices and seeds stay those of the full list)
     end_index: int | None = None
     skip_existing: bool = False  # a clip whose file already exists is not sampled again
-    # Open-Sora's loop generation (flags derived from these fields: common.add_options)
+    # flags derived from these fields (common.add_options)
+    no_timestep_transform: bool = option(
+        False,
+        "sample at evenly spaced timesteps (Open-Sora's resolution/length shift off), for a model trained without it "
+        "(the demo's: at 32x32 the shift moves training and sampling towards low noise)",
+    )
+    # Open-Sora's loop generation
     loop: int = option(
         1,
         "sample N clips one after the other, each conditioned on the last --condition-frame-length latent frames "
@@ -494,7 +500,9 @@ def generate(opts: SampleOptions) -> list[str]:
         say(f"note: {H}x{W} is not a multiple of the VAE's {f}x{f} spatial downsampling: the clip will be "
             f"{lat[1] * f}x{lat[2] * f}", flush=True)  # fmt: skip
     fps = IMAGE_FPS if T == 1 else opts.fps
-    scheduler = RFlow(num_sampling_steps=opts.steps, cfg_scale=opts.cfg, use_timestep_transform=True)
+    scheduler = RFlow(
+        num_sampling_steps=opts.steps, cfg_scale=opts.cfg, use_timestep_transform=not opts.no_timestep_transform
+    )
     size_args = {
         k: torch.tensor([float(v)], device=device, dtype=dtype)
         for k, v in (("height", H), ("width", W), ("num_frames", T), ("fps", fps))

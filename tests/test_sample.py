@@ -300,3 +300,24 @@ def test_bad_loop_options_are_one_line_errors(weights, tmp_path, capsys, extra, 
     rc = cli.main(["sample", prompt, *weights, "--out-dir", str(tmp_path), *LOOP, *extra])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_no_timestep_transform_samples_at_evenly_spaced_timesteps(weights, monkeypatch, tmp_path):
+    from opensora_fast.rflow import RFlow
+
+    seen = []
+    real = RFlow.timesteps
+
+    def spy(self, *args, **kw):
+        ts = real(self, *args, **kw)
+        seen.append([float(t[0]) for t in ts])
+        return ts
+
+    monkeypatch.setattr(RFlow, "timesteps", spy)
+    argv = ["sample", "a cat", *weights, "--image-size", "16x16", "--num-frames", "9", "--no-progress"]
+    assert cli.main([*argv, "--steps", "4", "--out-dir", str(tmp_path / "a"), "--no-timestep-transform"]) == 0
+    assert seen[-1] == [1000.0, 750.0, 500.0, 250.0]
+    # the default: Open-Sora's shift, towards low noise at 16x16 (ratio sqrt(16 * 16 / 512^2) = 1/32)
+    assert cli.main([*argv, "--steps", "4", "--out-dir", str(tmp_path / "b")]) == 0
+    r = 1 / 32
+    assert seen[-1] == pytest.approx([1000 * r * t / (1 + (r - 1) * t) for t in (1.0, 0.75, 0.5, 0.25)], rel=1e-5)

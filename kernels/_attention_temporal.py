@@ -72,6 +72,16 @@ def _load(base, ro, ok, col0, D, BD: tl.constexpr):
 
 
 @triton.jit
+def _load_pieces(base, ro, ok, D, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr):
+    """Both head-dim pieces of a tile (the second a dummy without HAS_D1)."""
+    x0 = _load(base, ro, ok, 0, D, BD0)
+    x1 = x0
+    if HAS_D1:
+        x1 = _load(base, ro, ok, BD0, D, BD1)
+    return x0, x1
+
+
+@triton.jit
 def _store(base, ro, ok, col0, D, x, BD: tl.constexpr):
     cols = col0 + tl.arange(0, BD)
     mask = ok[:, None] & (cols < D)[None, :]
@@ -129,10 +139,7 @@ def _norm_rope(x, rstd, W, COS, SIN, co, ok, col0, D, ROPE: tl.constexpr, BM: tl
 def _load_qk(base, ro, ok, W, COS, SIN, co, D, eps, ROPE: tl.constexpr, BM: tl.constexpr,
              BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr):  # fmt: skip
     """The normalised (+ rotated) pieces of a q or k tile (t1 a dummy without HAS_D1)."""
-    x0 = _load(base, ro, ok, 0, D, BD0)
-    x1 = x0
-    if HAS_D1:
-        x1 = _load(base, ro, ok, BD0, D, BD1)
+    x0, x1 = _load_pieces(base, ro, ok, D, BD0, BD1, HAS_D1)
     rstd = _rstd(x0, x1, D, eps, HAS_D1)
     t0 = _norm_rope(x0, rstd, W, COS, SIN, co, ok, 0, D, ROPE, BM, BD0)
     t1 = t0
@@ -253,10 +260,7 @@ def _prologue_bwd(gt0, gt1, X, ro, W, COS, SIN, co, ok, DX, rdo, DWP, pid, D, ep
     the transformed pieces; the raw tile is re-read from X (a cache hit: this program loaded it at the
     start; keeping it live through the attention part costs registers). Writes the dx rows and this
     program's (D,) weight-gradient partial."""
-    x0 = _load(X, ro, ok, 0, D, BD0)
-    x1 = x0
-    if HAS_D1:
-        x1 = _load(X, ro, ok, BD0, D, BD1)
+    x0, x1 = _load_pieces(X, ro, ok, D, BD0, BD1, HAS_D1)
     rstd = _rstd(x0, x1, D, eps, HAS_D1)
     dh0, xh0, pw0, dot = _norm_rope_bwd(gt0, x0, rstd, W, COS, SIN, co, ok, 0, D, ROPE, BLOCK, BD0)
     c0 = tl.arange(0, BD0)
@@ -329,10 +333,7 @@ def _bwd_one_step(qb, rok, tok, co, g, ok, k0, k1, dob, gb, rg, DWQ, DWK, QW, KW
     dt = k0.dtype
     q0, q1 = _load_qk(qb, rok, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
     rdo = tok.to(tl.int64) * sdn
-    do0 = _load(dob, rdo, ok, 0, D, BD0)
-    do1 = do0
-    if HAS_D1:
-        do1 = _load(dob, rdo, ok, BD0, D, BD1)
+    do0, do1 = _load_pieces(dob, rdo, ok, D, BD0, BD1, HAS_D1)
     p, _ = _scores(q0, q1, k0, k1, g, g, ok, qk_scale, HAS_D1, DOT_PREC)
     pt = tl.trans(p.to(dt))
     _store(gb + 2 * C, rg, ok, 0, D, tl.dot(pt, do0, input_precision=DOT_PREC), BD0)
@@ -410,10 +411,7 @@ def _temporal_attention_bwd_kernel(
         ro = tok.to(tl.int64) * sqn
         q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
         rdo = tok.to(tl.int64) * sdn
-        do0 = _load(dob, rdo, ok, 0, D, BD0)
-        do1 = do0
-        if HAS_D1:
-            do1 = _load(dob, rdo, ok, BD0, D, BD1)
+        do0, do1 = _load_pieces(dob, rdo, ok, D, BD0, BD1, HAS_D1)
         if KT:
             dst, lse, delta, dk0, dk1, dv0, dv1 = _bwd_step_kt(
                 q0, q1, k0, k1, do0, do1, qb + 2 * C, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
@@ -476,10 +474,7 @@ def _temporal_attention_bwd_dq_kernel(
     lse = tl.load(LSE + rows)
     delta = tl.load(DELTA + rows)
     dob, rdo = _rows(DO + b.to(tl.int64) * sdb + h * D, tok, sdn)
-    do0 = _load(dob, rdo, ok, 0, D, BD0)
-    do1 = do0
-    if HAS_D1:
-        do1 = _load(dob, rdo, ok, BD0, D, BD1)
+    do0, do1 = _load_pieces(dob, rdo, ok, D, BD0, BD1, HAS_D1)
     gq0 = tl.zeros((BLOCK_M, BD0), tl.float32)
     gq1 = tl.zeros((BLOCK_M, BD1), tl.float32)
     for n in range(NM):
@@ -487,10 +482,7 @@ def _temporal_attention_bwd_dq_kernel(
         rok = tokk.to(tl.int64) * sqn
         kn, rkn = _rows(KN + pid.to(tl.int64) * BLOCK * D, n * BLOCK_M + tl.arange(0, BLOCK_M), D)
         every = tl.arange(0, BLOCK_M) >= 0
-        k0 = _load(kn, rkn, every, 0, D, BD0)
-        k1 = k0
-        if HAS_D1:
-            k1 = _load(kn, rkn, every, BD0, D, BD1)
+        k0, k1 = _load_pieces(kn, rkn, every, D, BD0, BD1, HAS_D1)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         v0 = _load(qb + 2 * C, rok, okk, 0, D, BD0)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)

@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import free_port
-from _dist import torchrun as torchrun_cmd
+from _dist import free_port, run_cli
 
 from opensora_fast import train as T
 from opensora_fast.data import VideoTextDataset, make_synthetic_dataset
@@ -156,7 +155,6 @@ def test_fsdp_needs_a_process_group(setup):
 def test_torchrun_two_processes_fsdp2_exact_resume(tmp_path):
     """`torchrun --nproc_per_node 2 -m opensora_fast.cli train` on CPU (gloo, FSDP2 with two shards):
     3 steps straight == 2 steps + resume to 3, bit for bit."""
-    import subprocess
 
     make_synthetic_dataset(str(tmp_path / "data"), 9, (16, 16), 8, colors=("red", "blue"))
     build_tiny_t5(str(tmp_path / "t5"), extra_text="square circle moving right left up down")
@@ -187,11 +185,7 @@ def test_torchrun_two_processes_fsdp2_exact_resume(tmp_path):
     ]
 
     def torchrun(*extra):
-        cmd = torchrun_cmd(2, "-m", "opensora_fast.cli", "train", *args, *extra)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r.stdout
+        return run_cli(2, "train", *args, *extra, cwd=tmp_path)
 
     out = torchrun("--steps", "3", "--out-dir", "straight")
     assert "world size 2" in out
@@ -244,7 +238,6 @@ def test_torchrun_sequence_parallel_training(tmp_path):
     losses follow the one-process run (same data, draws and, up to summation order, gradients), and a
     resumed sequence-parallel run repeats the straight one bit for bit; with 4 processes and --sp 2 the
     two data-parallel groups (FSDP2) follow a plain 2-process FSDP2 run."""
-    import subprocess
 
     from opensora_fast import cli
 
@@ -258,11 +251,7 @@ def test_torchrun_sequence_parallel_training(tmp_path):
             "--ckpt-every", "2", "--mask-ratios", "stage3", "--no-progress", "--device", "cpu"]  # fmt: skip
 
     def torchrun(*extra, nproc=2, sp=2):
-        cmd = torchrun_cmd(nproc, "-m", "opensora_fast.cli", *args, "--sp", str(sp), *extra)
-        r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r.stdout
+        return run_cli(nproc, *args, "--sp", str(sp), *extra)
 
     def losses(name):
         return [json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")]

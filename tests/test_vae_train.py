@@ -247,9 +247,8 @@ def test_train_vae_two_processes_equal_one_process_with_the_same_global_batch(tm
     trains as one process with --grad-accum 2 (the same global batch of 2 clips, the same draws for each clip);
     FSDP2, stopped after 2 steps and resumed, too; one process with a global batch of 1 does not."""
     import json
-    import subprocess
 
-    from _dist import torchrun as torchrun_cmd
+    from _dist import run_cli
     from safetensors.torch import load_file
 
     from opensora_fast import cli
@@ -260,11 +259,7 @@ def test_train_vae_two_processes_equal_one_process_with_the_same_global_batch(tm
             "--num-frames", "17", "--lr", "1e-3", "--ckpt-every", "2", "--no-progress", "--device", "cpu"]  # fmt: skip
 
     def torchrun(*extra):
-        cmd = torchrun_cmd(2, "-m", "opensora_fast.cli", *argv, *extra)
-        r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r.stdout
+        return run_cli(2, *argv, *extra)
 
     def losses(name):
         return [json.loads(line)["loss"] for line in open(tmp_path / name / "log.jsonl")]

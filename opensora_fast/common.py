@@ -189,12 +189,14 @@ def tensorboard_writer(log_dir: str):
     return SummaryWriter(log_dir)
 
 
-def apply_resume_options(args, run: dict, path: str, *, skip=(), fixed=(), renamed=None, flag=None) -> None:
+def apply_resume_options(args, run: dict, path: str, *, skip=(), fixed=(), renamed=None, flag=None,
+                         extend=("steps",)) -> None:  # fmt: skip
     """Take a run's options from its checkpoint's ``run.json`` (``run``) onto ``args``: an option not given on
     this command line (``args.explicit``) gets the run's value; one given that differs is kept with a warning,
     except those in ``fixed`` (the weights decide them: UsageError, one line). ``skip``: options that are not
     the run's (output directory, device, ...); ``renamed``: run.json keys of older checkpoints -> today's names;
-    ``flag``: an option's command-line spelling."""
+    ``flag``: an option's command-line spelling; ``extend``: options a resumed run is expected to change (the
+    total step count): taken from the run when not given, never warned about when given."""
     flag = flag or (lambda dest: "--" + dest.replace("_", "-"))
     explicit = getattr(args, "explicit", None)
     explicit = set(vars(args)) if explicit is None else set(explicit)
@@ -208,7 +210,7 @@ def apply_resume_options(args, run: dict, path: str, *, skip=(), fixed=(), renam
             if dest == "buckets" and old is not None:
                 old = [tuple(b) for b in old]
             setattr(args, dest, old)
-        elif not same:
+        elif not same and dest not in extend:
             if dest in fixed:
                 raise UsageError(
                     f"--resume: {flag(dest)} {new} does not fit the checkpoint {path!r} (trained with "

@@ -37,3 +37,19 @@ def test_true_default_bool_needs_a_no_flag():
 
     with pytest.raises(ValueError, match="cleaning.*--no-"):
         add_options(argparse.ArgumentParser(), Bad)
+
+
+def test_resume_options_come_from_the_run(capsys):
+    from opensora_fast.common import UsageError, apply_resume_options
+
+    run = {"steps": 2, "lr": 1e-3, "model_config": "tiny", "out_dir": "a"}
+    args = argparse.Namespace(steps=4, lr=5e-4, model_config="release", out_dir="b", explicit={"steps", "out_dir"})
+    apply_resume_options(args, run, "ckpt", skip=("out_dir",), fixed=("model_config",))
+    assert (args.steps, args.lr, args.model_config, args.out_dir) == (4, 1e-3, "tiny", "b")
+    assert capsys.readouterr().err == ""  # more steps is how a run is continued: no warning
+    args = argparse.Namespace(steps=4, lr=5e-4, model_config="tiny", explicit={"lr"})
+    apply_resume_options(args, run, "ckpt", fixed=("model_config",))
+    assert args.lr == 5e-4 and args.steps == 2 and "--lr 0.0005 differs" in capsys.readouterr().err
+    args = argparse.Namespace(model_config="release", explicit={"model_config"})
+    with pytest.raises(UsageError, match="--model-config release does not fit the checkpoint 'ckpt'"):
+        apply_resume_options(args, run, "ckpt", fixed=("model_config",))

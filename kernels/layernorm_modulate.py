@@ -51,6 +51,22 @@ def _load_mod(P, P0, b, stride_p, stride_p0, cols, cmask, HAS_MASK: tl.constexpr
 
 
 @triton.jit
+def _row_block(start, row_hi, cmask, XMask, b, stride_mb, stride_mt, frame_len, I64: tl.constexpr,
+               HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """Rows start .. start + BLOCK_M - 1 of sample b: (rows, row mask, (BLOCK_M, BLOCK_C) mask, sel: per row
+    (BLOCK_M, 1) whether its frame's x_mask is True (every valid row without HAS_MASK))."""
+    rows = start + tl.arange(0, BLOCK_M)
+    if I64:
+        rows = rows.to(tl.int64)
+    rmask = rows < row_hi
+    m2 = rmask[:, None] & cmask[None, :]
+    sel = rmask[:, None]
+    if HAS_MASK:
+        sel = tl.load(XMask + b * stride_mb + (rows // frame_len) * stride_mt, mask=rmask, other=0)[:, None] != 0
+    return rows, rmask, m2, sel
+
+
+@triton.jit
 def _pick(p, p0, sel, HAS_MASK: tl.constexpr):
     """Per-row modulation (BLOCK_M, BLOCK_C): p where sel (BLOCK_M, 1) is True, else p0."""
     if HAS_MASK:
@@ -110,14 +126,8 @@ def _fwd_rows(
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """One block of rows of the forward. Returns 1 (int32) when a row's plain statistics were not finite."""
-    rows = start + tl.arange(0, BLOCK_M)
-    if I64:
-        rows = rows.to(tl.int64)
-    rmask = rows < row_hi
-    m2 = rmask[:, None] & cmask[None, :]
-    sel = rmask[:, None]
-    if HAS_MASK:
-        sel = tl.load(XMask + b * stride_mb + (rows // frame_len) * stride_mt, mask=rmask, other=0)[:, None] != 0
+    rows, rmask, m2, sel = _row_block(start, row_hi, cmask, XMask, b, stride_mb, stride_mt, frame_len, I64,
+                                      HAS_MASK, BLOCK_M)  # fmt: skip
     x = tl.load(X + b * stride_xb + rows[:, None] * stride_xn + cols[None, :], mask=m2, other=0.0)
     r = x.to(tl.float32)
     out_off = (b * n_tok + rows)[:, None] * n_ch + cols[None, :]
@@ -281,14 +291,8 @@ def _layernorm_modulate_bwd_kernel(
     row_lo = chunk * rows_per_prog
     row_hi = tl.minimum(row_lo + rows_per_prog, n_tok)
     for start in range(row_lo, row_hi, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        if I64:
-            rows = rows.to(tl.int64)
-        rmask = rows < row_hi
-        m2 = rmask[:, None] & cmask[None, :]
-        sel = rmask[:, None]
-        if HAS_MASK:
-            sel = tl.load(XMask + b * stride_mb + (rows // frame_len) * stride_mt, mask=rmask, other=0)[:, None] != 0
+        rows, rmask, m2, sel = _row_block(start, row_hi, cmask, XMask, b, stride_mb, stride_mt, frame_len, I64,
+                                          HAS_MASK, BLOCK_M)  # fmt: skip
         off = (b * n_tok + rows)[:, None] * n_ch + cols[None, :]
         dr = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
         if HAS_DR:

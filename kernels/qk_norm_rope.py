@@ -51,6 +51,24 @@ def _pair_rotate(n, c, s, BLOCK_R: tl.constexpr, BD: tl.constexpr, TRANSPOSE: tl
 
 
 @triton.jit
+def _row_offsets(rows, n_heads, seq_len, stride_xb, stride_xl, stride_xh, head_dim, stride_cl, stride_sl,
+                 ALIGNED: tl.constexpr, VEC_X: tl.constexpr, VEC_C: tl.constexpr):  # fmt: skip
+    """Element offsets of rows (b, l, h) flattened: into X (strided), into the contiguous output / gradient,
+    and into the Cos / Sin tables (position l); 16-byte multiples when ALIGNED (host-checked)."""
+    pos = (rows // n_heads) % seq_len
+    xoff = (rows // (n_heads * seq_len)) * stride_xb + pos * stride_xl + (rows % n_heads) * stride_xh
+    ooff = rows * head_dim
+    coff = pos * stride_cl
+    soff = pos * stride_sl
+    if ALIGNED:
+        xoff = tl.multiple_of(xoff, VEC_X)
+        ooff = tl.multiple_of(ooff, VEC_X)
+        coff = tl.multiple_of(coff, VEC_C)
+        soff = tl.multiple_of(soff, VEC_C)
+    return xoff, ooff, coff, soff
+
+
+@triton.jit
 def _qk_norm_rope_fwd_kernel(
     X,  # (B, L, H, D) q or k, strides stride_xb / stride_xl / stride_xh, unit stride along D
     W,  # (D,) RMSNorm weight, contiguous
@@ -96,16 +114,8 @@ def _qk_norm_rope_fwd_kernel(
         if I64:
             rows = rows.to(tl.int64)
         rmask = rows < row_hi
-        pos = (rows // n_heads) % seq_len
-        xoff = (rows // (n_heads * seq_len)) * stride_xb + pos * stride_xl + (rows % n_heads) * stride_xh
-        ooff = rows * head_dim
-        coff = pos * stride_cl
-        soff = pos * stride_sl
-        if ALIGNED:
-            xoff = tl.multiple_of(xoff, VEC_X)
-            ooff = tl.multiple_of(ooff, VEC_X)
-            coff = tl.multiple_of(coff, VEC_C)
-            soff = tl.multiple_of(soff, VEC_C)
+        xoff, ooff, coff, soff = _row_offsets(rows, n_heads, seq_len, stride_xb, stride_xl, stride_xh, head_dim,
+                                              stride_cl, stride_sl, ALIGNED, VEC_X, VEC_C)  # fmt: skip
         x0 = tl.load(X + xoff[:, None] + c0[None, :], mask=rmask[:, None], other=0.0)
         x0f = x0.to(tl.float32)
         ss = tl.sum(x0f * x0f, axis=1)
@@ -188,16 +198,8 @@ def _qk_norm_rope_bwd_kernel(
         rmask = rows < row_hi
         r2 = rmask[:, None]
         m2 = r2 & m1[None, :]
-        pos = (rows // n_heads) % seq_len
-        xoff = (rows // (n_heads * seq_len)) * stride_xb + pos * stride_xl + (rows % n_heads) * stride_xh
-        ooff = rows * head_dim
-        coff = pos * stride_cl
-        soff = pos * stride_sl
-        if ALIGNED:
-            xoff = tl.multiple_of(xoff, VEC_X)
-            ooff = tl.multiple_of(ooff, VEC_X)
-            coff = tl.multiple_of(coff, VEC_C)
-            soff = tl.multiple_of(soff, VEC_C)
+        xoff, ooff, coff, soff = _row_offsets(rows, n_heads, seq_len, stride_xb, stride_xl, stride_xh, head_dim,
+                                              stride_cl, stride_sl, ALIGNED, VEC_X, VEC_C)  # fmt: skip
         rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
         dn0 = tl.load(DOut + ooff[:, None] + c0[None, :], mask=r2, other=0.0).to(tl.float32)
         x0 = tl.load(X + xoff[:, None] + c0[None, :], mask=r2, other=0.0).to(tl.float32)

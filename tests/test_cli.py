@@ -9,14 +9,11 @@ import sys
 import av
 import pytest
 import torch
+from _tiny import tiny_weights, weight_args
 
 from opensora_fast import cli
 from opensora_fast.data import make_synthetic_dataset
 from opensora_fast.masks import STAGE1_MASK_RATIOS
-from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
-from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
-from opensora_fast.sample import save_stdit3
-from opensora_fast.text import build_tiny_t5
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -30,18 +27,7 @@ def frames_of(path):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Random tiny STDiT3 / VAE / T5 saved as a user would have them."""
-    root = tmp_path_factory.mktemp("weights")
-    t5 = build_tiny_t5(str(root / "t5"), extra_text="square circle moving right left up down")
-    torch.manual_seed(0)
-    vae = OpenSoraVAE(OpenSoraVAEConfig.tiny())
-    vae.save_pretrained(str(root / "vae"))
-    model = STDiT3(STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8))
-    save_stdit3(model.state_dict(), model.config, str(root / "stdit3"))
-    return {"root": root, "t5": t5, "vae": str(root / "vae"), "model": str(root / "stdit3")}
-
-
-def weight_args(w):
-    return ["--model", w["model"], "--vae", w["vae"], "--t5", w["t5"]]
+    return tiny_weights(tmp_path_factory.mktemp("weights"))
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):

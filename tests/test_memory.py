@@ -6,13 +6,11 @@ import av
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_weights, weight_args
 
 from opensora_fast import cli, memory
 from opensora_fast.data import DURATIONS, RESOLUTIONS
 from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
-from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
-from opensora_fast.sample import save_stdit3
-from opensora_fast.text import build_tiny_t5
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 GiB = memory.GiB
@@ -85,13 +83,7 @@ def test_dry_run_every_resolution_and_duration(capsys):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weights")
-    t5 = build_tiny_t5(str(root / "t5"), extra_text="square circle moving right left up down")
-    torch.manual_seed(0)
-    OpenSoraVAE(OpenSoraVAEConfig.tiny()).save_pretrained(str(root / "vae"))
-    model = STDiT3(STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8))
-    save_stdit3(model.state_dict(), model.config, str(root / "stdit3"))
-    return ["--model", str(root / "stdit3"), "--vae", str(root / "vae"), "--t5", t5]
+    return weight_args(tiny_weights(tmp_path_factory.mktemp("weights")))
 
 
 TINY = ["--image-size", "16x16", "--num-frames", "9", "--steps", "2", "--no-progress"]

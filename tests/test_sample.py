@@ -3,29 +3,17 @@ suffixes, then Open-Sora's text_preprocessing), ... Tiny random weights, CPU, re
 
 import pytest
 import torch
+from _tiny import tiny_weights, weight_args
 
 from opensora_fast import cli
-from opensora_fast.models.stdit3 import STDiT3, STDiT3Config
-from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
-from opensora_fast.sample import save_stdit3
-from opensora_fast.text import T5TextEncoder, build_tiny_t5
+from opensora_fast.text import T5TextEncoder
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weights")
-    t5 = build_tiny_t5(str(root / "t5"), extra_text="square circle moving right left up down")
-    torch.manual_seed(0)
-    OpenSoraVAE(OpenSoraVAEConfig.tiny()).save_pretrained(str(root / "vae"))
-    model = STDiT3(STDiT3Config.tiny(in_channels=4, caption_channels=64, model_max_length=8))
-    with torch.no_grad():  # the release's init zeroes the final layer: the velocity would be 0 everywhere
-        model.final_layer.linear.weight.normal_(0, 0.05)
-        for blk in [*model.spatial_blocks, *model.temporal_blocks]:
-            blk.scale_shift_table.normal_(0, 0.3)
-    save_stdit3(model.state_dict(), model.config, str(root / "stdit3"))
-    return ["--model", str(root / "stdit3"), "--vae", str(root / "vae"), "--t5", t5]
+    return weight_args(tiny_weights(tmp_path_factory.mktemp("weights"), perturb=True))
 
 
 TINY = ["--image-size", "8x8", "--num-frames", "5", "--steps", "1", "--no-progress"]

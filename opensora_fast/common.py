@@ -3,9 +3,11 @@ of them: the usage error the CLI prints without a traceback, local-path and devi
 weight files, and options declared once as dataclass fields from which the command-line flags are derived.
 
 ``option(default, help, ...)`` is a ``dataclasses.field`` that also carries the flag's help text (and, where the
-flag differs from ``--field-name``, its name, choices, parser, metavar). ``add_options(parser, Cls)`` adds one
-flag per such field with the field's default (shown by ``--help``); ``options_from(Cls, namespace)`` builds the
-dataclass back from parsed arguments. Fields without help text are not command-line options.
+flag differs from ``--field-name``, its name, choices, parser, metavar, ``--help`` section). ``add_options(parser,
+Cls)`` adds one flag per such field with the field's default (shown by ``--help``); ``options_from(Cls,
+namespace)`` builds the dataclass back from parsed arguments. Fields without help text are not command-line
+options; ``add_options(parser, Cls, expose={field: option_meta(help, ...)})`` makes flags of chosen fields of a
+dataclass declared without ``option``.
 """
 
 from __future__ import annotations
@@ -93,26 +95,47 @@ def option(
     parse: Any = None,
     metavar: str | None = None,
     required: bool = False,
+    group: str | None = None,
     default_factory: Any = None,
     **argparse_kw,
 ):
     """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` names it).
     ``parse``: the argparse ``type`` (default: the default's type; a ValueError it raises is shown as the message);
     a bool field with default False is a switch, one with default True is turned off by its ``--no-...`` ``flag``;
-    ``argparse_kw`` (``nargs``, ``const``) go to ``add_argument``."""
-    meta = {"help": help, "flag": flag, "choices": choices, "parse": parse, "metavar": metavar, "required": required}
-    meta["kw"] = argparse_kw
+    ``group``: the title of the ``--help`` section the flag is listed in (one section per title);
+    ``argparse_kw`` (``nargs``, ``action``, ``const``) go to ``add_argument``."""
+    meta = option_meta(
+        help, flag=flag, choices=choices, parse=parse, metavar=metavar, required=required, group=group, **argparse_kw
+    )
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata={"cli": meta})
     return dataclasses.field(default=default, metadata={"cli": meta})
+
+
+def option_meta(
+    help: str,  # noqa: A002 (argparse's name)
+    *,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    parse: Any = None,
+    metavar: str | None = None,
+    required: bool = False,
+    group: str | None = None,
+    **argparse_kw,
+) -> dict:
+    """What ``option`` records about a flag, without the field: for ``add_options(..., expose=...)``, the flags of
+    a dataclass whose fields are not ``option``s."""
+    return {"help": help, "flag": flag, "choices": choices, "parse": parse, "metavar": metavar,
+            "required": required, "group": group, "kw": argparse_kw}  # fmt: skip
 
 
 def cli_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "cli" in f.metadata]
 
 
-def flag_of(f: dataclasses.Field) -> str:
-    return f.metadata["cli"]["flag"] or "--" + f.name.replace("_", "-")
+def flag_of(f: dataclasses.Field, meta: dict | None = None) -> str:
+    meta = f.metadata["cli"] if meta is None else meta
+    return meta["flag"] or "--" + f.name.replace("_", "-")
 
 
 def _default_of(f: dataclasses.Field):
@@ -123,12 +146,23 @@ def _default_of(f: dataclasses.Field):
     return None
 
 
-def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per ``option`` field of dataclass ``cls`` (not in ``skip``), its default the field's."""
-    for f in cli_fields(cls):
+def add_options(
+    parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), expose: dict[str, dict] | None = None
+) -> None:
+    """One flag per ``option`` field of dataclass ``cls`` (not in ``skip``), its default the field's.
+    ``expose``: field name -> ``option_meta(...)``, in the order the flags are added, for the fields of a
+    dataclass that has no ``option`` fields (its defaults are still the flags' defaults)."""
+    if expose is None:
+        fields = [(f, f.metadata["cli"]) for f in cli_fields(cls)]
+    else:
+        by_name = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(expose) - set(by_name)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+        fields = [(by_name[name], m) for name, m in expose.items()]
+    for f, m in fields:
         if f.name in skip:
             continue
-        m = f.metadata["cli"]
         default = _default_of(f)
         kw: dict[str, Any] = {"dest": f.name, "help": m["help"]}
         if m["required"]:
@@ -137,7 +171,7 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             kw["action"] = "store_true"
             kw["default"] = False
         elif default is True and m["parse"] is None:  # on by default: only its --no-X flag exists
-            if not flag_of(f).startswith("--no-"):
+            if not flag_of(f, m).startswith("--no-"):
                 raise ValueError(f"option {f.name}: a bool that defaults to True needs a --no-... flag")
             kw["action"] = "store_false"
             kw["default"] = True
@@ -153,7 +187,17 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             if m["metavar"] is not None:
                 kw["metavar"] = m["metavar"]
         kw.update(m["kw"])
-        parser.add_argument(flag_of(f), **kw)
+        _group(parser, m.get("group")).add_argument(flag_of(f, m), **kw)
+
+
+def _group(parser: argparse.ArgumentParser, title: str | None):
+    """``parser`` itself, or its argument group titled ``title`` (made on first use)."""
+    if title is None:
+        return parser
+    for g in parser._action_groups:
+        if g.title == title:
+            return g
+    return parser.add_argument_group(title)
 
 
 def _arg_type(fn):

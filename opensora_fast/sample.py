@@ -24,7 +24,15 @@ from opensora_fast.common import (  # noqa: F401
     save_stdit3,
     stdit3_config_dict,
 )
-from opensora_fast.data import DURATIONS, IMAGE_FPS, image_size, num_frames_for
+from opensora_fast.data import (
+    ASPECT_RATIOS,
+    DURATIONS,
+    IMAGE_FPS,
+    RESOLUTIONS,
+    image_size,
+    num_frames_for,
+    parse_size,
+)
 from opensora_fast.text import split_prompt
 
 
@@ -40,51 +48,76 @@ def check_compatible(model, vae, text_dim: int | None = None) -> None:
 # sampling
 
 
+MEMORY_PLAN = "memory plan (traced on the meta device; 'auto' picks the first savers that fit)"
+
+
+def aes_score(text: str) -> float | None:
+    """``--aes``: the aesthetic score, None (no suffix) for a negative one."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"invalid float value: {text!r}") from None
+    return None if v < 0 else v
+
+
 @dataclass
 class SampleOptions:
+    """What ``sample`` does; the ``opensora-fast sample`` flags and their defaults are these fields (``prompts``
+    is its positional argument, with ``--prompt-file``)."""
+
     prompts: list[str]
-    model: str | None = None
-    vae: str | None = None
-    t5: str | None = None
-    resolution: str = "240p"
-    aspect_ratio: str = "9:16"
-    duration: str = "4s"
-    num_frames: int | None = None  # overrides duration
-    image_size: tuple[int, int] | None = None  # (H, W), overrides resolution / aspect ratio
-    seed: int = 42
-    steps: int = 30
-    cfg: float = 7.0
-    fps: int = 24
-    aes: float | None = 6.5
-    flow: float | None = None  # Open-Sora's " motion score: X." suffix
-    camera_motion: str | None = None  # Open-Sora's " camera motion: X." suffix
-    clean_prompts: bool = True  # Open-Sora's text_preprocessing on every prompt (after the suffixes)
-    out_dir: str = "samples"
-    device: str | None = None
-    dtype: str = "bf16"  # on CUDA; the CPU runs fp32
-    progress: bool = True
-    reference: str | None = None  # image or video whose first frames every clip starts from
-    cfg_parallel: bool = True  # under torchrun with an even world: the CFG pair over 2 rank groups
-    sp_mode: str = "dsp"  # sequence-parallel scheme under torchrun: "dsp" | "ulysses" | "fastseq"
-    reference_frames: int = 1  # how many of its frames (pixel frames; an image has 1)
-    # memory plan (opensora_fast.memory): None / "auto" = the first savers that fit the device
-    dry_run: bool = False  # print the plan and stop (no weights, no device memory needed)
-    offload: str = "auto"  # "auto" | "none" | "t5" | "all"
-    cfg_sequential: bool | None = None
-    mlp_chunks: int | None = None
-    vae_micro_batch: int | None = None
-    vae_tile: int | None = None  # pixels
-    t5_dtype: str = "bf16"  # on CUDA; the CPU runs fp32
-    memory_budget: float | None = None  # GiB; default: the device's free memory (RAM on the CPU)
+    model: str | None = option(
+        None, "STDiT3 weights: a directory with config.json + safetensors, local only (required)"
+    )  # checked by require_path, which names what is missing (a --dry-run needs no weights)
+    vae: str | None = option(None, "OpenSoraVAE weights: a file or directory, local only (required)")
+    t5: str | None = option(None, "T5 encoder + tokenizer directory, local only (required)")
+    resolution: str = option("240p", "Open-Sora resolution name", choices=RESOLUTIONS)
+    aspect_ratio: str = option("9:16", "H:W name, as Open-Sora's", choices=ASPECT_RATIOS)
+    duration: str = option("4s", "image=1, 2s=51, 4s=102, 8s=204, 16s=408 frames", choices=tuple(DURATIONS))
+    num_frames: int | None = option(None, "a frame count instead of --duration", parse=int)  # overrides duration
+    image_size: tuple[int, int] | None = option(  # (H, W), overrides resolution / aspect ratio
+        None, "a size instead of --resolution/--aspect-ratio", parse=parse_size, metavar="HxW"
+    )
+    seed: int = option(42, "prompt i uses seed + i")
+    steps: int = option(30, "sampling steps")
+    cfg: float = option(7.0, "classifier-free guidance scale")
+    fps: int = option(24, "frame rate of the written mp4 (and the model's fps input)")
+    aes: float | None = option(6.5, "aesthetic score appended to prompts; < 0 disables", parse=aes_score)
+    flow: float | None = option(  # Open-Sora's " motion score: X." suffix
+        None, "motion score appended to prompts (Open-Sora's ' motion score: X.')", parse=float
+    )
+    camera_motion: str | None = option(  # Open-Sora's " camera motion: X." suffix
+        None, "camera motion appended to prompts (Open-Sora's ' camera motion: X.', e.g. 'pan right', 'static')"
+    )
+    clean_prompts: bool = option(  # Open-Sora's text_preprocessing on every prompt (after the suffixes)
+        True,
+        "give T5 the prompts as written (default: Open-Sora's text_preprocessing, as in its training)",
+        flag="--no-prompt-cleaning",
+    )
+    dtype: str = option("bf16", "on CUDA; the CPU runs fp32", choices=("bf16", "fp16", "fp32"))
+    reference: str | None = option(  # image or video whose first frames every clip starts from
+        None, "an image or video every clip starts from (image-to-video, video continuation)", metavar="PATH"
+    )
+    reference_frames: int = option(  # how many of its frames (pixel frames; an image has 1)
+        1, "use the first N frames of --reference", metavar="N"
+    )
     # Open-Sora's inference options
-    mask_strategy: str | None = None  # for every prompt without its own (JSON suffix)
-    align: int | None = None  # round mask-strategy starts to multiples of this many latent frames
-    num_sample: int = 1  # clips per prompt (sample k of prompt j: seed + j + k * len(prompts))
-    batch_size: int = 1  # clips per sampler forward (each keeps its own seed and noise)
-    start_index: int = 0  # the prompts [start_index:end_index] (indices and seeds stay those of the full list)
-    end_index: int | None = None
-    skip_existing: bool = False  # a clip whose file already exists is not sampled again
-    # flags derived from these fields (common.add_options)
+    mask_strategy: str | None = option(  # for every prompt without its own (JSON suffix)
+        None,
+        "Open-Sora's mask strategy for every prompt without its own: 'loop,ref,ref_start,target_start,length,"
+        "edit_ratio[;...]' in latent frames (--reference 'a.mp4;b.png' gives refs 0, 1); a prompt-file line may end "
+        'with {"reference_path": ..., "mask_strategy": ...}',
+        metavar="S",
+    )
+    align: int | None = option(
+        None, "round mask-strategy starts to multiples of N latent frames", parse=int, metavar="N"
+    )
+    batch_size: int = option(1, "clips per sampler forward (each keeps its seed)")  # and its own noise
+    num_sample: int = option(1, "clips per prompt (sample k of prompt j: seed + j + k*P)")
+    # the prompts [start_index:end_index] (indices and seeds stay those of the full list)
+    start_index: int = option(0, "sample the prompts from this index (0-based)")
+    end_index: int | None = option(None, "... up to this index (exclusive); names and seeds stay the same", parse=int)
+    skip_existing: bool = option(False, "do not sample a clip whose file already exists")
     no_timestep_transform: bool = option(
         False,
         "sample at evenly spaced timesteps (Open-Sora's resolution/length shift off), for a model trained without it "
@@ -103,6 +136,59 @@ class SampleOptions:
     )
     condition_frame_edit: float = option(
         0.0, "with --loop: edit ratio of those frames (0: kept as decoded, 1: generated freely)"
+    )
+    # under torchrun
+    cfg_parallel: bool = option(  # with an even world: the CFG pair over 2 rank groups
+        True,
+        "under torchrun: sequence-parallel only (default with an even process count: the CFG pair over 2 "
+        "groups of processes, each sequence-parallel)",
+        flag="--no-cfg-parallel",
+    )
+    sp_mode: str = option(
+        "dsp",
+        "under torchrun: the sequence-parallel scheme (dsp: a layout switch per block; ulysses: Open-Sora's; "
+        "fastseq: OpenDiT's)",
+        choices=("dsp", "ulysses", "fastseq"),
+    )
+    device: str | None = option(None, "cuda, cuda:N or cpu (default: cuda when available)")
+    out_dir: str = option("samples", "where the clips go (an existing name gets a -1, -2, ... suffix)")
+    progress: bool = option(True, "no progress bars", flag="--no-progress")
+    # memory plan (opensora_fast.memory): None / "auto" = the first savers that fit the device
+    dry_run: bool = option(  # no weights, no device memory needed
+        False, "print each stage's traced peak and the plan, then stop", group=MEMORY_PLAN
+    )
+    offload: str = option(
+        "auto",
+        "what leaves the device after its stage: none; t5 (freed after encoding); all (T5, then the STDiT3 before "
+        "decoding)",
+        choices=("auto", "none", "t5", "all"),
+        group=MEMORY_PLAN,
+    )
+    cfg_sequential: bool | None = option(
+        None,
+        "CFG halves one after the other (half the activations; default: when the plan needs it)",
+        group=MEMORY_PLAN,
+        action="store_const",
+        const=True,
+    )
+    mlp_chunks: int | None = option(
+        None, "run each MLP over N token chunks (default: as the plan needs)", parse=int, group=MEMORY_PLAN
+    )
+    vae_micro_batch: int | None = option(
+        None, "frames per 2D VAE decode call (default: 4, or as needed)", parse=int, group=MEMORY_PLAN
+    )
+    vae_tile: int | None = option(
+        None, "decode in overlapping spatial tiles of PIXELS", parse=int, metavar="PIXELS", group=MEMORY_PLAN
+    )
+    t5_dtype: str = option(  # the CPU runs fp32
+        "bf16", "T5 weights on a GPU (CPU: fp32)", choices=("bf16", "fp32"), group=MEMORY_PLAN
+    )
+    memory_budget: float | None = option(  # GiB
+        None,
+        "plan for this many GiB (default: the device's free memory; RAM on a CPU; a dry run without a GPU: 24)",
+        parse=float,
+        metavar="GIB",
+        group=MEMORY_PLAN,
     )
 
     def __post_init__(self):

@@ -840,3 +840,130 @@ def test_profile_train_prints_where_a_step_goes(weights, data_csv, tmp_path, cap
     s = json.load(open(tmp_path / "p" / "profile.json"))
     parts = sum(s[k] for k in ("kernel", "memcpy", "memset", "communication", "data loading", "CPU"))
     assert s["step"] > 0 and parts == pytest.approx(s["step"])  # the rows add up to the step (CPU: no device)
+
+
+# the flags of `sample` and `demo` before their parsers were derived from SampleOptions / DemoOptions (captured
+# from the hand-written parsers): every one must stay
+SAMPLE_FLAGS = (
+    "--prompt-file --model --vae --t5 --resolution --aspect-ratio --duration --num-frames --image-size --seed "
+    "--steps --cfg --fps --aes --flow --camera-motion --no-prompt-cleaning --dtype --reference --reference-frames "
+    "--mask-strategy --align --batch-size --num-sample --start-index --end-index --skip-existing "
+    "--no-timestep-transform --loop --condition-frame-length --condition-frame-edit --no-cfg-parallel --sp-mode "
+    "--device --out-dir --no-progress --dry-run --offload --cfg-sequential --mlp-chunks --vae-micro-batch "
+    "--vae-tile --t5-dtype --memory-budget"
+).split()
+SAMPLE_MEMORY_PLAN_FLAGS = (
+    "--dry-run --offload --cfg-sequential --mlp-chunks --vae-micro-batch --vae-tile --t5-dtype --memory-budget"
+).split()
+DEMO_FLAGS = "--out-dir --steps-vae --steps-dit --seed --quick --no-progress --strict".split()
+
+
+def _subparser(name):
+    import argparse
+
+    p = cli.build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_sample_and_demo_keep_every_flag(capsys):
+    for name, flags in (("sample", SAMPLE_FLAGS), ("demo", DEMO_FLAGS)):
+        p = _subparser(name)
+        have = {s for a in p._actions for s in a.option_strings} - {"-h", "--help"}
+        assert have == set(flags), name
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        out = capsys.readouterr().out
+        for flag in flags:
+            assert f" {flag}" in out, (name, flag)
+    group = next(g for g in _subparser("sample")._action_groups if g.title.startswith("memory plan"))
+    assert [a.option_strings[0] for a in group._group_actions] == SAMPLE_MEMORY_PLAN_FLAGS
+
+
+def test_sample_flags_and_defaults_come_from_sample_options():
+    import dataclasses
+
+    from opensora_fast.common import cli_fields, flag_of
+    from opensora_fast.sample import SampleOptions
+
+    p = _subparser("sample")
+    actions = {a.dest: a for a in p._actions}
+    fields = cli_fields(SampleOptions)
+    # every field but the positional prompts is a flag, and every flag but --prompt-file is a field
+    assert {f.name for f in dataclasses.fields(SampleOptions)} - {f.name for f in fields} == {"prompts"}
+    assert {a.dest for a in p._actions if a.option_strings} - {"help"} == {f.name for f in fields} | {"prompt_file"}
+    for f in fields:
+        assert actions[f.name].option_strings == [flag_of(f)]
+        assert actions[f.name].default == f.default, f.name
+    # the previous parser's defaults, as the README and the tests use them
+    opts = SampleOptions(prompts=["x"])
+    assert (opts.resolution, opts.aspect_ratio, opts.duration, opts.seed, opts.steps, opts.cfg, opts.fps) == (
+        "240p", "9:16", "4s", 42, 30, 7.0, 24)  # fmt: skip
+    assert (opts.aes, opts.clean_prompts, opts.dtype, opts.out_dir, opts.progress, opts.offload) == (
+        6.5, True, "bf16", "samples", True, "auto")  # fmt: skip
+    assert (opts.cfg_parallel, opts.sp_mode, opts.t5_dtype, opts.cfg_sequential, opts.reference_frames) == (
+        True, "dsp", "bf16", None, 1)  # fmt: skip
+
+
+def _sample_opts(monkeypatch, argv):
+    from opensora_fast import sample
+
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda o: seen.append(o) or [])
+    assert cli.main(["sample", *argv]) == 0
+    return seen[0]
+
+
+def test_sample_command_line_builds_sample_options(monkeypatch, tmp_path):
+    from opensora_fast.sample import SampleOptions
+
+    assert _sample_opts(monkeypatch, ["a cat"]) == SampleOptions(prompts=["a cat"])  # CLI defaults = Python's
+    (tmp_path / "p.txt").write_text("a dog\n")
+    argv = ["a cat", "--prompt-file", str(tmp_path / "p.txt"), "--model", "m", "--vae", "v", "--t5", "t",
+            "--resolution", "360p", "--aspect-ratio", "1:1", "--duration", "2s", "--num-frames", "17",
+            "--image-size", "16x24", "--seed", "3", "--steps", "4", "--cfg", "2.5", "--fps", "8", "--aes", "-1",
+            "--flow", "4", "--camera-motion", "pan right", "--no-prompt-cleaning", "--dtype", "fp32",
+            "--mask-strategy", "0,0,0,0,1,0", "--align", "2", "--batch-size", "2", "--num-sample", "3",
+            "--start-index", "1", "--end-index", "2", "--skip-existing", "--no-timestep-transform", "--loop", "2",
+            "--condition-frame-length", "1", "--condition-frame-edit", "0.5", "--no-cfg-parallel",
+            "--sp-mode", "ulysses", "--device", "cpu", "--out-dir", str(tmp_path / "o"), "--no-progress",
+            "--dry-run", "--offload", "all", "--cfg-sequential", "--mlp-chunks", "2", "--vae-micro-batch", "3",
+            "--vae-tile", "64", "--t5-dtype", "fp32", "--memory-budget", "2.5"]  # fmt: skip
+    assert _sample_opts(monkeypatch, argv) == SampleOptions(
+        prompts=["a cat", "a dog"], model="m", vae="v", t5="t", resolution="360p", aspect_ratio="1:1",
+        duration="2s", num_frames=17, image_size=(16, 24), seed=3, steps=4, cfg=2.5, fps=8, aes=None, flow=4.0,
+        camera_motion="pan right", clean_prompts=False, dtype="fp32", mask_strategy="0,0,0,0,1,0", align=2,
+        batch_size=2, num_sample=3, start_index=1, end_index=2, skip_existing=True, no_timestep_transform=True,
+        loop=2, condition_frame_length=1, condition_frame_edit=0.5, cfg_parallel=False, sp_mode="ulysses",
+        device="cpu", out_dir=str(tmp_path / "o"), progress=False, dry_run=True, offload="all",
+        cfg_sequential=True, mlp_chunks=2, vae_micro_batch=3, vae_tile=64, t5_dtype="fp32", memory_budget=2.5,
+    )  # fmt: skip
+    assert _sample_opts(monkeypatch, ["a cat", "--aes", "5"]).aes == 5.0
+
+
+def test_demo_command_line_builds_demo_options(monkeypatch, tmp_path, capsys):
+    from opensora_fast import demo
+    from opensora_fast.demo import DemoOptions
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    assert cli.main(["demo"]) == 0
+    assert seen[-1] == DemoOptions.make(DemoOptions.out_dir) == DemoOptions()  # CLI defaults = the dataclass's
+    out = str(tmp_path / "d")
+    argv = ["demo", "--out-dir", out, "--quick", "--steps-dit", "7", "--seed", "3", "--no-progress", "--strict"]
+    assert cli.main(argv) == 0
+    assert seen[-1] == DemoOptions.make(out, quick=True, steps_dit=7, seed=3, progress=False, strict=True)
+    assert (
+        cli.main(["demo", "--steps-vae", "6"]) == 0
+        and seen[-1].steps_vae == 6
+        and seen[-1].steps_dit == DemoOptions.steps_dit
+    )
+    for a in _subparser("demo")._actions:
+        if a.dest in ("out_dir", "seed", "progress", "strict"):
+            assert a.default == getattr(DemoOptions(), a.dest), a.dest
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    quick = DemoOptions.make("x", quick=True)
+    assert f"(default {DemoOptions.steps_vae}; --quick {quick.steps_vae})" in help_text
+    assert f"(default {DemoOptions.steps_dit}; --quick {quick.steps_dit})" in help_text

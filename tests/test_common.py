@@ -53,3 +53,35 @@ def test_resume_options_come_from_the_run(capsys):
     args = argparse.Namespace(model_config="release", explicit={"model_config"})
     with pytest.raises(UsageError, match="--model-config release does not fit the checkpoint 'ckpt'"):
         apply_resume_options(args, run, "ckpt", fixed=("model_config",))
+
+
+def test_option_groups_and_exposed_fields_of_a_plain_dataclass():
+    @dataclass
+    class Grouped:
+        a: int = option(1, "first")
+        b: float | None = option(None, "in the group", parse=float, group="the group", metavar="X")
+        c: str = option("s", "also in the group", choices=("s", "t"), group="the group")
+
+    p = argparse.ArgumentParser()
+    add_options(p, Grouped)
+    group = next(g for g in p._action_groups if g.title == "the group")
+    assert [a.dest for a in group._group_actions] == ["b", "c"]
+    assert options_from(Grouped, p.parse_args(["--b", "2", "--c", "t"])) == Grouped(1, 2.0, "t")
+
+    @dataclass
+    class Plain:  # no option() fields: the flags are named by the caller
+        out: str = "o"
+        quiet: bool = False
+        progress: bool = True
+        hidden: int = 3
+
+    from opensora_fast.common import option_meta
+
+    q = argparse.ArgumentParser()
+    expose = {"progress": option_meta("bars", flag="--no-progress"), "out": option_meta("where")}
+    add_options(q, Plain, expose=expose)
+    assert [a.dest for a in q._actions[1:]] == ["progress", "out"]  # in expose's order
+    assert options_from(Plain, q.parse_args([])) == Plain()
+    assert options_from(Plain, q.parse_args(["--no-progress", "--out", "x"])) == Plain(out="x", progress=False)
+    with pytest.raises(ValueError, match="no field"):
+        add_options(argparse.ArgumentParser(), Plain, expose={"nope": option_meta("x")})

@@ -30,13 +30,23 @@ Backward: the pre-pass writes the same scratch, the attention backward writes th
 transformed q/k, and ``_qk_norm_rope_bwd_kernel`` maps them through RoPE^T and the RMSNorm backward into
 dqkv, with per-program partial norm-weight gradients summed on the host (deterministic, no atomics).
 
-Backward: one kernel per (sequence-head, key-split) program, five matmuls per (key block, query block)
-pair as in FA2: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q, dQ_part += dS K. dQ is
-accumulated deterministically without atomics: program ``sp`` of ``n_split`` takes the key blocks
-sp, sp + n_split, ... and owns its own fp32 dQ partial (n_split, Z*H, Lq, D), which it overwrites on its
-first key block (read-modify-write after), so a launch repeated by the autotuner gives the same result;
-``_dq_reduce_kernel`` sums the partials in split order. No kernel reads memory it writes in the same
-launch except a program's own dQ partial rows.
+Backward, two designs (``attention.BWD_DESIGN``; both deterministic, no atomics, and no kernel reads memory
+it writes in the same launch except a program's own dQ partial rows):
+- "split" (self-attention and flash_attn_func at head dims <= 96): ``_attention_bwd_dkdv_kernel``, one
+  program per (sequence-head, key block of 64) over every visible query block (S^T = K Q^T, dV += P^T dO,
+  dP^T = V dO^T, dK += dS^T Q), then ``_attention_bwd_dq_kernel``, one program per (sequence-head, query block
+  of 64) over every visible key block (S = Q K^T, dP = dO V^T, dQ += dS K): seven matmuls per tile pair, each
+  a 64-row wgmma over its whole N on one warpgroup (4 warps); the programs of one sequence-head are adjacent,
+  so those resident together share its q / dO (resp. k / v) in L2, and dQ is written once, in the output
+  dtype (no fp32 partials, no reduction kernel).
+- "fused" (varlen cross-attention, head dims > 96): one kernel per (sequence-head, key-split) program,
+  five matmuls per (key block, query block) pair as in FA2: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
+  dK += dS^T Q, dQ_part += dS K. Program ``sp`` of ``n_split`` takes the key blocks sp, sp + n_split, ... and
+  owns its own fp32 dQ partial (n_split, Z*H, Lq, D), which it overwrites on its first key block
+  (read-modify-write after), so a launch repeated by the autotuner gives the same result;
+  ``_dq_reduce_kernel`` sums the partials in split order. At 8 warps over 128 keys x 64 queries its dQ
+  (M = 64 queries) is split over the two warpgroups into N = 32 pieces; each program streams its whole
+  sequence's q, dO and dQ partial once per key block.
 
 Softmax statistics are fp32 and kept in log2 units (``qk_scale = softmax_scale * log2(e)``); the
 forward stores lse2 = m + log2(l) per row (+inf for a row that sees no key, whose output is 0).
@@ -433,6 +443,153 @@ def _attention_bwd_kernel(
         _store_piece(dq_base, rows, D, rows < Lq, 0, D, tl.zeros([BLOCK_M, BD0], tl.float32), BD0, True)
         if HAS_D1:
             _store_piece(dq_base, rows, D, rows < Lq, BD0, D, tl.zeros([BLOCK_M, BD1], tl.float32), BD1, True)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh): q as attended
+    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh): k as attended
+    V,  # like K through (sv1, sv2, svm, svh)
+    DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
+    DK,  # like K through (sdk1, sdk2, sdkm, sdkh): gradient w.r.t. k as attended
+    DV,  # like V through (sdv1, sdv2, sdvm, sdvh)
+    LSE,  # (Z * H, Lq) fp32 log2 units
+    DELTA,  # (Z * H, Lq) fp32
+    Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
+    sdk1, sdk2, sdkm, sdkh, sdv1, sdv2, sdvm, sdvh,
+    H, Lq, Lk, causal, qk_scale, sm_scale,
+    D: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of one key block of one (sequence, head) over all its query blocks (four matmuls per pair:
+    S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q). The key blocks of one (sequence, head) are
+    adjacent program ids, so the programs that run at the same time read the same q, dO, lse and delta
+    (from L2 after the first)."""
+    n_kb = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    zh = pid // n_kb
+    start_n = (pid % n_kb) * BLOCK_N
+    z = zh // H
+    h = zh % H
+    shift = Lk - Lq + (1 - causal) * (1 << 30)  # key j visible from query i iff j <= i + shift
+    q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
+    do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
+    k_base = _base(K, z, Z2, sk1, sk2, h, skh, ALIGNED)
+    v_base = _base(V, z, Z2, sv1, sv2, h, svh, ALIGNED)
+    stat = zh.to(tl.int64) * Lq
+    keys = start_n + tl.arange(0, BLOCK_N)
+    key_ok = keys < Lk
+    k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
+    v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
+    k1 = k0
+    v1 = v0
+    if HAS_D1:
+        k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1, ALIGNED)
+        v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1, ALIGNED)
+    dk0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
+    dv1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
+    lo = tl.minimum((tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M, Lq)
+    for start_m in range(lo, Lq, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < Lq
+        q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0, ALIGNED)
+        do0 = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0, ALIGNED)
+        lse = tl.load(LSE + stat + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + stat + rows, mask=row_ok, other=0.0)
+        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # S^T = K Q^T
+        if HAS_D1:
+            q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1, ALIGNED)
+            s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
+        last = tl.minimum(rows + shift, Lk - 1)
+        p_t = tl.where(keys[:, None] <= last[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
+        pl = p_t.to(DO.dtype.element_ty)
+        dv0 = tl.dot(pl, do0, dv0, input_precision=DOT_PREC)  # dV += P^T dO
+        dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)  # dP^T = V dO^T
+        if HAS_D1:
+            do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1, ALIGNED)
+            dv1 = tl.dot(pl, do1, dv1, input_precision=DOT_PREC)
+            dp_t += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
+        dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PREC)  # dK += dS^T Q
+        if HAS_D1:
+            dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
+    dk_base = _base(DK, z, Z2, sdk1, sdk2, h, sdkh, ALIGNED)
+    dv_base = _base(DV, z, Z2, sdv1, sdv2, h, sdvh, ALIGNED)
+    _store_piece(dv_base, keys, sdvm, key_ok, 0, D, dv0, BD0, ALIGNED)
+    _store_piece(dk_base, keys, sdkm, key_ok, 0, D, dk0 * sm_scale, BD0, ALIGNED)
+    if HAS_D1:
+        _store_piece(dv_base, keys, sdvm, key_ok, BD0, D, dv1, BD1, ALIGNED)
+        _store_piece(dk_base, keys, sdkm, key_ok, BD0, D, dk1 * sm_scale, BD1, ALIGNED)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh): q as attended
+    K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh): k as attended
+    V,  # like K through (sv1, sv2, svm, svh)
+    DO,  # (Z, Lq, H, D) through (sd1, sd2, sdm, sdh)
+    DQ,  # like Q through (sdq1, sdq2, sdqm, sdqh): gradient w.r.t. q as attended
+    LSE,  # (Z * H, Lq) fp32 log2 units
+    DELTA,  # (Z * H, Lq) fp32
+    Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
+    sdq1, sdq2, sdqm, sdqh,
+    H, Lq, Lk, causal, qk_scale, sm_scale,
+    D: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block of one (sequence, head) over its visible key blocks (three matmuls per pair:
+    S = Q K^T, dP = dO V^T, dQ += dS K), written once: no partials, no atomics. The query blocks of one
+    (sequence, head) are adjacent program ids (k and v shared in L2)."""
+    n_mb = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    zh = pid // n_mb
+    start_m = (pid % n_mb) * BLOCK_M
+    z = zh // H
+    h = zh % H
+    shift = Lk - Lq + (1 - causal) * (1 << 30)
+    q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
+    do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
+    k_base = _base(K, z, Z2, sk1, sk2, h, skh, ALIGNED)
+    v_base = _base(V, z, Z2, sv1, sv2, h, svh, ALIGNED)
+    stat = zh.to(tl.int64) * Lq
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0, ALIGNED)
+    do0 = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0, ALIGNED)
+    q1 = q0
+    do1 = do0
+    if HAS_D1:
+        q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1, ALIGNED)
+        do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1, ALIGNED)
+    lse = tl.load(LSE + stat + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + stat + rows, mask=row_ok, other=0.0)
+    last = tl.minimum(rows + shift, Lk - 1)  # key j is seen by query row r iff j <= last[r]
+    hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), Lk)
+    dq0 = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, BD1], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < Lk
+        k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
+        v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # S = Q K^T
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)  # dP = dO V^T
+        if HAS_D1:
+            k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1, ALIGNED)
+            v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1, ALIGNED)
+            s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
+            dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
+        p = tl.where(keys[None, :] <= last[:, None], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
+        dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)  # dQ += dS K
+        if HAS_D1:
+            dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+    dq_base = _base(DQ, z, Z2, sdq1, sdq2, h, sdqh, ALIGNED)
+    _store_piece(dq_base, rows, sdqm, row_ok, 0, D, dq0 * sm_scale, BD0, ALIGNED)
+    if HAS_D1:
+        _store_piece(dq_base, rows, sdqm, row_ok, BD0, D, dq1 * sm_scale, BD1, ALIGNED)
 
 
 @triton.jit

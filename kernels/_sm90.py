@@ -479,6 +479,10 @@ def trip_count(launch, kv_lens: tuple | None = None) -> tuple | None:
             return (half(key_blocks(a["BLOCK_N"])),)
         if k == "_attention_bwd_kernel":  # key blocks of this split, then every query block
             return (key_blocks(a["n_split"] * a["BLOCK_N"]), half(_cdiv(a["Lq"], a["BLOCK_M"])))
+        if k == "_attention_bwd_dkdv_kernel":  # one key block, every visible query block
+            return (half(_cdiv(a["Lq"], a["BLOCK_M"])),)
+        if k == "_attention_bwd_dq_kernel":  # one query block, every visible key block
+            return (half(_cdiv(a["Lk"], a["BLOCK_N"])),)
         if k == "_dq_reduce_kernel":
             return (a["n_split"],)
         if "rows_per_prog" in a:

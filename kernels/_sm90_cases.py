@@ -83,6 +83,22 @@ def _self_attn_case(B, T, S, layout: str, fwd_bwd: bool, rope: bool = False):
     return run
 
 
+def _with_bwd_design(design: str, run):
+    """``run`` with the attention backward design ``design`` (``attention.BWD_DESIGN``), to compare both."""
+
+    def wrapped():
+        from opensora_fast.kernels import attention
+
+        old = attention.BWD_DESIGN
+        attention.BWD_DESIGN = design
+        try:
+            run()
+        finally:
+            attention.BWD_DESIGN = old
+
+    return wrapped
+
+
 def _cross_case(B, N, lens, fwd_bwd: bool):
     def run():
         from opensora_fast.kernels import cross_attention
@@ -206,6 +222,10 @@ def cases() -> list[Case]:
              flops=_flops_attn(B * 15 * HEADS, 3600, 3600, D), note="B*T 30, S 3600, 16 x 72, qk RMSNorm"),
         Case("spatial attention fwd+bwd 720p-2s", _self_attn_case(B, 15, 3600, "spatial", True),
              flops=3.5 * _flops_attn(B * 15 * HEADS, 3600, 3600, D), note="bwd = 2.5 x fwd FLOPs"),
+        Case("spatial attention fwd+bwd 720p-2s, fused bwd",
+             _with_bwd_design("fused", _self_attn_case(B, 15, 3600, "spatial", True)),
+             flops=3.5 * _flops_attn(B * 15 * HEADS, 3600, 3600, D),
+             note="the one-kernel 5-matmul backward with fp32 dQ partials, for comparison"),
         Case("spatial attention fwd 480p-4s", _self_attn_case(B, 30, 1590, "spatial", False),
              flops=_flops_attn(B * 30 * HEADS, 1590, 1590, D), note="B*T 60, S 1590"),
         Case("temporal attention fwd T'=30 480p-4s", _self_attn_case(B, 30, 1590, "temporal", False, rope=True),

@@ -31,6 +31,8 @@ import torch
 import triton
 from opensora_fast.kernels import reference as ref
 from opensora_fast.kernels._attention_kernels import (
+    _attention_bwd_dkdv_kernel,
+    _attention_bwd_dq_kernel,
     _attention_bwd_kernel,
     _attention_bwd_preprocess_kernel,
     _attention_fwd_kernel,
@@ -74,6 +76,14 @@ _FWD_TABLE = {
 # 64x64 wgmma per warpgroup (dQ, M = 64 queries, is split into 64x32); 4 warps at 64 x 64 (all 64-wide)
 # spilled 24-208 B on sm_90, 8 warps at 64 x 64 is all 64x32. Large head dims: 32 queries per step.
 _BWD_TABLE = {"small": [_cfg(64, 128, 8, 2)], "large": [_cfg(32, 64, 8, 2)]}
+# Split backward (self-attention and flash_attn_func at small head dims; see _launch_bwd): one warpgroup per
+# 64 x 64 tile pair, so every product is 64-row wgmma over its whole N.
+_DKDV_TABLE = {"small": [_cfg(64, 64, 4, 2)]}
+_DQ_TABLE = {"small": [_cfg(64, 64, 4, 2)]}
+# The backward design for non-varlen problems at small head dims: "split" (a dK/dV kernel and a dQ kernel,
+# 7 matmuls per tile pair, no partials) or "fused" (one kernel, 5 matmuls, fp32 dQ partials); the gate
+# estimates both (kernels._sm90_cases).
+BWD_DESIGN = "split"
 # Under the interpreter: small blocks, so that tiny test shapes still run several blocks.
 _INTERP_CFG = [_cfg(16, 16, 4, 1)]
 _PRE_BLOCK_M = 64
@@ -82,6 +92,7 @@ _ELEMWISE_BLOCK_M = 16  # head-rows per program of the q/k pre-pass and prologue
 # length does not re-tune; n_split is part of the backward's problem.
 _FWD_KEY = ["Lq", "Lk", "D", "CAUSAL", "VARLEN", "ALIGNED"]
 _BWD_KEY = ["Lq", "Lk", "causal", "n_split", "D", "VARLEN", "ALIGNED"]
+_SPLIT_KEY = ["Lq", "Lk", "causal", "D", "ALIGNED"]
 _MAX_GRID_X = 2**31 - 1
 
 
@@ -100,7 +111,13 @@ def _tuned(kind: str, dclass: str):
     across processes (``cache_results=True``: Triton's cache dir, keyed by kernel source, GPU and key)."""
     if kind == "fwd":
         return triton.autotune(_configs(_FWD_TABLE[dclass]), key=_FWD_KEY, cache_results=True)(_attention_fwd_kernel)
-    return triton.autotune(_configs(_BWD_TABLE[dclass]), key=_BWD_KEY, cache_results=True)(_attention_bwd_kernel)
+    if kind == "dkdv":
+        cfgs, fn = _DKDV_TABLE[dclass], _attention_bwd_dkdv_kernel
+    elif kind == "dq":
+        cfgs, fn = _DQ_TABLE[dclass], _attention_bwd_dq_kernel
+    else:
+        cfgs, fn = _BWD_TABLE[dclass], _attention_bwd_kernel
+    return triton.autotune(_configs(cfgs), key=_SPLIT_KEY if kind != "bwd" else _BWD_KEY, cache_results=True)(fn)
 
 
 def _grid_x(n: int) -> tuple[int]:
@@ -281,20 +298,25 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks,
         lq, lqs, lk_, lks = q, qs, k, ks
         gq, gqs, gk, gks = dq, dqs, dk, dks
     lk = max_lk if p.varlen else p.Lk
-    if n_split is None:
-        n_split = _n_split(p, lk, dev)
-    dqp = empty((n_split, p.Z * p.H, p.Lq, p.D), torch.float32, dev)
-    aligned = _is_aligned((lq, lqs), (lk_, lks), (v, vs), (do, dos), (gk, gks), (dv, dvs))
-    _tuned("bwd", _dclass(p.D))[_grid_x(p.Z * p.H * n_split)](
-        lq, lk_, v, do, gk, dv, dqp, lse, delta, cu if p.varlen else _cu_dummy(dev),
-        p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gks.args(), *dvs.args(),
-        p.H, p.Lq, p.Lk, int(p.causal), scale * LOG2E, scale, n_split,
-        D=p.D, VARLEN=p.varlen, ALIGNED=aligned, DOT_PREC=_dot_prec(q.dtype), **split,
-    )  # fmt: skip
-    _dq_reduce_kernel[_grid_x(triton.cdiv(p.Lq, _PRE_BLOCK_M) * p.Z * p.H)](
-        dqp, gq, p.Z2, *gqs.args(), p.H, p.Lq, p.Z * p.H, n_split, scale,
-        D=p.D, ALIGNED=_is_aligned((gq, gqs)), BLOCK_M=_PRE_BLOCK_M, num_warps=4, **split,
-    )  # fmt: skip
+    dclass = _dclass(p.D)
+    if BWD_DESIGN == "split" and not p.varlen and dclass in _DKDV_TABLE:
+        # dK/dV per key block, dQ per query block: every program of a (sequence, head) reads the same q, dO
+        # (resp. k, v) at the same time, where the fused kernel's programs each stream their whole sequence
+        # and an fp32 dQ partial once per key block
+        aligned = _is_aligned((lq, lqs), (lk_, lks), (v, vs), (do, dos), (gk, gks), (dv, dvs), (gq, gqs))
+        common = (p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args())
+        tail = (p.H, p.Lq, p.Lk, int(p.causal), scale * LOG2E, scale)
+        meta = dict(D=p.D, ALIGNED=aligned, DOT_PREC=_dot_prec(q.dtype), **split)
+        zh = p.Z * p.H
+        _tuned("dkdv", dclass)[lambda a: _grid_x(zh * triton.cdiv(p.Lk, a["BLOCK_N"]))](
+            lq, lk_, v, do, gk, dv, lse, delta, *common, *gks.args(), *dvs.args(), *tail, **meta
+        )
+        _tuned("dq", dclass)[lambda a: _grid_x(zh * triton.cdiv(p.Lq, a["BLOCK_M"]))](
+            lq, lk_, v, do, gq, lse, delta, *common, *gqs.args(), *tail, **meta
+        )
+    else:
+        _launch_bwd_fused(lq, lk_, v, do, gq, gk, dv, lse, delta, cu, lqs, lks, vs, dos, gqs, gks, dvs, p, scale, lk,
+                          n_split, q.dtype)  # fmt: skip
     if not norm:
         return None, None
     n_rows = p.Z * p.Lq * p.H
@@ -308,6 +330,27 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks,
         )  # fmt: skip
         dws.append(part.sum(0))
     return dws[0], dws[1]
+
+
+def _launch_bwd_fused(lq, lk_, v, do, gq, gk, dv, lse, delta, cu, lqs, lks, vs, dos, gqs, gks, dvs, p: Problem, scale,
+                      lk, n_split, dtype):  # fmt: skip
+    """The fused backward (5 matmuls per tile pair, fp32 dQ partials per key split, summed in split order)."""
+    dev = lq.device
+    split = DSplit.of(p.D).kwargs()
+    if n_split is None:
+        n_split = _n_split(p, lk, dev)
+    dqp = empty((n_split, p.Z * p.H, p.Lq, p.D), torch.float32, dev)
+    aligned = _is_aligned((lq, lqs), (lk_, lks), (v, vs), (do, dos), (gk, gks), (dv, dvs))
+    _tuned("bwd", _dclass(p.D))[_grid_x(p.Z * p.H * n_split)](
+        lq, lk_, v, do, gk, dv, dqp, lse, delta, cu if p.varlen else _cu_dummy(dev),
+        p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args(), *gks.args(), *dvs.args(),
+        p.H, p.Lq, p.Lk, int(p.causal), scale * LOG2E, scale, n_split,
+        D=p.D, VARLEN=p.varlen, ALIGNED=aligned, DOT_PREC=_dot_prec(dtype), **split,
+    )  # fmt: skip
+    _dq_reduce_kernel[_grid_x(triton.cdiv(p.Lq, _PRE_BLOCK_M) * p.Z * p.H)](
+        dqp, gq, p.Z2, *gqs.args(), p.H, p.Lq, p.Z * p.H, n_split, scale,
+        D=p.D, ALIGNED=_is_aligned((gq, gqs)), BLOCK_M=_PRE_BLOCK_M, num_warps=4, **split,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,6 +89,7 @@ def test_backward_key_splits(triton_backend, monkeypatch, n_split, causal):
     from opensora_fast.kernels import attention as A
 
     monkeypatch.setattr(A, "_n_split", lambda p, max_lk, device: n_split)
+    monkeypatch.setattr(A, "BWD_DESIGN", "fused")  # key splits are the fused backward's (self-attention: split)
     B, H, D = 1, 2, 72
     q, k, v = (randn(B, n, H, D, dtype=torch.float64, seed=s) for s, n in ((1, 45), (2, 40), (3, 40)))
     _check(
@@ -150,6 +151,30 @@ def test_self_attention(triton_backend, dtype, D, layout, rope, B, T, S):
 
     def refn(qkv, qw, kw, cos, sin):
         return R.self_attention_ref(qkv, qw, kw, H, T, layout, 1e-6, (cos, sin) if rope else None)
+
+    _check(kern, refn, [qkv, qw, kw, cos, sin], dtype, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
+           grad_mask=[True, True, True, False, False])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,rope", [(torch.float32, True), (torch.float16, False)])
+def test_self_attention_fused_backward_design(triton_backend, monkeypatch, dtype, rope):
+    """The fused one-kernel backward (5 matmuls, fp32 dQ partials), kept for varlen and large head dims and
+    selectable for self-attention (``BWD_DESIGN``), against fp64 at the spatial layout."""
+    from opensora_fast.kernels import attention as A
+
+    monkeypatch.setattr(A, "BWD_DESIGN", "fused")
+    B, T, S, H, D = 2, 2, 19, 2, 72
+    qkv = randn(B, T * S, 3 * H * D, dtype=torch.float64, seed=15)
+    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=16)
+    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=17)
+    cos, sin = R.rope_cos_sin(S, D, dtype=torch.float64)
+
+    def kern(qkv, qw, kw, cos, sin):
+        rp = (cos.float(), sin.float()) if rope else None
+        return self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout="spatial", rope=rp)
+
+    def refn(qkv, qw, kw, cos, sin):
+        return R.self_attention_ref(qkv, qw, kw, H, T, "spatial", 1e-6, (cos, sin) if rope else None)
 
     _check(kern, refn, [qkv, qw, kw, cos, sin], dtype, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
            grad_mask=[True, True, True, False, False])  # fmt: skip
@@ -759,7 +784,7 @@ def test_launches_type_integer_pointers_as_integers():
         for name in _INT_POINTERS & set(sig):
             seen += 1
             assert sig[name] in ("*i32", "*i64"), f"{launch.kernel}: {name} bound as {sig[name]}"
-    assert seen >= 6
+    assert seen >= 4  # the forwards and the fused (varlen) backward; the split backward takes no CU_K
 
 
 def test_model_layout_launches_are_16_byte_aligned():
@@ -942,11 +967,11 @@ def test_bool_kv_lens_refused():
         cross_attention(q, kv, [True, False], num_heads=2)
 
 
-def test_spatial_normalises_qk_once_and_backward_is_one_five_matmul_kernel():
+def test_spatial_normalises_qk_once_and_backward_designs(monkeypatch):
     """Spatial self-attention: q/k RMSNorm runs once in a pre-pass (the forward kernel no longer normalises
-    K inside its K loop, once per query block), and the backward is one attention kernel with five
-    products per (key block, query block) pair (S^T, dV, dP^T, dK, dQ; plus their second head-dim pieces)
-    instead of a dK/dV kernel and a dQ kernel (seven)."""
+    K inside its K loop, once per query block). The backward is, by default ("split"), a dK/dV kernel with
+    four products per (key block, query block) pair (S^T, dV, dP^T, dK) and a dQ kernel with three (S, dP,
+    dQ), each plus its second head-dim piece; "fused" is one kernel with five (S^T, dV, dP^T, dK, dQ)."""
     import inspect
     import re
 
@@ -957,7 +982,14 @@ def test_spatial_normalises_qk_once_and_backward_is_one_five_matmul_kernel():
     with capture_launches() as fwd:
         A._self_fwd_op(qkv, w, w, None, None, 2, 2, "spatial", 1e-6, 72**-0.5)
     assert [lc.kernel for lc in fwd.launches] == ["_qk_norm_rope_fwd_kernel", "_attention_fwd_kernel"]
-    with capture_launches() as bwd:
-        A._self_bwd_op(out, qkv, w, w, None, None, out, lse, 2, 2, "spatial", 1e-6, 72**-0.5)
-    dots = {lc.kernel: len(re.findall(r"tl\.dot\(", inspect.getsource(lc.fn.fn))) for lc in bwd.launches}
-    assert {n: d for n, d in dots.items() if d} == {"_attention_bwd_kernel": 10}
+    want = {
+        "split": {"_attention_bwd_dkdv_kernel": 8, "_attention_bwd_dq_kernel": 6},
+        "fused": {"_attention_bwd_kernel": 10},
+    }
+    assert A.BWD_DESIGN == "split"
+    for design, dots_want in want.items():
+        monkeypatch.setattr(A, "BWD_DESIGN", design)
+        with capture_launches() as bwd:
+            A._self_bwd_op(out, qkv, w, w, None, None, out, lse, 2, 2, "spatial", 1e-6, 72**-0.5)
+        dots = {lc.kernel: len(re.findall(r"tl\.dot\(", inspect.getsource(lc.fn.fn))) for lc in bwd.launches}
+        assert {n: d for n, d in dots.items() if d} == dots_want

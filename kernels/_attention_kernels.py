@@ -455,30 +455,33 @@ def _attention_bwd_dkdv_kernel(
     DV,  # like V through (sdv1, sdv2, sdvm, sdvh)
     LSE,  # (Z * H, Lq) fp32 log2 units
     DELTA,  # (Z * H, Lq) fp32
+    CU_K,  # (Z + 1,) int32 (read only when VARLEN)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
     sdk1, sdk2, sdkm, sdkh, sdv1, sdv2, sdvm, sdvh,
-    H, Lq, Lk, causal, qk_scale, sm_scale,
-    D: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, Lq, Lk, Lkb, causal, qk_scale, sm_scale,
+    D: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key block of one (sequence, head) over all its query blocks (four matmuls per pair:
     S^T = K Q^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q). The key blocks of one (sequence, head) are
     adjacent program ids, so the programs that run at the same time read the same q, dO, lse and delta
-    (from L2 after the first)."""
-    n_kb = tl.cdiv(Lk, BLOCK_N)
+    (from L2 after the first). Lkb: the keys the grid's key blocks cover per sequence (varlen: the longest
+    sequence's; Lk is the autotune bucket)."""
+    n_kb = tl.cdiv(Lkb, BLOCK_N)
     pid = tl.program_id(0)
     zh = pid // n_kb
     start_n = (pid % n_kb) * BLOCK_N
     z = zh // H
     h = zh % H
-    shift = Lk - Lq + (1 - causal) * (1 << 30)  # key j visible from query i iff j <= i + shift
+    k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
+    shift = n_k - Lq + (1 - causal) * (1 << 30)  # key j visible from query i iff j <= i + shift
     q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
     do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
-    k_base = _base(K, z, Z2, sk1, sk2, h, skh, ALIGNED)
-    v_base = _base(V, z, Z2, sv1, sv2, h, svh, ALIGNED)
+    k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
+    v_base = V + _hint(v_off + start * svm + h * svh, ALIGNED)
     stat = zh.to(tl.int64) * Lq
     keys = start_n + tl.arange(0, BLOCK_N)
-    key_ok = keys < Lk
+    key_ok = keys < n_k
     k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
     v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
     k1 = k0
@@ -491,7 +494,8 @@ def _attention_bwd_dkdv_kernel(
     dv0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
     dv1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
     lo = tl.minimum((tl.maximum(start_n - shift, 0) // BLOCK_M) * BLOCK_M, Lq)
-    for start_m in range(lo, Lq, BLOCK_M):
+    # varlen: the grid has the key blocks of the longest sequence; a block past this one's keys has no work
+    for start_m in range(lo, tl.where(start_n < n_k, Lq, lo), BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
         q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0, ALIGNED)
@@ -502,7 +506,7 @@ def _attention_bwd_dkdv_kernel(
         if HAS_D1:
             q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1, ALIGNED)
             s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
-        last = tl.minimum(rows + shift, Lk - 1)
+        last = tl.minimum(rows + shift, n_k - 1)
         p_t = tl.where(keys[:, None] <= last[None, :], tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)
         pl = p_t.to(DO.dtype.element_ty)
         dv0 = tl.dot(pl, do0, dv0, input_precision=DOT_PREC)  # dV += P^T dO
@@ -515,8 +519,12 @@ def _attention_bwd_dkdv_kernel(
         dk0 = tl.dot(ds_t, q0, dk0, input_precision=DOT_PREC)  # dK += dS^T Q
         if HAS_D1:
             dk1 = tl.dot(ds_t, q1, dk1, input_precision=DOT_PREC)
-    dk_base = _base(DK, z, Z2, sdk1, sdk2, h, sdkh, ALIGNED)
-    dv_base = _base(DV, z, Z2, sdv1, sdv2, h, sdvh, ALIGNED)
+    if VARLEN:
+        dk_base = DK + _hint(start * sdkm + h * sdkh, ALIGNED)
+        dv_base = DV + _hint(start * sdvm + h * sdvh, ALIGNED)
+    else:
+        dk_base = _base(DK, z, Z2, sdk1, sdk2, h, sdkh, ALIGNED)
+        dv_base = _base(DV, z, Z2, sdv1, sdv2, h, sdvh, ALIGNED)
     _store_piece(dv_base, keys, sdvm, key_ok, 0, D, dv0, BD0, ALIGNED)
     _store_piece(dk_base, keys, sdkm, key_ok, 0, D, dk0 * sm_scale, BD0, ALIGNED)
     if HAS_D1:
@@ -533,10 +541,11 @@ def _attention_bwd_dq_kernel(
     DQ,  # like Q through (sdq1, sdq2, sdqm, sdqh): gradient w.r.t. q as attended
     LSE,  # (Z * H, Lq) fp32 log2 units
     DELTA,  # (Z * H, Lq) fp32
+    CU_K,  # (Z + 1,) int32 (read only when VARLEN)
     Z2, sq1, sq2, sqm, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdm, sdh,
     sdq1, sdq2, sdqm, sdqh,
     H, Lq, Lk, causal, qk_scale, sm_scale,
-    D: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, VARLEN: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block of one (sequence, head) over its visible key blocks (three matmuls per pair:
@@ -548,11 +557,12 @@ def _attention_bwd_dq_kernel(
     start_m = (pid % n_mb) * BLOCK_M
     z = zh // H
     h = zh % H
-    shift = Lk - Lq + (1 - causal) * (1 << 30)
+    k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
+    shift = n_k - Lq + (1 - causal) * (1 << 30)
     q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
     do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
-    k_base = _base(K, z, Z2, sk1, sk2, h, skh, ALIGNED)
-    v_base = _base(V, z, Z2, sv1, sv2, h, svh, ALIGNED)
+    k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
+    v_base = V + _hint(v_off + start * svm + h * svh, ALIGNED)
     stat = zh.to(tl.int64) * Lq
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
@@ -565,13 +575,13 @@ def _attention_bwd_dq_kernel(
         do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1, ALIGNED)
     lse = tl.load(LSE + stat + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stat + rows, mask=row_ok, other=0.0)
-    last = tl.minimum(rows + shift, Lk - 1)  # key j is seen by query row r iff j <= last[r]
-    hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), Lk)
+    last = tl.minimum(rows + shift, n_k - 1)  # key j is seen by query row r iff j <= last[r]
+    hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), n_k)
     dq0 = tl.zeros([BLOCK_M, BD0], dtype=tl.float32)
     dq1 = tl.zeros([BLOCK_M, BD1], dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < Lk
+        key_ok = keys < n_k
         k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
         v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # S = Q K^T

@@ -92,7 +92,7 @@ _ELEMWISE_BLOCK_M = 16  # head-rows per program of the q/k pre-pass and prologue
 # length does not re-tune; n_split is part of the backward's problem.
 _FWD_KEY = ["Lq", "Lk", "D", "CAUSAL", "VARLEN", "ALIGNED"]
 _BWD_KEY = ["Lq", "Lk", "causal", "n_split", "D", "VARLEN", "ALIGNED"]
-_SPLIT_KEY = ["Lq", "Lk", "causal", "D", "ALIGNED"]
+_SPLIT_KEY = ["Lq", "Lk", "causal", "D", "VARLEN", "ALIGNED"]
 _MAX_GRID_X = 2**31 - 1
 
 
@@ -299,20 +299,22 @@ def _launch_bwd(do, q, k, v, o, lse, dq, dk, dv, qs, ks, vs, os_, dos, dqs, dks,
         gq, gqs, gk, gks = dq, dqs, dk, dks
     lk = max_lk if p.varlen else p.Lk
     dclass = _dclass(p.D)
-    if BWD_DESIGN == "split" and not p.varlen and dclass in _DKDV_TABLE:
+    if BWD_DESIGN == "split" and dclass in _DKDV_TABLE:
         # dK/dV per key block, dQ per query block: every program of a (sequence, head) reads the same q, dO
         # (resp. k, v) at the same time, where the fused kernel's programs each stream their whole sequence
         # and an fp32 dQ partial once per key block
         aligned = _is_aligned((lq, lqs), (lk_, lks), (v, vs), (do, dos), (gk, gks), (dv, dvs), (gq, gqs))
+        cu_k = cu if p.varlen else _cu_dummy(dev)
         common = (p.Z2, *lqs.args(), *lks.args(), *vs.args(), *dos.args())
-        tail = (p.H, p.Lq, p.Lk, int(p.causal), scale * LOG2E, scale)
-        meta = dict(D=p.D, ALIGNED=aligned, DOT_PREC=_dot_prec(q.dtype), **split)
+        tail = (int(p.causal), scale * LOG2E, scale)
+        meta = dict(D=p.D, VARLEN=p.varlen, ALIGNED=aligned, DOT_PREC=_dot_prec(q.dtype), **split)
         zh = p.Z * p.H
-        _tuned("dkdv", dclass)[lambda a: _grid_x(zh * triton.cdiv(p.Lk, a["BLOCK_N"]))](
-            lq, lk_, v, do, gk, dv, lse, delta, *common, *gks.args(), *dvs.args(), *tail, **meta
-        )
+        _tuned("dkdv", dclass)[lambda a: _grid_x(zh * triton.cdiv(lk, a["BLOCK_N"]))](
+            lq, lk_, v, do, gk, dv, lse, delta, cu_k, *common, *gks.args(), *dvs.args(), p.H, p.Lq, p.Lk, lk, *tail,
+            **meta,
+        )  # fmt: skip
         _tuned("dq", dclass)[lambda a: _grid_x(zh * triton.cdiv(p.Lq, a["BLOCK_M"]))](
-            lq, lk_, v, do, gq, lse, delta, *common, *gqs.args(), *tail, **meta
+            lq, lk_, v, do, gq, lse, delta, cu_k, *common, *gqs.args(), p.H, p.Lq, p.Lk, *tail, **meta
         )
     else:
         _launch_bwd_fused(lq, lk_, v, do, gq, gk, dv, lse, delta, cu, lqs, lks, vs, dos, gqs, gks, dvs, p, scale, lk,
@@ -725,16 +727,23 @@ def _cross_schedule(B: int, H: int, N: int, max_kv_len: int, D: int, device: tor
     split: every program runs all key blocks of its chunk, so the fp32 dQ partial is written once instead
     of once per split (720p-2s: 497 MB per partial). n: the fewest chunks whose per-SM work in whole waves,
     ceil(B * H * n / SMs) x query blocks per chunk, is within 3% of the least: 720p-2s, B 2, 16 heads,
-    132 SMs: 4 chunks, 128 programs (one wave; was 3 chunks x 3 key splits = 288 programs, 3 waves).
+    132 SMs: 4 chunks, 128 programs (one wave; was 3 chunks x 3 key splits = 288 programs, 3 waves). The
+    split design's dK/dV kernel has one program per (chunk, sample, head, key block of 64): the same
+    formula with B * H * n * key blocks programs.
     Under the interpreter: 2 chunks (N even) and the default splits, to test the chunked path."""
     sms = sm_count(device)
     if B == 0:
         return 1, None
     if sms is None:
         return (2 if N % 2 == 0 else 1), None
-    bm = _BWD_TABLE[_dclass(D)][0].kwargs["BLOCK_M"]
+    dclass = _dclass(D)
+    if BWD_DESIGN == "split" and dclass in _DKDV_TABLE:  # the dK/dV kernel's programs: one per key block
+        cfg = _DKDV_TABLE[dclass][0].kwargs
+        bm, kb = cfg["BLOCK_M"], triton.cdiv(max_kv_len, cfg["BLOCK_N"])
+    else:
+        bm, kb = _BWD_TABLE[dclass][0].kwargs["BLOCK_M"], 1
     cost = {
-        n: triton.cdiv(B * H * n, sms) * triton.cdiv(N // n, bm)
+        n: triton.cdiv(B * H * n * kb, sms) * triton.cdiv(N // n, bm)
         for n in range(1, max(1, min(N // bm, _MAX_CROSS_CHUNKS)) + 1)
         if N % n == 0
     }

@@ -277,12 +277,15 @@ def test_cross_attention(triton_backend, dtype, D, lens, N):
     [(torch.float32, 2, None), (torch.float16, 3, None), (torch.float32, 4, None), (torch.float32, 6, 1),
      (torch.float16, 4, 1), (torch.float32, 1, 1)],
 )  # fmt: skip
-def test_cross_attention_backward_query_chunks(triton_backend, monkeypatch, dtype, n_qc, n_split):
+@pytest.mark.parametrize("design", ["split", "fused"])
+def test_cross_attention_backward_query_chunks(triton_backend, monkeypatch, dtype, n_qc, n_split, design):
     """The cross-attention backward with its queries in n_qc chunks (each chunk a sequence of its own
-    against a copy of its sample's text; d(kv) of the copies summed), with the default key splits (None)
-    or one key split (every program runs all key blocks of its chunk): same gradients as the reference."""
+    against a copy of its sample's text; d(kv) of the copies summed), in both backward designs; fused: with
+    the default key splits (None) or one key split (every program runs all key blocks of its chunk); split
+    (varlen dK/dV programs per key block of the longest text): same gradients as the reference."""
     from opensora_fast.kernels import attention as A
 
+    monkeypatch.setattr(A, "BWD_DESIGN", design)
     chunks = []
     monkeypatch.setattr(A, "_cross_schedule", lambda B, H, N, lk, D, dev: chunks.append(n_qc) or (n_qc, n_split))
     H, D, lens, N = 2, 72, [5, 0, 40], 12
@@ -306,29 +309,40 @@ def test_cross_attention_backward_schedule():
     from opensora_fast.kernels import attention as A
 
     dev = torch.device("meta")
+    cases = [(2, 16, 54000, 300, 72), (2, 16, 432000, 300, 72), (1, 16, 3600 * 8, 300, 72), (4, 16, 1590 * 15, 120, 72),
+             (2, 8, 997, 77, 128), (2, 16, 30, 300, 72)]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(A, "sm_count", lambda device: 132)
-        assert A._cross_schedule(2, 16, 54000, 300, 72, dev) == (4, 1)
-        for B, H, N, lk, D in [(2, 16, 54000, 300, 72), (2, 16, 432000, 300, 72), (1, 16, 3600 * 8, 300, 72),
-                               (4, 16, 1590 * 15, 120, 72), (2, 8, 997, 77, 128), (2, 16, 30, 300, 72)]:  # fmt: skip
-            n_qc, n_split = A._cross_schedule(B, H, N, lk, D, dev)
-            bm = A._BWD_TABLE[A._dclass(D)][0].kwargs["BLOCK_M"]
-            assert n_split == (1 if n_qc > 1 else None) and N % n_qc == 0 and (n_qc == 1 or N // n_qc >= bm)
-            assert B * H * n_qc < 2**31
-            # within 3% of the least whole-wave query blocks per SM, and no fewer chunks are
-            work = {n: -(-B * H * n // 132) * -(-(N // n) // bm) for n in range(1, max(1, N // bm) + 1) if N % n == 0}
-            least = min(work.values())
-            assert work[n_qc] <= 1.03 * least
-            assert all(work[n] > 1.03 * least for n in work if n < n_qc)
+        for design in ("split", "fused"):
+            mp.setattr(A, "BWD_DESIGN", design)
+            assert A._cross_schedule(2, 16, 54000, 300, 72, dev) == (4, 1)
+            for B, H, N, lk, D in cases:
+                n_qc, n_split = A._cross_schedule(B, H, N, lk, D, dev)
+                # the programs that walk the queries: (chunk, sample, head) for the fused kernel, and per key
+                # block of 64 for the split design's dK/dV kernel (head dims <= 96)
+                if design == "split" and D <= 96:
+                    bm, kb = 64, -(-lk // 64)
+                else:
+                    bm, kb = A._BWD_TABLE[A._dclass(D)][0].kwargs["BLOCK_M"], 1
+                assert n_split == (1 if n_qc > 1 else None) and N % n_qc == 0 and (n_qc == 1 or N // n_qc >= bm)
+                assert B * H * n_qc < 2**31
+                # within 3% of the least whole-wave query blocks per SM, and no fewer chunks are
+                work = {n: -(-B * H * n * kb // 132) * -(-(N // n) // bm) for n in range(1, max(1, N // bm) + 1)
+                        if N % n == 0}  # fmt: skip
+                least = min(work.values())
+                assert work[n_qc] <= 1.03 * least
+                assert all(work[n] > 1.03 * least for n in work if n < n_qc)
         mp.setattr(A, "sm_count", lambda device: None)
         assert A._cross_schedule(2, 16, 12, 300, 72, dev) == (2, None)
 
 
 def test_cross_attention_backward_one_key_split_on_gpu(triton_backend, monkeypatch):
     """With a GPU's SM count the cross-attention backward launches one key split over query chunks, and its
-    gradients stay right (interpreter; sm_count patched to 12: 3 samples x 2 heads x 2 chunks)."""
+    gradients stay right (interpreter; sm_count patched to 12: 3 samples x 2 heads x 2 chunks); the fused
+    backward design, whose key splits these are."""
     from opensora_fast.kernels import attention as A
 
+    monkeypatch.setattr(A, "BWD_DESIGN", "fused")
     seen = []
     launch = A._launch_bwd
 
@@ -354,11 +368,13 @@ def test_cross_attention_backward_one_key_split_on_gpu(triton_backend, monkeypat
 
 def test_cross_attention_one_key_split_idempotent(triton_backend, monkeypatch, repeat_launches):  # noqa: F811
     """The GPU schedule (sm_count patched to 12: 2 query chunks, one key split, so each program reads back its
-    own fp32 dQ partial after its first key block) gives bit-identical results with every launch run 3 times."""
+    own fp32 dQ partial after its first key block) gives bit-identical results with every launch run 3 times
+    (the fused backward design; the split design's chunked path: test_attention_idempotent)."""
     from opensora_fast.kernels import attention as A
 
     from tests.test_attention_idempotent import REPEATS, _run
 
+    monkeypatch.setattr(A, "BWD_DESIGN", "fused")
     monkeypatch.setattr(A, "sm_count", lambda device: 12)
     H, lens = 2, [5, 0, 130]
     inputs = [randn(3, 128, H * 72, seed=21), randn(sum(lens), 2 * H * 72, seed=22)]
@@ -784,7 +800,7 @@ def test_launches_type_integer_pointers_as_integers():
         for name in _INT_POINTERS & set(sig):
             seen += 1
             assert sig[name] in ("*i32", "*i64"), f"{launch.kernel}: {name} bound as {sig[name]}"
-    assert seen >= 4  # the forwards and the fused (varlen) backward; the split backward takes no CU_K
+    assert seen >= 6
 
 
 def test_model_layout_launches_are_16_byte_aligned():
@@ -813,14 +829,16 @@ def test_spatial_attention_sm90_vectorised():
     import subprocess
     import sys
 
+    kernels = ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
     code = (
         "import json, torch\n"
+        f"KERNELS = {kernels!r}\n"
         "from opensora_fast.kernels._sm90 import compile_launch\n"
         "from tests.test_attention import _capture_all_ops\n"
         "first = {}\n"
         "for lc in _capture_all_ops(torch.bfloat16):\n"
         "    first.setdefault(lc.kernel, lc)\n"
-        "res = [compile_launch(first[k]) for k in ('_attention_fwd_kernel', '_attention_bwd_kernel')]\n"
+        "res = [compile_launch(first[k]) for k in KERNELS]\n"
         "print(json.dumps([dict(name=r.name, error=r.error, stack=r.sass.stack, widths=r.sass.global_widths)\n"
         "                  for r in res]))\n"
     )
@@ -830,7 +848,7 @@ def test_spatial_attention_sm90_vectorised():
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {r["name"].split("[")[0] for r in res} == {"_attention_fwd_kernel", "_attention_bwd_kernel"}, res
+    assert {r["name"].split("[")[0] for r in res} == set(kernels), res
     for r in res:  # widths in bytes: "LDG.16" is a 16-byte load
         w = r["widths"]
         assert not r["error"] and r["stack"] == 0, r

@@ -32,14 +32,14 @@ dqkv, with per-program partial norm-weight gradients summed on the host (determi
 
 Backward, two designs (``attention.BWD_DESIGN``; both deterministic, no atomics, and no kernel reads memory
 it writes in the same launch except a program's own dQ partial rows):
-- "split" (self-attention and flash_attn_func at head dims <= 96): ``_attention_bwd_dkdv_kernel``, one
+- "split" (the default, every op and head dim; varlen keys from CU_K): ``_attention_bwd_dkdv_kernel``, one
   program per (sequence-head, key block of 64) over every visible query block (S^T = K Q^T, dV += P^T dO,
   dP^T = V dO^T, dK += dS^T Q), then ``_attention_bwd_dq_kernel``, one program per (sequence-head, query block
   of 64) over every visible key block (S = Q K^T, dP = dO V^T, dQ += dS K): seven matmuls per tile pair, each
   a 64-row wgmma over its whole N on one warpgroup (4 warps); the programs of one sequence-head are adjacent,
   so those resident together share its q / dO (resp. k / v) in L2, and dQ is written once, in the output
   dtype (no fp32 partials, no reduction kernel).
-- "fused" (varlen cross-attention, head dims > 96): one kernel per (sequence-head, key-split) program,
+- "fused" (``BWD_DESIGN = "fused"``, kept for comparison): one kernel per (sequence-head, key-split) program,
   five matmuls per (key block, query block) pair as in FA2: S^T = K Q^T, dV += P^T dO, dP^T = V dO^T,
   dK += dS^T Q, dQ_part += dS K. Program ``sp`` of ``n_split`` takes the key blocks sp, sp + n_split, ... and
   owns its own fp32 dQ partial (n_split, Z*H, Lq, D), which it overwrites on its first key block

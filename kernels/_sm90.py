@@ -358,9 +358,10 @@ WAIVERS: dict[tuple[str, str], list] = {
     ("_attention_bwd_kernel", "narrow_hgmma"): [
         (
             {"D": 72},
-            "S^T, dP^T, dV and dK run as 64x64x16; dQ (64 queries x D 72) is split over the two warpgroups of 8 "
-            "warps into N=32 pieces plus the 8-column tail of D=72 (28% of MMA work); one warpgroup (4 warps, dQ at "
-            "N=64) spilled 24-208 B in every variant tried (2026-11-30)",
+            "the fused backward design (BWD_DESIGN='fused', recorded for comparison; the default split design has "
+            "no narrow HGMMA): S^T, dP^T, dV and dK run as 64x64x16; dQ (64 queries x D 72) is split over the two "
+            "warpgroups of 8 warps into N=32 pieces plus the 8-column tail of D=72 (28% of MMA work); one "
+            "warpgroup (4 warps, dQ at N=64) spilled 24-208 B in every variant tried (2026-11-30)",
         )
     ],
 }
@@ -376,12 +377,12 @@ WAIVERS[("_temporal_attention_bwd_kernel", "narrow_hgmma")] = [({"TP": 128}, _TE
 WAIVERS[("_temporal_attention_bwd_kernel", "plain_ldg_loop")] = [({"TP": 128}, _TEMPORAL_BWD)]
 WAIVERS[("_temporal_attention_bwd_dq_kernel", "narrow_hgmma")] = [({}, _TEMPORAL_BWD)]
 _D128_BWD = (
-    "OPEN (issue 9): flash_attn_func at head_dim 128 only (STDiT3 uses 72): its backward config 32x64 / 8 warps "
-    "uses mma.sync and 64x16 HGMMA; 64x64 / 8 warps spilled 32-40 B, 64x64 / 8 warps / 1 stage spilled 8 B causal, "
-    "64x128 48-72 B, 16 warps 408-464 B, 4 warps 192-208 B (2026-11-30)"
+    "OPEN (issue 9): flash_attn_func at head_dim 128 only (STDiT3 uses 72): the split backward's dK/dV kernel "
+    "holds two 64 x 128 fp32 accumulators (128 registers a thread at 4 warps); with 2 stages it spilled 32 B, "
+    "8 warps over 128 keys 8 B, 32 queries per step ran half its MMA work at N = 32, so its query loop loads "
+    "q / dO without async copies (1 stage). The fused kernel there used mma.sync (2026-11-30)"
 )
-WAIVERS[("_attention_bwd_kernel", "hmma")] = [({"D": 128}, _D128_BWD)]
-WAIVERS[("_attention_bwd_kernel", "narrow_hgmma")].append(({"D": 128}, _D128_BWD))
+WAIVERS[("_attention_bwd_dkdv_kernel", "plain_ldg_loop")] = [({"D": 128}, _D128_BWD)]
 for _rule in ("narrow_global", "narrow_hgmma", "plain_ldg_loop"):
     WAIVERS[("_causal_conv3d_fwd_kernel", _rule)] = [
         ({"FAST": False, "c_in": _small}, _FOUR_CHANNELS),

@@ -76,13 +76,14 @@ _FWD_TABLE = {
 # 64x64 wgmma per warpgroup (dQ, M = 64 queries, is split into 64x32); 4 warps at 64 x 64 (all 64-wide)
 # spilled 24-208 B on sm_90, 8 warps at 64 x 64 is all 64x32. Large head dims: 32 queries per step.
 _BWD_TABLE = {"small": [_cfg(64, 128, 8, 2)], "large": [_cfg(32, 64, 8, 2)]}
-# Split backward (self-attention and flash_attn_func at small head dims; see _launch_bwd): one warpgroup per
-# 64 x 64 tile pair, so every product is 64-row wgmma over its whole N.
-_DKDV_TABLE = {"small": [_cfg(64, 64, 4, 2)]}
-_DQ_TABLE = {"small": [_cfg(64, 64, 4, 2)]}
-# The backward design for non-varlen problems at small head dims: "split" (a dK/dV kernel and a dQ kernel,
-# 7 matmuls per tile pair, no partials) or "fused" (one kernel, 5 matmuls, fp32 dQ partials); the gate
-# estimates both (kernels._sm90_cases).
+# Split backward (the default, see _launch_bwd): one warpgroup per 64 x 64 tile pair, so every product is
+# 64-row wgmma over its whole N.
+# Large head dims (up to 128): the dK/dV kernel's two 64 x 128 fp32 accumulators leave no room for a second
+# stage (2 stages spilled 32 B; 8 warps over 128 keys 8 B), so its loop loads without async copies.
+_DKDV_TABLE = {"small": [_cfg(64, 64, 4, 2)], "large": [_cfg(64, 64, 4, 1)]}
+_DQ_TABLE = {"small": [_cfg(64, 64, 4, 2)], "large": [_cfg(64, 64, 4, 2)]}
+# The backward design: "split" (a dK/dV kernel and a dQ kernel, 7 matmuls per tile pair, no partials) or
+# "fused" (one kernel, 5 matmuls, fp32 dQ partials); the gate estimates both (kernels._sm90_cases).
 BWD_DESIGN = "split"
 # Under the interpreter: small blocks, so that tiny test shapes still run several blocks.
 _INTERP_CFG = [_cfg(16, 16, 4, 1)]

@@ -81,16 +81,16 @@ def test_flash_attn_func(triton_backend, dtype, D, Nq, Nk, causal):
     )
 
 
-@pytest.mark.parametrize("n_split,causal", [(1, False), (3, True), (5, False)])
-def test_backward_key_splits(triton_backend, monkeypatch, n_split, causal):
+@pytest.mark.parametrize("n_split,causal,D", [(1, False, 72), (3, True, 72), (5, False, 72), (2, True, 128)])
+def test_backward_key_splits(triton_backend, monkeypatch, n_split, causal, D):
     """The backward's dQ is summed over key splits (each split owns a partial): one split, three splits
     over three key blocks (causal, Nq > Nk: skipped query blocks are zero-filled) and more splits than key
     blocks (splits without any key block contribute zeros)."""
     from opensora_fast.kernels import attention as A
 
     monkeypatch.setattr(A, "_n_split", lambda p, max_lk, device: n_split)
-    monkeypatch.setattr(A, "BWD_DESIGN", "fused")  # key splits are the fused backward's (self-attention: split)
-    B, H, D = 1, 2, 72
+    monkeypatch.setattr(A, "BWD_DESIGN", "fused")  # key splits are the fused backward's (the default: split)
+    B, H = 1, 2
     q, k, v = (randn(B, n, H, D, dtype=torch.float64, seed=s) for s, n in ((1, 45), (2, 40), (3, 40)))
     _check(
         lambda q, k, v: flash_attn_func(q, k, v, causal=causal),
@@ -319,8 +319,8 @@ def test_cross_attention_backward_schedule():
             for B, H, N, lk, D in cases:
                 n_qc, n_split = A._cross_schedule(B, H, N, lk, D, dev)
                 # the programs that walk the queries: (chunk, sample, head) for the fused kernel, and per key
-                # block of 64 for the split design's dK/dV kernel (head dims <= 96)
-                if design == "split" and D <= 96:
+                # block of 64 for the split design's dK/dV kernel
+                if design == "split":
                     bm, kb = 64, -(-lk // 64)
                 else:
                     bm, kb = A._BWD_TABLE[A._dclass(D)][0].kwargs["BLOCK_M"], 1

@@ -72,6 +72,9 @@ class VAETrainConfig:
     mixed_image_ratio: float = 0.0
     kl_loss_weight: float = 1e-6
     rec_loss: str = "l1"  # pixel loss: "l1" (the release) or "l2" (squared error: the demo's tiny VAE, see demo.py)
+    # > 0: each pixel's error weighted by 1 + k * |x - background| (L1 over channels; the background is the clip's
+    # per-channel median), so on a flat background the object's pixels count more; 0 (the release): unweighted
+    foreground_weight: float = 0.0
     num_frames: int = 33
     image_size: tuple[int, int] = (256, 256)
     batch_size: int = 1  # per process and micro-batch
@@ -101,6 +104,8 @@ class VAETrainConfig:
             raise ValueError("at least one of use_real_rec_loss, use_z_rec_loss, use_image_identity_loss is needed")
         if self.rec_loss not in ("l1", "l2"):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {self.rec_loss!r}")
+        if not self.foreground_weight >= 0:
+            raise ValueError(f"foreground_weight must be >= 0, got {self.foreground_weight}")
         if self.dtype not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be 'bf16', 'fp16' or 'fp32', got {self.dtype!r}")
         for name in ("batch_size", "grad_accum", "steps", "ckpt_every", "log_every"):
@@ -119,11 +124,16 @@ LOSS_PARTS = ("rec", "lpips", "kl", "z_rec", "identity")  # what vae_loss logs
 # ------------------------------------------------------------------ loss
 
 
-def rec_loss(a: torch.Tensor, b: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+def rec_loss(a: torch.Tensor, b: torch.Tensor, kind: str = "l1", foreground_weight: float = 0.0) -> torch.Tensor:
     """sum |a - b| (``kind`` "l1") or sum (a - b)^2 ("l2") over (C, H, W), averaged over the B*T frames of
-    (B, C, T, H, W) tensors."""
+    (B, C, T, H, W) tensors, ``a`` the target. ``foreground_weight`` k > 0: each pixel's error times
+    1 + k * sum_c |a - background| (the background: each clip's per-channel median of ``a``)."""
     d = a.float() - b.float()
-    return (d.abs() if kind == "l1" else d.square()).sum() / (a.shape[0] * a.shape[2])
+    err = d.abs() if kind == "l1" else d.square()
+    if foreground_weight > 0:
+        bg = a.float().flatten(2).median(dim=2).values[:, :, None, None, None]  # (B, C, 1, 1, 1)
+        err = err * (1 + foreground_weight * (a.float() - bg).abs().sum(1, keepdim=True))
+    return err.sum() / (a.shape[0] * a.shape[2])
 
 
 def vae_loss(
@@ -136,7 +146,7 @@ def vae_loss(
     loss = torch.zeros((), device=x.device)
     parts = {}
     if cfg.use_real_rec_loss:
-        parts["rec"] = rec_loss(x, out.x_rec, cfg.rec_loss)
+        parts["rec"] = rec_loss(x, out.x_rec, cfg.rec_loss, cfg.foreground_weight)
         if lpips is not None and cfg.lpips_weight > 0:
             B, C, T, H, W = x.shape
             frames = x.transpose(1, 2).reshape(B * T, C, H, W)

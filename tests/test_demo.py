@@ -96,3 +96,43 @@ def test_a_washed_out_blob_is_no_colour():
         clip = bg + (torch.tensor(color)[None, :, None, None] - bg) * alpha
         ok, seen = prompt_check("a yellow square moving right", clip)
         assert seen["color"] == expect and seen["direction"] == "right" and ok == (expect == "yellow"), seen
+
+
+def test_rec_loss_foreground_weight():
+    """foreground_weight k: each pixel's error times 1 + k * sum_c |target - background| (the clip's per-channel
+    median); 0 (the default of VAETrainConfig and of rec_loss) is the unweighted loss."""
+    from opensora_fast.vae_train import VAETrainConfig, rec_loss
+
+    target = _clip("red", "square", "right")[None].transpose(1, 2)  # (1, 3, T, H, W)
+    rec = torch.full_like(target, 0.6)  # the grey background everywhere: wrong only on the object
+    plain = float(rec_loss(target, rec, "l2"))
+    assert float(rec_loss(target, rec, "l2", 0.0)) == plain
+    bg = torch.tensor([0.6, 0.6, 0.6])[None, :, None, None, None]
+    w = 1 + 3.0 * (target - bg).abs().sum(1, keepdim=True)
+    ref = float((w * (target - rec) ** 2).sum() / target.shape[2])
+    assert float(rec_loss(target, rec, "l2", 3.0)) == pytest.approx(ref, rel=1e-5)
+    assert ref > 5 * plain  # the object's pixels count ~10x
+    # an error on the background alone is not weighted
+    rec_bg = target.clone()
+    rec_bg[..., 0, 0] += 0.5
+    assert float(rec_loss(target, rec_bg, "l2", 3.0)) == pytest.approx(float(rec_loss(target, rec_bg, "l2")))
+    assert VAETrainConfig().foreground_weight == 0.0
+    with pytest.raises(ValueError, match="foreground_weight must be >= 0"):
+        VAETrainConfig(foreground_weight=-1.0)
+
+
+def test_temporal_vae_stage_learns_the_latents():
+    """The demo's temporal-VAE stage (on the frozen 2D VAE's latents) lowers its loss and leaves the 2D VAE as it
+    was."""
+    from opensora_fast.demo import ClipWindows, train_temporal_vae
+    from opensora_fast.models.vae import OpenSoraVAE, OpenSoraVAEConfig
+
+    torch.manual_seed(0)
+    vae = OpenSoraVAE(OpenSoraVAEConfig.tiny())
+    clips = [_clip(c, "square", d).transpose(0, 1) for c, d in (("red", "right"), ("blue", "left"))]  # (3, T, H, W)
+    before = {k: v.clone() for k, v in vae.spatial_vae.state_dict().items()}
+    losses = train_temporal_vae(vae, ClipWindows(clips, 5), 40, 4, 3e-3, 0, torch.device("cpu"), 3.0)
+    assert len(losses) == 40 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-8:]) < 0.5 * sum(losses[:8])
+    assert all(torch.equal(before[k], v) for k, v in vae.spatial_vae.state_dict().items())
+    assert not any(p.requires_grad for p in vae.temporal_vae.parameters())

@@ -13,22 +13,24 @@ piece BD1, as in ``_attention_kernels``) and RMSNorm (fp32 statistics, cast back
 interleaved RoPE (position = frame p) are applied in registers; then per query step the same for q,
 S = q k^T (BLOCK_M, BLOCK) masked to the block diagonal (same sequence) and to frames < T, and an exact
 softmax (every key of the row is in the tile: no K loop, no online rescaling). O = P V is stored in
-token order. No lse is kept: the backward recomputes P.
+token order. Up to 64 frames no lse is kept: the backward recomputes P.
 
-Backward, per tile, no atomics (a key is only ever seen by its own tile): the same k, then per query step P,
-dP = dO V^T, delta = rowsum(P * dP) (= rowsum(dO * O) without reading O), dS = P (dP - delta), dV += P^T dO
-and dK += dS^T q accumulated over the steps. Up to 64 frames (one step, ``_bwd_one_step``, 4 warps: every
-product 64-row wgmma over the whole N) dV, dK and dQ = dS k are computed and stored one after the other, so
+Backward up to 64 frames, per tile, no atomics (a key is only ever seen by its own tile): the same k, then P,
+dP = dO V^T, delta = rowsum(P * dP) (= rowsum(dO * O) without reading O), dS = P (dP - delta); in one step
+(``_bwd_one_step``, 4 warps: every product 64-row wgmma over the whole N) dV = P^T dO, dK = dS^T q and
+dQ = dS k are computed and stored one after the other, so
 that only one gradient accumulator is live at a time. The gradients w.r.t. the normalised/rotated q and k are
 mapped through RoPE^T and the RMSNorm backward in registers and written straight into dqkv; the norm weights
-get fp32 (D,) partials per program (and query step), summed on the host (deterministic). For 65..128 frames
-the dK/dV kernel takes 32-row query steps with the 128 keys as the MMA rows (S^T = k q^T, softmax down the
-columns; as query rows these products were mma.sync on sm_90) and writes each row's lse and delta;
-``_temporal_attention_bwd_dq_kernel`` then computes dQ per 64 query rows with the keys 64 at a time (P =
-exp2(s - lse)): the three fused into one kernel did not fit in 255 registers on sm_90. The dK/dV kernel also
-writes its tile's normalised (+ rotated) keys to a scratch (programs x 128 x D, about the size of qkv's k
-part: 1.06 GB at 720p 16 s, batch 1), which the dQ kernel reads as plain MMA operands, fetched by async
-copies one 64-key chunk ahead, instead of normalising the keys again in its loop.
+get fp32 (D,) partials per program, summed on the host (deterministic).
+
+65..128 frames (TP = BLOCK = 128, one sequence per tile): the forward stores each row's lse (log2 units), and
+the backward is split like FA2's, in two launches of two programs per tile, 4 warps each, so that every
+product is a 64-row wgmma over its whole N: ``_temporal_attention_bwd_q_kernel`` (per 64 query rows) computes
+delta = rowsum(dO * O) from the saved output, dQ = sum over the two 64-key blocks of dS k with P = exp2(s - lse)
+(each key block normalised in its loop), maps dQ through RoPE^T and the RMSNorm backward into dqkv, and writes
+delta and the rows' normalised queries (a scratch of q's size: 1.06 GB at 720p 16 s, batch 1);
+``_temporal_attention_bwd_kv_kernel`` (per 64 keys, normalised once) then takes the two 64-query blocks
+(unrolled; async copies of the scratch cost a 40 B spill) for dV += P^T dO and dK += dS^T q.
 
 Useful MMA fraction of the padding: per full tile the S / PV / backward products do BLOCK^2 (x D) work
 of which G T^2 is useful, i.e. ``T^2 / (TP * BLOCK)``: T = 64: 100%, T = 30: 44%, T = 16: 25%,
@@ -183,25 +185,6 @@ def _scores(q0, q1, k0, k1, gq, gk, okk, qk_scale, HAS_D1: tl.constexpr, DOT_PRE
 
 
 @triton.jit
-def _scores_t(k0, k1, q0, q1, gk, gq, okk, qk_scale, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``_scores`` transposed: P^T (BLOCK, BLOCK_M) from S^T = k q^T, the softmax down each column, and
-    each query's log2-sum-exp2. The key tile's rows are the MMA's M (128 or 64 rows), so the products
-    are wgmma at any query step (32-row steps as rows were mma.sync)."""
-    s = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
-    if HAS_D1:
-        s += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
-    vis = (gk[:, None] == gq[None, :]) & okk[:, None]
-    s = tl.where(vis, s * qk_scale, float("-inf"))
-    m = tl.max(s, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m[None, :])
-    den = tl.sum(p, 0)
-    pos = den > 0.0
-    inv = tl.where(pos, 1.0 / tl.where(pos, den, 1.0), 0.0)
-    return p * inv[None, :], m + tl.log2(tl.where(pos, den, 1.0))
-
-
-@triton.jit
 def _temporal_attention_fwd_kernel(
     QKV,  # (B, T*S, 3C) through (sqb, sqn); columns [q heads | k heads | v heads], head h at h*D
     O,  # (B, T*S, C) through (sob, son)
@@ -209,9 +192,10 @@ def _temporal_attention_fwd_kernel(
     KW,  # (D,) k RMSNorm weight
     COS,  # (T, D) rows strided by stride_cs (ROPE)
     SIN,  # (T, D) (ROPE)
+    LSE,  # (num_programs, BLOCK) fp32 out: each tile row's log2-sum-exp2 of its scaled scores (STATS)
     sqb, sqn, sob, son, S, T, C, H, n_stiles, stride_cs, qk_scale, eps,
     D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr, STATS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     h = pid % H
@@ -224,7 +208,9 @@ def _temporal_attention_fwd_kernel(
         _, tok, co, g, ok = _tile_rows(tile, m * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
         ro = tok.to(tl.int64) * sqn
         q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
-        p, _ = _scores(q0, q1, k0, k1, g, gk, okk, qk_scale, HAS_D1, DOT_PREC)
+        p, lse = _scores(q0, q1, k0, k1, g, gk, okk, qk_scale, HAS_D1, DOT_PREC)
+        if STATS:  # for the split backward (65..128 frames)
+            tl.store(LSE + pid.to(tl.int64) * BLOCK + m * BLOCK_M + tl.arange(0, BLOCK_M), lse)
         p = p.to(QKV.dtype.element_ty)
         roo = tok.to(tl.int64) * son
         v0 = _load(qb + 2 * C, rok, okk, 0, D, BD0)
@@ -277,54 +263,6 @@ def _prologue_bwd(gt0, gt1, X, ro, W, COS, SIN, co, ok, DX, rdo, DWP, pid, D, ep
 
 
 @triton.jit
-def _bwd_step_qt(q0, q1, k0, k1, do0, do1, V, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
-                 BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """One query step of the dK/dV backward with the queries as the MMA rows (S, dP are (BLOCK_M, BLOCK)):
-    returns (dS, lse, delta, dk0, dk1, dv0, dv1)."""
-    dt = q0.dtype
-    p, lse = _scores(q0, q1, k0, k1, g, gk, okk, qk_scale, HAS_D1, DOT_PREC)
-    v0 = _load(V, rok, okk, 0, D, BD0)
-    dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
-    pt = tl.trans(p.to(dt))
-    dv0 = tl.dot(pt, do0, dv0, input_precision=DOT_PREC)
-    if HAS_D1:
-        v1 = _load(V, rok, okk, BD0, D, BD1)
-        dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
-        dv1 = tl.dot(pt, do1, dv1, input_precision=DOT_PREC)
-    delta = tl.sum(p * dp, 1)
-    ds = (p * (dp - delta[:, None])).to(dt)
-    dst = tl.trans(ds)
-    dk0 = tl.dot(dst, q0, dk0, input_precision=DOT_PREC)
-    if HAS_D1:
-        dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
-    return ds, lse, delta, dk0, dk1, dv0, dv1
-
-
-@triton.jit
-def _bwd_step_kt(q0, q1, k0, k1, do0, do1, V, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
-                 BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """``_bwd_step_qt`` with the keys as the MMA rows (S^T, dP^T are (BLOCK, BLOCK_M)): wgmma needs 64
-    rows per warpgroup, so 32-row query steps as rows compiled to mma.sync. Returns (dS^T, lse, delta,
-    dk0, dk1, dv0, dv1)."""
-    dt = q0.dtype
-    pt, lse = _scores_t(k0, k1, q0, q1, gk, g, okk, qk_scale, HAS_D1, DOT_PREC)
-    v0 = _load(V, rok, okk, 0, D, BD0)
-    dpt = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
-    ptl = pt.to(dt)
-    dv0 = tl.dot(ptl, do0, dv0, input_precision=DOT_PREC)
-    if HAS_D1:
-        v1 = _load(V, rok, okk, BD0, D, BD1)
-        dpt += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
-        dv1 = tl.dot(ptl, do1, dv1, input_precision=DOT_PREC)
-    delta = tl.sum(pt * dpt, 0)
-    dst = (pt * (dpt - delta[None, :])).to(dt)
-    dk0 = tl.dot(dst, q0, dk0, input_precision=DOT_PREC)
-    if HAS_D1:
-        dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
-    return dst, lse, delta, dk0, dk1, dv0, dv1
-
-
-@triton.jit
 def _bwd_one_step(qb, rok, tok, co, g, ok, k0, k1, dob, gb, rg, DWQ, DWK, QW, KW, COS, SIN, pid, sqn, sdn, sgn, C, D,
                   qk_scale, sm_scale, eps, ROPE: tl.constexpr, BLOCK: tl.constexpr, BD0: tl.constexpr,
                   BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
@@ -366,123 +304,84 @@ def _temporal_attention_bwd_kernel(
     QKV,  # (B, T*S, 3C) through (sqb, sqn)
     DO,  # (B, T*S, C) through (sdb, sdn)
     DQKV,  # (B, T*S, 3C) through (sgb, sgn)
-    DWQ,  # (num_programs * BLOCK // BLOCK_M, D) fp32 partial q-norm weight gradients, one per query step (DQ)
+    DWQ,  # (num_programs, D) fp32 per-program partial q-norm weight gradients
     DWK,  # (num_programs, D) fp32 per-program partial k-norm weight gradients
     QW,  # (D,)
     KW,  # (D,)
     COS,  # (T, D) rows strided by stride_cs (ROPE)
     SIN,  # (T, D) (ROPE)
-    LSE,  # (num_programs, BLOCK) fp32 out: each tile row's log2-sum-exp2 of its scores (STATS)
-    DELTA,  # (num_programs, BLOCK) fp32 out: each tile row's rowsum(P * dP) = rowsum(dO * O) (STATS)
-    KN,  # (num_programs, BLOCK, D) like QKV, out: the tile's normalised (+ rotated) keys (STATS)
     sqb, sqn, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
-    D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
-    DQ: tl.constexpr, STATS: tl.constexpr, KT: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV (and dQ with DQ) of one key tile, its queries taken BLOCK_M rows at a time. Without DQ the
-    rows' lse and delta are written instead (STATS) for ``_temporal_attention_bwd_dq_kernel``. KT: the
-    keys are the MMA rows (``_bwd_step_kt``; for BLOCK_M < 64), else the queries."""
-    NM: tl.constexpr = BLOCK // BLOCK_M
+    """dV, dK and dQ of one tile of whole sequences of up to 64 frames (its queries are its keys), in one
+    step (``_bwd_one_step``)."""
     pid = tl.program_id(0)
     h = pid % H
     tile = pid // H
     b, tokk, cok, gk, okk = _tile_rows(tile, 0, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK)
     qb, rok = _rows(QKV + b.to(tl.int64) * sqb + h * D, tokk, sqn)
     k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK, BD0, BD1, HAS_D1)
-    if STATS:  # for the dQ kernel, which reads them as plain (async-copied) MMA operands
-        kn, rkn = _rows(KN + pid.to(tl.int64) * BLOCK * D, tl.arange(0, BLOCK), D)
-        every = tl.arange(0, BLOCK) >= 0
-        _store(kn, rkn, every, 0, D, k0, BD0)
-        if HAS_D1:
-            _store(kn, rkn, every, BD0, D, k1, BD1)
     dob = DO + b.to(tl.int64) * sdb + h * D
     gb, rgk = _rows(DQKV + b.to(tl.int64) * sgb + h * D, tokk, sgn)
-    if NM == 1 and DQ:  # the whole tile in one step: each gradient stored as soon as it is complete
-        _bwd_one_step(qb, rok, tokk, cok, gk, okk, k0, k1, dob, gb, rgk, DWQ, DWK, QW, KW, COS, SIN, pid, sqn, sdn,
-                      sgn, C, D, qk_scale, sm_scale, eps, ROPE, BLOCK, BD0, BD1, HAS_D1, DOT_PREC)  # fmt: skip
-        return
-    dk0 = tl.zeros((BLOCK, BD0), tl.float32)
-    dv0 = tl.zeros((BLOCK, BD0), tl.float32)
-    dk1 = tl.zeros((BLOCK, BD1), tl.float32)
-    dv1 = tl.zeros((BLOCK, BD1), tl.float32)
-    for m in range(NM):
-        _, tok, co, g, ok = _tile_rows(tile, m * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
-        ro = tok.to(tl.int64) * sqn
-        q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
-        rdo = tok.to(tl.int64) * sdn
-        do0, do1 = _load_pieces(dob, rdo, ok, D, BD0, BD1, HAS_D1)
-        if KT:
-            dst, lse, delta, dk0, dk1, dv0, dv1 = _bwd_step_kt(
-                q0, q1, k0, k1, do0, do1, qb + 2 * C, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
-                BD0, BD1, HAS_D1, DOT_PREC)  # fmt: skip
-            ds = tl.trans(dst)
-        else:
-            ds, lse, delta, dk0, dk1, dv0, dv1 = _bwd_step_qt(
-                q0, q1, k0, k1, do0, do1, qb + 2 * C, rok, g, gk, okk, dk0, dk1, dv0, dv1, D, qk_scale,
-                BD0, BD1, HAS_D1, DOT_PREC)  # fmt: skip
-        if STATS:
-            rows = pid.to(tl.int64) * BLOCK + m * BLOCK_M + tl.arange(0, BLOCK_M)
-            tl.store(LSE + rows, lse)
-            tl.store(DELTA + rows, delta)
-        if DQ:
-            gq0 = tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale
-            gq1 = gq0
-            if HAS_D1:
-                gq1 = tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale
-            rg = tok.to(tl.int64) * sgn
-            _prologue_bwd(gq0, gq1, qb, ro, QW, COS, SIN, co, ok, gb, rg, DWQ, pid * NM + m, D, eps, ROPE,
-                          BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
-    _store(gb + 2 * C, rgk, okk, 0, D, dv0, BD0)
-    if HAS_D1:
-        _store(gb + 2 * C, rgk, okk, BD0, D, dv1, BD1)
-    _prologue_bwd(dk0 * sm_scale, dk1 * sm_scale, qb + C, rok, KW, COS, SIN, cok, okk, gb + C, rgk, DWK, pid, D,
-                  eps, ROPE, BLOCK, BD0, BD1, HAS_D1)  # fmt: skip
+    _bwd_one_step(qb, rok, tokk, cok, gk, okk, k0, k1, dob, gb, rgk, DWQ, DWK, QW, KW, COS, SIN, pid, sqn, sdn,
+                  sgn, C, D, qk_scale, sm_scale, eps, ROPE, BLOCK, BD0, BD1, HAS_D1, DOT_PREC)  # fmt: skip
 
 
 @triton.jit
-def _temporal_attention_bwd_dq_kernel(
+def _temporal_attention_bwd_q_kernel(
     QKV,  # (B, T*S, 3C) through (sqb, sqn)
+    O,  # (B, T*S, C) through (sob, son): the forward's output
     DO,  # (B, T*S, C) through (sdb, sdn)
     DQKV,  # (B, T*S, 3C) through (sgb, sgn): the q columns are written
-    DWQ,  # (num_programs * BLOCK // BLOCK_M, D) fp32 partial q-norm weight gradients, one per program here
+    DWQ,  # (num_programs, D) fp32 partial q-norm weight gradients, one per program
     QW,  # (D,)
     KW,  # (D,)
     COS,  # (T, D) rows strided by stride_cs (ROPE)
     SIN,  # (T, D) (ROPE)
-    LSE,  # (num_programs, BLOCK) fp32 from _temporal_attention_bwd_kernel (STATS)
-    DELTA,  # (num_programs, BLOCK) fp32 from _temporal_attention_bwd_kernel (STATS)
-    KN,  # (num_programs, BLOCK, D) the tiles' normalised (+ rotated) keys from _temporal_attention_bwd_kernel
-    sqb, sqn, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
+    LSE,  # (n_tiles, BLOCK) fp32 from the forward (STATS)
+    DELTA,  # (n_tiles, BLOCK) fp32 out: rowsum(dO * O) of each tile row
+    QN,  # (n_tiles, BLOCK, D) like QKV, out: the tile's normalised (+ rotated) queries
+    sqb, sqn, sob, son, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
     D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
     BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    """dQ of BLOCK_M query rows of a key tile whose lse and delta are known, the keys taken BLOCK_M rows
-    at a time (P = exp2(s - lse) needs no full row): the long-sequence (TP = 128) backward's second
-    launch, which did not fit in registers next to the dK / dV accumulators."""
+    """The split backward of one sequence of 65..128 frames (one per tile, TP = BLOCK = 128), first launch:
+    dQ of BLOCK_M (64) query rows, the keys BLOCK_M at a time (normalised in the loop: each key block is
+    seen by two programs), P = exp2(s - lse) from the forward's lse. Also writes delta = rowsum(dO * O) and
+    the rows' normalised queries for ``_temporal_attention_bwd_kv_kernel``. One warpgroup: every product
+    is 64-row wgmma over its whole N."""
     NM: tl.constexpr = BLOCK // BLOCK_M
     dt = QKV.dtype.element_ty
     qid = tl.program_id(0)
-    pid = qid // NM
+    tid = qid // NM  # the tile (sequence-head)
     m = qid % NM
-    h = pid % H
-    tile = pid // H
+    h = tid % H
+    tile = tid // H
     b, tok, co, g, ok = _tile_rows(tile, m * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
     qb, ro = _rows(QKV + b.to(tl.int64) * sqb + h * D, tok, sqn)
     q0, q1 = _load_qk(qb, ro, ok, QW, COS, SIN, co, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
-    rows = pid.to(tl.int64) * BLOCK + m * BLOCK_M + tl.arange(0, BLOCK_M)
-    lse = tl.load(LSE + rows)
-    delta = tl.load(DELTA + rows)
+    qn, rqn = _rows(QN + tid.to(tl.int64) * BLOCK * D, m * BLOCK_M + tl.arange(0, BLOCK_M), D)
+    every = tl.arange(0, BLOCK_M) >= 0
+    _store(qn, rqn, every, 0, D, q0, BD0)
+    if HAS_D1:
+        _store(qn, rqn, every, BD0, D, q1, BD1)
     dob, rdo = _rows(DO + b.to(tl.int64) * sdb + h * D, tok, sdn)
     do0, do1 = _load_pieces(dob, rdo, ok, D, BD0, BD1, HAS_D1)
+    ob, roo = _rows(O + b.to(tl.int64) * sob + h * D, tok, son)
+    o0, o1 = _load_pieces(ob, roo, ok, D, BD0, BD1, HAS_D1)
+    delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
+    if HAS_D1:
+        delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
+    rows = tid.to(tl.int64) * BLOCK + m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(DELTA + rows, delta)
+    lse = tl.load(LSE + rows)
     gq0 = tl.zeros((BLOCK_M, BD0), tl.float32)
     gq1 = tl.zeros((BLOCK_M, BD1), tl.float32)
     for n in range(NM):
-        _, tokk, _, gk, okk = _tile_rows(tile, n * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
+        _, tokk, cok, _, okk = _tile_rows(tile, n * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
         rok = tokk.to(tl.int64) * sqn
-        kn, rkn = _rows(KN + pid.to(tl.int64) * BLOCK * D, n * BLOCK_M + tl.arange(0, BLOCK_M), D)
-        every = tl.arange(0, BLOCK_M) >= 0
-        k0, k1 = _load_pieces(kn, rkn, every, D, BD0, BD1, HAS_D1)
+        k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)
         v0 = _load(qb + 2 * C, rok, okk, 0, D, BD0)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
@@ -490,7 +389,7 @@ def _temporal_attention_bwd_dq_kernel(
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
             v1 = _load(qb + 2 * C, rok, okk, BD0, D, BD1)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
-        vis = (g[:, None] == gk[None, :]) & okk[None, :] & ok[:, None]
+        vis = okk[None, :] & ok[:, None]
         p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         ds = (p * (dp - delta[:, None])).to(dt)
         gq0 = tl.dot(ds, k0, gq0, input_precision=DOT_PREC)
@@ -499,3 +398,72 @@ def _temporal_attention_bwd_dq_kernel(
     gb, rg = _rows(DQKV + b.to(tl.int64) * sgb + h * D, tok, sgn)
     _prologue_bwd(gq0 * sm_scale, gq1 * sm_scale, qb, ro, QW, COS, SIN, co, ok, gb, rg, DWQ, qid, D, eps, ROPE,
                   BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip
+
+
+@triton.jit
+def _temporal_attention_bwd_kv_kernel(
+    QKV,  # (B, T*S, 3C) through (sqb, sqn)
+    DO,  # (B, T*S, C) through (sdb, sdn)
+    DQKV,  # (B, T*S, 3C) through (sgb, sgn): the k and v columns are written
+    DWK,  # (num_programs, D) fp32 partial k-norm weight gradients, one per program
+    KW,  # (D,)
+    COS,  # (T, D) rows strided by stride_cs (ROPE)
+    SIN,  # (T, D) (ROPE)
+    LSE,  # (n_tiles, BLOCK) fp32 from the forward
+    DELTA,  # (n_tiles, BLOCK) fp32 from _temporal_attention_bwd_q_kernel
+    QN,  # (n_tiles, BLOCK, D) the tiles' normalised (+ rotated) queries from _temporal_attention_bwd_q_kernel
+    sqb, sqn, sdb, sdn, sgb, sgn, S, T, C, H, n_stiles, stride_cs, qk_scale, sm_scale, eps,
+    D: tl.constexpr, ROPE: tl.constexpr, TP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """The split backward's second launch: dK, dV of BLOCK_M (64) keys of one sequence, its queries BLOCK_M
+    at a time as plain (async-copied) operands from QN (S^T = k q^T, dV += P^T dO, dP^T = v dO^T,
+    dK += dS^T q); the keys are normalised once, and dK is mapped through RoPE^T and the RMSNorm backward
+    into dqkv at the end."""
+    NM: tl.constexpr = BLOCK // BLOCK_M
+    dt = QKV.dtype.element_ty
+    kid = tl.program_id(0)
+    tid = kid // NM
+    n = kid % NM
+    h = tid % H
+    tile = tid // H
+    b, tokk, cok, _, okk = _tile_rows(tile, n * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
+    qb, rok = _rows(QKV + b.to(tl.int64) * sqb + h * D, tokk, sqn)
+    k0, k1 = _load_qk(qb + C, rok, okk, KW, COS, SIN, cok, D, eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)
+    v0, v1 = _load_pieces(qb + 2 * C, rok, okk, D, BD0, BD1, HAS_D1)
+    dob = DO + b.to(tl.int64) * sdb + h * D
+    dk0 = tl.zeros((BLOCK_M, BD0), tl.float32)
+    dv0 = tl.zeros((BLOCK_M, BD0), tl.float32)
+    dk1 = tl.zeros((BLOCK_M, BD1), tl.float32)
+    dv1 = tl.zeros((BLOCK_M, BD1), tl.float32)
+    every = tl.arange(0, BLOCK_M) >= 0
+    for m in tl.static_range(NM):
+        _, tok, _, _, ok = _tile_rows(tile, m * BLOCK_M, S, T, n_stiles, stride_cs, TP, BLOCK, BLOCK_M)
+        qn, rqn = _rows(QN + tid.to(tl.int64) * BLOCK * D, m * BLOCK_M + tl.arange(0, BLOCK_M), D)
+        q0, q1 = _load_pieces(qn, rqn, every, D, BD0, BD1, HAS_D1)
+        rdo = tok.to(tl.int64) * sdn
+        do0, do1 = _load_pieces(dob, rdo, ok, D, BD0, BD1, HAS_D1)
+        rows = tid.to(tl.int64) * BLOCK + m * BLOCK_M + tl.arange(0, BLOCK_M)
+        lse = tl.load(LSE + rows)
+        delta = tl.load(DELTA + rows)
+        st = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)
+        dpt = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
+        if HAS_D1:
+            st += tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
+            dpt += tl.dot(v1, tl.trans(do1), input_precision=DOT_PREC)
+        vis = okk[:, None] & ok[None, :]
+        pt = tl.where(vis, tl.exp2(st * qk_scale - lse[None, :]), 0.0)
+        ptl = pt.to(dt)
+        dv0 = tl.dot(ptl, do0, dv0, input_precision=DOT_PREC)
+        if HAS_D1:
+            dv1 = tl.dot(ptl, do1, dv1, input_precision=DOT_PREC)
+        dst = (pt * (dpt - delta[None, :])).to(dt)
+        dk0 = tl.dot(dst, q0, dk0, input_precision=DOT_PREC)
+        if HAS_D1:
+            dk1 = tl.dot(dst, q1, dk1, input_precision=DOT_PREC)
+    gb, rgk = _rows(DQKV + b.to(tl.int64) * sgb + h * D, tokk, sgn)
+    _store(gb + 2 * C, rgk, okk, 0, D, dv0, BD0)
+    if HAS_D1:
+        _store(gb + 2 * C, rgk, okk, BD0, D, dv1, BD1)
+    _prologue_bwd(dk0 * sm_scale, dk1 * sm_scale, qb + C, rok, KW, COS, SIN, cok, okk, gb + C, rgk, DWK, kid, D,
+                  eps, ROPE, BLOCK_M, BD0, BD1, HAS_D1)  # fmt: skip

@@ -365,17 +365,6 @@ WAIVERS: dict[tuple[str, str], list] = {
         )
     ],
 }
-_TEMPORAL_BWD = (
-    "OPEN (issue 9): at T' 65..128 the packed temporal backward's dK/dV kernel takes 32-row query steps with "
-    "the 128 keys as the MMA rows (HGMMA 64x32 / 64x16) and its dQ kernel splits 64 query rows over the two "
-    "warpgroups of 8 warps (64x32 / 64x8); 64-row query steps spilled 24-80 B in five variants, the dQ kernel "
-    "with 128 query rows 144-320 B, with all 128 keys at once 24 B, 4 warps 96-936 B. The dQ kernel's loop is "
-    "fed by async copies (normalised keys from the dK/dV kernel); in the dK/dV kernel's loop 2 stages cost more "
-    "shared memory than they save (estimate 3.84 -> 4.03 ms). Estimate 3.2x the HBM floor at T' 120 (2026-11-30)"
-)
-WAIVERS[("_temporal_attention_bwd_kernel", "narrow_hgmma")] = [({"TP": 128}, _TEMPORAL_BWD)]
-WAIVERS[("_temporal_attention_bwd_kernel", "plain_ldg_loop")] = [({"TP": 128}, _TEMPORAL_BWD)]
-WAIVERS[("_temporal_attention_bwd_dq_kernel", "narrow_hgmma")] = [({}, _TEMPORAL_BWD)]
 _D128_BWD = (
     "OPEN (issue 9): flash_attn_func at head_dim 128 only (STDiT3 uses 72): the split backward's dK/dV kernel "
     "holds two 64 x 128 fp32 accumulators (128 registers a thread at 4 warps); with 2 stages it spilled 32 B, "
@@ -490,8 +479,8 @@ def trip_count(launch, kv_lens: tuple | None = None) -> tuple | None:
             return (_cdiv(a["rows_per_prog"], a.get("BLOCK_M") or a.get("BLOCK_R") or 1),)
         if "n_rows" in a and "BLOCK_M" in a:  # grid-stride loop over row blocks
             return (_cdiv(_cdiv(a["n_rows"], a["BLOCK_M"]), g[0]),)
-        if k.startswith("_temporal_attention"):
-            return (max(1, a["BLOCK"] // a["BLOCK_M"]),)
+        if k.startswith("_temporal_attention"):  # the split backward's dQ kernel: its key blocks
+            return (max(1, a["BLOCK"] // a.get("BLOCK_M", a["BLOCK"])),)
         if "s_chunk" in a and "TILE" in a:
             return (_cdiv(a["s_chunk"], a["TILE"] // (a["GPP"] * a["CG_P"])),)
         if "m_chunk" in a:

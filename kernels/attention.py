@@ -41,8 +41,9 @@ from opensora_fast.kernels._attention_kernels import (
     _qk_norm_rope_fwd_kernel,
 )
 from opensora_fast.kernels._attention_temporal import (
-    _temporal_attention_bwd_dq_kernel,
     _temporal_attention_bwd_kernel,
+    _temporal_attention_bwd_kv_kernel,
+    _temporal_attention_bwd_q_kernel,
     _temporal_attention_fwd_kernel,
 )
 from opensora_fast.kernels._record import sm_count
@@ -507,19 +508,17 @@ class TemporalTile:
     """T padded to TP frames; BLOCK // TP whole sequences of one head per program (the key tile). Up to
     64 frames the tile is 64 rows and forward and backward each take it at once (4 warps). For 65..128 frames
     (TP = 128, one sequence per tile) the forward takes all 128 queries at once too (8 warps: each
-    warpgroup 64 query rows, so S and P V are 64x128 / 64x64 wgmma; 180 registers, stack 0 on sm_90,
-    bf16, D=72; in two 64-row steps P V was split into 64x32 / 64x8); the backward is two launches:
-    dK / dV with the queries BLOCK_M_DKV = 32 rows at a time (also writing each row's lse and delta and the
-    tile's normalised keys), then dQ per BLOCK_M = 64 query rows with the keys 64 at a time. As one
-    kernel that backward spilled 312-1024 B on sm_90 (255 registers); so did dQ next to 128 keys. The dK /
-    dV kernel's products take the 128 keys as the MMA rows (S^T = k q^T): 32 query rows as the rows compiled
-    to mma.sync (wgmma needs 64 rows per warpgroup); 64-row query steps spilled 24-80 B."""
+    warpgroup 64 query rows, so S and P V are 64x128 / 64x64 wgmma; 192 registers, stack 0 on sm_90,
+    bf16, D=72; in two 64-row steps P V was split into 64x32 / 64x8) and stores each row's lse; the backward
+    is two launches of BLOCK // BLOCK_M programs per tile, 4 warps each (every product 64-row wgmma over its
+    whole N): dQ per 64 query rows (keys 64 at a time; also writing delta = rowsum(dO * O) and the rows'
+    normalised queries), then dK / dV per 64 keys (the two 64-query blocks unrolled). The earlier design
+    (dK / dV over all 128 keys in 32-row query steps, computing lse and delta itself, then dQ at 8 warps)
+    ran HGMMA 64x32 / 64x16 / 64x8 and was estimated 3.16x its HBM floor at 720p 16 s (now 2.14x)."""
 
     TP: int
     BLOCK: int
     BLOCK_M: int
-    BLOCK_M_DKV: int
-    num_warps: int  # the backward's
     fwd_warps: int
 
     @property
@@ -530,15 +529,17 @@ class TemporalTile:
     def of(T: int) -> TemporalTile:
         TP = max(16, next_pow2(T))
         if TP <= _TEMPORAL_BLOCK:
-            return TemporalTile(TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, 4, 4)
-        return TemporalTile(TP, TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK // 2, _TEMPORAL_WARPS, _TEMPORAL_WARPS)
+            return TemporalTile(TP, _TEMPORAL_BLOCK, _TEMPORAL_BLOCK, 4)
+        return TemporalTile(TP, TP, _TEMPORAL_BLOCK, _TEMPORAL_WARPS)
 
 
 # Up to 64 frames (BLOCK 64) forward and backward run 4 warps: one warpgroup over the 64-row tile makes every
 # product 64x64 wgmma (+ 64x16 for the 8 head-dim columns past 64; 8 warps split N into 64x32 / 64x8). The
 # backward stores dV, then dK, then dQ as each is complete (``_bwd_one_step``): sm_90, D 72 / 64, bf16 / fp16,
 # with and without RoPE: 180-255 registers, stack 0 (the loop form with dK / dV live to the end spilled 408 B
-# at 4 warps). At TP = 128 (8 warps) 4 warps spilled 56 B in the forward and 24-936 B in the backward.
+# at 4 warps). At TP = 128 the forward runs 8 warps (4 spilled 56 B); the split backward's two kernels 4 warps
+# (D 72 / 64, bf16 / fp16, RoPE on / off: 188-255 registers, stack 0; the dK / dV kernel's query loop with 2
+# stages spilled 40 B, as 1 stage it was a plain-LDG loop: it is unrolled).
 _TEMPORAL_BLOCK = 64
 _TEMPORAL_WARPS = 8
 _TEMPORAL_MAX_T = 128
@@ -591,90 +592,101 @@ def _rope_args(cos, sin, dummy):
 @torch.library.custom_op("opensora_fast::temporal_attention_fwd", mutates_args=())
 def _temporal_fwd_op(
     qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor | None,
-    sin: torch.Tensor | None, num_heads: int, num_frames: int, eps: float, softmax_scale: float,
-) -> torch.Tensor:  # fmt: skip
+    sin: torch.Tensor | None, num_heads: int, num_frames: int, eps: float, softmax_scale: float, stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out, lse): lse (tiles, 128) fp32 log2 units for the split backward (65..128 frames, when ``stats``: a
+    backward will run), else empty."""
     B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
     qkv = _aligned(qkv)
     out = empty((B, N, C), qkv.dtype, qkv.device)
+    stats = stats and tile.split_bwd
+    lse = empty((n_prog, tile.BLOCK) if stats else (0,), torch.float32, qkv.device)
     if n_prog == 0:  # B == 0
-        return out
+        return out, lse
     cs, sn, stride_cs, rope = _rope_args(cos, sin, q_weight)
     _temporal_attention_fwd_kernel[_grid_x(n_prog)](
-        qkv, out, q_weight, k_weight, cs, sn, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-        S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, eps,
+        qkv, out, q_weight, k_weight, cs, sn, lse if stats else q_weight, qkv.stride(0), qkv.stride(1),
+        out.stride(0), out.stride(1), S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, eps,
         D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, BLOCK_M=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype),
-        num_warps=tile.fwd_warps, num_stages=1, **DSplit.of(D).kwargs(),
+        STATS=stats, num_warps=tile.fwd_warps, num_stages=1, **DSplit.of(D).kwargs(),
     )  # fmt: skip
-    return out
+    return out, lse
 
 
 @_temporal_fwd_op.register_fake
-def _(qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale):
-    B, N, C3 = qkv.shape
-    return qkv.new_empty((B, N, C3 // 3))
+def _(qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale, stats):
+    B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
+    lse = qkv.new_empty((n_prog, tile.BLOCK) if stats and tile.split_bwd else (0,), dtype=torch.float32)
+    return qkv.new_empty((B, N, C)), lse
 
 
 @torch.library.custom_op("opensora_fast::temporal_attention_bwd", mutates_args=())
 def _temporal_bwd_op(
     dout: torch.Tensor, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-    cos: torch.Tensor | None, sin: torch.Tensor | None, num_heads: int, num_frames: int, eps: float,
-    softmax_scale: float,
+    cos: torch.Tensor | None, sin: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, num_heads: int,
+    num_frames: int, eps: float, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     B, N, C, D, T, S, tile, n_stiles, n_prog = _temporal_geometry(qkv, num_heads, num_frames)
     qkv, dout = _aligned(qkv), _aligned(dout)
     dqkv = empty(qkv.shape, qkv.dtype, qkv.device)
-    dwq = empty((n_prog * (tile.BLOCK // tile.BLOCK_M), D), torch.float32, qkv.device)
-    dwk = empty((n_prog, D), torch.float32, qkv.device)
-    lse = delta = dwk  # unused unless split_bwd
-    kn = qkv
-    if tile.split_bwd:
-        lse = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
-        delta = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
-        kn = empty((n_prog, tile.BLOCK, D), qkv.dtype, qkv.device)
+    n_steps = tile.BLOCK // tile.BLOCK_M
+    dwq = empty((n_prog * n_steps, D), torch.float32, qkv.device)
+    dwk = empty((n_prog * (n_steps if tile.split_bwd else 1), D), torch.float32, qkv.device)
     if n_prog == 0:  # B == 0
         zero = torch.zeros_like(q_weight)
         return dqkv, zero, zero.clone()
     cs, sn, stride_cs, rope = _rope_args(cos, sin, q_weight)
-    args = (
-        qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
-        S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, softmax_scale, eps,
-    )  # fmt: skip
-    kw = dict(D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype), num_warps=tile.num_warps,
-              num_stages=1, **DSplit.of(D).kwargs())  # fmt: skip
-    _temporal_attention_bwd_kernel[_grid_x(n_prog)](
-        qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, lse, delta, kn, *args,
-        BLOCK_M=tile.BLOCK_M_DKV, DQ=not tile.split_bwd, STATS=tile.split_bwd, KT=tile.BLOCK_M_DKV < 64, **kw,
-    )  # fmt: skip
+    args = (S, T, C, num_heads, n_stiles, stride_cs, softmax_scale * LOG2E, softmax_scale, eps)
+    kw = dict(D=D, ROPE=rope, TP=tile.TP, BLOCK=tile.BLOCK, DOT_PREC=_dot_prec(qkv.dtype), **DSplit.of(D).kwargs())
+    strides = (qkv.stride(0), qkv.stride(1))
     if tile.split_bwd:
-        _temporal_attention_bwd_dq_kernel[_grid_x(n_prog * (tile.BLOCK // tile.BLOCK_M))](
-            qkv, dout, dqkv, dwq, q_weight, k_weight, cs, sn, lse, delta, kn, *args, BLOCK_M=tile.BLOCK_M,
-            **{**kw, "num_stages": 2},  # the k and v chunks by async copies, one chunk ahead
+        if lse.shape != (n_prog, tile.BLOCK):
+            raise RuntimeError("temporal attention backward at 65..128 frames without the forward's lse")
+        out = _aligned(out)
+        delta = empty((n_prog, tile.BLOCK), torch.float32, qkv.device)
+        qn = empty((n_prog, tile.BLOCK, D), qkv.dtype, qkv.device)
+        grid = _grid_x(n_prog * n_steps)
+        _temporal_attention_bwd_q_kernel[grid](
+            qkv, out, dout, dqkv, dwq, q_weight, k_weight, cs, sn, lse, delta, qn, *strides, out.stride(0),
+            out.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1), *args,
+            BLOCK_M=tile.BLOCK_M, num_warps=4, num_stages=2, **kw,
+        )  # fmt: skip
+        _temporal_attention_bwd_kv_kernel[grid](
+            qkv, dout, dqkv, dwk, k_weight, cs, sn, lse, delta, qn, *strides, dout.stride(0), dout.stride(1),
+            dqkv.stride(0), dqkv.stride(1), *args, BLOCK_M=tile.BLOCK_M, num_warps=4, num_stages=1, **kw,  # unrolled
+        )  # fmt: skip
+    else:
+        _temporal_attention_bwd_kernel[_grid_x(n_prog)](
+            qkv, dout, dqkv, dwq, dwk, q_weight, k_weight, cs, sn, *strides, dout.stride(0), dout.stride(1),
+            dqkv.stride(0), dqkv.stride(1), *args, num_warps=4, num_stages=1, **kw,
         )  # fmt: skip
     return dqkv, dwq.sum(0).to(q_weight.dtype), dwk.sum(0).to(k_weight.dtype)
 
 
 @_temporal_bwd_op.register_fake
-def _(dout, qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale):
+def _(dout, qkv, q_weight, k_weight, cos, sin, out, lse, num_heads, num_frames, eps, softmax_scale):
     return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
 
 
 class TemporalAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale):
-        out = torch.ops.opensora_fast.temporal_attention_fwd(
-            qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale
+    def forward(ctx, qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale, grad=True):
+        # grad False: no backward will run (sampling), no lse kept
+        out, lse = torch.ops.opensora_fast.temporal_attention_fwd(
+            qkv, q_weight, k_weight, cos, sin, num_heads, num_frames, eps, softmax_scale, grad
         )
-        ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin)
+        # out and lse are kept only for the split backward (65..128 frames); out is this op's own output
+        ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin, out if lse.numel() else None, lse)
         ctx.args = (num_heads, num_frames, eps, softmax_scale)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qkv, q_weight, k_weight, cos, sin = ctx.saved_tensors
+        qkv, q_weight, k_weight, cos, sin, out, lse = ctx.saved_tensors
         dqkv, dqw, dkw = torch.ops.opensora_fast.temporal_attention_bwd(
-            dout, qkv, q_weight, k_weight, cos, sin, *ctx.args
+            dout, qkv, q_weight, k_weight, cos, sin, out if out is not None else lse, lse, *ctx.args
         )
-        return dqkv, dqw, dkw, None, None, None, None, None, None
+        return dqkv, dqw, dkw, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -942,8 +954,10 @@ def self_attention(
     _check_last_contiguous(q_norm_weight, "q_norm_weight")
     _check_last_contiguous(k_norm_weight, "k_norm_weight")
     if layout == "temporal" and temporal_supported(qkv, num_frames, D):
+        # a backward can follow (the split backward at 65..128 frames needs the forward's lse)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, q_norm_weight, k_norm_weight))
         return TemporalAttentionFunction.apply(
-            qkv, q_norm_weight, k_norm_weight, cos, sin, num_heads, num_frames, float(eps), scale
+            qkv, q_norm_weight, k_norm_weight, cos, sin, num_heads, num_frames, float(eps), scale, grad
         )
     return SelfAttentionFunction.apply(
         qkv, q_norm_weight, k_norm_weight, cos, sin, num_heads, num_frames, layout, float(eps), scale

@@ -531,17 +531,19 @@ def temporal_launches(monkeypatch, triton_backend):
 
     fwd = _CountLaunches(A._temporal_attention_fwd_kernel)
     bwd = _CountLaunches(A._temporal_attention_bwd_kernel)
-    bwd_dq = _CountLaunches(A._temporal_attention_bwd_dq_kernel)
+    bwd_q = _CountLaunches(A._temporal_attention_bwd_q_kernel)
+    bwd_kv = _CountLaunches(A._temporal_attention_bwd_kv_kernel)
     monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
     monkeypatch.setattr(A, "_temporal_attention_bwd_kernel", bwd)
-    monkeypatch.setattr(A, "_temporal_attention_bwd_dq_kernel", bwd_dq)
+    monkeypatch.setattr(A, "_temporal_attention_bwd_q_kernel", bwd_q)
+    monkeypatch.setattr(A, "_temporal_attention_bwd_kv_kernel", bwd_kv)
 
     def generic(*args, **kwargs):
         raise AssertionError("the generic flash path ran for a shape the packed temporal kernels support")
 
     monkeypatch.setattr(A, "_launch_fwd", generic)
     monkeypatch.setattr(A, "_launch_bwd", generic)
-    return fwd, bwd, bwd_dq
+    return fwd, bwd, bwd_q, bwd_kv
 
 
 @pytest.mark.parametrize(
@@ -553,7 +555,7 @@ def temporal_launches(monkeypatch, triton_backend):
         (torch.float16, 64, True, 1, 5, 7),
         (torch.float32, 72, False, 1, 17, 3),  # TP = 32: 2 sequences per tile
         (torch.float16, 72, True, 2, 17, 1),
-        # 65..128 frames (TP = 128): one sequence per tile, split backward (dK/dV + lse/delta, then dQ)
+        # 65..128 frames (TP = 128): one sequence per tile, split backward (dQ + delta, then dK/dV)
         (torch.float32, 72, True, 1, 67, 2),
         (torch.float16, 72, True, 1, 120, 1),  # Open-Sora's longest clip: 120 latent frames
         (torch.float32, 64, False, 2, 128, 1),  # exactly full tile
@@ -577,8 +579,7 @@ def test_temporal_packed_kernel(temporal_launches, dtype, D, rope, B, T, S):
 
     _check(kern, refn, [qkv, qw, kw, cos, sin], dtype, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
            grad_mask=[True, True, True, False, False])  # fmt: skip
-    fwd, bwd, bwd_dq = temporal_launches
-    assert (fwd.n, bwd.n, bwd_dq.n) == (1, 1, int(T > 64))
+    assert [c.n for c in temporal_launches] == [1, int(T <= 64), int(T > 64), int(T > 64)]
 
 
 def test_temporal_packed_kernel_expanded_grad(temporal_launches):
@@ -608,16 +609,16 @@ def test_temporal_packed_routing():
     assert not temporal_supported(qkv[..., : 3 * 144], 129, 72)
     assert not temporal_supported(qkv[..., : 3 * 80], 8, 40)
     assert not temporal_supported(torch.zeros(1, 8, 3 * 144 + 4)[..., : 3 * 144], 8, 72)  # row stride % 8
-    assert TemporalTile.of(1) == TemporalTile.of(16) == TemporalTile(16, 64, 64, 64, TemporalTile.of(1).num_warps, 4)
+    assert TemporalTile.of(1) == TemporalTile.of(16) == TemporalTile(16, 64, 64, 4)
     # one warpgroup over a 64-row forward tile (N = 64 wgmma); 8 warps at TP = 128 (4 spilled on sm_90)
     assert TemporalTile.of(30).fwd_warps == TemporalTile.of(64).fwd_warps == 4 and TemporalTile.of(65).fwd_warps == 8
     assert TemporalTile.of(17).TP == 32 and TemporalTile.of(64).TP == 64 and not TemporalTile.of(64).split_bwd
     long = TemporalTile.of(65)
-    assert (long.TP, long.BLOCK, long.BLOCK_M, long.BLOCK_M_DKV) == (128, 128, 64, 32) and long.split_bwd
+    assert (long.TP, long.BLOCK, long.BLOCK_M) == (128, 128, 64) and long.split_bwd
     assert TemporalTile.of(120) == TemporalTile.of(128) == long
 
 
-@pytest.mark.parametrize("T", [2, 67])  # 67: the split (dK/dV, then dQ) backward inside the same custom op
+@pytest.mark.parametrize("T", [2, 67])  # 67: the split (dQ, then dK/dV) backward inside the same custom op
 def test_temporal_packed_kernel_compiles_fullgraph(temporal_launches, T):
     """torch.compile(fullgraph=True) traces the packed temporal custom ops, forward and backward."""
     S, H, D = 3, 2, 64
@@ -634,7 +635,7 @@ def test_temporal_packed_kernel_compiles_fullgraph(temporal_launches, T):
     ref = R.self_attention_ref(qkv.detach(), qw.detach(), kw.detach(), H, T, "temporal", 1e-6, cs).sum()
     torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)
     assert qkv.grad is not None and qw.grad is not None and kw.grad is not None
-    assert [c.n for c in temporal_launches] == [1, 1, int(T > 64)]
+    assert [c.n for c in temporal_launches] == [1, int(T <= 64), int(T > 64), int(T > 64)]
 
 
 def test_temporal_packed_kernel_unaligned_view(temporal_launches):
@@ -704,16 +705,18 @@ def test_temporal_packed_kernel_unaligned_rope_tables(monkeypatch, temporal_laun
 
 
 @pytest.mark.parametrize("T", [30, 67])
-def test_temporal_packed_bwd_orientation(monkeypatch, temporal_launches, T):
+def test_temporal_packed_bwd_schedule(monkeypatch, temporal_launches, T):
     """Every query of a tile in one forward step (at TP = 128 too: 64x128 / 64x64 wgmma on 8 warps).
-    65..128 frames: the dK/dV kernel takes 32-row query steps with the 128 keys as the MMA rows (KT;
-    32 query rows as the rows compiled to mma.sync on sm_90); up to 64 frames the queries are the rows.
-    Gradients against fp64 either way."""
+    Up to 64 frames: one backward kernel, no lse kept. 65..128 frames: the forward stores each row's lse and
+    the backward is the dQ kernel (writing delta and the normalised queries) then the dK/dV kernel, two
+    programs per tile each, 64 rows per program on 4 warps. Gradients against fp64 either way."""
     from opensora_fast.kernels import attention as A
 
-    fwd, bwd = _CaptureLaunches(A._temporal_attention_fwd_kernel), _CaptureLaunches(A._temporal_attention_bwd_kernel)
+    fwd = _CaptureLaunches(A._temporal_attention_fwd_kernel)
+    bwd, bq, bkv = (_CaptureLaunches(getattr(A, f"_temporal_attention_bwd{k}_kernel")) for k in ("", "_q", "_kv"))
+    for k, c in (("", bwd), ("_q", bq), ("_kv", bkv)):
+        monkeypatch.setattr(A, f"_temporal_attention_bwd{k}_kernel", c)
     monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
-    monkeypatch.setattr(A, "_temporal_attention_bwd_kernel", bwd)
     S, H, D = 2, 2, 72
     qkv = randn(1, T * S, 3 * H * D, dtype=torch.float64, seed=61)
     w = 1 + 0.3 * randn(D, dtype=torch.float64, seed=62)
@@ -726,9 +729,33 @@ def test_temporal_packed_bwd_orientation(monkeypatch, temporal_launches, T):
         return R.self_attention_ref(qkv, w, w, H, T, "temporal", 1e-6, (cos, sin))
 
     _check(kern, refn, [qkv, w], torch.float32, ["dqkv", "dnorm_weight"], "cpu")
-    assert len(fwd.kwargs) == len(bwd.kwargs) == 1
+    assert len(fwd.kwargs) == 1
     assert fwd.kwargs[0]["BLOCK_M"] == fwd.kwargs[0]["BLOCK"]  # every query of the tile in one step
-    assert bwd.kwargs[0]["KT"] == (T > 64) and bwd.kwargs[0]["BLOCK_M"] == (32 if T > 64 else 64)
+    assert fwd.kwargs[0]["STATS"] == (T > 64)
+    if T > 64:
+        assert (len(bwd.kwargs), len(bq.kwargs), len(bkv.kwargs)) == (0, 1, 1)
+        for c in (bq, bkv):
+            assert c.kwargs[0]["BLOCK_M"] == 64 and c.kwargs[0]["num_warps"] == 4 and c.kwargs[0]["BLOCK"] == 128
+    else:
+        assert (len(bwd.kwargs), len(bq.kwargs), len(bkv.kwargs)) == (1, 0, 0)
+
+
+def test_temporal_forward_keeps_lse_only_for_a_backward(monkeypatch, temporal_launches):
+    """65..128 frames: the forward stores each row's lse only when a backward can follow (grad enabled and an
+    input requiring grad); sampling (no_grad) stores nothing, with the same output."""
+    from opensora_fast.kernels import attention as A
+
+    fwd = _CaptureLaunches(A._temporal_attention_fwd_kernel)
+    monkeypatch.setattr(A, "_temporal_attention_fwd_kernel", fwd)
+    T, S, H, D = 67, 2, 2, 64
+    qkv = randn(1, T * S, 3 * H * D, seed=71)
+    w = 1 + 0.3 * randn(D, seed=72)
+    with torch.no_grad():
+        a = self_attention(qkv.requires_grad_(), w, w, num_heads=H, num_frames=T, layout="temporal")
+    b = self_attention(qkv.detach().requires_grad_(), w, w, num_heads=H, num_frames=T, layout="temporal")
+    c = self_attention(qkv.detach(), w, w, num_heads=H, num_frames=T, layout="temporal")
+    assert [kw["STATS"] for kw in fwd.kwargs] == [False, True, False]
+    assert torch.equal(a, b.detach()) and torch.equal(a, c)
 
 
 def test_temporal_long_sequence_uses_generic_path(triton_backend, monkeypatch):
@@ -880,8 +907,8 @@ def test_grids_within_cuda_limits_at_720p(monkeypatch, layout, T):
     scale = D**-0.5
     with capture_launches() as rec:
         if layout == "temporal" and A.temporal_supported(qkv, T, D):
-            A._temporal_fwd_op(qkv, w, w, cos, sin, H, T, 1e-6, scale)
-            A._temporal_bwd_op(out, qkv, w, w, cos, sin, H, T, 1e-6, scale)
+            _, tlse = A._temporal_fwd_op(qkv, w, w, cos, sin, H, T, 1e-6, scale, True)
+            A._temporal_bwd_op(out, qkv, w, w, cos, sin, out, tlse, H, T, 1e-6, scale)
         else:
             rope = (cos, sin) if layout == "temporal" else (None, None)
             A._self_fwd_op(qkv, w, w, *rope, H, T, layout, 1e-6, scale)

@@ -337,6 +337,37 @@ def _qk_norm_rope_fwd_kernel(
 
 
 @triton.jit
+def _bwd_bases(zh, Q, K, V, DO, CU_K, Z2, sq1, sq2, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdh,
+               H, Lq, Lk, causal, VARLEN: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    """Of sequence-head zh: (sequence z, head h, first packed key row, key count, causal shift (key j is
+    visible from query i iff j <= i + shift), q / dO / k / v head bases, its first LSE / DELTA index)."""
+    z = zh // H
+    h = zh % H
+    k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
+    shift = n_k - Lq + (1 - causal) * (1 << 30)
+    q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
+    do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
+    k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
+    v_base = V + _hint(v_off + start * svm + h * svh, ALIGNED)
+    return z, h, start, n_k, shift, q_base, do_base, k_base, v_base, zh.to(tl.int64) * Lq
+
+
+@triton.jit
+def _load_two(a_base, b_base, rows, sa, sb, ok, D, BD0: tl.constexpr, BD1: tl.constexpr, HAS_D1: tl.constexpr,
+              ALIGNED: tl.constexpr):  # fmt: skip
+    """Both head-dim pieces of two tiles with the same rows (k and v, or q and dO): (a0, b0, a1, b1); the
+    second pieces are dummies without HAS_D1."""
+    a0 = _load_piece(a_base, rows, sa, ok, 0, D, BD0, ALIGNED)
+    b0 = _load_piece(b_base, rows, sb, ok, 0, D, BD0, ALIGNED)
+    a1 = a0
+    b1 = b0
+    if HAS_D1:
+        a1 = _load_piece(a_base, rows, sa, ok, BD0, D, BD1, ALIGNED)
+        b1 = _load_piece(b_base, rows, sb, ok, BD0, D, BD1, ALIGNED)
+    return a0, b0, a1, b1
+
+
+@triton.jit
 def _attention_bwd_kernel(
     Q,  # (Z, Lq, H, D) through (sq1, sq2, sqm, sqh): q as attended (transformed for self-attention)
     K,  # (Z, Lk, H, D) through (sk1, sk2, skm, skh): k as attended (packed rows when VARLEN)
@@ -359,14 +390,9 @@ def _attention_bwd_kernel(
     n_zh = tl.num_programs(0) // n_split
     zh = pid // n_split
     sp = pid % n_split
-    z = zh // H
-    h = zh % H
-    k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
-    shift = n_k - Lq + (1 - causal) * (1 << 30)  # key j visible from query i iff j <= i + shift
-    q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
-    do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
-    k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
-    v_base = V + _hint(v_off + start * svm + h * svh, ALIGNED)
+    z, h, start, n_k, shift, q_base, do_base, k_base, v_base, stat = _bwd_bases(
+        zh, Q, K, V, DO, CU_K, Z2, sq1, sq2, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdh, H, Lq, Lk,
+        causal, VARLEN, ALIGNED)  # fmt: skip
     if VARLEN:
         dk_base = DK + _hint(start * sdkm + h * sdkh, ALIGNED)
         dv_base = DV + _hint(start * sdvm + h * sdvh, ALIGNED)
@@ -374,18 +400,11 @@ def _attention_bwd_kernel(
         dk_base = _base(DK, z, Z2, sdk1, sdk2, h, sdkh, ALIGNED)
         dv_base = _base(DV, z, Z2, sdv1, sdv2, h, sdvh, ALIGNED)
     dq_base = DQP + (sp * n_zh + zh).to(tl.int64) * Lq * D
-    stat = zh.to(tl.int64) * Lq
     first_n = sp * BLOCK_N
     for start_n in range(first_n, n_k, n_split * BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < n_k
-        k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
-        v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
-        k1 = k0
-        v1 = v0
-        if HAS_D1:
-            k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1, ALIGNED)
-            v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1, ALIGNED)
+        k0, v0, k1, v1 = _load_two(k_base, v_base, keys, skm, svm, key_ok, D, BD0, BD1, HAS_D1, ALIGNED)
         dk0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
         dk1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
         dv0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
@@ -471,24 +490,12 @@ def _attention_bwd_dkdv_kernel(
     pid = tl.program_id(0)
     zh = pid // n_kb
     start_n = (pid % n_kb) * BLOCK_N
-    z = zh // H
-    h = zh % H
-    k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
-    shift = n_k - Lq + (1 - causal) * (1 << 30)  # key j visible from query i iff j <= i + shift
-    q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
-    do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
-    k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
-    v_base = V + _hint(v_off + start * svm + h * svh, ALIGNED)
-    stat = zh.to(tl.int64) * Lq
+    z, h, start, n_k, shift, q_base, do_base, k_base, v_base, stat = _bwd_bases(
+        zh, Q, K, V, DO, CU_K, Z2, sq1, sq2, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdh, H, Lq, Lk,
+        causal, VARLEN, ALIGNED)  # fmt: skip
     keys = start_n + tl.arange(0, BLOCK_N)
     key_ok = keys < n_k
-    k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
-    v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
-    k1 = k0
-    v1 = v0
-    if HAS_D1:
-        k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1, ALIGNED)
-        v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1, ALIGNED)
+    k0, v0, k1, v1 = _load_two(k_base, v_base, keys, skm, svm, key_ok, D, BD0, BD1, HAS_D1, ALIGNED)
     dk0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, BD1], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, BD0], dtype=tl.float32)
@@ -555,24 +562,12 @@ def _attention_bwd_dq_kernel(
     pid = tl.program_id(0)
     zh = pid // n_mb
     start_m = (pid % n_mb) * BLOCK_M
-    z = zh // H
-    h = zh % H
-    k_off, v_off, start, n_k = _key_range(z, Z2, sk1, sk2, sv1, sv2, CU_K, Lk, VARLEN)
-    shift = n_k - Lq + (1 - causal) * (1 << 30)
-    q_base = _base(Q, z, Z2, sq1, sq2, h, sqh, ALIGNED)
-    do_base = _base(DO, z, Z2, sd1, sd2, h, sdh, ALIGNED)
-    k_base = K + _hint(k_off + start * skm + h * skh, ALIGNED)
-    v_base = V + _hint(v_off + start * svm + h * svh, ALIGNED)
-    stat = zh.to(tl.int64) * Lq
+    z, h, start, n_k, shift, q_base, do_base, k_base, v_base, stat = _bwd_bases(
+        zh, Q, K, V, DO, CU_K, Z2, sq1, sq2, sqh, sk1, sk2, skm, skh, sv1, sv2, svm, svh, sd1, sd2, sdh, H, Lq, Lk,
+        causal, VARLEN, ALIGNED)  # fmt: skip
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
-    q0 = _load_piece(q_base, rows, sqm, row_ok, 0, D, BD0, ALIGNED)
-    do0 = _load_piece(do_base, rows, sdm, row_ok, 0, D, BD0, ALIGNED)
-    q1 = q0
-    do1 = do0
-    if HAS_D1:
-        q1 = _load_piece(q_base, rows, sqm, row_ok, BD0, D, BD1, ALIGNED)
-        do1 = _load_piece(do_base, rows, sdm, row_ok, BD0, D, BD1, ALIGNED)
+    q0, do0, q1, do1 = _load_two(q_base, do_base, rows, sqm, sdm, row_ok, D, BD0, BD1, HAS_D1, ALIGNED)
     lse = tl.load(LSE + stat + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stat + rows, mask=row_ok, other=0.0)
     last = tl.minimum(rows + shift, n_k - 1)  # key j is seen by query row r iff j <= last[r]
@@ -582,13 +577,10 @@ def _attention_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < n_k
-        k0 = _load_piece(k_base, keys, skm, key_ok, 0, D, BD0, ALIGNED)
-        v0 = _load_piece(v_base, keys, svm, key_ok, 0, D, BD0, ALIGNED)
+        k0, v0, k1, v1 = _load_two(k_base, v_base, keys, skm, svm, key_ok, D, BD0, BD1, HAS_D1, ALIGNED)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # S = Q K^T
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)  # dP = dO V^T
         if HAS_D1:
-            k1 = _load_piece(k_base, keys, skm, key_ok, BD0, D, BD1, ALIGNED)
-            v1 = _load_piece(v_base, keys, svm, key_ok, BD0, D, BD1, ALIGNED)
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PREC)
         p = tl.where(keys[None, :] <= last[:, None], tl.exp2(s * qk_scale - lse[:, None]), 0.0)

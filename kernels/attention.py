@@ -70,7 +70,9 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # Configs per head-dim class ("small": padded width <= 96, e.g. D = 72 -> 64 + 16; "large": up to 128),
 # each compiled for sm_90 from a real launch (no spills, shared memory <= 227 KiB).
 _FWD_TABLE = {
-    "small": [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    # 128 x 64 on one warpgroup (two 64-row wgmma per product, 254 registers, no spill): estimated 14-17%
+    # faster than on two warpgroups at the model's shapes; the autotuner decides on the GPU
+    "small": [_cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3)],
     "large": [_cfg(128, 64, 8, 3)],  # (64, 64, 8 warps) ran 67% of its wgmma work at N = 32
 }
 # backward (one fused kernel): 8 warps over 128 keys x 64 queries, so S^T, dP^T, dV and dK run as

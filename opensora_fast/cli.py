@@ -160,7 +160,6 @@ def _demo_exposed() -> dict[str, dict]:
         "out_dir": option_meta("data, weights, the clip and the loss plot"),
         "seed": option_meta("data, training and sampling seed"),
         "progress": option_meta("no progress bars", flag="--no-progress"),
-        "strict": option_meta("a failed check (colour, direction, seeds) is an error"),
     }
 
 

@@ -855,7 +855,7 @@ SAMPLE_FLAGS = (
 SAMPLE_MEMORY_PLAN_FLAGS = (
     "--dry-run --offload --cfg-sequential --mlp-chunks --vae-micro-batch --vae-tile --t5-dtype --memory-budget"
 ).split()
-DEMO_FLAGS = "--out-dir --steps-vae --steps-dit --seed --quick --no-progress --strict".split()
+DEMO_FLAGS = "--out-dir --steps-vae --steps-dit --seed --quick --no-progress".split()
 
 
 def _subparser(name):
@@ -950,16 +950,16 @@ def test_demo_command_line_builds_demo_options(monkeypatch, tmp_path, capsys):
     assert cli.main(["demo"]) == 0
     assert seen[-1] == DemoOptions.make(DemoOptions.out_dir) == DemoOptions()  # CLI defaults = the dataclass's
     out = str(tmp_path / "d")
-    argv = ["demo", "--out-dir", out, "--quick", "--steps-dit", "7", "--seed", "3", "--no-progress", "--strict"]
+    argv = ["demo", "--out-dir", out, "--quick", "--steps-dit", "7", "--seed", "3", "--no-progress"]
     assert cli.main(argv) == 0
-    assert seen[-1] == DemoOptions.make(out, quick=True, steps_dit=7, seed=3, progress=False, strict=True)
+    assert seen[-1] == DemoOptions.make(out, quick=True, steps_dit=7, seed=3, progress=False)
     assert (
         cli.main(["demo", "--steps-vae", "6"]) == 0
         and seen[-1].steps_vae == 6
         and seen[-1].steps_dit == DemoOptions.steps_dit
     )
     for a in _subparser("demo")._actions:
-        if a.dest in ("out_dir", "seed", "progress", "strict"):
+        if a.dest in ("out_dir", "seed", "progress"):
             assert a.default == getattr(DemoOptions(), a.dest), a.dest
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])

@@ -138,15 +138,14 @@ def test_temporal_vae_stage_learns_the_latents():
     assert not any(p.requires_grad for p in vae.temporal_vae.parameters())
 
 
-def test_a_failed_full_check_is_an_error_without_strict(tmp_path, monkeypatch):
-    """The full check fails the demo by default (DemoOptions.strict left False): on the quick recipe's models, which
+def test_a_failed_full_check_is_an_error(tmp_path, monkeypatch):
+    """A failed full check fails the demo (there is no lenient mode): on the quick recipe's models, which
     are too small and short-trained to learn the captions, the full check fails and run_demo raises."""
     import dataclasses
 
     from opensora_fast import demo
 
     o = dataclasses.replace(demo.DemoOptions.make(str(tmp_path), quick=True, progress=False), full_check=True)
-    assert o.strict is False
     seen = []
     real = demo.demo_check
     monkeypatch.setattr(demo, "demo_check", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])

@@ -33,7 +33,10 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
         # numpy<2: triton 3.6's interpreter fails every tl.dot under numpy 2.
-        "dev": ["pytest>=7", "pytest-xdist>=3", "pytest-benchmark>=4", "ruff>=0.4", "numpy<2", "av>=11", "pillow>=9", "matplotlib>=3.7"],
+        "dev": [
+            "pytest>=7", "pytest-xdist>=3", "pytest-benchmark>=4", "ruff>=0.4", "numpy<2", "av>=11", "pillow>=9",
+            "matplotlib>=3.7",
+        ],  # fmt: skip
         "profile": ["nvtx>=0.2"],
     },
     entry_points={"console_scripts": ["opensora-fast=opensora_fast.cli:entry"]},

@@ -90,26 +90,19 @@ def option(
     default: Any = None,
     help: str = "",  # noqa: A002 (argparse's name)
     *,
-    flag: str | None = None,
-    choices: tuple | None = None,
-    parse: Any = None,
-    metavar: str | None = None,
-    required: bool = False,
-    group: str | None = None,
     default_factory: Any = None,
-    **argparse_kw,
+    **meta,
 ):
-    """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` names it).
-    ``parse``: the argparse ``type`` (default: the default's type; a ValueError it raises is shown as the message);
-    a bool field with default False is a switch, one with default True is turned off by its ``--no-...`` ``flag``;
-    ``group``: the title of the ``--help`` section the flag is listed in (one section per title);
-    ``argparse_kw`` (``nargs``, ``action``, ``const``) go to ``add_argument``."""
-    meta = option_meta(
-        help, flag=flag, choices=choices, parse=parse, metavar=metavar, required=required, group=group, **argparse_kw
-    )
+    """A dataclass field that is also a command-line flag (``--field-name`` unless ``flag`` names it). ``meta``
+    as ``option_meta``: ``flag``, ``choices``, ``metavar``, ``required``; ``parse``: the argparse ``type``
+    (default: the default's type; a ValueError it raises is shown as the message); a bool field with default
+    False is a switch, one with default True is turned off by its ``--no-...`` ``flag``; ``group``: the title
+    of the ``--help`` section the flag is listed in (one section per title); other keywords (``nargs``,
+    ``action``, ``const``) go to ``add_argument``."""
+    cli = option_meta(help, **meta)
     if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata={"cli": meta})
-    return dataclasses.field(default=default, metadata={"cli": meta})
+        return dataclasses.field(default_factory=default_factory, metadata={"cli": cli})
+    return dataclasses.field(default=default, metadata={"cli": cli})
 
 
 def option_meta(

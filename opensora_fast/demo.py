@@ -194,12 +194,11 @@ def train_temporal_vae(
     Returns the losses."""
     from opensora_fast.vae_train import rec_loss
 
-    sp = vae.spatial_vae.to(device).eval().requires_grad_(False)
+    vae.spatial_vae.to(device).eval().requires_grad_(False)
     with torch.no_grad():
         lat = torch.cat(
             [vae._spatial_encode(c[None].to(device), False, None) for c in windows.clips]
         )  # (N, C, T, h, w)
-    del sp
     tv = vae.temporal_vae.to(device).train().requires_grad_(True)
     opt = torch.optim.AdamW(tv.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)

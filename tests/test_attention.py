@@ -137,13 +137,15 @@ def test_flash_attn_func_reference_dispatch_on_cpu(reference_backend):
     ],
 )
 def test_self_attention(triton_backend, dtype, D, layout, rope, B, T, S):
-    H = 2
-    C = H * D
-    qkv = randn(B, T * S, 3 * C, dtype=torch.float64, seed=5)
-    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=6)
-    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=8)
-    L = S if layout == "spatial" else T
-    cos, sin = R.rope_cos_sin(L, D, dtype=torch.float64)
+    _check_self_attention(dtype, D, layout, rope, B, T, S, seed=5)
+
+
+def _check_self_attention(dtype, D, layout, rope, B, T, S, seed, H=2):
+    """self_attention (fwd, d qkv, d norm weights) in ``dtype`` against fp64 on seeded random inputs."""
+    qkv = randn(B, T * S, 3 * H * D, dtype=torch.float64, seed=seed)
+    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=seed + 1)
+    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=seed + 3)
+    cos, sin = R.rope_cos_sin(S if layout == "spatial" else T, D, dtype=torch.float64)
 
     def kern(qkv, qw, kw, cos, sin):
         rp = (cos.float(), sin.float()) if rope else None
@@ -158,26 +160,12 @@ def test_self_attention(triton_backend, dtype, D, layout, rope, B, T, S):
 
 @pytest.mark.parametrize("dtype,rope", [(torch.float32, True), (torch.float16, False)])
 def test_self_attention_fused_backward_design(triton_backend, monkeypatch, dtype, rope):
-    """The fused one-kernel backward (5 matmuls, fp32 dQ partials), kept for varlen and large head dims and
-    selectable for self-attention (``BWD_DESIGN``), against fp64 at the spatial layout."""
+    """The fused one-kernel backward (5 matmuls, fp32 dQ partials), selectable with ``BWD_DESIGN`` and kept
+    for comparison (the default is the split design), against fp64 at the spatial layout."""
     from opensora_fast.kernels import attention as A
 
     monkeypatch.setattr(A, "BWD_DESIGN", "fused")
-    B, T, S, H, D = 2, 2, 19, 2, 72
-    qkv = randn(B, T * S, 3 * H * D, dtype=torch.float64, seed=15)
-    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=16)
-    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=17)
-    cos, sin = R.rope_cos_sin(S, D, dtype=torch.float64)
-
-    def kern(qkv, qw, kw, cos, sin):
-        rp = (cos.float(), sin.float()) if rope else None
-        return self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout="spatial", rope=rp)
-
-    def refn(qkv, qw, kw, cos, sin):
-        return R.self_attention_ref(qkv, qw, kw, H, T, "spatial", 1e-6, (cos, sin) if rope else None)
-
-    _check(kern, refn, [qkv, qw, kw, cos, sin], dtype, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
-           grad_mask=[True, True, True, False, False])  # fmt: skip
+    _check_self_attention(dtype, 72, "spatial", rope, 2, 2, 19, seed=15)
 
 
 def test_self_attention_strided_qkv_view(triton_backend):
@@ -563,22 +551,7 @@ def temporal_launches(monkeypatch, triton_backend):
     ],
 )
 def test_temporal_packed_kernel(temporal_launches, dtype, D, rope, B, T, S):
-    H = 2
-    C = H * D
-    qkv = randn(B, T * S, 3 * C, dtype=torch.float64, seed=21)
-    qw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=22)
-    kw = 1 + 0.3 * randn(D, dtype=torch.float64, seed=23)
-    cos, sin = R.rope_cos_sin(T, D, dtype=torch.float64)
-
-    def kern(qkv, qw, kw, cos, sin):
-        rp = (cos.float(), sin.float()) if rope else None
-        return self_attention(qkv, qw, kw, num_heads=H, num_frames=T, layout="temporal", rope=rp)
-
-    def refn(qkv, qw, kw, cos, sin):
-        return R.self_attention_ref(qkv, qw, kw, H, T, "temporal", 1e-6, (cos, sin) if rope else None)
-
-    _check(kern, refn, [qkv, qw, kw, cos, sin], dtype, ["dqkv", "dq_norm_weight", "dk_norm_weight"], "cpu",
-           grad_mask=[True, True, True, False, False])  # fmt: skip
+    _check_self_attention(dtype, D, "temporal", rope, B, T, S, seed=21)
     assert [c.n for c in temporal_launches] == [1, int(T <= 64), int(T > 64), int(T > 64)]
 
 

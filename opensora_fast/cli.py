@@ -164,8 +164,8 @@ def _demo_exposed() -> dict[str, dict]:
 
 
 def _demo_options(d: argparse.ArgumentParser) -> None:
-    """The demo's flags: DemoOptions fields with their defaults, plus --quick (DemoOptions.make's smaller recipe)
-    and --steps-vae / --steps-dit, which override the full or the quick recipe's step counts."""
+    """The demo's flags: DemoOptions fields with their defaults, plus --small / --quick (DemoOptions.make's smaller
+    recipes) and --steps-vae / --steps-dit, which override the chosen recipe's step counts."""
     from opensora_fast.common import add_options
     from opensora_fast.demo import DemoOptions
 
@@ -179,14 +179,24 @@ def _demo_options(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--steps-dit", type=int, help=f"STDiT3 training steps (default {full.steps_dit}; --quick {quick.steps_dit})"
     )
-    d.add_argument("--quick", action="store_true", help="an even smaller run (for tests / CI, < 1 min on CPU)")
+    size = d.add_mutually_exclusive_group()
+    size.add_argument(
+        "--small",
+        action="store_true",
+        help="the same recipe and check on 16x16 clips of 9 frames (about 3 min on one CPU core)",
+    )
+    size.add_argument(
+        "--quick", action="store_true", help="a much smaller run whose check is only that seeds differ (< 1 min)"
+    )
 
 
 def _demo(args) -> int:
     from opensora_fast.demo import DemoOptions, run_demo
 
     kw = {name: getattr(args, name) for name in _demo_exposed()}
-    run_demo(DemoOptions.make(quick=args.quick, steps_vae=args.steps_vae, steps_dit=args.steps_dit, **kw))
+    run_demo(
+        DemoOptions.make(quick=args.quick, small=args.small, steps_vae=args.steps_vae, steps_dit=args.steps_dit, **kw)
+    )
     return 0
 
 

@@ -953,6 +953,12 @@ def test_demo_command_line_builds_demo_options(monkeypatch, tmp_path, capsys):
     argv = ["demo", "--out-dir", out, "--quick", "--steps-dit", "7", "--seed", "3", "--no-progress"]
     assert cli.main(argv) == 0
     assert seen[-1] == DemoOptions.make(out, quick=True, steps_dit=7, seed=3, progress=False)
+    assert cli.main(["demo", "--small", "--out-dir", out]) == 0
+    assert seen[-1] == DemoOptions.make(out, small=True) and (seen[-1].size, seen[-1].num_frames) == ((16, 16), 9)
+    assert seen[-1].full_check and seen[-1].steps_dit == DemoOptions.steps_dit
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--small", "--quick"])
+    assert "not allowed with argument" in capsys.readouterr().err
     assert (
         cli.main(["demo", "--steps-vae", "6"]) == 0
         and seen[-1].steps_vae == 6

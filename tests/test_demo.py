@@ -152,3 +152,17 @@ def test_a_failed_full_check_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="the demo's check failed .*: demo FAILED"):
         demo.run_demo(o)
     assert len(seen[0]) == 5 and not all(ok for _, ok, _ in seen[0])
+
+
+def test_the_small_demo_passes_its_full_check(tmp_path):
+    """The full demo's recipe and check (the VAE's reconstruction and the samples of both captions show their
+    colour and direction; seeds differ) on 16x16 clips of 9 frames (``--small``): the prompt check that CI runs.
+    run_demo raises when any check fails."""
+    from opensora_fast.demo import DemoOptions, run_demo
+
+    res = run_demo(DemoOptions.make(str(tmp_path), small=True, progress=False))
+    names = [name for name, _, _ in res["checks"]]
+    assert len(names) == 5 and all(passed for _, passed, _ in res["checks"]), res["checks"]
+    assert any(name.startswith("VAE reconstruction") for name in names)
+    assert sum("blue circle moving left" in name for name in names) == 1
+    assert res["prompt_check"][0] and res["frames"] == 9

@@ -44,7 +44,7 @@ class DemoOptions:
     # to 0 on a cosine. Trained on 9-frame windows or 12x12 crops of the 16x16 latents, its error on whole 17-frame
     # clips was 4-100x its error on what it was trained on (GroupNorm's statistics span the whole input), and one or
     # two of the four colours came back as another in 9 of 12 probes (seeds 0-2); whole clips at a constant lr 1e-3:
-    # 1 of 3 (seed 1, not converged); as here: 0 of 2 (seeds 0, 1)
+    # 1 of 3 probes (seed 1, not converged); as here: 0 of 2 (seeds 0, 1)
     steps_vae: int = 1200
     vae_window: int = 17  # frames per clip window of the temporal stage
     batch_vae: int = 2
@@ -205,8 +205,9 @@ def train_temporal_vae(
     ``foreground_weight`` as ``vae_train.rec_loss``) + ``kl_weight`` x KL, posterior sampled. Open-Sora's VAE
     stage 2 also reconstructs the 2D latents (with L1); on pixels through the frozen 2D decoder
     (``vae_train.train_vae``) 300 steps cost 100-140 s here and lost the colours. ``crop``: each window a random
-    ``crop`` x ``crop`` square of the latents (the temporal VAE is convolutional; its cost goes with the area).
-    Returns the losses."""
+    ``crop`` x ``crop`` square of the latents (its cost goes with the area; but its GroupNorms' statistics span the
+    whole input, so it learns the extent it is trained on). AdamW at ``lr`` decayed to 0 on a cosine. Returns the
+    losses."""
     from opensora_fast.vae_train import rec_loss
 
     vae.spatial_vae.to(device).eval().requires_grad_(False)

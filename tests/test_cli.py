@@ -959,6 +959,10 @@ def test_demo_command_line_builds_demo_options(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--small", "--quick"])
     assert "not allowed with argument" in capsys.readouterr().err
+    from opensora_fast.sample import UsageError
+
+    with pytest.raises(UsageError, match="--quick and --small"):
+        DemoOptions.make(out, quick=True, small=True)
     assert (
         cli.main(["demo", "--steps-vae", "6"]) == 0
         and seen[-1].steps_vae == 6

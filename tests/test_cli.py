@@ -855,7 +855,7 @@ SAMPLE_FLAGS = (
 SAMPLE_MEMORY_PLAN_FLAGS = (
     "--dry-run --offload --cfg-sequential --mlp-chunks --vae-micro-batch --vae-tile --t5-dtype --memory-budget"
 ).split()
-DEMO_FLAGS = "--out-dir --steps-vae --steps-dit --seed --quick --no-progress".split()
+DEMO_FLAGS = "--out-dir --steps-vae --steps-dit --seed --small --quick --no-progress".split()
 
 
 def _subparser(name):

@@ -46,10 +46,9 @@ class DemoOptions:
     # two of the four colours came back as another in 9 of 12 probes (seeds 0-2); whole clips at a constant lr 1e-3:
     # 1 of 3 probes (seed 1, not converged); as here: 0 of 2 (seeds 0, 1)
     steps_vae: int = 1200
-    vae_window: int = 17  # frames per clip window of the temporal stage
+    vae_window: int | None = None  # frames per clip window of the temporal stage (None: the whole clips)
     batch_vae: int = 2
     lr_vae: float = 2e-3
-    vae_crop: int | None = None  # None: whole latents; n: random n x n squares of them
     # each pixel's (latent's) squared error weighted by 1 + k * |x - background| in both VAE stages: unweighted, the
     # grey background (~90% of the pixels) dominated and the objects' colours were lost
     foreground_weight: float = 3.0
@@ -431,7 +430,7 @@ def _run(o: DemoOptions) -> dict:
 
     # 2. VAE: the 2D VAE on frames, then the temporal VAE (2D frozen) on the 2D latents of clip windows
     clips = VideoClipDataset([p for p, *_ in dataset.items], o.num_frames, o.size)
-    windows = ClipWindows(clips, min(o.vae_window, o.num_frames))
+    windows = ClipWindows(clips, min(o.vae_window or o.num_frames, o.num_frames))
     print(
         f"[2/4] ({time.perf_counter() - t_start:.0f} s) training a tiny VAE: the 2D VAE for {o.steps_vae_2d} steps, "
         f"then the temporal VAE for {o.steps_vae} steps on its latents",
@@ -444,7 +443,7 @@ def _run(o: DemoOptions) -> dict:
     )
     loss_fell(losses_2d, "2D VAE")
     losses_vae = train_temporal_vae(
-        vae, windows, o.steps_vae, o.batch_vae, o.lr_vae, o.seed, device, o.foreground_weight, crop=o.vae_crop
+        vae, windows, o.steps_vae, o.batch_vae, o.lr_vae, o.seed, device, o.foreground_weight
     )
     vae = vae.eval().requires_grad_(False)
     vae_first, vae_last = loss_fell(losses_vae, "temporal VAE")
